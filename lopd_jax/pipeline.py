@@ -1,0 +1,195 @@
+"""Multi-stage runs (the demo): each stage is one command line, cached by its inputs.
+
+A config with a ``stages`` list is run here instead of training directly::
+
+    run_dir: runs/demo
+    stages:
+      - name: teacher
+        cmd: python -m lopd_jax.train --config configs/demo/teacher.yaml logging.run_dir={out}
+      - name: sft_data
+        cmd: python -m precompute.rollouts --policy {teacher}/hf --prompts {task}/sft.jsonl --out {out}/store
+        group: data            # optional: rows of the report are grouped by this
+        result: eval.json      # optional: a JSON file in the stage dir whose numbers go into the report
+        foreach: {seed: [0, 1, 2]}   # optional: one stage per value, {seed} substituted
+
+Placeholders: ``{run_dir}``, ``{out}`` (this stage's directory), ``{NAME}`` (the directory of stage NAME; inside a
+``foreach`` stage it resolves to the instance with the same loop values), and the loop variables.
+
+A stage's cache key hashes its resolved command, the content of every file its command names, the keys of the
+stages it references and the source of ``lopd_jax`` and ``precompute``. A stage whose directory holds a
+``stage.json`` with the same key is skipped, so a second run only redoes what changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_STAGE_KEYS = {"name", "cmd", "group", "result", "foreach"}
+
+
+class PipelineError(ValueError):
+    """A malformed stages config or a failed stage."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    base: str  # the name in the config (differs from ``name`` for foreach instances)
+    cmd: str  # with placeholders still in it
+    group: str | None = None
+    result: str | None = None
+    loop: tuple[tuple[str, Any], ...] = ()  # the foreach values of this instance
+
+
+def expand_stages(raw: list[dict], source: str) -> list[Stage]:
+    """Validates the ``stages`` list and expands ``foreach`` into one Stage per value combination."""
+    if not isinstance(raw, list) or not raw:
+        raise PipelineError(f"{source}: 'stages' must be a non-empty list")
+    stages: list[Stage] = []
+    for i, entry in enumerate(raw):
+        where = f"{source}: stages[{i}]"
+        if not isinstance(entry, dict) or not {"name", "cmd"} <= entry.keys():
+            raise PipelineError(f"{where} needs 'name' and 'cmd'")
+        unknown = set(entry) - _STAGE_KEYS
+        if unknown:
+            raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_STAGE_KEYS)}")
+        loops = entry.get("foreach") or {}
+        names, values = list(loops), [list(v) for v in loops.values()]
+        for combo in itertools.product(*values):
+            loop = tuple(zip(names, combo))
+            suffix = "".join(f"-{k}{v}" for k, v in loop)
+            name = entry["name"]
+            stages.append(Stage(name + suffix, name, str(entry["cmd"]), entry.get("group"), entry.get("result"), loop))
+    seen = [s.name for s in stages]
+    dup = {n for n in seen if seen.count(n) > 1}
+    if dup:
+        raise PipelineError(f"{source}: duplicate stage names {sorted(dup)}")
+    return stages
+
+
+def _code_digest() -> str:
+    """Hash of the library and precompute sources: a code change invalidates every cached stage."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("lopd_jax", "precompute"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+class Pipeline:
+    """Resolves placeholders, computes cache keys and runs stages in order."""
+
+    def __init__(self, stages: list[Stage], run_dir: str | os.PathLike):
+        self.stages = stages
+        self.run_dir = Path(run_dir)
+        self.by_name = {s.name: s for s in stages}
+        self.keys: dict[str, str] = {}
+        self._code = _code_digest()
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.run_dir / stage.name
+
+    def _resolve_ref(self, ref: str, stage: Stage) -> Stage | None:
+        """Finds stage ``ref`` (plain, or the foreach instance sharing this stage's loop values)."""
+        if ref in self.by_name:
+            return self.by_name[ref]
+        loop = dict(stage.loop)
+        for s in self.stages:
+            if s.base == ref and s.loop and all(loop.get(k) == v for k, v in s.loop):
+                return s
+        return None
+
+    def resolve(self, stage: Stage) -> tuple[str, list[Stage]]:
+        """The command with placeholders filled in, and the stages it depends on."""
+        loop, deps = dict(stage.loop), []
+
+        def fill(m: re.Match) -> str:
+            key = m.group(1)
+            if key == "run_dir":
+                return str(self.run_dir)
+            if key == "out":
+                return str(self.stage_dir(stage))
+            if key in loop:
+                return str(loop[key])
+            ref = self._resolve_ref(key, stage)
+            if ref is None:
+                raise PipelineError(f"stage {stage.name!r}: unknown placeholder {{{key}}}")
+            if ref.name not in self.keys:
+                raise PipelineError(f"stage {stage.name!r} refers to {ref.name!r}, which runs later")
+            deps.append(ref)
+            return str(self.stage_dir(ref))
+
+        return _PLACEHOLDER.sub(fill, stage.cmd), deps
+
+    def cache_key(self, cmd: str, deps: list[Stage]) -> str:
+        h = hashlib.sha256(cmd.encode())
+        h.update(self._code.encode())
+        for dep in deps:
+            h.update(self.keys[dep.name].encode())
+        for token in shlex.split(cmd):
+            path = token.split("=", 1)[-1]
+            if os.path.isfile(path):
+                h.update(Path(path).read_bytes())
+        return h.hexdigest()[:16]
+
+    def run(self, *, force: bool = False) -> list[dict]:
+        """Runs every stage whose key changed; returns one record per stage for the report."""
+        records = []
+        for stage in self.stages:
+            cmd, deps = self.resolve(stage)
+            key = self.keys[stage.name] = self.cache_key(cmd, deps)
+            out = self.stage_dir(stage)
+            marker = out / "stage.json"
+            if not force and marker.exists() and json.loads(marker.read_text()).get("key") == key:
+                rec = json.loads(marker.read_text()) | {"cached": True}
+            else:
+                rec = self._run_one(stage, cmd, key, out)
+            if stage.result and (out / stage.result).exists():
+                rec["result"] = json.loads((out / stage.result).read_text())
+            records.append(rec | {"name": stage.name, "group": stage.group, "loop": dict(stage.loop)})
+        return records
+
+    def _run_one(self, stage: Stage, cmd: str, key: str, out: Path) -> dict:
+        out.mkdir(parents=True, exist_ok=True)
+        argv = shlex.split(cmd)
+        if argv and argv[0] in ("python", "python3"):
+            argv[0] = sys.executable  # the same interpreter (and venv) as the pipeline
+        print(f"\n=== stage {stage.name}: {cmd}", flush=True)
+        t0 = time.perf_counter()
+        with open(out / "stage.log", "w") as log:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in proc.stdout:  # tee: the user sees progress, the log keeps it
+                sys.stdout.write(line)
+                log.write(line)
+            code = proc.wait()
+        seconds = time.perf_counter() - t0
+        if code != 0:
+            raise PipelineError(f"stage {stage.name!r} failed (exit {code}); log: {out / 'stage.log'}")
+        rec = {"key": key, "cmd": cmd, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tmp = out / "stage.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.replace(out / "stage.json")  # the marker appears only once the stage has fully succeeded
+        return rec | {"cached": False}
+
+
+def run_pipeline(raw_config: dict, source: str, *, run_dir: str | None = None, force: bool = False) -> list[dict]:
+    """Entry point used by ``python -m lopd_jax.train`` when the config lists ``stages``."""
+    stages = expand_stages(raw_config.get("stages"), source)
+    run_dir = run_dir or raw_config.get("run_dir") or os.path.join("runs", Path(source).stem)
+    records = Pipeline(stages, run_dir).run(force=force)
+    Path(run_dir, "pipeline.json").write_text(json.dumps(records, indent=1))
+    return records
