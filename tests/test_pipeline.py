@@ -1,0 +1,74 @@
+"""Stage expansion, placeholder resolution and input-keyed caching of lopd_jax.pipeline."""
+
+import json
+
+import pytest
+
+from lopd_jax.pipeline import PipelineError, expand_stages, run_pipeline
+
+WRITE = 'python -c "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"'
+
+
+def _config(tmp_path, param_file):
+    return {
+        "run_dir": str(tmp_path / "run"),
+        "stages": [
+            {"name": "a", "cmd": f"{WRITE} {{out}}/a.txt {param_file}"},
+            {"name": "b", "cmd": f"{WRITE} {{out}}/b.txt {{a}}/a.txt", "foreach": {"seed": [0, 1]}},
+            {"name": "c", "cmd": f"{WRITE} {{out}}/r.json {{b}}", "foreach": {"seed": [0, 1]}},
+        ],
+    }
+
+
+def test_runs_then_caches_then_reruns_downstream_of_a_changed_file(tmp_path):
+    param = tmp_path / "param.yaml"
+    param.write_text("x: 1\n")
+    cfg = _config(tmp_path, param)
+    first = run_pipeline(cfg, "test.yaml")
+    assert [r["name"] for r in first] == ["a", "b-seed0", "b-seed1", "c-seed0", "c-seed1"]
+    assert not any(r["cached"] for r in first)
+    # {b} inside c-seed1 resolves to b-seed1's directory.
+    assert (tmp_path / "run" / "c-seed1" / "r.json").read_text() == str(tmp_path / "run" / "b-seed1")
+    assert all(r["cached"] for r in run_pipeline(cfg, "test.yaml"))
+    param.write_text("x: 2\n")  # content of a file named in a command changed: everything downstream reruns
+    assert not any(r["cached"] for r in run_pipeline(cfg, "test.yaml"))
+
+
+def test_result_json_is_collected(tmp_path):
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "stages": [{"name": "e", "cmd": f"{WRITE} {{out}}/eval.json '{{\"acc\": 0.5}}'", "result": "eval.json"}],
+    }
+    (rec,) = run_pipeline(cfg, "x.yaml")
+    assert rec["result"] == {"acc": 0.5}
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())[0]["name"] == "e"
+
+
+def test_failed_stage_names_its_log_and_leaves_no_marker(tmp_path):
+    cfg = {"run_dir": str(tmp_path / "run"), "stages": [{"name": "bad", "cmd": "python -c 'raise SystemExit(3)'"}]}
+    with pytest.raises(PipelineError, match=r"'bad' failed \(exit 3\).*stage.log"):
+        run_pipeline(cfg, "x.yaml")
+    assert not (tmp_path / "run" / "bad" / "stage.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([], "non-empty list"),
+        ([{"name": "a"}], r"stages\[0\] needs 'name' and 'cmd'"),
+        ([{"name": "a", "cmd": "x", "bogus": 1}], "unknown key"),
+        ([{"name": "a", "cmd": "x"}, {"name": "a", "cmd": "y"}], "duplicate stage names"),
+    ],
+)
+def test_malformed_stages_are_refused(stages, message):
+    with pytest.raises(PipelineError, match=message):
+        expand_stages(stages, "demo.yaml")
+
+
+def test_unknown_placeholder_and_forward_reference(tmp_path):
+    unknown = {"run_dir": str(tmp_path), "stages": [{"name": "a", "cmd": "echo {nope}"}]}
+    with pytest.raises(PipelineError, match=r"unknown placeholder \{nope\}"):
+        run_pipeline(unknown, "x.yaml")
+    forward = {"run_dir": str(tmp_path), "stages": [{"name": "a", "cmd": "echo {b}"}, {"name": "b", "cmd": "echo"}]}
+    with pytest.raises(PipelineError, match="runs later"):
+        run_pipeline(forward, "x.yaml")
