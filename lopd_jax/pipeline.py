@@ -15,7 +15,8 @@ A config with a ``stages`` list is run here instead of training directly::
 Placeholders: ``{run_dir}``, ``{out}`` (this stage's directory), ``{NAME}`` (the directory of stage NAME; inside a
 ``foreach`` stage it resolves to the instance with the same loop values), and the loop variables.
 
-A stage's cache key hashes its resolved command, the content of every file its command names, the keys of the
+A stage's cache key hashes its resolved command, the content of every file outside the run directory that its
+command names, the keys of the
 stages it references and the source of ``lopd_jax`` and ``precompute``. A stage whose directory holds a
 ``stage.json`` with the same key is skipped, so a second run only redoes what changed.
 """
@@ -140,9 +141,11 @@ class Pipeline:
         h.update(self._code.encode())
         for dep in deps:
             h.update(self.keys[dep.name].encode())
+        run_dir = self.run_dir.resolve()
         for token in shlex.split(cmd):
             path = token.split("=", 1)[-1]
-            if os.path.isfile(path):
+            # Inputs such as config files count by content; outputs of stages (under run_dir) count by their key.
+            if os.path.isfile(path) and run_dir not in Path(path).resolve().parents:
                 h.update(Path(path).read_bytes())
         return h.hexdigest()[:16]
 
