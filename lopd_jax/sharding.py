@@ -1,0 +1,211 @@
+"""Device mesh and the logical-axis rule table: the ONLY place mesh axes are named.
+
+Model code describes every array with logical axis names (``embed``, ``heads``, ``batch``, ...; see
+``qwen3.param_specs``). This module maps them to the mesh axes ``data``, ``fsdp``, ``tensor``, ``expert``
+through one rule table, and turns that into ``PartitionSpec`` / ``NamedSharding`` objects.
+
+Decisions:
+  * Two logical axes of one array that map to the same mesh axis raise (``ShardingRuleError``): such a rule
+    table is a configuration bug (a device would hold a diagonal block), never something to paper over.
+  * A dimension whose size a mesh axis does not divide is left unsharded along that axis (replicated) instead
+    of raising: e.g. Qwen3-30B-A3B has 4 kv heads, and a tensor axis of 8 must still work for everything else.
+    For a tuple rule (``batch -> (data, fsdp)``) the longest prefix of mesh axes whose product divides the size
+    is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "expert")
+
+# A rule maps a logical axis to None (replicated), one mesh axis, or a tuple of mesh axes (major to minor).
+MeshAxes = str | tuple[str, ...] | None
+Rules = Mapping[str, MeshAxes]
+
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "expert": "expert",
+    "layers": None,
+}
+
+
+class ShardingRuleError(ValueError):
+    """A rule table that cannot describe a valid sharding (collision, unknown axis)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; exactly one may be -1 meaning "all remaining devices".
+
+    ``rules`` overrides entries of ``DEFAULT_RULES`` as ``((logical, mesh_axes), ...)`` pairs, e.g.
+    ``(("embed", None),)`` for pure tensor parallelism without FSDP.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    expert: int = 1
+    rules: tuple[tuple[str, Any], ...] = ()
+
+    def axis_sizes(self, num_devices: int) -> tuple[int, ...]:
+        """Resolve -1 against ``num_devices``; the product must equal ``num_devices``."""
+        sizes = [self.data, self.fsdp, self.tensor, self.expert]
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError(f"MeshConfig: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"MeshConfig: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"MeshConfig: {num_devices} devices are not divisible by the fixed axes ({known})")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"MeshConfig: axis sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
+                f"but {num_devices} are available"
+            )
+        return tuple(sizes)
+
+    def logical_rules(self) -> dict[str, MeshAxes]:
+        """DEFAULT_RULES with this config's overrides applied (lists from YAML become tuples)."""
+        rules = dict(DEFAULT_RULES)
+        for name, axes in self.rules:
+            rules[name] = tuple(axes) if isinstance(axes, list) else axes
+        return rules
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build a ``Mesh`` with axes ("data", "fsdp", "tensor", "expert") over ``devices`` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_cfg.axis_sizes(len(devices))
+    try:
+        # Topology-aware placement on TPU/GPU (inner axes on the fastest links).
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _check_no_collision(logical: Sequence[str | None], rules: Rules) -> None:
+    owner: dict[str, str] = {}
+    for name in logical:
+        if name is None:
+            continue
+        if name not in rules:
+            raise ShardingRuleError(f"logical axis {name!r} has no rule (known: {sorted(rules)})")
+        for mesh_axis in _as_tuple(rules[name]):
+            if mesh_axis not in MESH_AXES:
+                raise ShardingRuleError(f"rule {name!r} -> {mesh_axis!r}: unknown mesh axis (known: {MESH_AXES})")
+            if mesh_axis in owner:
+                raise ShardingRuleError(
+                    f"logical axes {owner[mesh_axis]!r} and {name!r} of one array {tuple(logical)} both map to "
+                    f"mesh axis {mesh_axis!r}"
+                )
+            owner[mesh_axis] = name
+
+
+def _divisible_prefix(size: int, axes: tuple[str, ...], mesh: Mesh) -> tuple[str, ...]:
+    kept: list[str] = []
+    for axis in axes:
+        if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]):
+            break
+        kept.append(axis)
+    return tuple(kept)
+
+
+def logical_to_spec(
+    logical: Sequence[str | None],
+    rules: Rules = DEFAULT_RULES,
+    *,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
+    """Map logical axis names to a ``PartitionSpec``.
+
+    Args:
+      logical: one name (or None) per array dim.
+      rules: logical name -> mesh axis / tuple of mesh axes / None.
+      shape, mesh: when both are given, a dim the mesh axes do not divide stays unsharded (see module doc).
+    Raises:
+      ShardingRuleError: two logical axes map to the same mesh axis, or a name has no rule.
+    """
+    _check_no_collision(logical, rules)
+    if shape is not None and len(shape) != len(logical):
+        raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical)} differ in rank")
+    entries = []
+    for i, name in enumerate(logical):
+        axes = _as_tuple(rules[name]) if name is not None else ()
+        if mesh is not None and shape is not None:
+            axes = _divisible_prefix(shape[i], axes, mesh)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*entries)
+
+
+def logical_sharding(
+    mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int] | None = None, rules: Rules = DEFAULT_RULES
+) -> NamedSharding:
+    """``NamedSharding`` on ``mesh`` for an array with the given logical axes (and optional shape)."""
+    return NamedSharding(mesh, logical_to_spec(logical, rules, shape=shape, mesh=mesh))
+
+
+def _is_spec(x: Any) -> bool:
+    # qwen3.ParamSpec is a NamedTuple (a pytree node to jax), so it must be marked as a leaf.
+    return isinstance(x, tuple) and hasattr(x, "axes") and hasattr(x, "shape")
+
+
+def param_partition_specs(cfg: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Pytree of ``PartitionSpec`` matching ``qwen3.param_specs(cfg)`` (handy for snapshots)."""
+    from lopd_jax.models import qwen3  # lazy: qwen3 may import this module
+
+    return jax.tree.map(
+        lambda s: logical_to_spec(s.axes, rules, shape=s.shape, mesh=mesh), qwen3.param_specs(cfg), is_leaf=_is_spec
+    )
+
+
+def param_shardings(cfg: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Pytree of ``NamedSharding`` with the structure of the params of ``cfg`` (a ``Qwen3Config``)."""
+    specs = param_partition_specs(cfg, mesh, rules)
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, rank: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a [B, ...] batch array: the leading dim over the ``batch`` rule, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (rank - 1), rules))
+
+
+def batch_shard_count(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many shards the batch dim is split into; batch sizes should be a multiple of it."""
+    return math.prod(mesh.shape[a] for a in _as_tuple(rules["batch"]))
+
+
+def shard_params(params: Any, shardings: Any) -> Any:
+    """Place (or re-place) a params pytree on its shardings; structures must match exactly."""
+    return jax.device_put(params, shardings)
+
+
+def is_sharded(x: jax.Array) -> bool:
+    """True when ``x`` is split across devices (not fully replicated)."""
+    return not x.sharding.is_fully_replicated
