@@ -1,0 +1,653 @@
+"""RolloutStore: the on-disk contract between precompute/ and the trainer (DESIGN.md "RolloutStore").
+
+Layout: one directory (a local path, a ``file://`` / ``memory://`` / ``gs://`` ... TensorStore kvstore URL, or a
+kvstore JSON spec) holding zarr3 arrays written with TensorStore and a JSON manifest::
+
+    manifest.json               the manifest; its counts are the commit point
+    tokens/            int32    [num_tokens]        prompt + response ids of every sample, concatenated
+    behavior_logprobs/ float32  [num_tokens]        log pi_behavior(tokens[j] | tokens[:j]); NaN on prompt tokens
+    teacher_logprobs/  float32  [teacher tokens]    log p_T(tokens[j] | tokens[:j]); NaN on prompt tokens
+    teacher_topk_ids/  int32    [teacher tokens, k] (only when topk > 0) top-k ids of p_T(. | tokens[:j]), by rank
+    teacher_topk_logprobs/ f32  [teacher tokens, k] (only when topk > 0) their log-probs
+    sample_offsets/    int64    [N + 1]             sample i is tokens[offsets[i]:offsets[i + 1]]
+    prompt_lengths/    int32    [N]                 the first prompt_lengths[i] tokens of sample i are the prompt
+    finish_reason/     uint8    [N]                 0 = "stop" (ends with the stop token), 1 = "length"
+    prompt_index/      int32    [N]                 line of the prompt in the prompt set
+    answer_offsets/    int64    [N + 1]             answer i is json.loads(answers[answer_offsets[i]:...[i + 1]])
+    answers/           uint8    [answer bytes]      UTF-8 JSON of each reference answer (``null`` when none)
+
+Arrays are chunked (``chunk_tokens`` per inner chunk) inside shards of ``shard_chunks`` chunks (zarr3
+``sharding_indexed`` codec, zstd inside), so a random read touches one small chunk and the file count stays low.
+Teacher arrays are only as long as the teacher pass has got: samples at or past ``teacher_committed`` read as NaN.
+
+Commit protocol: a flush resizes and writes every array (data first), waits for it, and only then replaces
+``manifest.json`` atomically (temp file + rename for local paths, a single kvstore put otherwise). The manifest's
+``committed`` / ``committed_tokens`` / ``teacher_committed`` are the only truth: readers never look past them, and a
+killed writer reopened with ``RolloutStore.open_for_append`` continues at the last commit and overwrites whatever
+was written after it, so the finished store equals an uninterrupted run's array for array.
+
+Writer API (precompute.rollouts / precompute.teacher_logprobs)::
+
+    w = RolloutStore.create(path, manifest={"policy": fp, "tokenizer": fp, "sampling": {...}, ...}, topk=0)
+    w = RolloutStore.open_for_append(path)           # resume: w.committed samples are already there
+    w.append([{"tokens": ids, "prompt_length": p, "finish_reason": "stop", "behavior_logprobs": lp,
+               "prompt_index": i, "answer": "42"}, ...])   # buffered; flushes (commits) every flush_tokens
+    w.write_teacher(start, [lp_0, lp_1, ...], topk=(ids, logprobs) lists or None)  # start == w.teacher_end
+    w.update_manifest(teacher=fp, teacher_path=...)   # recorded at the next commit
+    w.flush(); w.close()                              # or use ``with`` (close flushes)
+
+``behavior_logprobs`` / teacher log-probs may be given for all tokens (prompt entries are replaced by NaN) or for
+the response tokens only. Reader API: see ``RolloutStore`` (``open``, ``len``, ``sample``, ``samples``,
+``manifest``, ``lengths``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+FORMAT = "lopd_jax.rollout_store"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+FINISH_REASONS = ("stop", "length")
+RESERVED_KEYS = ("format", "schema_version", "committed", "committed_tokens", "teacher_committed", "topk", "layout")
+
+# name -> (dtype, length kind, fill value). Fill values are invalid data so a lost chunk never reads as plausible.
+_TOKEN_ARRAYS = {"tokens": ("int32", -1), "behavior_logprobs": ("float32", "NaN")}
+_TEACHER_ARRAYS = {"teacher_logprobs": ("float32", "NaN")}
+_TOPK_ARRAYS = {"teacher_topk_ids": ("int32", -1), "teacher_topk_logprobs": ("float32", "NaN")}
+_SAMPLE_ARRAYS = {"prompt_lengths": ("int32", -1), "finish_reason": ("uint8", 255), "prompt_index": ("int32", -1)}
+_OFFSET_ARRAYS = {"sample_offsets": ("int64", -1), "answer_offsets": ("int64", -1)}
+_BYTE_ARRAYS = {"answers": ("uint8", 0)}
+
+_CONTEXT: ts.Context | None = None
+
+
+class StoreError(ValueError):
+    """A store that is missing, malformed or inconsistent; the message names the path and array/sample."""
+
+
+def _context() -> ts.Context:
+    """One process-wide TensorStore context: ``memory://`` stores and the chunk cache are shared through it."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
+    return _CONTEXT
+
+
+def kvstore_spec(path: str | os.PathLike | dict) -> dict:
+    """A kvstore JSON spec (with a trailing-slash directory path) for a local path, URL or spec."""
+    if isinstance(path, dict):
+        spec = dict(path)
+    elif "://" in str(path):
+        spec = ts.KvStore.Spec(str(path)).to_json()
+    else:
+        spec = {"driver": "file", "path": os.path.abspath(os.fspath(path))}
+    p = spec.get("path", "")
+    spec["path"] = p if (p == "" or p.endswith("/")) else p + "/"
+    return spec
+
+
+def _local_dir(spec: dict) -> str | None:
+    return spec["path"] if spec["driver"] == "file" else None
+
+
+def _describe(spec: dict) -> str:
+    return ts.KvStore.Spec(spec).url if spec["driver"] != "file" else spec["path"].rstrip("/")
+
+
+def _sub(spec: dict, name: str) -> dict:
+    return {**spec, "path": spec["path"] + name + "/"}
+
+
+# ------------------------------------------------------------------------------------------------ manifest I/O
+
+
+def read_manifest(path: str | os.PathLike | dict) -> dict:
+    """The manifest of the store at ``path``; StoreError naming the path when it is missing or not JSON."""
+    spec = kvstore_spec(path)
+    kv = ts.KvStore.open(spec, context=_context()).result()
+    res = kv.read(MANIFEST).result()
+    if res.state != "value":
+        raise StoreError(f"{_describe(spec)}: no {MANIFEST} (not a RolloutStore, or its writer never committed)")
+    try:
+        manifest = json.loads(bytes(res.value).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{_describe(spec)}/{MANIFEST}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{_describe(spec)}/{MANIFEST}: expected a JSON object")
+    return manifest
+
+
+def _write_manifest(spec: dict, manifest: dict) -> None:
+    """Atomically replace the manifest: the commit point of every flush."""
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+    local = _local_dir(spec)
+    if local is None:
+        kv = ts.KvStore.open(spec, context=_context()).result()
+        kv.write(MANIFEST, data).result()  # a single-key put is atomic on every kvstore driver
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=local)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(local, MANIFEST))
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """Schema checks of the reserved manifest fields; StoreError naming ``where`` and the field."""
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{where}: manifest format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(
+            f"{where}: schema_version {manifest.get('schema_version')!r} != {SCHEMA_VERSION} (this lopd_jax)"
+        )
+    for key in ("committed", "committed_tokens", "teacher_committed", "topk"):
+        v = manifest.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise StoreError(f"{where}: manifest field {key!r} must be a non-negative int, got {v!r}")
+    if manifest["teacher_committed"] > manifest["committed"]:
+        raise StoreError(
+            f"{where}: teacher_committed {manifest['teacher_committed']} > committed {manifest['committed']}"
+        )
+    if not isinstance(manifest.get("layout"), dict):
+        raise StoreError(f"{where}: manifest field 'layout' missing")
+
+
+# ------------------------------------------------------------------------------------------------ arrays
+
+
+def _array_names(topk: int) -> dict[str, tuple[str, Any]]:
+    names = {**_TOKEN_ARRAYS, **_TEACHER_ARRAYS, **_SAMPLE_ARRAYS, **_OFFSET_ARRAYS, **_BYTE_ARRAYS}
+    return {**names, **_TOPK_ARRAYS} if topk else names
+
+
+def _array_metadata(name: str, dtype: str, fill: Any, layout: dict, topk: int) -> dict:
+    chunk = layout["chunk_samples"] if name in _SAMPLE_ARRAYS or name in _OFFSET_ARRAYS else layout["chunk_tokens"]
+    inner, shape = [chunk], [0]
+    if name in _TOPK_ARRAYS:  # keep a top-k chunk about as many bytes as a token chunk
+        inner, shape = [max(16, chunk // topk), topk], [0, topk]
+    outer = [inner[0] * layout["shard_chunks"], *inner[1:]]
+    le = {"name": "bytes", "configuration": {"endian": "little"}}
+    inner_codecs = [le, {"name": "zstd", "configuration": {"level": layout["zstd_level"]}}]
+    shard = {"chunk_shape": inner, "codecs": inner_codecs, "index_codecs": [le, {"name": "crc32c"}]}
+    return {
+        "shape": shape,
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": outer}},
+        "codecs": [{"name": "sharding_indexed", "configuration": shard}],
+        "fill_value": fill,
+    }
+
+
+def _open_array(spec: dict, name: str, *, create_meta: dict | None = None) -> ts.TensorStore:
+    arr_spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _sub(spec, name)}
+    if create_meta is not None:
+        arr_spec.update(metadata=create_meta, create=True, delete_existing=True)
+    try:
+        return ts.open(arr_spec, context=_context()).result()
+    except ValueError as e:
+        raise StoreError(f"{_describe(spec)}: array {name!r} cannot be opened ({e})") from None
+
+
+def open_arrays(spec: dict, manifest: dict) -> dict[str, ts.TensorStore]:
+    """Open every array the manifest implies, checking dtype and rank; StoreError naming the array."""
+    arrays = {}
+    for name, (dtype, _) in _array_names(manifest["topk"]).items():
+        arr = _open_array(spec, name)
+        rank = 2 if name in _TOPK_ARRAYS else 1
+        if arr.dtype.name != dtype or arr.rank != rank:
+            raise StoreError(
+                f"{_describe(spec)}: array {name!r} is {arr.dtype.name}[rank {arr.rank}], expected {dtype}[rank {rank}]"
+            )
+        if rank == 2 and arr.shape[1] != manifest["topk"]:
+            raise StoreError(
+                f"{_describe(spec)}: array {name!r} has k={arr.shape[1]}, manifest topk={manifest['topk']}"
+            )
+        arrays[name] = arr
+    return arrays
+
+
+def required_lengths(manifest: dict, answer_bytes: int, teacher_tokens: int) -> dict[str, int]:
+    """Minimum length of each array's first axis implied by the manifest's commits."""
+    n, n_tok = manifest["committed"], manifest["committed_tokens"]
+    need = {k: n_tok for k in _TOKEN_ARRAYS} | {k: n for k in _SAMPLE_ARRAYS} | {k: n + 1 for k in _OFFSET_ARRAYS}
+    need |= {"answers": answer_bytes, "teacher_logprobs": teacher_tokens}
+    if manifest["topk"]:
+        need |= {k: teacher_tokens for k in _TOPK_ARRAYS}
+    return need
+
+
+def check_lengths(spec: dict, arrays: dict[str, ts.TensorStore], need: dict[str, int]) -> None:
+    for name, n in need.items():
+        if arrays[name].shape[0] < n:
+            raise StoreError(
+                f"{_describe(spec)}: array {name!r} is truncated: {arrays[name].shape[0]} entries, "
+                f"the manifest commits {n}"
+            )
+
+
+def check_metadata(where: str, offsets: np.ndarray, prompt_lengths: np.ndarray, finish: np.ndarray, n_tok: int):
+    """Offsets start at 0, each sample has a prompt and >= 1 response token, offsets end at committed_tokens."""
+    if offsets.size == 0 or offsets[0] != 0:
+        raise StoreError(f"{where}: sample_offsets[0] is {offsets[:1].tolist()}, expected 0")
+    lengths = np.diff(offsets)
+    bad = np.flatnonzero((prompt_lengths < 1) | (lengths <= prompt_lengths))
+    if bad.size:
+        i = int(bad[0])
+        raise StoreError(
+            f"{where}: sample {i}: offsets inconsistent with its prompt: {int(lengths[i])} tokens "
+            f"(offsets {int(offsets[i])}..{int(offsets[i + 1])}), prompt_length {int(prompt_lengths[i])}"
+        )
+    if offsets[-1] != n_tok:
+        raise StoreError(f"{where}: sample_offsets[-1] = {int(offsets[-1])} != committed_tokens {n_tok}")
+    bad = np.flatnonzero(finish >= len(FINISH_REASONS))
+    if bad.size:
+        raise StoreError(f"{where}: sample {int(bad[0])}: finish_reason code {int(finish[bad[0]])} is not 0/1")
+
+
+# ------------------------------------------------------------------------------------------------ reader
+
+
+class RolloutStore:
+    """Read-only view of the committed samples of a store (see the module docstring for the layout)."""
+
+    def __init__(self, path: str | os.PathLike | dict):
+        self.spec = kvstore_spec(path)
+        self.path = _describe(self.spec)
+        self.refresh()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | dict) -> RolloutStore:
+        """Open a store for reading; StoreError naming the path for a missing manifest or an inconsistent store."""
+        return cls(path)
+
+    @classmethod
+    def create(cls, path, manifest: dict, topk: int = 0, **layout) -> RolloutWriter:
+        """A writer for a new, empty store at ``path`` (see ``RolloutWriter.create``)."""
+        return RolloutWriter.create(path, manifest, topk=topk, **layout)
+
+    @classmethod
+    def open_for_append(cls, path, **kwargs) -> RolloutWriter:
+        """A writer that continues an existing store where its last commit ended."""
+        return RolloutWriter.open(path, **kwargs)
+
+    def refresh(self) -> None:
+        """Re-read the manifest (picks up samples committed since ``open``) and the per-sample metadata."""
+        m = read_manifest(self.spec)
+        check_manifest(m, self.path)
+        self._manifest, self.topk = m, m["topk"]
+        self.arrays = open_arrays(self.spec, m)
+        n = m["committed"]
+        meta = {k: self.arrays[k][: n + 1 if k in _OFFSET_ARRAYS else n].read() for k in ("sample_offsets",
+                "answer_offsets", *_SAMPLE_ARRAYS)}  # fmt: skip
+        meta = {k: f.result() for k, f in meta.items()}
+        self.offsets = meta["sample_offsets"].astype(np.int64)
+        self.prompt_lengths = meta["prompt_lengths"].astype(np.int64)
+        self.finish_codes, self.prompt_index = meta["finish_reason"], meta["prompt_index"]
+        self.answer_offsets = meta["answer_offsets"]
+        self.teacher_committed = m["teacher_committed"]
+        answer_bytes = int(self.answer_offsets[-1]) if self.answer_offsets.size else 0
+        teacher_tokens = int(self.offsets[self.teacher_committed]) if self.offsets.size else 0
+        check_lengths(self.spec, self.arrays, required_lengths(m, answer_bytes, teacher_tokens))
+        check_metadata(self.path, self.offsets, self.prompt_lengths, self.finish_codes, m["committed_tokens"])
+
+    def __len__(self) -> int:
+        return self._manifest["committed"]
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the manifest dict."""
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 [N]: tokens (prompt + response) per committed sample; for length-aware packing."""
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return self._manifest["committed_tokens"]
+
+    def sample(self, i: int) -> dict[str, Any]:
+        """Committed sample ``i``: tokens [L] int32, prompt_length, finish_reason ("stop"/"length"),
+        behavior_logprobs [L] f32, teacher_logprobs [L] f32 (NaN on prompt tokens / not scored), prompt_index,
+        answer, and teacher_topk_ids / teacher_topk_logprobs [L, k] when the store has top-k."""
+        return self.samples([i])[0]
+
+    def samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Several committed samples (see ``sample``); all reads are issued before any is awaited."""
+        idx = np.asarray([self._check_index(i) for i in indices], np.int64)
+        scored = idx[idx < self.teacher_committed]
+        tnames = ["teacher_logprobs", *(_TOPK_ARRAYS if self.topk else ())]
+        reads = {name: self._read_ranges(name, self.offsets, idx) for name in _TOKEN_ARRAYS}
+        reads |= {name: self._read_ranges(name, self.offsets, scored) for name in tnames}
+        reads["answers"] = self._read_ranges("answers", self.answer_offsets, idx)
+        got = {k: [f.result() for f in v] for k, v in reads.items()}
+        teacher = {k: dict(zip(scored.tolist(), got[k])) for k in tnames}
+        out = []
+        for j, i in enumerate(idx.tolist()):
+            s = {k: got[k][j] for k in _TOKEN_ARRAYS}
+            for k in tnames:
+                s[k] = teacher[k][i] if i in teacher[k] else self._unscored(k, len(s["tokens"]))
+            s.update(self._scalars(i))
+            s["answer"] = json.loads(got["answers"][j].tobytes().decode("utf-8"))
+            out.append(s)
+        return out
+
+    def _check_index(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.path}: sample {i} out of range (store has {len(self)} committed samples)")
+        return i
+
+    def _scalars(self, i: int) -> dict[str, Any]:
+        return {
+            "prompt_length": int(self.prompt_lengths[i]),
+            "finish_reason": FINISH_REASONS[int(self.finish_codes[i])],
+            "prompt_index": int(self.prompt_index[i]),
+        }
+
+    def _unscored(self, name: str, length: int) -> np.ndarray:
+        shape = (length, self.topk) if name in _TOPK_ARRAYS else (length,)
+        return np.full(shape, -1, np.int32) if name == "teacher_topk_ids" else np.full(shape, np.nan, np.float32)
+
+    def _read_ranges(self, name: str, offsets: np.ndarray, idx: np.ndarray) -> list:
+        """Futures of name[offsets[i]:offsets[i + 1]] for i in idx; nearby ranges share one read of their span."""
+        if idx.size == 0:
+            return []
+        starts, ends = offsets[idx], offsets[idx + 1]
+        lo, hi, total = int(starts.min()), int(ends.max()), int((ends - starts).sum())
+        arr = self.arrays[name]
+        if hi - lo <= 2 * total + 4096:  # dense enough (e.g. sequential iteration): one read, slice in numpy
+            span = arr[lo:hi].read().result()
+            return [_Done(span[s - lo : e - lo]) for s, e in zip(starts.tolist(), ends.tolist())]
+        return [arr[s:e].read() for s, e in zip(starts.tolist(), ends.tolist())]
+
+
+class _Done:
+    """A finished future (same ``result()`` interface as a TensorStore future)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+# ------------------------------------------------------------------------------------------------ writer
+
+
+class _Column:
+    """Appends to one resizable array in blocks that start on an inner-chunk boundary.
+
+    The partial last chunk (``tail``) stays in memory and is rewritten with the next block, so no write ever
+    starts mid-chunk and a resumed writer overwrites anything a killed one left past the commit.
+    """
+
+    def __init__(self, arr: ts.TensorStore, end: int):
+        self.arr, self.end = arr, end
+        self.chunk = arr.chunk_layout.read_chunk.shape[0]
+        start = end // self.chunk * self.chunk
+        empty = np.empty((0, *arr.shape[1:]), arr.dtype.numpy_dtype)
+        self.tail = arr[start:end].read().result() if end > start else empty
+
+    def write(self, data: np.ndarray) -> ts.Future:
+        start, new_end = self.end - len(self.tail), self.end + len(data)
+        block = np.concatenate([self.tail, data.astype(self.arr.dtype.numpy_dtype, copy=False)])
+        bound = [new_end] + [None] * (self.arr.rank - 1)
+        self.arr = self.arr.resize(exclusive_max=bound, resize_metadata_only=True).result()
+        future = self.arr[start:new_end].write(block)
+        self.tail = block[len(block) - (new_end - new_end // self.chunk * self.chunk) :]
+        self.end = new_end
+        return future
+
+
+def _full_length(values, length: int, prompt_length: int, what: str, where: str) -> np.ndarray:
+    """Per-token values [length] from full-length or response-only input; NaN on prompt tokens."""
+    v = np.asarray(values, np.float32)
+    if v.shape[0] == length - prompt_length:
+        v = np.concatenate([np.full((prompt_length, *v.shape[1:]), np.nan, np.float32), v])
+    if v.shape[0] != length:
+        raise StoreError(
+            f"{where}: {what} has {v.shape[0]} entries, expected {length} (all tokens) "
+            f"or {length - prompt_length} (response tokens)"
+        )
+    v = v.copy()
+    v[:prompt_length] = np.nan
+    if not np.all(np.isfinite(v[prompt_length:])):
+        j = prompt_length + int(
+            np.flatnonzero(~np.isfinite(v[prompt_length:]).reshape(len(v) - prompt_length, -1).any(-1))[0]
+        )
+        raise StoreError(f"{where}: {what} is not finite at token {j} (a response token)")
+    return v
+
+
+def _normalize_sample(s: dict, where: str) -> dict:
+    tokens = np.asarray(s["tokens"])
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise StoreError(f"{where}: tokens must be a 1-D integer array, got {tokens.dtype}{list(tokens.shape)}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**31):
+        raise StoreError(f"{where}: token ids must be in [0, 2**31)")
+    p, n = int(s["prompt_length"]), len(tokens)
+    if not 1 <= p < n:
+        raise StoreError(f"{where}: prompt_length {p} must be in [1, {n}) (a prompt and >= 1 response token)")
+    fr = s["finish_reason"]
+    if fr not in FINISH_REASONS:
+        raise StoreError(f"{where}: finish_reason {fr!r} not in {FINISH_REASONS}")
+    pi = int(s["prompt_index"])
+    if pi < 0:
+        raise StoreError(f"{where}: prompt_index {pi} < 0")
+    return {
+        "tokens": tokens.astype(np.int32),
+        "behavior_logprobs": _full_length(s["behavior_logprobs"], n, p, "behavior_logprobs", where),
+        "prompt_length": p,
+        "finish_reason": FINISH_REASONS.index(fr),
+        "prompt_index": pi,
+        "answer": json.dumps(s.get("answer"), ensure_ascii=False).encode("utf-8"),
+    }
+
+
+class RolloutWriter:
+    """Appends samples and teacher columns to a store; see the module docstring for the protocol."""
+
+    def __init__(self, spec: dict, manifest: dict, arrays: dict[str, ts.TensorStore], flush_tokens: int | None):
+        self.spec, self.path, self._manifest = spec, _describe(spec), manifest
+        self.topk = manifest["topk"]
+        n, tc = manifest["committed"], manifest["teacher_committed"]
+        layout = manifest["layout"]
+        self.flush_tokens = flush_tokens or layout["chunk_tokens"] * layout["shard_chunks"]
+        offsets = arrays["sample_offsets"]
+        teacher_tokens = int(offsets[tc].read().result())
+        answer_bytes = int(arrays["answer_offsets"][n].read().result())
+        check_lengths(spec, arrays, required_lengths(manifest, answer_bytes, teacher_tokens))
+        ends = {k: manifest["committed_tokens"] for k in _TOKEN_ARRAYS} | {k: n for k in _SAMPLE_ARRAYS}
+        ends |= {k: n + 1 for k in _OFFSET_ARRAYS} | {"answers": answer_bytes}
+        ends |= {k: teacher_tokens for k in arrays if k in _TEACHER_ARRAYS or k in _TOPK_ARRAYS}
+        self._cols = {k: _Column(arrays[k], e) for k, e in ends.items()}
+        self._pending: list[dict] = []
+        self._pending_teacher: list[tuple] = []
+        self._dirty = False
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike | dict,
+        manifest: dict,
+        topk: int = 0,
+        *,
+        chunk_tokens: int = 1 << 14,
+        chunk_samples: int = 1 << 12,
+        shard_chunks: int = 64,
+        zstd_level: int = 3,
+        flush_tokens: int | None = None,
+        overwrite: bool = False,
+    ) -> RolloutWriter:
+        """Create an empty store at ``path`` with the user ``manifest`` fields (fingerprints, sampling, ...).
+
+        Flushes every ``flush_tokens`` appended tokens (default: one shard, chunk_tokens * shard_chunks)."""
+        spec = kvstore_spec(path)
+        if not overwrite and _has_manifest(spec):
+            raise StoreError(f"{_describe(spec)}: a store already exists (open_for_append to resume)")
+        clash = sorted(set(manifest) & set(RESERVED_KEYS))
+        if clash:
+            raise StoreError(f"{_describe(spec)}: manifest keys {clash} are reserved for the store")
+        layout = {"chunk_tokens": chunk_tokens, "chunk_samples": chunk_samples, "shard_chunks": shard_chunks}
+        layout["zstd_level"] = zstd_level
+        arrays = {
+            name: _open_array(spec, name, create_meta=_array_metadata(name, dtype, fill, layout, topk))
+            for name, (dtype, fill) in _array_names(topk).items()
+        }
+        for name in _OFFSET_ARRAYS:
+            arrays[name] = arrays[name].resize(exclusive_max=[1], resize_metadata_only=True).result()
+            arrays[name][0:1].write(np.zeros(1, np.int64)).result()
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        full = {**manifest, "format": FORMAT, "schema_version": SCHEMA_VERSION, "topk": topk, "layout": layout}
+        full.update(committed=0, committed_tokens=0, teacher_committed=0, created_at=now)
+        _write_manifest(spec, full)
+        return cls(spec, full, arrays, flush_tokens)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | dict, flush_tokens: int | None = None) -> RolloutWriter:
+        """Reopen a store for appending; continues exactly where the last commit ended."""
+        spec = kvstore_spec(path)
+        manifest = read_manifest(spec)
+        check_manifest(manifest, _describe(spec))
+        return cls(spec, manifest, open_arrays(spec, manifest), flush_tokens)
+
+    @property
+    def committed(self) -> int:
+        """Samples committed (visible to readers)."""
+        return self._manifest["committed"]
+
+    @property
+    def teacher_committed(self) -> int:
+        return self._manifest["teacher_committed"]
+
+    @property
+    def teacher_end(self) -> int:
+        """Index of the next sample ``write_teacher`` expects (committed + buffered teacher rows)."""
+        return self.teacher_committed + len(self._pending_teacher)
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads(json.dumps(self._manifest))
+
+    def update_manifest(self, **fields) -> None:
+        """Set user manifest fields (e.g. teacher=fingerprint); written with the next commit."""
+        clash = sorted(set(fields) & set(RESERVED_KEYS))
+        if clash:
+            raise StoreError(f"{self.path}: manifest keys {clash} are reserved for the store")
+        self._manifest.update(fields)
+        self._dirty = True
+
+    def append(self, samples: Sequence[dict]) -> None:
+        """Buffer samples (dicts: tokens, prompt_length, finish_reason, behavior_logprobs, prompt_index,
+        optional answer); flushes whenever a shard's worth of tokens is buffered."""
+        base = self.committed + len(self._pending)
+        for j, s in enumerate(samples):
+            self._pending.append(_normalize_sample(s, f"{self.path}: appended sample {base + j}"))
+        if sum(len(s["tokens"]) for s in self._pending) >= self.flush_tokens:
+            self.flush()
+
+    def write_teacher(self, start: int, per_sample_logprobs: Sequence, topk: tuple | None = None) -> None:
+        """Buffer teacher log-probs of committed samples start, start+1, ... (start must be ``teacher_end``).
+
+        per_sample_logprobs[i]: [L_i] or [L_i - prompt_length_i] f32, entry j = log p_T(tokens[j] | tokens[:j]).
+        topk: (ids, logprobs) with ids[i] / logprobs[i] of shape [L_i or response, k], required iff topk > 0."""
+        n = len(per_sample_logprobs)
+        if start != self.teacher_end or start + n > self.committed:
+            raise StoreError(
+                f"{self.path}: write_teacher(start={start}, {n} samples): expected start {self.teacher_end} "
+                f"and start + n <= committed {self.committed}"
+            )
+        if (topk is None) != (self.topk == 0):
+            raise StoreError(f"{self.path}: store has topk={self.topk}; topk columns must be given iff topk > 0")
+        offsets = self._cols["sample_offsets"].arr[start : start + n + 1].read().result()
+        plens = self._cols["prompt_lengths"].arr[start : start + n].read().result()
+        for i in range(n):
+            where, length, p = (
+                f"{self.path}: teacher row of sample {start + i}",
+                int(offsets[i + 1] - offsets[i]),
+                int(plens[i]),
+            )
+            row = [_full_length(per_sample_logprobs[i], length, p, "teacher_logprobs", where)]
+            if topk is not None:
+                ids = np.asarray(topk[0][i])
+                if len(ids) == length - p:
+                    ids = np.concatenate([np.full((p, *ids.shape[1:]), -1, ids.dtype), ids])
+                if ids.shape != (length, self.topk):
+                    raise StoreError(f"{where}: teacher_topk_ids shape {ids.shape} != {(length, self.topk)}")
+                ids[:p] = -1
+                row += [ids, _full_length(topk[1][i], length, p, "teacher_topk_logprobs", where)]
+            self._pending_teacher.append(tuple(row))
+        if sum(len(r[0]) for r in self._pending_teacher) >= self.flush_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered data, wait for it, then commit the new counts in the manifest."""
+        if not (self._pending or self._pending_teacher or self._dirty):
+            return
+        futures = self._write_samples() + self._write_teacher_rows()
+        for f in futures:
+            f.result()
+        m = self._manifest
+        m["committed"] += len(self._pending)
+        m["committed_tokens"] = self._cols["tokens"].end
+        m["teacher_committed"] += len(self._pending_teacher)
+        m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_manifest(self.spec, m)
+        self._pending, self._pending_teacher, self._dirty = [], [], False
+
+    def _write_samples(self) -> list:
+        if not self._pending:
+            return []
+        p = self._pending
+        lengths = np.array([len(s["tokens"]) for s in p], np.int64)
+        alens = np.array([len(s["answer"]) for s in p], np.int64)
+        c = self._cols
+        data = {
+            "tokens": np.concatenate([s["tokens"] for s in p]),
+            "behavior_logprobs": np.concatenate([s["behavior_logprobs"] for s in p]),
+            "sample_offsets": c["tokens"].end + np.cumsum(lengths),
+            "prompt_lengths": np.array([s["prompt_length"] for s in p], np.int32),
+            "finish_reason": np.array([s["finish_reason"] for s in p], np.uint8),
+            "prompt_index": np.array([s["prompt_index"] for s in p], np.int32),
+            "answer_offsets": c["answers"].end + np.cumsum(alens),
+            "answers": np.frombuffer(b"".join(s["answer"] for s in p), np.uint8),
+        }
+        return [c[k].write(v) for k, v in data.items()]
+
+    def _write_teacher_rows(self) -> list:
+        if not self._pending_teacher:
+            return []
+        names = ["teacher_logprobs", *(["teacher_topk_ids", "teacher_topk_logprobs"] if self.topk else [])]
+        cols = zip(*self._pending_teacher)
+        return [self._cols[k].write(np.concatenate(v)) for k, v in zip(names, cols)]
+
+    def close(self) -> None:
+        """Flush what is buffered (the store stays valid and can be reopened for appending)."""
+        self.flush()
+
+    def __enter__(self) -> RolloutWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def _has_manifest(spec: dict) -> bool:
+    kv = ts.KvStore.open(spec, context=_context()).result()
+    return kv.read(MANIFEST).result().state == "value"
+
+
+__all__ = ["FORMAT", "SCHEMA_VERSION", "FINISH_REASONS", "RolloutStore", "RolloutWriter", "StoreError"]
