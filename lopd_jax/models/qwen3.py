@@ -8,9 +8,12 @@ Shape vocabulary (used in einsum strings and names, e.g. ``x_BTD``):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
 Params = dict[str, Any]
 
@@ -33,6 +36,7 @@ class Qwen3Config:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
     # MoE (num_experts == 0 means dense).
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -50,13 +54,30 @@ class Qwen3Config:
     attention: str = "xla"  # "xla" (every backend) | "cudnn" (fused, NVIDIA GPUs)
     scan_layers: bool = True
 
+    def __post_init__(self) -> None:
+        # Lists from JSON/YAML become tuples so the config stays hashable (a static jit argument).
+        for name in ("mlp_only_layers", "eos_token_id"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        choices = {"attention": ("xla", "cudnn"), "remat": ("none", "full", "dots")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"Qwen3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"Qwen3Config.head_dim={self.head_dim}: RoPE needs an even head_dim")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"Qwen3Config.num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}]"
+            )
+
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer i uses the sparse MoE block (transformers' rule)."""
-        return (
-            self.num_experts > 0
-            and i not in self.mlp_only_layers
-            and (i + 1) % self.decoder_sparse_step == 0
-        )
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -77,8 +98,14 @@ class ParamSpec(NamedTuple):
 
 def param_specs(cfg: Qwen3Config) -> Params:
     """The parameter tree as ParamSpec leaves; init and shardings are both derived from it."""
-    V, D, N, K, H, F = (cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads,
-                        cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size)
+    V, D, N, K, H, F = (
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+    )
     L, Ld, Lm = cfg.num_hidden_layers, len(cfg.dense_layers), len(cfg.moe_layers)
     E, Fm = cfg.num_experts, cfg.moe_intermediate_size
     specs: Params = {
@@ -115,3 +142,356 @@ def param_specs(cfg: Qwen3Config) -> Params:
 
 def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
+
+
+# --------------------------------------------------------------------------- init
+
+
+class _Qwen3Params(nnx.Module):
+    """Holds one ``nnx.Param`` per ParamSpec leaf, annotated with its logical axes (sharding metadata)."""
+
+    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
+        dtype = dtype_of(cfg.param_dtype)
+
+        def make(spec: ParamSpec) -> nnx.Param:
+            if spec.init == "ones":
+                value = jnp.ones(spec.shape, dtype)
+            else:  # transformers' _init_weights: normal(0, initializer_range)
+                value = (cfg.initializer_range * jax.random.normal(rngs.params(), spec.shape)).astype(dtype)
+            return nnx.Param(value, sharding_names=spec.axes, eager_sharding=False)
+
+        def build(tree: Any) -> Any:
+            if isinstance(tree, ParamSpec):
+                return make(tree)
+            return nnx.Dict({k: build(v) for k, v in tree.items()})
+
+        self.tree = build(param_specs(cfg))
+
+
+def init_params(cfg: Qwen3Config, key: jax.Array) -> Params:
+    """Random params (normal(0, initializer_range), norms at 1) as a nested dict of arrays, layout of param_specs.
+
+    Jit it with ``out_shardings=sharding.param_shardings(cfg, mesh)`` to create the weights already sharded.
+    """
+    module = _Qwen3Params(cfg, nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(module))["tree"]
+
+
+def param_count(cfg: Qwen3Config) -> int:
+    """Number of parameters (from the spec table, no arrays built)."""
+    leaves = jax.tree.leaves(param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+    return sum(math.prod(s.shape) for s in leaves)
+
+
+def lm_head_weight(params: Params, cfg: Qwen3Config) -> jax.Array:
+    """The output projection [D, V]; the transposed embedding when embeddings are tied."""
+    if cfg.tie_word_embeddings:
+        return params["embed"].T
+    return params["lm_head"]
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in fp32 (as transformers), result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin, cos [B, T, H] in fp32 for the rotate-half RoPE convention of transformers."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x_BTNH: jax.Array, sin_BTH: jax.Array, cos_BTH: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x_BTNH.astype(jnp.float32) * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
+    return out.astype(x_BTNH.dtype)
+
+
+def attention_xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """Grouped-query attention with a boolean mask (True = attend); logits and softmax in fp32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    logits_BKGTS = logits_BKGTS * (H**-0.5)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+def attention_cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """cuDNN fused attention; the causal+segment mask is passed whole, so packing is honoured, never dropped."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(
+            f"attention='cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); use attention='xla'"
+        )
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], is_causal=True, implementation="cudnn"
+    )
+
+
+_ATTENTION = {"xla": attention_xla, "cudnn": attention_cudnn}
+
+
+def dense_mlp(x_BTD: jax.Array, mp: Params) -> jax.Array:
+    """SwiGLU MLP: down(silu(x gate) * (x up))."""
+    dt = x_BTD.dtype
+    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, mp["gate"].astype(dt))
+    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, mp["up"].astype(dt))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, mp["down"].astype(dt))
+
+
+def route(x_XD: jax.Array, router_DE: jax.Array, cfg: Qwen3Config) -> tuple[jax.Array, jax.Array]:
+    """transformers' router: fp32 softmax over experts, top-k, optional renormalisation.
+
+    Returns weights [X, R] (in x's dtype) and expert ids [X, R] (R = num_experts_per_tok).
+    """
+    logits_XE = jnp.einsum("XD,DE->XE", x_XD, router_DE.astype(x_XD.dtype))
+    probs_XE = jax.nn.softmax(logits_XE.astype(jnp.float32), axis=-1)
+    weights_XR, experts_XR = jax.lax.top_k(probs_XE, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights_XR = weights_XR / jnp.sum(weights_XR, axis=-1, keepdims=True)
+    return weights_XR.astype(x_XD.dtype), experts_XR
+
+
+def moe_mlp(x_BTD: jax.Array, mp: Params, cfg: Qwen3Config) -> jax.Array:
+    """Sparse MoE block: the X*R (token, expert) assignments are sorted by expert and run as grouped matmuls."""
+    B, T, D = x_BTD.shape
+    dt, E, R = x_BTD.dtype, cfg.num_experts, cfg.num_experts_per_tok
+    x_XD = x_BTD.reshape(B * T, D)
+    weights_XR, experts_XR = route(x_XD, mp["router"], cfg)
+    experts_A = experts_XR.reshape(-1)
+    order_A = jnp.argsort(experts_A, stable=True)  # assignment a of the sorted list is order_A[a]
+    x_AD = x_XD[order_A // R]
+    group_sizes_E = jnp.bincount(experts_A, length=E).astype(jnp.int32)
+    gate_AF = jax.lax.ragged_dot(x_AD, mp["gate"].astype(dt), group_sizes_E)
+    up_AF = jax.lax.ragged_dot(x_AD, mp["up"].astype(dt), group_sizes_E)
+    y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, mp["down"].astype(dt), group_sizes_E)
+    y_XRD = jnp.zeros_like(y_AD).at[order_A].set(y_AD).reshape(B * T, R, D)
+    out_XD = jnp.einsum("XRD,XR->XD", y_XRD, weights_XR)
+    return out_XD.reshape(B, T, D)
+
+
+# --------------------------------------------------------------------------- decoder stack
+
+
+class _Ctx(NamedTuple):
+    """Per-call constants shared by every layer."""
+
+    sin_BTH: jax.Array
+    cos_BTH: jax.Array
+    mask_BTS: jax.Array  # True = query t may attend to key s
+    slots_BT: jax.Array | None  # cache slots of the new tokens (cached forward only)
+
+
+def _project_qkv(h_BTD: jax.Array, lp: Params, ctx: _Ctx, cfg: Qwen3Config):
+    dt = h_BTD.dtype
+    q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, lp["q"].astype(dt))
+    k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lp["k"].astype(dt))
+    v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lp["v"].astype(dt))
+    q_BTNH = apply_rope(rms_norm(q_BTNH, lp["q_norm"], cfg.rms_norm_eps), ctx.sin_BTH, ctx.cos_BTH)
+    k_BTKH = apply_rope(rms_norm(k_BTKH, lp["k_norm"], cfg.rms_norm_eps), ctx.sin_BTH, ctx.cos_BTH)
+    return q_BTNH, k_BTKH, v_BTKH
+
+
+def _write_cache(c_LBSKH: jax.Array, i: jax.Array, new_BTKH: jax.Array, slots_BT: jax.Array) -> jax.Array:
+    # Scatter straight into the stacked cache (in place inside the scan); slots past max_len (right padding
+    # of a full row) are dropped rather than clamped onto real entries.
+    b_B1 = jnp.arange(new_BTKH.shape[0])[:, None]
+    return c_LBSKH.at[i, b_B1, slots_BT].set(new_BTKH.astype(c_LBSKH.dtype), mode="drop")
+
+
+def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None):
+    """One pre-norm decoder layer; ``cache`` = (k [L,B,S,K,H], v, layer index) for the cached forward."""
+    h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
+    q_BTNH, k_BSKH, v_BSKH = _project_qkv(h_BTD, lp, ctx, cfg)
+    attend = _ATTENTION[cfg.attention]
+    if cache is not None:
+        k_all, v_all, i = cache
+        k_all = _write_cache(k_all, i, k_BSKH, ctx.slots_BT)
+        v_all = _write_cache(v_all, i, v_BSKH, ctx.slots_BT)
+        k_BSKH, v_BSKH = k_all[i].astype(x_BTD.dtype), v_all[i].astype(x_BTD.dtype)
+        cache = (k_all, v_all)
+        attend = attention_xla  # decode steps are bandwidth-bound: the fused kernel buys nothing there
+    o_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, ctx.mask_BTS)
+    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lp["o"].astype(x_BTD.dtype))
+    h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
+    mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp)
+    return x_BTD + mlp_out, cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Save the weight matmuls (no batch dims), recompute attention scores and elementwise ops.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def layer_runs(cfg: Qwen3Config) -> list[tuple[str, int, int, int]]:
+    """Maximal runs of consecutive same-kind layers: (kind, first layer, end layer, offset in mlp/moe stack)."""
+    runs: list[tuple[str, int, int, int]] = []
+    seen = {"mlp": 0, "moe": 0}
+    for i in range(cfg.num_hidden_layers):
+        kind = "moe" if cfg.is_moe_layer(i) else "mlp"
+        if runs and runs[-1][0] == kind:
+            runs[-1] = (kind, runs[-1][1], i + 1, runs[-1][3])
+        else:
+            runs.append((kind, i, i + 1, seen[kind]))
+        seen[kind] += 1
+    return runs
+
+
+def _scan(body, carry, xs, cfg: Qwen3Config):
+    """lax.scan over stacked layers (one compiled body), or an unrolled loop when cfg.scan_layers is off."""
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+        return jax.lax.scan(body, carry, xs)[0]
+    n = jax.tree.leaves(xs)[0].shape[0]
+    for j in range(n):
+        carry = body(carry, jax.tree.map(lambda a, j=j: a[j], xs))[0]
+    return carry
+
+
+def _run_slices(params: Params, kind: str, start: int, stop: int, offset: int):
+    lp = jax.tree.map(lambda a: a[start:stop], params["layers"])
+    mp = jax.tree.map(lambda a: a[offset : offset + stop - start], params[kind])
+    return lp, mp
+
+
+def _decoder_stack(params: Params, x_BTD: jax.Array, ctx: _Ctx, cfg: Qwen3Config) -> jax.Array:
+    for kind, start, stop, offset in layer_runs(cfg):
+        lp, mp = _run_slices(params, kind, start, stop, offset)
+
+        def body(x, layer, kind=kind):
+            return _decoder_layer(x, layer[0], layer[1], kind, ctx, cfg)[0], None
+
+        x_BTD = _scan(body, x_BTD, (lp, mp), cfg)
+    return x_BTD
+
+
+def _decoder_stack_cached(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Config):
+    for kind, start, stop, offset in layer_runs(cfg):
+        lp, mp = _run_slices(params, kind, start, stop, offset)
+
+        def body(carry, layer, kind=kind):
+            x, k, v = carry
+            x, (k, v) = _decoder_layer(x, layer[0], layer[1], kind, ctx, cfg, cache=(k, v, layer[2]))
+            return (x, k, v), None
+
+        layer_ids = jnp.arange(start, stop)
+        x_BTD, k_all, v_all = _scan(body, (x_BTD, k_all, v_all), (lp, mp, layer_ids), cfg)
+    return x_BTD, k_all, v_all
+
+
+def _output(params: Params, x_BTD: jax.Array, cfg: Qwen3Config, return_hidden: bool) -> jax.Array:
+    h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
+    if return_hidden:
+        return h_BTD
+    return jnp.einsum("BTD,DV->BTV", h_BTD, lm_head_weight(params, cfg).astype(h_BTD.dtype))
+
+
+def _embed(params: Params, tokens_BT: jax.Array, cfg: Qwen3Config) -> jax.Array:
+    return jnp.take(params["embed"], tokens_BT, axis=0).astype(dtype_of(cfg.dtype))
+
+
+# --------------------------------------------------------------------------- public forward passes
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """Position of each token within its own packed segment [B, T] (restarts at 0 where the id changes)."""
+    T = segment_ids_BT.shape[1]
+    idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BT.shape)
+    change_BT = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+    )
+    start_BT = jax.lax.cummax(jnp.where(change_BT, idx_BT, 0), axis=1)
+    return idx_BT - start_BT
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    *,
+    cfg: Qwen3Config,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    return_hidden: bool = False,
+) -> jax.Array:
+    """Causal LM forward. tokens [B, T] int -> logits [B, T, V] (or hidden [B, T, D] after the final norm).
+
+    positions [B, T]: RoPE positions; default arange(T), or restarting per segment when segment_ids is given.
+    segment_ids [B, T]: packed sequences; attention never crosses a segment boundary.
+    Output dtype is cfg.dtype (the compute dtype); softmax and norm statistics are fp32.
+    """
+    B, T = tokens.shape
+    if positions is None:
+        positions = segment_positions(segment_ids) if segment_ids is not None else jnp.arange(T)[None]
+    positions = jnp.broadcast_to(positions, (B, T))
+    idx_T = jnp.arange(T)
+    mask_BTS = jnp.broadcast_to(idx_T[:, None] >= idx_T[None, :], (B, T, T))
+    if segment_ids is not None:
+        mask_BTS = mask_BTS & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    sin_BTH, cos_BTH = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, None)
+    x_BTD = _decoder_stack(params, _embed(params, tokens, cfg), ctx, cfg)
+    return _output(params, x_BTD, cfg, return_hidden)
+
+
+def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype: str | None = None) -> Params:
+    """Empty KV cache: {"k", "v": [L, B, S, K, H] (dtype default cfg.dtype), "lengths": [B] int32 zeros}."""
+    dt = dtype_of(dtype or cfg.dtype)
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+def forward_cached(
+    params: Params,
+    tokens: jax.Array,
+    cache: Params,
+    *,
+    cfg: Qwen3Config,
+    num_new: jax.Array | None = None,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, Params]:
+    """Append tokens [B, T] to the cache and return (logits [B, T, V] or hidden [B, T, D], new cache).
+
+    Token t of row b goes to cache slot (and RoPE position) lengths[b] + t and attends causally to every slot
+    up to its own. num_new [B] (default T) counts the real tokens of each row (right padding); the outputs at
+    padded places are meaningless and the new lengths are lengths + num_new. The caller keeps
+    lengths + num_new <= max_len (jit cannot raise on data).
+    """
+    B, T = tokens.shape
+    lengths_B = cache["lengths"]
+    num_new = jnp.full((B,), T, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+    slots_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    S = cache["k"].shape[2]
+    mask_BTS = jnp.arange(S)[None, None, :] <= slots_BT[:, :, None]
+    sin_BTH, cos_BTH = rope_tables(slots_BT, cfg.head_dim, cfg.rope_theta)
+    ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, slots_BT)
+    x_BTD, k_all, v_all = _decoder_stack_cached(params, _embed(params, tokens, cfg), cache["k"], cache["v"], ctx, cfg)
+    out = _output(params, x_BTD, cfg, return_hidden)
+    return out, {"k": k_all, "v": v_all, "lengths": lengths_B + num_new}
+
+
+def load_hf(path: str, mesh: Any = None, dtype: Any = jnp.float32) -> tuple[Qwen3Config, Params]:
+    """HF checkpoint directory -> (Qwen3Config, params); see lopd_jax.models.hf.load_hf."""
+    from lopd_jax.models import hf
+
+    return hf.load_hf(path, mesh=mesh, dtype=dtype)
+
+
+def save_hf(path: str, cfg: Qwen3Config, params: Params, **kwargs: Any) -> str:
+    """params -> HF checkpoint directory; see lopd_jax.models.hf.save_hf."""
+    from lopd_jax.models import hf
+
+    return hf.save_hf(path, cfg, params, **kwargs)
