@@ -1,0 +1,202 @@
+"""A synthetic multi-step reasoning task for the CPU demo: column addition of several numbers.
+
+Problem: `Add: 37+485+92+106`. Worked solution, one line per column from the units up, as on paper: the
+column's digits (0 where an operand is too short), plus the carry from the previous column, and their sum;
+the answer's digits are the last digit of each line read bottom-up, preceded by the final carry:
+
+    7+5+2+6=20
+    3+8+9+0+2=22
+    0+4+0+1+2=7
+    #### 720
+
+Every line is a local step (pick one digit per operand, add a few small numbers, carry the tens), so a tiny
+transformer learns each step quickly but not perfectly, and the errors compound over columns: accuracy falls
+with the number of operands and digits (the difficulty knobs), which leaves room for distillation to help.
+
+The tokenizer is character-level (printable ASCII + newline + Qwen's chat special tokens, 100 ids) built with
+the `tokenizers` library and saved as a transformers tokenizer with a Qwen-style chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from lopd_jax.eval import grade
+
+# Special tokens first so their ids never move: <|endoftext|>=0 (also pad, as in Qwen), <|im_start|>=1,
+# <|im_end|>=2 (eos: the end of an assistant turn), <|unk|>=3.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>")
+PAD_TOKEN, BOS_CHAT, EOS_TOKEN, UNK_TOKEN = SPECIAL_TOKENS
+CHARS = tuple(chr(c) for c in range(32, 127)) + ("\n",)
+VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARS)
+
+# Qwen's template, reduced to what the task uses: one turn per message, and the assistant header when
+# add_generation_prompt is set, so `prompt + completion + <|im_end|>` is exactly what sft trains on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+PROMPT_PREFIX = "Add: "
+ANSWER_MARKER = "#### "
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """Ranges (inclusive) for the number of operands and the digits of each operand."""
+
+    min_operands: int = 3
+    max_operands: int = 4
+    min_digits: int = 2
+    max_digits: int = 3
+
+    def __post_init__(self):
+        if not 2 <= self.min_operands <= self.max_operands <= 9:
+            raise ValueError(f"Difficulty: need 2 <= min_operands <= max_operands <= 9, got {self}")
+        if not 1 <= self.min_digits <= self.max_digits <= 9:
+            raise ValueError(f"Difficulty: need 1 <= min_digits <= max_digits <= 9, got {self}")
+
+
+DIFFICULTIES = {
+    "easy": Difficulty(2, 3, 1, 2),
+    "medium": Difficulty(3, 4, 2, 3),
+    "hard": Difficulty(4, 5, 3, 4),
+}
+
+
+def _as_difficulty(difficulty: Difficulty | str) -> Difficulty:
+    if isinstance(difficulty, Difficulty):
+        return difficulty
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; expected one of {sorted(DIFFICULTIES)}")
+    return DIFFICULTIES[difficulty]
+
+
+def worked_solution(operands: list[int]) -> str:
+    """The column-addition worked solution for non-negative `operands`, ending with `#### <sum>`."""
+    width = max(len(str(x)) for x in operands)
+    lines, answer_digits, carry = [], [], 0
+    for col in range(width):
+        digits = [(x // 10**col) % 10 for x in operands]
+        terms = digits + ([carry] if col > 0 else [])  # the units column has no carry-in
+        total = sum(terms)
+        lines.append("+".join(map(str, terms)) + f"={total}")
+        answer_digits.append(str(total % 10))
+        carry = total // 10
+    answer = (str(carry) if carry else "") + "".join(reversed(answer_digits))
+    return "\n".join(lines) + f"\n{ANSWER_MARKER}{answer}"
+
+
+def make_problem(rng: np.random.Generator, difficulty: Difficulty | str = "medium") -> dict:
+    """One problem: dict(prompt=user message, solution=worked solution, answer=sum as a string)."""
+    diff = _as_difficulty(difficulty)
+    n = int(rng.integers(diff.min_operands, diff.max_operands + 1))
+    digits = rng.integers(diff.min_digits, diff.max_digits + 1, size=n)
+    # Leading digit non-zero so each operand really has its drawn number of digits.
+    operands = [int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10**d)) for d in digits]
+    return {
+        "prompt": PROMPT_PREFIX + "+".join(map(str, operands)),
+        "solution": worked_solution(operands),
+        "answer": str(sum(operands)),
+    }
+
+
+def _unique_problems(rng: np.random.Generator, n: int, difficulty: Difficulty | str) -> list[dict]:
+    problems, seen = [], set()
+    for _ in range(100 * n + 1000):  # bounded: a tiny difficulty may not have n distinct problems
+        if len(problems) == n:
+            return problems
+        p = make_problem(rng, difficulty)
+        if p["prompt"] not in seen:
+            seen.add(p["prompt"])
+            problems.append(p)
+    raise ValueError(f"difficulty {difficulty} has fewer than {n} distinct problems; raise it or ask fewer")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def write_prompt_sets(
+    out_dir: str | Path,
+    seed: int,
+    n_sft: int,
+    n_opd: int,
+    n_eval: int,
+    *,
+    n_teacher: int = 0,
+    difficulty: Difficulty | str = "medium",
+) -> dict[str, Path]:
+    """Write disjoint prompt sets (no prompt appears in two sets) as JSONL files in `out_dir`.
+
+    Files: `sft.jsonl` (prompt, answer, completion), `opd.jsonl` and `eval.jsonl` (prompt, answer), and,
+    when n_teacher > 0, `teacher.jsonl` (prompt, answer, completion) to train the teacher on problems its
+    SFT answers will not be asked about. `completion` is the worked solution. Deterministic in `seed`.
+    Returns {set name: path}.
+    """
+    sizes = {"teacher": n_teacher, "sft": n_sft, "opd": n_opd, "eval": n_eval}
+    if any(n < 0 for n in sizes.values()) or min(n_sft, n_opd, n_eval) == 0:
+        raise ValueError(f"write_prompt_sets: set sizes must be positive (n_teacher >= 0), got {sizes}")
+    problems = _unique_problems(np.random.default_rng(seed), sum(sizes.values()), difficulty)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, start = {}, 0
+    for name, n in sizes.items():
+        if n == 0:
+            continue
+        chunk = problems[start : start + n]
+        start += n
+        with_completion = name in ("teacher", "sft")
+        rows = [
+            {"prompt": p["prompt"], "answer": p["answer"]} | ({"completion": p["solution"]} if with_completion else {})
+            for p in chunk
+        ]
+        paths[name] = out_dir / f"{name}.jsonl"
+        _write_jsonl(paths[name], rows)
+    return paths
+
+
+def _raw_tokenizer() -> Tokenizer:
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    # Every character is its own token ([\s\S] so that newlines are too); Fuse concatenates them back
+    # without separators, so decode(encode(text)) == text.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Build the task's character-level tokenizer and save it (save_pretrained) to `out_dir`.
+
+    `AutoTokenizer.from_pretrained(out_dir)` loads it offline. eos = `<|im_end|>`, pad = `<|endoftext|>`
+    (Qwen's conventions), no BOS, chat template Qwen-style. Returns the tokenizer.
+    """
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_raw_tokenizer(),
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        additional_special_tokens=[BOS_CHAT],
+        clean_up_tokenization_spaces=False,  # the default would turn " ." into "." and break round-trips
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def grade_response(response: str, answer: str) -> bool:
+    """Exact match of the `#### X` answer in a response against the reference (eval.grade, kind="exact")."""
+    return grade(response, answer, kind="exact")

@@ -1,0 +1,180 @@
+"""The synthetic column-addition task: problems, worked solutions, prompt sets, tokenizer, grading."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from lopd_jax import synthetic as syn
+from lopd_jax.eval import extract_answer, grade
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    syn.build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+# --- problems ---------------------------------------------------------------------------------------------
+
+
+def _operands(prompt: str) -> list[int]:
+    assert prompt.startswith("Add: ")
+    return [int(x) for x in prompt[len("Add: ") :].split("+")]
+
+
+def _problems(seed: int, n: int, difficulty="medium") -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [syn.make_problem(rng, difficulty) for _ in range(n)]
+
+
+def test_problems_are_deterministic_per_seed():
+    assert _problems(3, 20) == _problems(3, 20)
+    assert _problems(3, 20) != _problems(4, 20)
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "medium", "hard", syn.Difficulty(9, 9, 9, 9)])
+def test_worked_solution_is_correct_arithmetic(difficulty):
+    diff = syn.DIFFICULTIES.get(difficulty, difficulty) if isinstance(difficulty, str) else difficulty
+    for p in _problems(0, 200, difficulty):
+        operands = _operands(p["prompt"])
+        assert diff.min_operands <= len(operands) <= diff.max_operands
+        assert all(diff.min_digits <= len(str(x)) <= diff.max_digits for x in operands)
+        assert p["answer"] == str(sum(operands))  # Python int arithmetic, independent of the generator
+        *steps, last = p["solution"].split("\n")
+        assert last == f"#### {p['answer']}" and extract_answer(p["solution"]) == p["answer"]
+        # Each step adds column c's digits (plus the carry, from the second column on) correctly.
+        carry = 0
+        for col, step in enumerate(steps):
+            lhs, rhs = step.split("=")
+            terms = [int(t) for t in lhs.split("+")]
+            expected = [x // 10**col % 10 for x in operands] + ([carry] if col else [])
+            assert terms == expected and int(rhs) == sum(terms), (p, step)
+            carry = int(rhs) // 10
+        assert len(steps) == max(len(str(x)) for x in operands)
+
+
+def test_worked_solution_final_carry():
+    assert syn.worked_solution([99, 99, 99]) == "9+9+9=27\n9+9+9+2=29\n#### 297"
+    assert syn.worked_solution([5, 7]) == "5+7=12\n#### 12"
+
+
+def test_difficulty_validation():
+    with pytest.raises(ValueError, match="min_operands"):
+        syn.Difficulty(1, 3, 1, 2)
+    with pytest.raises(ValueError, match="min_digits"):
+        syn.Difficulty(2, 3, 3, 2)
+    with pytest.raises(ValueError, match="unknown difficulty"):
+        syn.make_problem(np.random.default_rng(0), "impossible")
+
+
+def test_harder_problems_need_more_steps():
+    def mean_len(d):
+        return np.mean([len(p["solution"]) for p in _problems(1, 100, d)])
+
+    assert mean_len("easy") < mean_len("medium") < mean_len("hard")
+
+
+# --- prompt sets ------------------------------------------------------------------------------------------
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prompt_sets_are_disjoint_deterministic_and_well_formed(tmp_path):
+    paths = syn.write_prompt_sets(tmp_path / "a", seed=7, n_sft=300, n_opd=200, n_eval=100, n_teacher=150)
+    again = syn.write_prompt_sets(tmp_path / "b", seed=7, n_sft=300, n_opd=200, n_eval=100, n_teacher=150)
+    assert set(paths) == {"teacher", "sft", "opd", "eval"}
+    sets = {name: _read(path) for name, path in paths.items()}
+    assert {k: len(v) for k, v in sets.items()} == {"teacher": 150, "sft": 300, "opd": 200, "eval": 100}
+    assert all(paths[k].read_bytes() == again[k].read_bytes() for k in paths)
+    prompts = [r["prompt"] for rows in sets.values() for r in rows]
+    assert len(set(prompts)) == len(prompts)  # no prompt in two sets (nor twice in one)
+    for name, rows in sets.items():
+        keys = {"prompt", "answer", "completion"} if name in ("teacher", "sft") else {"prompt", "answer"}
+        assert all(set(r) == keys for r in rows), name
+        assert all(r["answer"] == str(sum(_operands(r["prompt"]))) for r in rows)
+        assert all(extract_answer(r["completion"]) == r["answer"] for r in rows if "completion" in r)
+    other_seed = syn.write_prompt_sets(tmp_path / "c", seed=8, n_sft=300, n_opd=200, n_eval=100)
+    assert "teacher" not in other_seed and _read(other_seed["eval"]) != sets["eval"]
+
+
+def test_prompt_sets_reject_bad_sizes(tmp_path):
+    with pytest.raises(ValueError, match="positive"):
+        syn.write_prompt_sets(tmp_path, seed=0, n_sft=0, n_opd=1, n_eval=1)
+    with pytest.raises(ValueError, match="distinct problems"):  # 2 one-digit operands: only 100 problems
+        syn.write_prompt_sets(tmp_path, seed=0, n_sft=100, n_opd=50, n_eval=50, difficulty=syn.Difficulty(2, 2, 1, 1))
+
+
+# --- tokenizer --------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_vocab_and_special_ids(tokenizer):
+    assert len(tokenizer) == syn.VOCAB_SIZE < 128
+    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"])
+    assert ids == [0, 1, 2, 3]  # stable: models and stores depend on them
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    assert tokenizer.pad_token_id == 0 and tokenizer.bos_token is None
+    # Digits are consecutive single-character tokens.
+    assert tokenizer.convert_tokens_to_ids(list("0123456789")) == list(range(20, 30))
+
+
+def test_tokenizer_round_trips_text_exactly(tokenizer):
+    rng = np.random.default_rng(0)
+    alphabet = np.array(list(syn.CHARS))
+    texts = ["".join(rng.choice(alphabet, size=int(rng.integers(1, 80)))) for _ in range(50)]
+    texts += [" leading and trailing  ", "a .b ,c ' d n't", "line\n\nbreaks\n"]
+    texts += [p["prompt"] + "\n" + p["solution"] for p in _problems(0, 20, "hard")]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text)  # one token per character
+        assert tokenizer.decode(ids) == text
+
+
+def test_chat_template_qwen_style(tokenizer):
+    messages = [{"role": "user", "content": "Add: 12+34"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nAdd: 12+34<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    chars = tokenizer.convert_tokens_to_ids
+    assert ids == [1, *chars(list("user\nAdd: 12+34")), 2, *chars(["\n"]), 1, *chars(list("assistant\n"))]
+    full = messages + [{"role": "assistant", "content": "2+4=6\n1+3=4\n#### 46"}]
+    convo = tokenizer.apply_chat_template(full, tokenize=False)
+    assert convo == text + "2+4=6\n1+3=4\n#### 46<|im_end|>\n"
+    # Decoding without special tokens leaves the plain text, graded by the #### answer.
+    generated = tokenizer("2+4=6\n1+3=4\n#### 46<|im_end|>")["input_ids"]
+    assert generated[-1] == tokenizer.eos_token_id
+    assert grade(tokenizer.decode(generated, skip_special_tokens=True), "46", kind="exact")
+
+
+def test_autotokenizer_loads_offline_and_matches(tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    built = syn.build_tokenizer(tokenizer_dir.parent / "rebuilt")
+    text = "<|im_start|>user\nAdd: 905+77<|im_end|>\n"
+    assert loaded(text)["input_ids"] == built(text)["input_ids"]
+    assert loaded.chat_template == built.chat_template == syn.CHAT_TEMPLATE
+    # Files on disk are byte-identical across builds: the tokenizer fingerprint is reproducible.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tokenizer_dir / name).read_bytes() == (tokenizer_dir.parent / "rebuilt" / name).read_bytes()
+
+
+# --- grading ----------------------------------------------------------------------------------------------
+
+
+def test_grading_accepts_right_and_rejects_wrong():
+    for p in _problems(5, 50):
+        assert syn.grade_response(p["solution"], p["answer"])
+        wrong = re.sub(r"#### (\d+)", lambda m: f"#### {int(m.group(1)) + 1}", p["solution"])
+        assert not syn.grade_response(wrong, p["answer"])
+        truncated = p["solution"].rsplit("\n", 1)[0]  # stopped before the answer line
+        assert not syn.grade_response(truncated, p["answer"])
