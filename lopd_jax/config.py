@@ -1,0 +1,373 @@
+"""The training config: frozen dataclasses as the schema, YAML files setting fields, dotted CLI overrides.
+
+Each module owns the dataclass of its own settings (docs/internals.md); ``TrainConfig`` composes them::
+
+    mode: lightning_opd            # sft | lightning_opd | opd
+    model: {init: runs/sft/hf, dtype: bfloat16, remat: full}
+    data: {store: runs/rollouts/store, max_response_len: 4096}
+    train: {steps: 150, batch_size: 256, seq_len: 8192}
+    optimizer: {lr: 2.0e-6}
+    ...
+
+``load_config(path, ["optimizer.lr=1e-5", "train.steps=10"])`` reads the file with ``yaml.safe_load``, applies the
+overrides (each value parsed by ``yaml.safe_load`` too), and builds the dataclass tree field by field from the
+type hints. An unknown key or a value of the wrong type raises ``ConfigError`` naming the dotted key and where it
+came from (the file or the command line). A file whose top level lists ``stages`` is a pipeline, not a training
+config: callers check ``is_pipeline(read_yaml(path))`` and hand it to ``lopd_jax.pipeline``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+import yaml
+
+from lopd_jax.checkpoint import CheckpointConfig
+from lopd_jax.data import DataConfig
+from lopd_jax.losses import LossConfig
+from lopd_jax.sampling import SamplingConfig
+from lopd_jax.sharding import MeshConfig
+from lopd_jax.update import OptimizerConfig
+
+
+class ConfigError(ValueError):
+    """A bad config; the message names the file (or command-line override) and the dotted key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections owned here (the others are imported from their modules above)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The student to start from (and the teacher for online OPD), plus the runtime knobs of Qwen3Config."""
+
+    init: str = ""  # HF checkpoint dir, or a preset name (models/presets.py) for --plan without weights
+    teacher: str | None = None  # HF dir of the live teacher (mode opd only)
+    tokenizer: str | None = None  # None: the tokenizer saved with ``init``
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmul operands
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the master weights
+    remat: Literal["none", "full", "dots"] = "none"
+    attention: Literal["xla", "cudnn"] = "xla"
+    scan_layers: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoopConfig:
+    """The training loop. ``batch_size`` (rows of ``seq_len`` tokens per optimizer step) and ``seq_len`` are set
+    here; ``data.batch_size`` / ``data.seq_len`` inherit them."""
+
+    steps: int = 100
+    batch_size: int = 8  # rows per optimizer step; one sequence per row unless data.pack (then >= 1 per row)
+    seq_len: int = 1024  # T
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide)
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only after the last step (when eval.prompts is set)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: sample ``k`` answers per prompt, grade them, report pass@1 and avg@k."""
+
+    prompts: str | None = None  # prompts.jsonl with reference answers; None: no evaluation
+    k: int = 1
+    grading: Literal["math", "exact"] = "math"  # math-verify equivalence | exact string match
+    max_new_tokens: int = 256
+    num_prompts: int = 0  # 0: all prompts in the file
+    temperature: float = 0.6
+    top_p: float = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    run_dir: str = "runs/default"  # metrics.jsonl, events (TensorBoard), plots, checkpoints, hf/ export
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The whole run; ``to_dict(cfg)`` is what the run saves as its resolved config."""
+
+    mode: Literal["sft", "lightning_opd", "opd"]
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    allow_teacher_inconsistency: bool = False  # run lightning_opd despite a teacher mismatch (ablations only)
+    resume: bool = False  # continue from the latest checkpoint in checkpoint.directory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building dataclasses from dicts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _KeyError(Exception):
+    """Internal: a problem at a dotted key, turned into ConfigError once the key's source is known."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(key, msg)
+        self.key, self.msg = key, msg
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Checks/converts one YAML value to the field type ``tp``; raises _KeyError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return _freeze(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _KeyError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise _KeyError(key, f"expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        return _convert_union(args, value, key)
+    if origin in (tuple, list, Sequence):
+        return _convert_sequence(tp, origin, args, value, key)
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _KeyError(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    return _convert_scalar(tp, value, key)
+
+
+def _convert_union(args: tuple, value: Any, key: str) -> Any:
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _KeyError(key, f"must not be null (expected {' | '.join(map(_type_name, args))})")
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(arg, value, key)
+        except _KeyError as e:
+            errors.append(e.msg)
+    raise _KeyError(key, " or ".join(errors))
+
+
+def _convert_sequence(tp: Any, origin: Any, args: tuple, value: Any, key: str) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise _KeyError(key, f"expected a list ({_type_name(tp)}), got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:  # fixed-length tuple[A, B]
+        if len(value) != len(args):
+            raise _KeyError(key, f"expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    item = args[0] if args else Any
+    items = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return items if origin is list else tuple(items)
+
+
+def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "2e-6" as a string; accept what Python's float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                raise _KeyError(key, f"expected float, got {value!r} (str)") from None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(tp, type):
+        ok = isinstance(value, tp)
+    else:
+        raise _KeyError(key, f"unsupported field type {tp!r} in the config schema")
+    if not ok:
+        raise _KeyError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _freeze(value: Any) -> Any:
+    """Lists -> tuples (recursively) so untyped values keep the frozen dataclasses hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], *, prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from a (YAML) mapping, recursing into nested dataclass fields.
+
+    Raises ``_KeyError`` (wrapped into ConfigError by ``build``/``load_config``) on unknown keys, missing
+    required keys, wrong types, and values the dataclass's own ``__post_init__`` rejects.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise _KeyError(prefix + str(unknown[0]), f"unknown key (allowed in this section: {', '.join(fields)})")
+    kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _KeyError(prefix + name, "required key is missing")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # the section's own __post_init__ validation
+        raise _KeyError(prefix.rstrip(".") or cls.__name__, str(e)) from None
+
+
+def build(cls: type, data: Mapping[str, Any], source: str = "<dict>") -> Any:
+    """``from_dict`` with errors as ConfigError("SOURCE: dotted.key: problem")."""
+    try:
+        return from_dict(cls, data)
+    except _KeyError as e:
+        raise ConfigError(f"{source}: {e.key}: {e.msg}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass tree -> plain dict of YAML-safe values (tuples become lists); inverse of ``build``."""
+
+    def plain(x: Any) -> Any:
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, Mapping):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files and overrides
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (safe_load), with errors naming the file."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections, got {type(raw).__name__}")
+    return raw
+
+
+def is_pipeline(raw: Mapping[str, Any]) -> bool:
+    """Whether a config file lists ``stages`` (run by lopd_jax.pipeline) instead of describing one run."""
+    return "stages" in raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Applies ``a.b.c=value`` overrides (value parsed with yaml.safe_load) to a copy of ``raw``.
+
+    Returns the new dict and {dotted key: the override text} so errors can point at the command line.
+    """
+    out = _copy(raw)
+    origin = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"command-line override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command-line override {item!r}: value is not valid YAML: {e}") from None
+        *parents, leaf = key.split(".")
+        node = out
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command-line override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+        node[leaf] = value
+        origin[key] = item
+    return out, origin
+
+
+def _copy(x: Any) -> Any:
+    return {k: _copy(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+
+def _source_of(key: str, origin: Mapping[str, str], path: str) -> str:
+    """The override that set ``key`` (or a section above it), else the file."""
+    parts = key.replace("[", ".").split(".")
+    for n in range(len(parts), 0, -1):
+        hit = origin.get(".".join(parts[:n]))
+        if hit is not None:
+            return f"command-line override {hit!r}"
+    return str(path)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML file + ``key.sub=value`` overrides -> a validated, resolved TrainConfig.
+
+    Resolution: ``data.batch_size``/``data.seq_len`` left at 0 take ``train.batch_size``/``train.seq_len``;
+    ``lightning_opd`` always requires teacher log-probs on every response token (``data.require_teacher``).
+    """
+    raw = read_yaml(path)
+    if is_pipeline(raw):
+        raise ConfigError(f"{path}: lists 'stages': it is a pipeline config (run it with lopd_jax.pipeline)")
+    raw, origin = apply_overrides(raw, overrides)
+    try:
+        cfg = from_dict(TrainConfig, raw)
+        return validate(resolve(cfg))
+    except _KeyError as e:
+        raise ConfigError(f"{_source_of(e.key, origin, str(path))}: {e.key}: {e.msg}") from None
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fills derived fields (see ``load_config``); raises _KeyError when explicit values contradict them."""
+    data = cfg.data
+    for name in ("batch_size", "seq_len"):
+        want, got = getattr(cfg.train, name), getattr(data, name)
+        if got and got != want:
+            raise _KeyError(f"data.{name}", f"{got} contradicts train.{name} = {want}; set it in train only")
+        data = dataclasses.replace(data, **{name: want})
+    if cfg.mode == "lightning_opd":
+        data = dataclasses.replace(data, require_teacher=True)
+    return dataclasses.replace(cfg, data=data)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Cross-section checks that no single section can make; raises _KeyError naming the key."""
+    t = cfg.train
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+        if getattr(t, name) < 1:
+            raise _KeyError(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    if t.batch_size % t.grad_accum:
+        raise _KeyError("train.grad_accum", f"{t.grad_accum} does not divide train.batch_size {t.batch_size}")
+    if not cfg.model.init:
+        raise _KeyError("model.init", "required: an HF checkpoint directory or a preset name")
+    if cfg.mode in ("sft", "lightning_opd") and not cfg.data.store:
+        raise _KeyError("data.store", f"required in mode {cfg.mode!r}: the RolloutStore to train on")
+    if cfg.mode == "opd" and not cfg.model.teacher:
+        raise _KeyError("model.teacher", "required in mode 'opd' (the live teacher)")
+    if cfg.mode == "opd" and not cfg.data.prompts:
+        raise _KeyError("data.prompts", "required in mode 'opd' (the prompts sampled online)")
+    if cfg.eval.k < 1:
+        raise _KeyError("eval.k", f"must be >= 1, got {cfg.eval.k}")
+    return cfg
