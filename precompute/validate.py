@@ -1,0 +1,181 @@
+"""Validate a RolloutStore: ``python -m precompute.validate STORE [--require-teacher]``.
+
+Checks the manifest (schema, counts, fingerprint fields), every array (present, dtype, rank, long enough for what
+the manifest commits), the per-sample metadata (offsets, prompt lengths, finish reasons, prompt indices, answers)
+and the per-token data of every committed sample: token ids >= 0 (a lost chunk reads as -1), behaviour and
+teacher log-probs NaN on prompt tokens and finite and <= 0 on response tokens, top-k ids valid and log-probs
+sorted. The first problem raises ``StoreError`` naming the store, the array and the sample; the CLI prints it
+and exits 1. ``validate(path)`` is what the trainer calls before it trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+from lopd_jax.store import (
+    StoreError,
+    check_lengths,
+    check_manifest,
+    check_metadata,
+    kvstore_spec,
+    open_arrays,
+    read_manifest,
+    required_lengths,
+)
+
+FINGERPRINT_FIELDS = ("policy", "teacher", "sft_teacher", "tokenizer", "chat_template")
+_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+LOGPROB_MAX = 1e-3  # a log-probability is <= 0; allow rounding of low-precision engines, nothing more
+BLOCK_TOKENS = 1 << 22  # tokens checked per read: bounded memory on any store size
+
+
+def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> dict:
+    """Check the whole store; returns a summary dict, raises StoreError at the first problem."""
+    spec = kvstore_spec(path)
+    where = spec["path"].rstrip("/") if spec["driver"] == "file" else str(path)
+    m = read_manifest(spec)
+    check_manifest(m, where)
+    _check_fields(m, where, require_teacher)
+    arrays = open_arrays(spec, m)
+    n = m["committed"]
+    meta = {k: arrays[k][: n + 1 if k.endswith("offsets") else n].read().result() for k in _META}
+    offsets = meta["sample_offsets"]
+    answer_bytes = _check_answer_offsets(meta["answer_offsets"], where)
+    check_lengths(spec, arrays, required_lengths(m, answer_bytes, int(offsets[m["teacher_committed"]])))
+    check_metadata(where, offsets, meta["prompt_lengths"], meta["finish_reason"], m["committed_tokens"])
+    bad = np.flatnonzero(meta["prompt_index"] < 0)
+    if bad.size:
+        raise StoreError(f"{where}: sample {int(bad[0])}: prompt_index {int(meta['prompt_index'][bad[0]])} < 0")
+    _check_answers(arrays["answers"][:answer_bytes].read().result(), meta["answer_offsets"], where)
+    for a, b in _blocks(offsets):
+        _check_token_block(arrays, m, offsets, meta["prompt_lengths"], a, b, where)
+    lengths = np.diff(offsets)
+    return {
+        "samples": n,
+        "tokens": m["committed_tokens"],
+        "response_tokens": int(np.sum(lengths - meta["prompt_lengths"])),
+        "teacher_committed": m["teacher_committed"],
+        "topk": m["topk"],
+        "finish_length": int(np.sum(meta["finish_reason"] == 1)),
+        "bytes": _local_bytes(spec),
+    }
+
+
+_META = ("sample_offsets", "answer_offsets", "prompt_lengths", "finish_reason", "prompt_index")
+
+
+def _check_fields(m: dict, where: str, require_teacher: bool) -> None:
+    for key in FINGERPRINT_FIELDS:
+        v = m.get(key)
+        if v is not None and not (isinstance(v, str) and _FINGERPRINT.match(v)):
+            raise StoreError(f"{where}: manifest field {key!r} is not a sha256 fingerprint: {v!r}")
+    if require_teacher:
+        if m.get("teacher") is None:
+            raise StoreError(f"{where}: no teacher fingerprint in the manifest (run precompute.teacher_logprobs)")
+        if m["teacher_committed"] != m["committed"]:
+            raise StoreError(
+                f"{where}: teacher log-probs cover {m['teacher_committed']} of {m['committed']} samples "
+                "(rerun precompute.teacher_logprobs to finish)"
+            )
+
+
+def _check_answer_offsets(offsets: np.ndarray, where: str) -> int:
+    if offsets.size == 0 or offsets[0] != 0:
+        raise StoreError(f"{where}: answer_offsets[0] is {offsets[:1].tolist()}, expected 0")
+    bad = np.flatnonzero(np.diff(offsets) < 1)  # every answer is JSON, at least "1" byte long
+    if bad.size:
+        raise StoreError(f"{where}: sample {int(bad[0])}: answer_offsets not increasing")
+    return int(offsets[-1])
+
+
+def _check_answers(data: np.ndarray, offsets: np.ndarray, where: str) -> None:
+    raw = data.tobytes()
+    for i in range(len(offsets) - 1):
+        try:
+            json.loads(raw[offsets[i] : offsets[i + 1]].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise StoreError(f"{where}: sample {i}: answer is not valid UTF-8 JSON") from None
+
+
+def _blocks(offsets: np.ndarray):
+    """Sample ranges [a, b) of about BLOCK_TOKENS tokens each (at least one sample)."""
+    a, n = 0, len(offsets) - 1
+    while a < n:
+        b = max(a + 1, int(np.searchsorted(offsets, offsets[a] + BLOCK_TOKENS, side="right")) - 1)
+        yield a, min(b, n)
+        a = min(b, n)
+
+
+def _check_token_block(arrays, m, offsets, prompt_lengths, a: int, b: int, where: str) -> None:
+    lo, hi = int(offsets[a]), int(offsets[b])
+    sample = np.repeat(np.arange(a, b), np.diff(offsets[a : b + 1]))
+    pos = np.arange(lo, hi) - offsets[sample]
+    prompt = pos < prompt_lengths[sample]
+
+    def fail(mask: np.ndarray, what: str) -> None:
+        if mask.any():
+            t = int(np.flatnonzero(mask)[0])
+            kind = "prompt" if prompt[t] else "response"
+            raise StoreError(f"{where}: sample {int(sample[t])}: {what} at {kind} token {int(pos[t])}")
+
+    tokens = arrays["tokens"][lo:hi].read().result()
+    fail(tokens < 0, "token id < 0 (missing chunk?)")
+    if "vocab_size" in m:
+        fail(tokens >= m["vocab_size"], f"token id >= vocab_size {m['vocab_size']}")
+    _check_logprobs(arrays["behavior_logprobs"][lo:hi].read().result(), prompt, "behavior_logprobs", fail)
+    tc = min(b, m["teacher_committed"])
+    if tc <= a:
+        return
+    t_hi = int(offsets[tc])
+    p = prompt[: t_hi - lo]
+    _check_logprobs(arrays["teacher_logprobs"][lo:t_hi].read().result(), p, "teacher_logprobs", fail)
+    if m["topk"]:
+        ids = arrays["teacher_topk_ids"][lo:t_hi].read().result()
+        lp = arrays["teacher_topk_logprobs"][lo:t_hi].read().result()
+        fail(~p & (ids < 0).any(-1), "teacher_topk_ids < 0")
+        fail(~p & ~np.isfinite(lp).all(-1), "teacher_topk_logprobs not finite")
+        fail(~p & (np.diff(lp, axis=-1) > 0).any(-1), "teacher_topk_logprobs not sorted by rank")
+
+
+def _check_logprobs(lp: np.ndarray, prompt: np.ndarray, name: str, fail) -> None:
+    fail(~prompt & np.isnan(lp), f"{name} is NaN")
+    fail(~prompt & ~np.isfinite(lp), f"{name} is not finite")
+    fail(~prompt & (lp > LOGPROB_MAX), f"{name} > 0")
+    fail(prompt & ~np.isnan(lp), f"{name} is not NaN")
+
+
+def _local_bytes(spec: dict) -> int | None:
+    """Bytes on disk of a local store (None for other kvstores)."""
+    if spec["driver"] != "file":
+        return None
+    root = spec["path"]
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m precompute.validate", description=__doc__.splitlines()[0])
+    parser.add_argument("store", help="store path or TensorStore kvstore URL")
+    parser.add_argument("--require-teacher", action="store_true", help="every sample must have teacher log-probs")
+    args = parser.parse_args(argv)
+    try:
+        s = validate(args.store, require_teacher=args.require_teacher)
+    except StoreError as e:
+        print(f"INVALID: {e}", file=sys.stderr)
+        return 1
+    per_token = f", {s['bytes'] / max(1, s['tokens']):.2f} bytes/token on disk" if s["bytes"] is not None else ""
+    print(
+        f"OK {args.store}: {s['samples']} samples, {s['tokens']} tokens ({s['response_tokens']} response), "
+        f"teacher {s['teacher_committed']}/{s['samples']}, top-k {s['topk']}, "
+        f"{s['finish_length']} cut at max length{per_token}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
