@@ -237,7 +237,10 @@ def make_dataset(cfg: DataConfig, store, process_index: int = 0, process_count: 
         max_response_len=cfg.max_response_len,
         require_teacher=cfg.require_teacher,
     )
-    it = ds.map(shift).to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1)))
+    # A small read-ahead buffer: Grain scans the whole buffer on every element, so its default (500) costs
+    # more CPU than the reads it hides.
+    threads = max(cfg.read_threads, 1)
+    it = ds.map(shift).to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads))
     it = grain.experimental.FirstFitPackIterDataset(
         it,
         length_struct=dict.fromkeys(_SEQ_FIELDS, cfg.seq_len),

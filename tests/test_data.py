@@ -208,3 +208,21 @@ def test_bad_settings_fail_clearly():
         make_iterator(cfg(batch_size=4), 0, 3, store=FakeStore(make_samples(4)))
     with pytest.raises(DataError, match="data.seq_len"):
         make_iterator(cfg(seq_len=0), 0, 1, store=FakeStore(make_samples(4)))
+
+
+def test_real_rollout_store_gives_the_same_batches_as_the_in_memory_one(tmp_path):
+    from lopd_jax.store import RolloutStore
+
+    samples = make_samples(25)
+    with RolloutStore.create(tmp_path / "store", manifest={"policy": "test"}, chunk_tokens=64) as w:
+        w.append([dict(s, prompt_index=i) for i, s in enumerate(samples)])
+        w.flush()
+        w.write_teacher(0, [s["teacher_logprobs"] for s in samples])
+    c = cfg(store=str(tmp_path / "store"), require_teacher=True)
+    it = make_iterator(c, 0, 1)  # opens the store itself
+    got = list(it)
+    want, _ = batches(FakeStore(samples), c)
+    assert len(got) == len(want) > 1
+    for a, b in zip(got, want):
+        for f in vars(a):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
