@@ -270,6 +270,10 @@ def make_iterator(
     Each ``next(it)`` is a ``Batch`` of numpy arrays, every field [batch_size / process_count, seq_len]; the
     trainer assembles the global array (``jax.make_array_from_process_local_data``). ``it.metrics`` holds the
     cumulative ``data/*`` counters (samples, truncated samples, dropped tokens, padding fraction).
+
+    Multi-host: packing makes the number of batches per epoch differ between processes, so training runs with
+    ``num_epochs=None`` (endless, every process always has a next batch) and stops after ``train.steps``; a
+    finite ``num_epochs`` is for single-process use (tests, evaluation passes).
     """
     if process_index is None:
         process_index = jax.process_index()

@@ -14,11 +14,13 @@ class FakeStore:
     def __init__(self, samples):
         self._samples = samples
         self.manifest = {"num_samples": len(samples)}
+        self.read = set()  # indices asked for
 
     def __len__(self):
         return len(self._samples)
 
     def sample(self, i):
+        self.read.add(i)
         return dict(self._samples[i])
 
     def samples(self, indices):
@@ -137,10 +139,11 @@ def test_order_is_deterministic_by_seed_and_reshuffled_per_epoch():
 
 
 def test_two_processes_see_disjoint_slices_covering_the_store():
-    store = FakeStore(make_samples(31))
     ids = []
     for p in range(2):
+        store = FakeStore(make_samples(31))
         got, _ = batches(store, cfg(batch_size=4, pack=False), p, 2)
+        assert store.read == set(range(p, 31, 2))  # each process reads only its own slice
         assert all(b.inputs.shape == (2, 32) for b in got)  # each process holds its half of the rows
         ids.append({int(b.inputs[r, 0]) // 1000 for b in got for r in range(2) if b.segment_ids[r, 0] > 0})
     assert not ids[0] & ids[1]
