@@ -448,7 +448,9 @@ def _normalize_sample(s: dict, where: str) -> dict:
         raise StoreError(f"{where}: prompt_index {pi} < 0")
     return {
         "tokens": tokens.astype(np.int32),
-        "behavior_logprobs": _full_length(s["behavior_logprobs"], n, p, "behavior_logprobs", where),
+        "behavior_logprobs": np.full(n, np.nan, np.float32)  # None: no behaviour policy (imported SFT data)
+        if s["behavior_logprobs"] is None
+        else _full_length(s["behavior_logprobs"], n, p, "behavior_logprobs", where),
         "prompt_length": p,
         "finish_reason": FINISH_REASONS.index(fr),
         "prompt_index": pi,

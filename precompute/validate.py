@@ -128,7 +128,11 @@ def _check_token_block(arrays, m, offsets, prompt_lengths, a: int, b: int, where
     fail(tokens < 0, "token id < 0 (missing chunk?)")
     if "vocab_size" in m:
         fail(tokens >= m["vocab_size"], f"token id >= vocab_size {m['vocab_size']}")
-    _check_logprobs(arrays["behavior_logprobs"][lo:hi].read().result(), prompt, "behavior_logprobs", fail)
+    behavior = arrays["behavior_logprobs"][lo:hi].read().result()
+    if m.get("behavior_logprobs") == "none":  # imported SFT data (precompute.import_jsonl): no behaviour policy
+        fail(~np.isnan(behavior), "behavior_logprobs is not NaN (the manifest says behavior_logprobs: none)")
+    else:
+        _check_logprobs(behavior, prompt, "behavior_logprobs", fail)
     tc = min(b, m["teacher_committed"])
     if tc <= a:
         return
