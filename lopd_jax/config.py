@@ -30,6 +30,7 @@ import yaml
 from lopd_jax.checkpoint import CheckpointConfig
 from lopd_jax.data import DataConfig
 from lopd_jax.losses import LossConfig
+from lopd_jax.plan import PlanConfig
 from lopd_jax.sampling import SamplingConfig
 from lopd_jax.sharding import MeshConfig
 from lopd_jax.update import OptimizerConfig
@@ -108,6 +109,7 @@ class TrainConfig:
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    plan: PlanConfig = PlanConfig()  # --plan only: the per-device memory budget
     allow_teacher_inconsistency: bool = False  # run lightning_opd despite a teacher mismatch (ablations only)
     resume: bool = False  # continue from the latest checkpoint in checkpoint.directory
 

@@ -1,0 +1,307 @@
+"""``python -m lopd_jax.train --config FILE --plan``: will this run fit, before any weight is read.
+
+The plan resolves the config, builds the mesh over ``jax.devices()`` (on a laptop: fake CPU devices via
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``), takes the architecture from the preset name or the HF
+directory's ``config.json`` (never the weights), and lowers and compiles the trainer's own update step
+(``update.make_update_step`` with the loss of ``cfg.mode``) on abstract, sharded shapes. It prints the parameter
+count, the sharding of the largest tensors, and XLA's per-device memory figures of the compiled step.
+
+Why compile the real step instead of a formula: the step's temporaries (remat policy, gradient-accumulation
+buffers, the chunked log-prob scan, the optimizer update) are what decide whether a run fits, and only XLA's buffer
+assignment knows them. Caveats printed with the plan: on a CPU backend the figures come from XLA:CPU's buffer
+assignment (GPU fusion differs somewhat), and fused cuDNN attention cannot be compiled there, so the plan compiles
+``attention=xla``, which materialises the [B, N, T, S] scores: an over-estimate of attention temporaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from lopd_jax import losses, sharding, update
+from lopd_jax.data import Batch
+from lopd_jax.models import presets, qwen3
+
+if TYPE_CHECKING:
+    from lopd_jax.config import TrainConfig
+
+GB = 1e9
+_BATCH_FIELDS = {f.name: jnp.int32 for f in dataclasses.fields(Batch)}
+_BATCH_FIELDS.update(loss_mask=jnp.float32, teacher_logprobs=jnp.float32, behavior_logprobs=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """The ``plan`` section: the per-device memory budget the compiled step is checked against."""
+
+    device_memory_gb: float = 80.0  # H100 / A100-80GB
+
+    def __post_init__(self):
+        if self.device_memory_gb <= 0:
+            raise ValueError(f"plan.device_memory_gb must be > 0, got {self.device_memory_gb}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    spec: str  # PartitionSpec
+    device_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What ``main`` prints; byte figures are per device."""
+
+    model: str
+    mesh: dict[str, int]
+    params_total: int
+    params_active: int
+    largest: list[TensorPlan]
+    state_bytes: dict[str, int]  # analytic per-device bytes of params / optimizer state (from the shardings)
+    memory: dict[str, int]  # XLA's figures: argument, output, alias, temp, generated_code, peak
+    extra_bytes: dict[str, int]  # resident outside the step (the live teacher of mode opd)
+    budget_bytes: int
+    compile_seconds: float
+    notes: list[str]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.memory["peak"] + sum(self.extra_bytes.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model config without weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _runtime_knobs(model_cfg: Any, attention: str | None = None) -> dict[str, Any]:
+    return dict(
+        dtype=model_cfg.dtype,
+        param_dtype=model_cfg.param_dtype,
+        remat=model_cfg.remat,
+        attention=attention or model_cfg.attention,
+        scan_layers=model_cfg.scan_layers,
+    )
+
+
+def architecture(init: str, **knobs: Any) -> qwen3.Qwen3Config:
+    """A preset name (``qwen3-8b``) or an HF directory (its config.json only) -> Qwen3Config with ``knobs``."""
+    if os.path.isdir(init):
+        from lopd_jax.models import hf
+
+        return hf.load_config(init, **knobs)
+    try:
+        return presets.get_preset(init, **knobs)
+    except KeyError:
+        raise ValueError(
+            f"model.init={init!r} is neither an HF checkpoint directory nor a preset ({sorted(presets.PRESETS)})"
+        ) from None
+
+
+def model_config(cfg: TrainConfig, *, attention: str | None = None) -> qwen3.Qwen3Config:
+    """The student's Qwen3Config from ``cfg.model`` (preset or HF dir) with the config's runtime knobs."""
+    return architecture(cfg.model.init, **_runtime_knobs(cfg.model, attention))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Abstract state and batch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _with_sharding(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def abstract_params(model_cfg: qwen3.Qwen3Config, mesh: Mesh, rules: sharding.Rules) -> Any:
+    """Params as ``ShapeDtypeStruct`` leaves carrying the trainer's NamedShardings (nothing allocated)."""
+    dtype = jnp.dtype(model_cfg.param_dtype)
+    specs = qwen3.param_specs(model_cfg)
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs, is_leaf=sharding._is_spec)
+    return _with_sharding(shapes, sharding.param_shardings(model_cfg, mesh, rules))
+
+
+def abstract_state(params: Any, optimizer: Any, mesh: Mesh, seed: int = 0) -> tuple[Any, Any]:
+    """(abstract TrainState with shardings, its sharding tree); optimizer moments follow the params."""
+    param_sh = jax.tree.map(lambda p: p.sharding, params)
+    state = jax.eval_shape(lambda p: update.init_train_state(p, optimizer, jax.random.key(seed)), params)
+    shardings = update.state_shardings(state, mesh, param_shardings=param_sh)
+    return _with_sharding(state, shardings), shardings
+
+
+def abstract_batch(batch_size: int, seq_len: int, batch_sh: NamedSharding) -> Batch:
+    """A [B, T] Batch of ShapeDtypeStructs on the batch sharding."""
+    return Batch(**{k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=batch_sh) for k, dt in _BATCH_FIELDS.items()})
+
+
+def loss_for_mode(mode: str, model_cfg: qwen3.Qwen3Config, loss_cfg: losses.LossConfig) -> update.LossFn:
+    """The loss the trainer uses for ``mode``: SFT cross entropy, or the (Lightning / online) OPD objective."""
+    fn = losses.sft_loss if mode == "sft" else losses.opd_loss
+    return functools.partial(fn, cfg=model_cfg, loss_cfg=loss_cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, i.e. device 0's)."""
+    leaves = jax.tree.leaves(tree)
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
+
+
+def largest_tensors(params: Any, n: int = 8) -> list[TensorPlan]:
+    """The ``n`` largest parameters with their PartitionSpec and per-device shape."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    leaves.sort(key=lambda kv: -math.prod(kv[1].shape))
+    return [
+        TensorPlan(
+            name=jax.tree_util.keystr(path, simple=True, separator="."),
+            shape=tuple(x.shape),
+            dtype=str(jnp.dtype(x.dtype)),
+            spec=str(x.sharding.spec),
+            device_shape=tuple(x.sharding.shard_shape(x.shape)),
+        )
+        for path, x in leaves[:n]
+    ]
+
+
+def memory_figures(compiled: Any) -> dict[str, int]:
+    """XLA's per-device figures of a compiled SPMD executable, plus a peak estimate.
+
+    peak: XLA's own peak when the backend reports one, else arguments + outputs - aliased (donated) + temp +
+    generated code, i.e. everything live at once (an upper bound on the buffer assignment's peak).
+    """
+    m = compiled.memory_analysis()
+    out = {
+        "argument": m.argument_size_in_bytes,
+        "output": m.output_size_in_bytes,
+        "alias": m.alias_size_in_bytes,
+        "temp": m.temp_size_in_bytes,
+        "generated_code": m.generated_code_size_in_bytes,
+    }
+    bound = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+    xla_peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    out["peak"] = xla_peak + out["generated_code"] if xla_peak else bound
+    return out
+
+
+def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[str, int]:
+    """Mode opd keeps the live teacher resident (compute dtype, same mesh): its per-device weight bytes."""
+    if cfg.mode != "opd" or not cfg.model.teacher:
+        return {}
+    knobs = _runtime_knobs(cfg.model, "xla")
+    knobs["param_dtype"] = cfg.model.dtype  # the teacher is never trained: stored in the compute dtype
+    tcfg = architecture(cfg.model.teacher, **knobs)
+    return {"teacher_weights": _device_bytes(abstract_params(tcfg, mesh, rules))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _plan_attention(cfg: TrainConfig, notes: list[str]) -> str:
+    if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        notes.append(
+            "attention=cudnn cannot compile on this backend: planned with attention=xla, whose [B,N,T,S] scores "
+            "over-estimate the attention temporaries of the fused kernel"
+        )
+        return "xla"
+    return cfg.model.attention
+
+
+def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None) -> Plan:
+    """Compile ``cfg``'s update step on abstract sharded shapes and collect the figures (see module doc)."""
+    import time
+
+    notes: list[str] = []
+    model_cfg = model_config(cfg, attention=_plan_attention(cfg, notes))
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.logical_rules()
+    optimizer = update.make_optimizer(cfg.optimizer)
+    params = abstract_params(model_cfg, mesh, rules)
+    state, state_sh = abstract_state(params, optimizer, mesh, cfg.train.seed)
+    batch_sh = sharding.batch_sharding(mesh, 2, rules)
+    batch = abstract_batch(cfg.train.batch_size, cfg.train.seq_len, batch_sh)
+    step = update.make_update_step(
+        loss_for_mode(cfg.mode, model_cfg, cfg.loss),
+        optimizer,
+        grad_accum=cfg.train.grad_accum,
+        mesh=mesh,
+        state_shardings=state_sh,
+        batch_sharding=batch_sh,
+    )
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    seconds = time.perf_counter() - t0
+    if jax.default_backend() == "cpu":
+        notes.append("figures from XLA:CPU buffer assignment; a GPU compile fuses differently (run --plan there)")
+    return Plan(
+        model=cfg.model.init,
+        mesh=dict(mesh.shape),
+        params_total=presets.param_count(model_cfg),
+        params_active=presets.active_param_count(model_cfg),
+        largest=largest_tensors(params),
+        state_bytes={"params": _device_bytes(state.params), "optimizer": _device_bytes(state.opt_state)},
+        memory=memory_figures(compiled),
+        extra_bytes=teacher_bytes(cfg, mesh, rules),
+        budget_bytes=int(cfg.plan.device_memory_gb * GB),
+        compile_seconds=seconds,
+        notes=notes,
+    )
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:8.2f} GB"
+
+
+def format_plan(plan: Plan, cfg: TrainConfig) -> str:
+    """The human-readable plan (what ``main`` prints)."""
+    t = cfg.train
+    lines = [
+        f"plan: mode={cfg.mode} model={plan.model} mesh={plan.mesh} devices={math.prod(plan.mesh.values())}",
+        f"  batch {t.batch_size} rows x {t.seq_len} tokens, grad_accum {t.grad_accum} "
+        f"(micro-batch {t.batch_size // t.grad_accum} rows), remat={cfg.model.remat}, "
+        f"dtype={cfg.model.dtype}, param_dtype={cfg.model.param_dtype}",
+        f"parameters: total {plan.params_total:,} ({plan.params_total / 1e9:.3f} B)",
+    ]
+    if plan.params_active != plan.params_total:
+        lines.append(f"parameters: active {plan.params_active:,} ({plan.params_active / 1e9:.3f} B) per token")
+    lines.append("largest tensors (PartitionSpec -> per-device shape):")
+    for x in plan.largest:
+        lines.append(f"  {x.name:<16} {str(x.shape):<26} {x.dtype:<8} {x.spec:<44} -> {x.device_shape}")
+    lines.append("per-device memory:")
+    lines += [f"  state: {k:<24}{_gb(v)}" for k, v in plan.state_bytes.items()]
+    labels = {"argument": "arguments (state+batch)", "output": "outputs", "alias": "aliased (donated)"}
+    for key in ("argument", "output", "alias", "temp", "generated_code"):
+        lines.append(f"  xla:   {labels.get(key, key):<24}{_gb(plan.memory[key])}")
+    lines.append(f"  xla:   {'peak estimate':<24}{_gb(plan.memory['peak'])}")
+    lines += [f"  extra: {k:<24}{_gb(v)}" for k, v in plan.extra_bytes.items()]
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(
+        f"total per device: {plan.total_bytes / GB:.2f} GB of {plan.budget_bytes / GB:.0f} GB budget: {verdict}"
+    )
+    lines.append(f"compile: {plan.compile_seconds:.1f} s")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def main(cfg: TrainConfig) -> int:
+    """Print the plan of ``cfg`` (see module doc); exit status 0 (the plan says whether it fits)."""
+    plan = make_plan(cfg)
+    print(format_plan(plan, cfg), flush=True)
+    return 0
