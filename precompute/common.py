@@ -1,0 +1,177 @@
+"""Helpers shared by the precompute command lines: prompt files, tokenizers, stop ids, progress, test hooks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import signal
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+# Test hook (documented, used by tests/test_precompute_cli.py): when set to N, a tool SIGKILLs itself right
+# after its N-th commit, so a test can kill it at a deterministic point and check that a rerun resumes exactly.
+KILL_ENV = "LOPD_TEST_KILL_AFTER_BATCHES"
+
+
+class PrecomputeError(ValueError):
+    """Bad input or a store that cannot be continued; the message names the file, line, store or field."""
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """"sha256:<hex>" of a file's bytes (identifies a prompt set across runs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )
+    if not ok:
+        raise PrecomputeError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+
+
+def read_jsonl(path: str | os.PathLike, require: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a prompt file: each a JSON object with ``prompt`` (str) or ``messages`` (chat list), optional
+    ``answer``, and the ``require``d keys. PrecomputeError names the file and line of the first bad row."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrecomputeError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise PrecomputeError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if ("prompt" in row) == ("messages" in row):
+                raise PrecomputeError(f"{where}: each row needs exactly one of 'prompt' (str) or 'messages' (list)")
+            if "prompt" in row and not isinstance(row["prompt"], str):
+                raise PrecomputeError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+            if "messages" in row:
+                _check_messages(row["messages"], where)
+            for key in require:
+                if not isinstance(row.get(key), str):
+                    raise PrecomputeError(f"{where}: missing string field {key!r}")
+            rows.append({**row, "line": lineno})
+    if not rows:
+        raise PrecomputeError(f"{path}: no rows")
+    return rows
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The HF tokenizer saved in ``model_dir`` (never runs repository code)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+
+
+def _ids(encoded: Any) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x returned a list.
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return [int(i) for i in ids]
+
+
+def encode_prompt(tokenizer, row: dict, chat_template: bool, enable_thinking: bool | None) -> list[int]:
+    """Prompt token ids: the chat template with the generation prompt (the assistant header), or the raw
+    text when ``chat_template`` is off (then the row must have ``prompt``)."""
+    if not chat_template:
+        if "prompt" not in row:
+            raise PrecomputeError(f"line {row['line']}: 'messages' rows need the chat template (--chat-template)")
+        return _ids(tokenizer(row["prompt"])["input_ids"])
+    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **extra))
+
+
+def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> tuple[int, ...]:
+    """The ids generation stops at: the tokenizer's eos plus generation_config.json's eos ids (or, without a
+    generation config, config.json's), as vLLM and ``transformers.generate`` do. Sorted, first = primary."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    d = Path(model_dir)
+    for name in ("generation_config.json", "config.json"):
+        if (d / name).exists():
+            eos = json.loads((d / name).read_text()).get("eos_token_id")
+            if eos is not None:
+                ids += [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+                break
+    if not ids:
+        raise PrecomputeError(f"{model_dir}: no eos token id in the tokenizer, generation_config.json or config.json")
+    return tuple(dict.fromkeys(ids))  # de-duplicated, tokenizer eos first
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def versions(engine: str) -> dict[str, str]:
+    """Versions of the packages whose numerics end up in the store."""
+    names = ["lopd_jax", "jax", "jaxlib", "transformers", "tokenizers", "tensorstore"] + (["vllm", "torch"] if
+                                                                                       engine == "vllm" else [])
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def first_difference(stored: dict, wanted: dict, prefix: str = "") -> str | None:
+    """Dotted name of the first field whose value differs between two (nested) dicts, or None."""
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if (sub := first_difference(a, b, f"{prefix}{key}.")) is not None:
+                return sub
+        elif a != b:
+            return f"{prefix}{key} (store: {a!r}, this run: {b!r})"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+class Progress:
+    """A tqdm bar over samples that shows tokens/s, plus the final summary line."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        self.start, self.tokens, self.samples = time.perf_counter(), 0, 0
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", dynamic_ncols=True)
+
+    def update(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.bar.update(samples)
+        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.0f} tok/s")
+
+    def summary(self, tool: str, skipped: int = 0, **extra: Any) -> str:
+        self.bar.close()
+        secs = time.perf_counter() - self.start
+        fields = {"samples": self.samples, "tokens": self.tokens, "skipped": skipped, "seconds": round(secs, 2)}
+        fields["tokens_per_s"] = round(self.tokens / max(secs, 1e-9), 1)
+        line = f"{tool}: " + " ".join(f"{k}={v}" for k, v in {**fields, **extra}.items())
+        print(line, flush=True)
+        return line
+
+
+def maybe_kill(commits: int) -> None:
+    """Test hook: SIGKILL this process after ``$LOPD_TEST_KILL_AFTER_BATCHES`` commits (see KILL_ENV)."""
+    limit = os.environ.get(KILL_ENV)
+    if limit and commits >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)

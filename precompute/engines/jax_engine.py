@@ -1,0 +1,182 @@
+"""The JAX precompute engine: our Qwen3 on a device mesh scores samples (teacher log-probs) and samples rollouts.
+
+Scoring runs one jitted prefill per (rows, bucket length) shape: samples are sorted by length, padded on the
+right to a bucket length from a short geometric ladder (powers of two and 1.5x powers of two, so padding wastes
+at most a third and only a few shapes ever compile) and grouped into batches of about ``batch_tokens`` tokens.
+Right padding never changes the real tokens' results (attention is causal). Log-probs come from the final
+hidden states one chunk of positions at a time, so a [B, T, V] fp32 logits array never exists.
+
+Alignment (the store convention): entry j of a sample's result is log p(tokens[j] | tokens[:j]), computed from
+the logits at position j - 1; entry 0 has no prefix and is NaN (it is a prompt token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lopd_jax import losses, sampling, sharding
+from lopd_jax.models import qwen3
+from lopd_jax.models.qwen3 import Params, Qwen3Config
+
+MIN_BUCKET = 32
+
+
+class Scored(NamedTuple):
+    """One sample's scores: ``logprobs`` [L] f32 (NaN at 0); with top-k, ``topk_ids`` [L, k] int32 (-1 at 0)
+    and ``topk_logprobs`` [L, k] f32 (NaN at 0), ranked by probability."""
+
+    logprobs: np.ndarray
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+
+
+def bucket_length(length: int, minimum: int = MIN_BUCKET) -> int:
+    """Smallest ladder value >= length: minimum, then 2^k and 1.5 * 2^k (48, 64, 96, 128, 192, ...)."""
+    if length <= minimum:
+        return minimum
+    p = 1 << (length - 1).bit_length()  # next power of two >= length
+    return p * 3 // 4 if p * 3 // 4 >= length and p >= 4 else p
+
+
+def rows_for(bucket: int, batch_tokens: int, multiple: int) -> int:
+    """Rows per batch for a bucket: a power of two <= batch_tokens / bucket (>= 1), rounded up to ``multiple``
+    (the batch shard count). Powers of two keep the number of distinct compiled shapes small."""
+    rows = 1 << max(0, int(math.log2(max(1, batch_tokens // bucket))))
+    return -(-rows // multiple) * multiple
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, multiple: int = 1) -> list[tuple[int, int, list[int]]]:
+    """Group sample indices into (rows, bucket, indices) batches: sorted by length (ties by index, so the plan is a
+    deterministic function of the lengths), then cut whenever the bucket changes or the batch is full."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[tuple[int, int, list[int]]] = []
+    for i in order:
+        b = bucket_length(lengths[i])
+        if batches and batches[-1][1] == b and len(batches[-1][2]) < batches[-1][0]:
+            batches[-1][2].append(i)
+        else:
+            batches.append((rows_for(b, batch_tokens, multiple), b, [i]))
+    return batches
+
+
+# --------------------------------------------------------------------------- jitted scoring
+
+
+def _chunk_scores(w_DV, h_BCD, tgt_BC, dtype, k: int):
+    """log p(tgt) [B, C] and the top-k (values [B, C, k], ids [B, C, k]) of one chunk of positions."""
+    logits_BCV = jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), w_DV.astype(dtype), preferred_element_type=jnp.float32)
+    logp_BCV = logits_BCV - jax.nn.logsumexp(logits_BCV, axis=-1, keepdims=True)
+    lp_BC = jnp.take_along_axis(logp_BCV, tgt_BC[..., None], axis=-1)[..., 0]
+    top_v, top_i = jax.lax.top_k(logp_BCV, k)
+    return lp_BC, top_v, top_i.astype(jnp.int32)
+
+
+def _topk_scores(params: Params, h_BTD: jax.Array, tgt_BT: jax.Array, cfg: Qwen3Config, k: int, chunk: int):
+    """Chunked over T with lax.scan: only one [B, chunk, V] logits block is alive at a time."""
+    B, T, D = h_BTD.shape
+    J = T // chunk  # bucket lengths are multiples of the chunk (see _chunk_len)
+    h_JBCD = h_BTD.reshape(B, J, chunk, D).swapaxes(0, 1)
+    tgt_JBC = tgt_BT.reshape(B, J, chunk).swapaxes(0, 1)
+    w_DV = qwen3.lm_head_weight(params, cfg)
+    dtype = jnp.dtype(cfg.dtype)
+    _, (lp, tv, ti) = jax.lax.scan(lambda c, xs: (c, _chunk_scores(w_DV, *xs, dtype, k)), None, (h_JBCD, tgt_JBC))
+    merge = lambda x: x.swapaxes(0, 1).reshape(B, T, *x.shape[3:])  # noqa: E731
+    return merge(lp), merge(tv), merge(ti)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk"))
+def score_batch(params: Params, tokens_BT: jax.Array, *, cfg: Qwen3Config, k: int, chunk: int):
+    """Next-token scores of a right-padded batch. tokens [B, T] int32 ->
+
+    lp [B, T] f32 with lp[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1]) (the last column is padding), and,
+    when k > 0, top-k log-probs [B, T, k] f32 and ids [B, T, k] int32 of p(. | tokens[b, :t + 1])."""
+    h_BTD = qwen3.forward(params, tokens_BT, cfg=cfg, return_hidden=True)
+    tgt_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
+    if k == 0:
+        return losses.token_logprobs(params, h_BTD, tgt_BT, cfg=cfg, chunk_size=chunk), None, None
+    return _topk_scores(params, h_BTD, tgt_BT, cfg, k, chunk)
+
+
+def _chunk_len(bucket: int, rows: int, logit_tokens: int) -> int:
+    """Positions per logits chunk: the largest power-of-two divisor of the bucket with rows * chunk <= logit_tokens."""
+    c = bucket & -bucket  # largest power of two dividing the bucket
+    while c > 1 and rows * c > logit_tokens:
+        c //= 2
+    return c
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class JaxEngine:
+    """Loads an HF Qwen3 directory onto a mesh; ``score`` (teacher log-probs) and ``generate`` (rollouts)."""
+
+    name = "jax"
+
+    def __init__(
+        self,
+        model_dir: str,
+        mesh_cfg: sharding.MeshConfig | None = None,
+        dtype: str = "float32",
+        logit_tokens: int = 8192,
+    ):
+        """dtype: weights and matmul operands ("float32" exact on CPU; "bfloat16" on accelerators).
+        logit_tokens: positions per logits chunk across the batch (bounds the [rows, chunk, V] f32 block)."""
+        self.mesh = sharding.make_mesh(mesh_cfg or sharding.MeshConfig())
+        cfg, self.params = qwen3.load_hf(model_dir, mesh=self.mesh, dtype=jnp.dtype(dtype))
+        self.cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
+        self.logit_tokens = logit_tokens
+        self.rows_multiple = sharding.batch_shard_count(self.mesh)
+
+    def score(self, samples: Sequence[np.ndarray], topk: int = 0, batch_tokens: int = 16384) -> list[Scored]:
+        """Score token sequences [L_i] under this model; returns one ``Scored`` per sample, in input order."""
+        lengths = [len(s) for s in samples]
+        if min(lengths, default=2) < 2:
+            raise ValueError("JaxEngine.score: every sample needs at least 2 tokens (a prompt and a response)")
+        out: list[Scored | None] = [None] * len(samples)
+        for rows, bucket, idx in plan_batches(lengths, batch_tokens, self.rows_multiple):
+            for i, scored in zip(idx, self._score_padded([samples[i] for i in idx], rows, bucket, topk)):
+                out[i] = scored
+        return out  # type: ignore[return-value]
+
+    def _score_padded(self, seqs: list[np.ndarray], rows: int, bucket: int, topk: int) -> list[Scored]:
+        tokens = np.zeros((rows, bucket), np.int32)
+        for r, s in enumerate(seqs):
+            tokens[r, : len(s)] = s
+        tokens_dev = jax.device_put(tokens, sharding.batch_sharding(self.mesh, 2))
+        chunk = _chunk_len(bucket, rows, self.logit_tokens)
+        lp, tv, ti = score_batch(self.params, tokens_dev, cfg=self.cfg, k=topk, chunk=chunk)
+        lp = np.asarray(lp)
+        tv, ti = (np.asarray(tv), np.asarray(ti)) if topk else (None, None)
+        return [self._unpack(r, len(s), lp, tv, ti) for r, s in enumerate(seqs)]
+
+    @staticmethod
+    def _unpack(r: int, n: int, lp, tv, ti) -> Scored:
+        # Shift by one: position t's distribution scores token t + 1 (store entry j comes from position j - 1).
+        logprobs = np.concatenate([[np.nan], lp[r, : n - 1]]).astype(np.float32)
+        if tv is None:
+            return Scored(logprobs)
+        k = tv.shape[-1]
+        ids = np.concatenate([np.full((1, k), -1, np.int32), ti[r, : n - 1]])
+        vals = np.concatenate([np.full((1, k), np.nan, np.float32), tv[r, : n - 1]])
+        return Scored(logprobs, ids, vals)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_cfg: sampling.SamplingConfig,
+        key: jax.Array,
+        batch_size: int,
+    ) -> list[sampling.SampleOutput]:
+        """Sample one continuation per prompt (lopd_jax.sampling on this mesh); outputs in prompt order."""
+        return sampling.generate(
+            self.params, self.cfg, prompts, sampling_cfg, key=key, mesh=self.mesh, batch_size=batch_size
+        )

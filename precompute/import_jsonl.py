@@ -1,0 +1,117 @@
+"""Import reference SFT data into a RolloutStore:
+``python -m precompute.import_jsonl --tokenizer DIR --data FILE.jsonl --out STORE [--sft-teacher HF_DIR]``.
+
+Each row has ``prompt`` (or chat ``messages``) and ``completion`` (text), optional ``answer``. A sample's tokens are
+the chat-templated prompt ids (generation prompt added, as the rollout tool does) + the completion's ids + the eos
+id, finish reason "stop". No policy sampled them, so behaviour log-probs are NaN and the manifest says so
+(``behavior_logprobs: "none"``). ``--sft-teacher`` (a model directory, fingerprinted) or
+``--sft-teacher-fingerprint`` records whose answers these are, for the teacher-consistency checks; e.g. the demo's
+worked solutions are imported and the demo's teacher is trained on them from scratch.
+
+Rerunning the same command on a partially written store continues where its last commit ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lopd_jax import provenance
+from lopd_jax.store import RolloutStore, StoreError
+from precompute import common
+from precompute.common import PrecomputeError
+
+BLOCK = 1024  # samples per commit
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m precompute.import_jsonl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokenizer", required=True, help="HF directory holding the tokenizer (and chat template)")
+    p.add_argument("--data", required=True, help="jsonl: {prompt | messages, completion, answer?} per line")
+    p.add_argument("--out", required=True, help="RolloutStore path or TensorStore kvstore URL")
+    teacher = p.add_mutually_exclusive_group()
+    teacher.add_argument("--sft-teacher", default=None, help="HF directory of the model whose answers these are")
+    teacher.add_argument("--sft-teacher-fingerprint", default=None, help="its weights fingerprint (sha256:...)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--max-len", type=int, default=None, help="skip (and count) samples longer than this")
+    return p.parse_args(argv)
+
+
+def build_rows(args: argparse.Namespace, tokenizer, eos: int) -> tuple[list[dict], int]:
+    """Store rows of the data file (prompt ids + completion ids + eos) and the count skipped by --max-len."""
+    rows, skipped = [], 0
+    for index, row in enumerate(common.read_jsonl(args.data, require=("completion",))):
+        try:
+            prompt = common.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
+        except PrecomputeError as e:
+            raise PrecomputeError(f"{args.data}: {e}") from None
+        completion = [int(t) for t in tokenizer(row["completion"], add_special_tokens=False)["input_ids"]]
+        tokens = [*prompt, *completion, eos]
+        if args.max_len is not None and len(tokens) > args.max_len:
+            skipped += 1
+            continue
+        rows.append({"tokens": tokens, "prompt_length": len(prompt), "finish_reason": "stop",
+                     "behavior_logprobs": None, "prompt_index": index, "answer": row.get("answer")})  # fmt: skip
+    return rows, skipped
+
+
+def manifest_fields(args: argparse.Namespace, eos: int, n: int, skipped: int) -> dict:
+    if args.sft_teacher_fingerprint is not None and not args.sft_teacher_fingerprint.startswith("sha256:"):
+        raise PrecomputeError(f"--sft-teacher-fingerprint {args.sft_teacher_fingerprint!r} is not 'sha256:<hex>'")
+    teacher = args.sft_teacher_fingerprint
+    if args.sft_teacher is not None:
+        teacher = provenance.fingerprint_weights(args.sft_teacher)
+    template = provenance.fingerprint_chat_template(args.tokenizer) if args.chat_template else None
+    return {
+        "kind": "sft_data",
+        "policy": None,
+        "behavior_logprobs": "none",
+        "sft_teacher": teacher,
+        "tokenizer": provenance.fingerprint_tokenizer(args.tokenizer),
+        "chat_template": template,
+        "data": {"sha256": common.file_sha256(args.data), "kept": n, "skipped": skipped, "eos_token_id": eos},
+        "import_args": {"chat_template": args.chat_template, "enable_thinking": args.enable_thinking,
+                        "max_len": args.max_len},  # fmt: skip
+    }
+
+
+def run(args: argparse.Namespace) -> str:
+    tokenizer = common.load_tokenizer(args.tokenizer)
+    eos = common.stop_token_ids(args.tokenizer, tokenizer)[0]
+    rows, skipped = build_rows(args, tokenizer, eos)
+    fields = manifest_fields(args, eos, len(rows), skipped)
+    try:
+        writer = RolloutStore.open_for_append(args.out, flush_tokens=1 << 62)
+    except StoreError as e:
+        if "no manifest.json" not in str(e):
+            raise
+        extra = {"vocab_size": len(tokenizer), "engine": {"name": "import"}, "versions": common.versions("import")}
+        extra["data_path"] = os.path.abspath(args.data)
+        writer = RolloutStore.create(args.out, {**fields, **extra}, flush_tokens=1 << 62)
+    diff = common.first_difference({k: writer.manifest.get(k) for k in fields}, fields)
+    if diff is not None:
+        raise PrecomputeError(f"{args.out}: the store was made with different arguments: {diff}; use a new --out")
+    progress = common.Progress(len(rows), writer.committed, "import")
+    for start in range(writer.committed, len(rows), BLOCK):
+        block = rows[start : start + BLOCK]
+        writer.append(block)
+        writer.flush()
+        progress.update(len(block), sum(len(r["tokens"]) for r in block))
+    writer.close()
+    return progress.summary("import_jsonl", skipped=skipped, store=args.out, committed=writer.committed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (PrecomputeError, StoreError, provenance.ProvenanceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

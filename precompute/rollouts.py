@@ -1,0 +1,226 @@
+"""Sample rollouts into a RolloutStore: ``python -m precompute.rollouts --policy HF_DIR --prompts FILE.jsonl --out STORE``.
+
+Each prompt row (``prompt`` text or chat ``messages``, optional ``answer``) is chat-templated with the policy's
+tokenizer (generation prompt added), and ``--n`` continuations are sampled until a stop token (the tokenizer's and
+generation config's eos ids) or ``--max-new-tokens``. The store gets the exact generated ids (the stop token
+included), finish reason, behaviour log-probs (raw model log-probs of the sampled tokens), prompt index and answer;
+the manifest gets the policy / tokenizer / chat-template fingerprints, the sampling parameters, the engine and
+versions, and with ``--sft-teacher`` the policy's fingerprint as ``sft_teacher`` (the output is SFT data of it).
+
+Resumable: the work is cut into a fixed sequence of batches (``--batch-size`` prompts, all their samples), batch b
+is sampled with the key fold_in(key(seed), b) and committed on its own, so rerunning the same command after a
+crash continues at the first uncommitted batch and the finished store equals an uninterrupted run's. A store made
+with different arguments is refused, naming the first differing field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from lopd_jax import provenance
+from lopd_jax.store import RolloutStore, StoreError
+from precompute import common
+from precompute.common import PrecomputeError
+
+NO_AUTO_FLUSH = 1 << 62  # the tools commit at batch boundaries only, so a resumed run re-cuts the same batches
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m precompute.rollouts", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="HF model directory of the rollout policy (and tokenizer)")
+    p.add_argument("--prompts", required=True, help="jsonl: {prompt | messages, answer?} per line")
+    p.add_argument("--out", required=True, help="RolloutStore path or TensorStore kvstore URL")
+    p.add_argument("--engine", choices=("jax", "vllm"), default="jax")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped and counted")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="passed to the chat template (Qwen3); unset = the template's default")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (with all their --n samples)")
+    p.add_argument("--sft-teacher", action="store_true", help="mark the output as SFT data of this policy")
+    p.add_argument("--dtype", default="float32", help="JAX engine weights / matmul dtype (bfloat16 on GPU/TPU)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
+    args = p.parse_args(argv)
+    for name in ("n", "max_new_tokens", "max_prompt_len", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ work plan
+
+
+def encode_prompts(args: argparse.Namespace, tokenizer) -> tuple[list[dict], int]:
+    """(kept prompts [{index, ids, answer}], skipped count): prompts longer than --max-prompt-len are skipped."""
+    rows = common.read_jsonl(args.prompts)
+    kept, skipped = [], 0
+    for index, row in enumerate(rows):
+        try:
+            ids = common.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
+        except PrecomputeError as e:
+            raise PrecomputeError(f"{args.prompts}: {e}") from None
+        if len(ids) > args.max_prompt_len:
+            skipped += 1
+            continue
+        kept.append({"index": index, "ids": ids, "answer": row.get("answer")})
+    return kept, skipped
+
+
+def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_prompts: int, skipped: int) -> dict:
+    """Manifest fields of this run; every one must match to resume a store (except versions / times)."""
+    sampling = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    sampling |= {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "stop_token_ids": list(stops)}
+    sampling["logprobs"] = "raw"  # behaviour log-probs are the unprocessed model's (see lopd_jax.sampling)
+    fields: dict[str, Any] = {
+        "kind": "rollouts",
+        "policy": fps["weights"],
+        "tokenizer": fps["tokenizer"],
+        "chat_template": fps["chat_template"] if args.chat_template else None,
+        "sft_teacher": fps["weights"] if args.sft_teacher else None,
+        "sampling": sampling,
+        "prompts": {"sha256": common.file_sha256(args.prompts), "kept": n_prompts, "skipped": skipped},
+        "rollout_args": {
+            "chat_template": args.chat_template,
+            "enable_thinking": args.enable_thinking,
+            "max_prompt_len": args.max_prompt_len,
+            "batch_size": args.batch_size,
+            "engine": args.engine,
+            "dtype": args.dtype,
+        },
+    }
+    return fields
+
+
+def open_store(out: str, fields: dict, extra: dict):
+    """Create the store, or reopen it to resume after checking that it was made by the same command."""
+    try:
+        writer = RolloutStore.open_for_append(out, flush_tokens=NO_AUTO_FLUSH)
+    except StoreError as e:
+        if "no manifest.json" not in str(e):
+            raise
+        return RolloutStore.create(out, manifest={**fields, **extra}, flush_tokens=NO_AUTO_FLUSH)
+    stored = writer.manifest
+    diff = common.first_difference({k: stored.get(k) for k in fields}, fields)
+    if diff is not None:
+        raise PrecomputeError(f"{out}: the store was made with different arguments: {diff}; use a new --out")
+    return writer
+
+
+# ------------------------------------------------------------------------------------------------ engines
+
+
+def make_generator(args: argparse.Namespace, stops: tuple[int, ...]):
+    """A function (batch index, prompts of the batch) -> store rows, n per prompt in order; and engine info."""
+    if args.engine == "vllm":
+        return _vllm_generator(args, stops)
+    import jax
+
+    from lopd_jax.sampling import SamplingConfig
+    from precompute.engines.jax_engine import JaxEngine
+
+    engine = JaxEngine(args.policy, dtype=args.dtype)
+    scfg = SamplingConfig(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+        stop_token_ids=stops, ignore_eos=True, seed=args.seed,
+    )  # fmt: skip
+    base_key = jax.random.key(args.seed)
+
+    def generate(b: int, prompts: list[dict]) -> list[dict]:
+        flat = [p for p in prompts for _ in range(args.n)]
+        key = jax.random.fold_in(base_key, b)
+        outs = engine.generate([p["ids"] for p in flat], scfg, key, batch_size=len(prompts) * args.n)
+        return [_row(p, o.token_ids, o.logprobs, o.finish_reason) for p, o in zip(flat, outs)]
+
+    info = {"name": "jax", "mesh": dict(engine.mesh.shape), "devices": str(jax.devices()[0].platform)}
+    return generate, info
+
+
+def _vllm_generator(args: argparse.Namespace, stops: tuple[int, ...]):
+    from precompute.engines import vllm_engine
+
+    opts = vllm_engine.VllmOptions(
+        tensor_parallel_size=args.tensor_parallel_size, max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
+    )  # fmt: skip
+    llm = vllm_engine.make_llm(args.policy, opts)
+
+    def generate(b: int, prompts: list[dict]) -> list[dict]:
+        return vllm_engine.generate_rollouts(
+            llm, [p["ids"] for p in prompts], [p["index"] for p in prompts], n=args.n,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
+            max_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=stops,
+            answers=[p["answer"] for p in prompts],
+        )  # fmt: skip
+
+    return generate, vllm_engine.engine_info(opts)
+
+
+def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
+    return {
+        "tokens": [*prompt["ids"], *(int(t) for t in token_ids)],
+        "prompt_length": len(prompt["ids"]),
+        "finish_reason": finish_reason,
+        "behavior_logprobs": logprobs,
+        "prompt_index": prompt["index"],
+        "answer": prompt["answer"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def run(args: argparse.Namespace) -> str:
+    """Sample every batch not yet committed; returns the summary line."""
+    tokenizer = common.load_tokenizer(args.policy)
+    stops = common.stop_token_ids(args.policy, tokenizer)
+    prompts, skipped = encode_prompts(args, tokenizer)
+    fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped)
+    extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy)}
+    writer = open_store(args.out, fields, extra)
+    bs, done = args.batch_size, writer.committed
+    if done % args.n or (done // args.n) % bs and done != len(prompts) * args.n:
+        raise PrecomputeError(f"{args.out}: {done} committed samples is not a whole number of batches")
+    first = done // args.n // bs
+    batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
+    progress = common.Progress(len(prompts) * args.n, done, "rollouts")
+    if first < len(batches):
+        generate, info = make_generator(args, stops)
+        writer.update_manifest(engine=info, versions=common.versions(args.engine))
+        for b in range(first, len(batches)):
+            rows = generate(b, batches[b])
+            writer.append(rows)
+            writer.flush()
+            progress.update(len(rows), sum(len(r["tokens"]) - r["prompt_length"] for r in rows))
+            common.maybe_kill(b - first + 1)
+    writer.close()
+    return progress.summary("rollouts", skipped=skipped, store=args.out, committed=writer.committed)
+
+
+def _vocab_size(model_dir: str) -> int:
+    import json
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return int(json.load(f)["vocab_size"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (PrecomputeError, StoreError, provenance.ProvenanceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

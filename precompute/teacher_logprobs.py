@@ -1,0 +1,193 @@
+"""Score a RolloutStore with a teacher: ``python -m precompute.teacher_logprobs --teacher HF_DIR --store STORE``.
+
+Writes ``teacher_logprobs`` (entry j = log p_T(tokens[j] | tokens[:j]), NaN on prompt tokens) for every committed
+sample, the top-k columns with ``--top-k K``, and the teacher's fingerprint into the manifest. A teacher whose
+tokenizer differs from the store's is refused (token ids would mean different text), naming both fingerprints.
+
+``--out STORE2`` first copies the store's samples into a new store (with the top-k columns when asked), so several
+teachers can score the same rollouts; without it the store is scored in place (its top-k width is fixed when it is
+created, so in-place scoring needs ``--top-k`` equal to the store's).
+
+Resumable: samples are scored in fixed windows of ``--window`` samples, each committed on its own; rerunning the
+same command after a crash continues at the first uncommitted window (the copy resumes too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from lopd_jax import provenance
+from lopd_jax.store import RESERVED_KEYS, RolloutStore, StoreError
+from precompute import common
+from precompute.common import PrecomputeError
+from precompute.engines.jax_engine import Scored
+
+NO_AUTO_FLUSH = 1 << 62
+COPY_BLOCK = 1024  # samples per commit while copying a store
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m precompute.teacher_logprobs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="HF model directory of the teacher")
+    p.add_argument("--store", required=True, help="RolloutStore to score")
+    p.add_argument("--out", default=None, help="write a scored copy here instead of scoring --store in place")
+    p.add_argument("--engine", choices=("jax", "vllm"), default="jax")
+    p.add_argument("--top-k", type=int, default=0, help="also store the teacher's top-k ids / log-probs")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per scoring batch (JAX)")
+    p.add_argument("--window", type=int, default=256, help="samples scored per commit")
+    p.add_argument("--dtype", default="float32", help="JAX engine weights / matmul dtype (bfloat16 on GPU/TPU)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
+    args = p.parse_args(argv)
+    for name in ("batch_tokens", "window"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.top_k < 0:
+        p.error("--top-k must be >= 0")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ store copy
+
+
+def _copyable_fields(manifest: dict) -> dict:
+    """User manifest fields of the source that describe its samples (not the store itself, not its teacher)."""
+    return {k: v for k, v in manifest.items() if k not in RESERVED_KEYS and not k.startswith("teacher")
+            and k not in ("created_at", "updated_at")}  # fmt: skip
+
+
+def _as_row(s: dict) -> dict:
+    p = s["prompt_length"]
+    behavior = s["behavior_logprobs"][p:]
+    return {
+        "tokens": s["tokens"],
+        "prompt_length": p,
+        "finish_reason": s["finish_reason"],
+        "behavior_logprobs": None if np.isnan(behavior).all() else behavior,  # SFT data has no behaviour policy
+        "prompt_index": s["prompt_index"],
+        "answer": s["answer"],
+    }
+
+
+def copy_store(src: str, dst: str, topk: int) -> None:
+    """Copy the committed samples of ``src`` into ``dst`` (created with ``topk`` teacher columns, or resumed)."""
+    reader = RolloutStore.open(src)
+    fields = {**_copyable_fields(reader.manifest), "copied_from": reader.path}
+    try:
+        writer = RolloutStore.open_for_append(dst, flush_tokens=NO_AUTO_FLUSH)
+    except StoreError as e:
+        if "no manifest.json" not in str(e):
+            raise
+        writer = RolloutStore.create(dst, fields, topk=topk, flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"])
+    diff = common.first_difference({k: writer.manifest.get(k) for k in fields}, fields)
+    if diff is not None or writer.topk != topk:
+        diff = diff or f"topk (store: {writer.topk}, this run: {topk})"
+        raise PrecomputeError(f"{dst}: exists and is not a copy of {src} with these arguments: {diff}")
+    for start in range(writer.committed, len(reader), COPY_BLOCK):
+        writer.append([_as_row(s) for s in reader.samples(range(start, min(start + COPY_BLOCK, len(reader))))])
+        writer.flush()
+    writer.close()
+
+
+# ------------------------------------------------------------------------------------------------ engines
+
+
+def make_scorer(args: argparse.Namespace):
+    """(function: token sequences -> list[Scored], engine info for the manifest)."""
+    if args.engine == "vllm":
+        from precompute.engines import vllm_engine
+
+        opts = vllm_engine.VllmOptions(
+            tensor_parallel_size=args.tensor_parallel_size, max_num_batched_tokens=args.max_num_batched_tokens
+        )
+        llm = vllm_engine.make_llm(args.teacher, opts)
+
+        def score_vllm(seqs: list[np.ndarray]) -> list[Scored]:
+            rows = vllm_engine.score_sequences(llm, seqs, args.top_k)
+            return [Scored(r["logprobs"], r["topk_ids"], r["topk_logprobs"]) for r in rows]
+
+        return score_vllm, vllm_engine.engine_info(opts)
+    from precompute.engines.jax_engine import JaxEngine
+
+    engine = JaxEngine(args.teacher, dtype=args.dtype)
+
+    def score_jax(seqs: list[np.ndarray]) -> list[Scored]:
+        return engine.score(seqs, topk=args.top_k, batch_tokens=args.batch_tokens)
+
+    return score_jax, {"name": "jax", "mesh": dict(engine.mesh.shape), "dtype": args.dtype}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def check_teacher(store: str, manifest: dict, teacher: dict, topk: int, store_topk: int) -> None:
+    """Refuse a teacher with another tokenizer, a store half-scored by another teacher, or a top-k mismatch."""
+    provenance.check_same_tokenizer(manifest.get("tokenizer"), teacher["tokenizer"], f"store {store}", "teacher")
+    if manifest["teacher_committed"] and manifest.get("teacher") != teacher["weights"]:
+        raise PrecomputeError(
+            f"{store}: {manifest['teacher_committed']} samples are already scored by teacher {manifest.get('teacher')}, "
+            f"not this teacher {teacher['weights']}; score into a copy with --out"
+        )
+    if topk != store_topk:
+        raise PrecomputeError(
+            f"{store}: the store has top-k columns of width {store_topk}, --top-k is {topk}; "
+            "use --out to score into a copy with the top-k you want"
+        )
+
+
+def _windows(start: int, end: int, size: int):
+    """Fixed windows [w * size, (w + 1) * size) clipped to [start, end): resume re-cuts the same ones."""
+    while start < end:
+        stop = min((start // size + 1) * size, end)
+        yield start, stop
+        start = stop
+
+
+def run(args: argparse.Namespace) -> str:
+    """Score every committed sample not yet scored; returns the summary line."""
+    target = args.out or args.store
+    teacher = {"weights": provenance.fingerprint_weights(args.teacher)}
+    teacher["tokenizer"] = provenance.fingerprint_tokenizer(args.teacher)
+    provenance.check_same_tokenizer(
+        RolloutStore.open(args.store).manifest.get("tokenizer"), teacher["tokenizer"], f"store {args.store}", "teacher"
+    )
+    if args.out:
+        copy_store(args.store, args.out, args.top_k)
+    writer = RolloutStore.open_for_append(target, flush_tokens=NO_AUTO_FLUSH)
+    check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk)
+    reader = RolloutStore.open(target)
+    done, total = writer.teacher_committed, len(reader)
+    progress = common.Progress(total, done, "teacher")
+    if done < total:
+        score, info = make_scorer(args)
+        writer.update_manifest(
+            teacher=teacher["weights"], teacher_tokenizer=teacher["tokenizer"], teacher_path=args.teacher,
+            teacher_engine=info, teacher_versions=common.versions(args.engine),
+        )  # fmt: skip
+        for commits, (a, b) in enumerate(_windows(done, total, args.window), 1):
+            tokens = [s["tokens"] for s in reader.samples(range(a, b))]
+            scored = score(tokens)
+            topk = ([s.topk_ids for s in scored], [s.topk_logprobs for s in scored]) if args.top_k else None
+            writer.write_teacher(a, [s.logprobs for s in scored], topk=topk)
+            writer.flush()
+            progress.update(b - a, sum(len(t) for t in tokens))  # scoring cost: every token is a prefill token
+            common.maybe_kill(commits)
+    writer.close()
+    return progress.summary("teacher_logprobs", store=target, teacher=teacher["weights"][:19])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (PrecomputeError, StoreError, provenance.ProvenanceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
