@@ -189,7 +189,9 @@ def _array_metadata(name: str, dtype: str, fill: Any, layout: dict, topk: int) -
 
 
 def _open_array(spec: dict, name: str, *, create_meta: dict | None = None) -> ts.TensorStore:
-    arr_spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _sub(spec, name)}
+    # Revalidate cached chunks and shard indexes on every read: another process may rewrite a shard (its tail
+    # chunk) while this one reads committed data from it.
+    arr_spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _sub(spec, name), "recheck_cached_data": True}
     if create_meta is not None:
         arr_spec.update(metadata=create_meta, create=True, delete_existing=True)
     try:
@@ -233,6 +235,15 @@ def check_lengths(spec: dict, arrays: dict[str, ts.TensorStore], need: dict[str,
                 f"{_describe(spec)}: array {name!r} is truncated: {arrays[name].shape[0]} entries, "
                 f"the manifest commits {n}"
             )
+
+
+def read_sample_metadata(spec: dict, arrays: dict[str, ts.TensorStore], manifest: dict) -> dict[str, np.ndarray]:
+    """The committed per-sample arrays (offsets [N + 1], others [N]), after checking they are long enough."""
+    n = manifest["committed"]
+    need = {k: n for k in _SAMPLE_ARRAYS} | {k: n + 1 for k in _OFFSET_ARRAYS}
+    check_lengths(spec, arrays, need)
+    futures = {k: arrays[k][:length].read() for k, length in need.items()}
+    return {k: f.result() for k, f in futures.items()}
 
 
 def check_metadata(where: str, offsets: np.ndarray, prompt_lengths: np.ndarray, finish: np.ndarray, n_tok: int):
@@ -284,21 +295,27 @@ class RolloutStore:
         """Re-read the manifest (picks up samples committed since ``open``) and the per-sample metadata."""
         m = read_manifest(self.spec)
         check_manifest(m, self.path)
-        self._manifest, self.topk = m, m["topk"]
+        self._load(m)
+
+    def _load(self, m: dict) -> None:
+        self._manifest, self.topk, self.teacher_committed = m, m["topk"], m["teacher_committed"]
         self.arrays = open_arrays(self.spec, m)
-        n = m["committed"]
-        meta = {k: self.arrays[k][: n + 1 if k in _OFFSET_ARRAYS else n].read() for k in ("sample_offsets",
-                "answer_offsets", *_SAMPLE_ARRAYS)}  # fmt: skip
-        meta = {k: f.result() for k, f in meta.items()}
-        self.offsets = meta["sample_offsets"].astype(np.int64)
+        meta = read_sample_metadata(self.spec, self.arrays, m)
+        self.offsets, self.answer_offsets = meta["sample_offsets"], meta["answer_offsets"]
         self.prompt_lengths = meta["prompt_lengths"].astype(np.int64)
         self.finish_codes, self.prompt_index = meta["finish_reason"], meta["prompt_index"]
-        self.answer_offsets = meta["answer_offsets"]
-        self.teacher_committed = m["teacher_committed"]
-        answer_bytes = int(self.answer_offsets[-1]) if self.answer_offsets.size else 0
-        teacher_tokens = int(self.offsets[self.teacher_committed]) if self.offsets.size else 0
-        check_lengths(self.spec, self.arrays, required_lengths(m, answer_bytes, teacher_tokens))
+        teacher_tokens = int(self.offsets[self.teacher_committed])
+        check_lengths(self.spec, self.arrays, required_lengths(m, int(self.answer_offsets[-1]), teacher_tokens))
         check_metadata(self.path, self.offsets, self.prompt_lengths, self.finish_codes, m["committed_tokens"])
+
+    def __getstate__(self) -> dict:
+        # Pickled (e.g. into Grain worker processes) as its location and the manifest it read: the copy reopens
+        # the arrays and sees exactly the same committed samples.
+        return {"spec": self.spec, "manifest": self._manifest}
+
+    def __setstate__(self, state: dict) -> None:
+        self.spec, self.path = state["spec"], _describe(state["spec"])
+        self._load(state["manifest"])
 
     def __len__(self) -> int:
         return self._manifest["committed"]
@@ -467,10 +484,11 @@ class RolloutWriter:
         n, tc = manifest["committed"], manifest["teacher_committed"]
         layout = manifest["layout"]
         self.flush_tokens = flush_tokens or layout["chunk_tokens"] * layout["shard_chunks"]
-        offsets = arrays["sample_offsets"]
-        teacher_tokens = int(offsets[tc].read().result())
-        answer_bytes = int(arrays["answer_offsets"][n].read().result())
+        meta = read_sample_metadata(spec, arrays, manifest)
+        teacher_tokens, answer_bytes = int(meta["sample_offsets"][tc]), int(meta["answer_offsets"][n])
         check_lengths(spec, arrays, required_lengths(manifest, answer_bytes, teacher_tokens))
+        args = (meta["sample_offsets"], meta["prompt_lengths"], meta["finish_reason"], manifest["committed_tokens"])
+        check_metadata(self.path, *args)  # never append to a store that is already inconsistent
         ends = {k: manifest["committed_tokens"] for k in _TOKEN_ARRAYS} | {k: n for k in _SAMPLE_ARRAYS}
         ends |= {k: n + 1 for k in _OFFSET_ARRAYS} | {"answers": answer_bytes}
         ends |= {k: teacher_tokens for k in arrays if k in _TEACHER_ARRAYS or k in _TOPK_ARRAYS}

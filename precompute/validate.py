@@ -26,6 +26,7 @@ from lopd_jax.store import (
     kvstore_spec,
     open_arrays,
     read_manifest,
+    read_sample_metadata,
     required_lengths,
 )
 
@@ -44,7 +45,7 @@ def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> d
     _check_fields(m, where, require_teacher)
     arrays = open_arrays(spec, m)
     n = m["committed"]
-    meta = {k: arrays[k][: n + 1 if k.endswith("offsets") else n].read().result() for k in _META}
+    meta = read_sample_metadata(spec, arrays, m)
     offsets = meta["sample_offsets"]
     answer_bytes = _check_answer_offsets(meta["answer_offsets"], where)
     check_lengths(spec, arrays, required_lengths(m, answer_bytes, int(offsets[m["teacher_committed"]])))
@@ -65,9 +66,6 @@ def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> d
         "finish_length": int(np.sum(meta["finish_reason"] == 1)),
         "bytes": _local_bytes(spec),
     }
-
-
-_META = ("sample_offsets", "answer_offsets", "prompt_lengths", "finish_reason", "prompt_index")
 
 
 def _check_fields(m: dict, where: str, require_teacher: bool) -> None:

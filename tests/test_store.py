@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -139,6 +140,26 @@ def test_readers_see_only_committed(tmp_path):
     with pytest.raises(IndexError, match="sample 10 out of range"):
         store.sample(10)
     check_sample(store.sample(9), samples[9], scored=False)
+    w = RolloutStore.open_for_append(tmp_path / "s")  # the crashed writer's successor
+    w.append(append_rows(samples[10:]))
+    w.flush()
+    assert len(store) == 10  # a reader's view is fixed until it refreshes
+    store.refresh()
+    assert len(store) == 30
+    check_sample(store.sample(29), samples[29], scored=False)
+
+
+def test_pickle_keeps_the_committed_view(tmp_path):
+    samples = make_samples(20)
+    w = RolloutStore.create(tmp_path / "s", {}, flush_tokens=10**9, **LAYOUT)
+    w.append(append_rows(samples[:8]))
+    w.flush()
+    store = RolloutStore.open(tmp_path / "s")
+    w.append(append_rows(samples[8:]))
+    w.flush()
+    copy = pickle.loads(pickle.dumps(store))  # what a Grain worker process receives
+    assert len(copy) == 8
+    check_sample(copy.sample(7), samples[7], scored=False)
 
 
 def test_crash_and_resume_equals_uninterrupted(tmp_path):
@@ -230,6 +251,11 @@ def test_reader_refuses_truncated_array_and_bad_offsets(tmp_path):
     with pytest.raises(StoreError, match=f"{tmp_path / 's'}: array 'tokens' is truncated: {n_tok - 5} entries"):
         RolloutStore.open(tmp_path / "s")
     tokens.resize(exclusive_max=[n_tok], resize_metadata_only=True).result()
+    finish = store.arrays["finish_reason"]
+    finish.resize(exclusive_max=[19], resize_metadata_only=True).result()
+    with pytest.raises(StoreError, match="array 'finish_reason' is truncated: 19 entries, the manifest commits 20"):
+        RolloutStore.open(tmp_path / "s")
+    finish.resize(exclusive_max=[20], resize_metadata_only=True).result()
     offsets = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "s/sample_offsets")}})
     offsets = offsets.result()
     offsets[7].write(offsets[6].read().result()).result()  # sample 6 now has no tokens
