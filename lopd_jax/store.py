@@ -37,8 +37,10 @@ Writer API (precompute.rollouts / precompute.teacher_logprobs)::
     w.flush(); w.close()                              # or use ``with`` (close flushes)
 
 ``behavior_logprobs`` / teacher log-probs may be given for all tokens (prompt entries are replaced by NaN) or for
-the response tokens only. Reader API: see ``RolloutStore`` (``open``, ``len``, ``sample``, ``samples``,
-``manifest``, ``lengths``).
+the response tokens only; ``behavior_logprobs=None`` stores NaN (data without a behaviour policy, e.g. imported SFT
+answers; such stores say ``behavior_logprobs: "none"`` in their manifest). One writer at a time per store.
+
+Reader API: see ``RolloutStore`` (``open``, ``len``, ``sample``, ``samples``, ``manifest``, ``lengths``, ``refresh``).
 """
 
 from __future__ import annotations

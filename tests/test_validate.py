@@ -113,3 +113,15 @@ def test_cli_missing_manifest_and_ok(tmp_path):
     os.remove(tmp_path / "s" / "manifest.json")
     r = cli(tmp_path / "s")
     assert r.returncode == 1 and f"{tmp_path / 's'}: no manifest.json" in r.stderr
+
+
+def test_store_without_behaviour_policy(tmp_path):
+    rows = [dict(tokens=[1, 2, 3, 4], prompt_length=2, finish_reason="stop", behavior_logprobs=None, prompt_index=0)]
+    with RolloutStore.create(tmp_path / "s", {"behavior_logprobs": "none"}, **LAYOUT) as w:
+        w.append(rows)
+    assert np.all(np.isnan(RolloutStore.open(tmp_path / "s").sample(0)["behavior_logprobs"]))
+    assert validate(tmp_path / "s")["samples"] == 1
+    with RolloutStore.create(tmp_path / "t", {}, **LAYOUT) as w:  # the manifest does not say so: an error
+        w.append(rows)
+    with pytest.raises(StoreError, match="sample 0: behavior_logprobs is NaN at response token 2"):
+        validate(tmp_path / "t")
