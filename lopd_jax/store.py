@@ -105,6 +105,10 @@ def _describe(spec: dict) -> str:
     return ts.KvStore.Spec(spec).url if spec["driver"] != "file" else spec["path"].rstrip("/")
 
 
+def _kvstore(spec: dict) -> ts.KvStore:
+    return ts.KvStore.open(spec, context=_context()).result()
+
+
 def _sub(spec: dict, name: str) -> dict:
     return {**spec, "path": spec["path"] + name + "/"}
 
@@ -115,8 +119,7 @@ def _sub(spec: dict, name: str) -> dict:
 def read_manifest(path: str | os.PathLike | dict) -> dict:
     """The manifest of the store at ``path``; StoreError naming the path when it is missing or not JSON."""
     spec = kvstore_spec(path)
-    kv = ts.KvStore.open(spec, context=_context()).result()
-    res = kv.read(MANIFEST).result()
+    res = _kvstore(spec).read(MANIFEST).result()
     if res.state != "value":
         raise StoreError(f"{_describe(spec)}: no {MANIFEST} (not a RolloutStore, or its writer never committed)")
     try:
@@ -133,8 +136,7 @@ def _write_manifest(spec: dict, manifest: dict) -> None:
     data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
     local = _local_dir(spec)
     if local is None:
-        kv = ts.KvStore.open(spec, context=_context()).result()
-        kv.write(MANIFEST, data).result()  # a single-key put is atomic on every kvstore driver
+        _kvstore(spec).write(MANIFEST, data).result()  # a single-key put is atomic on every kvstore driver
         return
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=local)
     with os.fdopen(fd, "wb") as f:
@@ -284,9 +286,9 @@ class RolloutStore:
         return cls(path)
 
     @classmethod
-    def create(cls, path, manifest: dict, topk: int = 0, **layout) -> RolloutWriter:
+    def create(cls, path, manifest: dict, topk: int = 0, **kwargs) -> RolloutWriter:
         """A writer for a new, empty store at ``path`` (see ``RolloutWriter.create``)."""
-        return RolloutWriter.create(path, manifest, topk=topk, **layout)
+        return RolloutWriter.create(path, manifest, topk=topk, **kwargs)
 
     @classmethod
     def open_for_append(cls, path, **kwargs) -> RolloutWriter:
@@ -517,7 +519,7 @@ class RolloutWriter:
 
         Flushes every ``flush_tokens`` appended tokens (default: one shard, chunk_tokens * shard_chunks)."""
         spec = kvstore_spec(path)
-        if not overwrite and _has_manifest(spec):
+        if not overwrite and _kvstore(spec).read(MANIFEST).result().state == "value":
             raise StoreError(f"{_describe(spec)}: a store already exists (open_for_append to resume)")
         clash = sorted(set(manifest) & set(RESERVED_KEYS))
         if clash:
@@ -665,11 +667,6 @@ class RolloutWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-
-
-def _has_manifest(spec: dict) -> bool:
-    kv = ts.KvStore.open(spec, context=_context()).result()
-    return kv.read(MANIFEST).result().state == "value"
 
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "FINISH_REASONS", "RolloutStore", "RolloutWriter", "StoreError"]
