@@ -524,6 +524,8 @@ class RolloutWriter:
         clash = sorted(set(manifest) & set(RESERVED_KEYS))
         if clash:
             raise StoreError(f"{_describe(spec)}: manifest keys {clash} are reserved for the store")
+        if overwrite:  # uncommit first: a crash while the arrays are recreated leaves no store, not a broken one
+            _kvstore(spec).write(MANIFEST, None).result()
         layout = {"chunk_tokens": chunk_tokens, "chunk_samples": chunk_samples, "shard_chunks": shard_chunks}
         layout["zstd_level"] = zstd_level
         arrays = {
@@ -605,7 +607,7 @@ class RolloutWriter:
             )
             row = [_full_length(per_sample_logprobs[i], length, p, "teacher_logprobs", where)]
             if topk is not None:
-                ids = np.asarray(topk[0][i])
+                ids = np.array(topk[0][i], np.int32)  # a copy: prompt rows are overwritten below
                 if len(ids) == length - p:
                     ids = np.concatenate([np.full((p, *ids.shape[1:]), -1, ids.dtype), ids])
                 if ids.shape != (length, self.topk):

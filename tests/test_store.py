@@ -233,6 +233,13 @@ def test_missing_manifest_and_schema_errors(tmp_path):
     RolloutStore.create(tmp_path / "s", {}, **LAYOUT).close()
     with pytest.raises(StoreError, match="already exists"):
         RolloutStore.create(tmp_path / "s", {}, **LAYOUT)
+    with RolloutStore.create(tmp_path / "o", {}, **LAYOUT) as w:
+        w.append(append_rows(make_samples(5)))
+    with RolloutStore.create(tmp_path / "o", {"run": 2}, overwrite=True, **LAYOUT) as w:
+        w.append(append_rows(make_samples(2, seed=4)))
+    replaced = RolloutStore.open(tmp_path / "o")
+    assert len(replaced) == 2 and replaced.manifest["run"] == 2
+    check_sample(replaced.sample(1), make_samples(2, seed=4)[1], scored=False)
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     (tmp_path / "s" / "manifest.json").write_text(json.dumps({**m, "schema_version": 99}))
     with pytest.raises(StoreError, match="schema_version 99"):
