@@ -158,7 +158,7 @@ class _Qwen3Params(nnx.Module):
                 value = jnp.ones(spec.shape, dtype)
             else:  # transformers' _init_weights: normal(0, initializer_range)
                 value = (cfg.initializer_range * jax.random.normal(rngs.params(), spec.shape)).astype(dtype)
-            return nnx.Param(value, sharding_names=spec.axes, eager_sharding=False)
+            return nnx.Param(value, out_sharding=spec.axes, eager_sharding=False)
 
         def build(tree: Any) -> Any:
             if isinstance(tree, ParamSpec):
@@ -228,12 +228,18 @@ def attention_xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_
     return out_BTKGH.reshape(B, T, N, H)
 
 
-def attention_cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """cuDNN fused attention; the causal+segment mask is passed whole, so packing is honoured, never dropped."""
-    if jax.default_backend() != "gpu":
+def _check_attention_backend(cfg: Qwen3Config) -> None:
+    if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(
             f"attention='cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); use attention='xla'"
         )
+
+
+def attention_cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """cuDNN fused attention; the causal+segment mask is passed whole, so packing is honoured, never dropped.
+
+    cuDNN needs bf16/fp16 operands (it raises on fp32); the mask costs one [B, 1, T, S] bias, shared by heads.
+    """
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], is_causal=True, implementation="cudnn"
     )
@@ -433,6 +439,7 @@ def forward(
     segment_ids [B, T]: packed sequences; attention never crosses a segment boundary.
     Output dtype is cfg.dtype (the compute dtype); softmax and norm statistics are fp32.
     """
+    _check_attention_backend(cfg)
     B, T = tokens.shape
     if positions is None:
         positions = segment_positions(segment_ids) if segment_ids is not None else jnp.arange(T)[None]
