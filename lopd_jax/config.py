@@ -49,7 +49,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The student to start from (and the teacher for online OPD), plus the runtime knobs of Qwen3Config."""
 
-    init: str = ""  # HF checkpoint dir, or a preset name (models/presets.py) for --plan without weights
+    init: str = ""  # HF checkpoint dir; "scratch" = random weights of ``config``; a preset name for --plan
+    config: str | None = None  # HF config.json (or its directory): the architecture when init is "scratch"
     teacher: str | None = None  # HF dir of the live teacher (mode opd only)
     tokenizer: str | None = None  # None: the tokenizer saved with ``init``
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmul operands

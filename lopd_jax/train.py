@@ -1,0 +1,653 @@
+"""The trainer: ``python -m lopd_jax.train --config FILE [key.sub=value ...] [--plan]``.
+
+Modes (``mode:`` in the config), one jitted update step (``update.make_update_step``) with the mode's loss:
+
+* ``sft``: cross entropy on a store of teacher answers; the exported model records the store's ``sft_teacher``.
+* ``lightning_opd``: the offline OPD objective on a store with teacher log-probs; one forward per step (the old
+  log-probs are ``stop_gradient`` of the current ones). Before step 0 the store's teacher must be the init
+  checkpoint's ``sft_teacher`` and the store's rollout policy must be the init weights (``provenance``), unless
+  ``allow_teacher_inconsistency: true``, which is then stamped on every metrics record and the progress bar.
+* ``opd``: standard online OPD (``trainer_opd``): sample from the current student, score with a live teacher.
+
+Everything is validated before the run directory is created: a bad config, store, provenance or vocabulary
+exits with status 2 and one ``error: ...`` line, and writes nothing. A config listing ``stages`` is a pipeline
+(``lopd_jax.pipeline``); ``--plan`` hands the resolved config to ``lopd_jax.plan``.
+
+The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` + ``tensorboard/``, ``checkpoints/``
+(orbax: TrainState + the Grain iterator state, every ``checkpoint.every_steps`` and at the end), ``eval.json``,
+``curves.png`` and ``hf/`` (safetensors, tokenizer files and ``lopd_provenance.json``). ``resume: true``
+continues from the latest checkpoint and reaches the same numbers as an uninterrupted run.
+
+Test hook (documented, used by tests/test_train.py): with ``LOPD_TEST_KILL_AT_STEP=N`` the process SIGKILLs itself
+right after the checkpoint of step N is on disk, so a test can kill a run at a deterministic point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from jax.sharding import NamedSharding
+
+from lopd_jax import config as config_lib
+from lopd_jax import losses, provenance, sharding, update
+from lopd_jax.checkpoint import Checkpointer
+from lopd_jax.config import ConfigError, TrainConfig
+from lopd_jax.data import Batch, DataError, make_iterator
+from lopd_jax.metrics import MetricsWriter, plot_metrics
+from lopd_jax.models import hf, qwen3
+from lopd_jax.provenance import ProvenanceError
+from lopd_jax.store import RolloutStore, StoreError
+
+KILL_ENV = "LOPD_TEST_KILL_AT_STEP"
+SCRATCH = "scratch"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+)
+# Metrics that measure the machine, not the training; everything else is reproducible bit for bit.
+TIMING_PREFIXES = ("time/", "perf/")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue (bad inputs, a non-finite loss); the message names the cause."""
+
+
+_ERRORS = (ConfigError, ProvenanceError, StoreError, DataError, TrainError)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: everything that can fail before the run directory exists
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    """What ``prepare`` found; nothing here has touched the run directory."""
+
+    model_cfg: qwen3.Qwen3Config
+    mesh: Any
+    rules: dict
+    tokenizer: Any
+    tokenizer_dir: str
+    store: RolloutStore | None = None
+    manifest: dict = dataclasses.field(default_factory=dict)
+    init_fingerprint: str | None = None
+    init_provenance: dict = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    prompts: list[list[int]] | None = None  # opd
+
+
+def _runtime_knobs(m: config_lib.ModelConfig) -> dict[str, Any]:
+    return dict(
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers
+    )
+
+
+def model_config(cfg: TrainConfig) -> qwen3.Qwen3Config:
+    """The student's Qwen3Config: ``model.config`` (file or dir) for scratch, else ``model.init``'s config.json."""
+    m = cfg.model
+    if m.init == SCRATCH:
+        if not m.config:
+            raise ConfigError("model.config: required when model.init is 'scratch' (an HF config.json)")
+        path = Path(m.config)
+        file = path / hf.CONFIG_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"model.config: {file} does not exist")
+        return hf.config_from_hf(json.loads(file.read_text()), where=str(file), **_runtime_knobs(m))
+    if not (Path(m.init) / hf.CONFIG_FILE).is_file():
+        raise ConfigError(f"model.init: {m.init} is not an HF checkpoint directory (no {hf.CONFIG_FILE})")
+    return hf.load_config(m.init, **_runtime_knobs(m))
+
+
+def _load_tokenizer(cfg: TrainConfig) -> tuple[Any, str]:
+    from transformers import AutoTokenizer
+
+    tok_dir = cfg.model.tokenizer or (cfg.model.init if cfg.model.init != SCRATCH else None)
+    if not tok_dir:
+        raise ConfigError("model.tokenizer: required when model.init is 'scratch'")
+    if not Path(tok_dir).is_dir():
+        raise ConfigError(f"model.tokenizer: {tok_dir} is not a directory")
+    try:
+        return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False), tok_dir
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {tok_dir}: {e}") from None
+
+
+def _max_token_id(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int]:
+    """(largest token id in the store, index of a sample holding it), reading the tokens array in blocks."""
+    best, where = -1, 0
+    for lo in range(0, store.num_tokens, block):
+        hi = min(lo + block, store.num_tokens)
+        tokens = store.arrays["tokens"][lo:hi].read().result()
+        if tokens.size and int(tokens.max()) > best:
+            best = int(tokens.max())
+            where = int(np.searchsorted(store.offsets, lo + int(tokens.argmax()), side="right") - 1)
+    return best, where
+
+
+def _check_store(cfg: TrainConfig, setup: Setup) -> None:
+    try:
+        store = RolloutStore.open(cfg.data.store)
+    except StoreError as e:
+        raise StoreError(f"data.store: {e}") from None
+    m = store.manifest
+    if len(store) == 0:
+        raise StoreError(f"data.store: {store.path} has no committed samples")
+    if cfg.mode == "lightning_opd" and (m.get("teacher") is None or store.teacher_committed < len(store)):
+        raise StoreError(
+            f"data.store: {store.path} has no teacher columns for every sample (teacher_committed "
+            f"{store.teacher_committed} of {len(store)}, teacher {m.get('teacher')}): mode lightning_opd needs "
+            "teacher log-probs; run precompute.teacher_logprobs on it"
+        )
+    top, sample = _max_token_id(store)
+    if top >= setup.model_cfg.vocab_size:
+        raise StoreError(
+            f"vocab size mismatch: data.store {store.path} sample {sample} has token id {top}, but the model's "
+            f"vocab_size is {setup.model_cfg.vocab_size}"
+        )
+    setup.store, setup.manifest = store, m
+
+
+def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
+    """Lightning OPD's rules (DESIGN.md, Provenance): raise ProvenanceError, or collect the allowed warnings."""
+    allow = cfg.allow_teacher_inconsistency
+    for warning in (
+        provenance.check_teacher_consistency(setup.manifest, setup.init_provenance, allow),
+        provenance.check_rollout_policy(setup.manifest, setup.init_fingerprint, allow),
+    ):
+        if warning:
+            setup.warnings.append(warning)
+
+
+def _check_teacher_model(cfg: TrainConfig, setup: Setup) -> None:
+    teacher = cfg.model.teacher
+    if not (Path(teacher) / hf.CONFIG_FILE).is_file():
+        raise ConfigError(f"model.teacher: {teacher} is not an HF checkpoint directory")
+    tcfg = hf.load_config(teacher)
+    if tcfg.vocab_size != setup.model_cfg.vocab_size:
+        raise ConfigError(
+            f"vocab size mismatch: model.teacher {teacher} has vocab_size {tcfg.vocab_size}, the student "
+            f"{setup.model_cfg.vocab_size}"
+        )
+
+
+def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
+    from lopd_jax import trainer_opd
+
+    try:
+        rows = trainer_opd.read_prompts(cfg.data.prompts)
+        setup.prompts = [trainer_opd.encode_prompt(setup.tokenizer, r) for r in rows]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.prompts: {e}") from None
+
+
+def _check_shapes(cfg: TrainConfig, setup: Setup) -> None:
+    shards = sharding.batch_shard_count(setup.mesh, setup.rules)
+    if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} must be a multiple of the batch shards ({shards}) and of the "
+            f"JAX processes ({jax.process_count()})"
+        )
+    if (cfg.train.batch_size // cfg.train.grad_accum) % shards:
+        raise ConfigError(
+            f"train.grad_accum: micro-batches of {cfg.train.batch_size // cfg.train.grad_accum} rows do not split "
+            f"over the {shards} batch shards"
+        )
+
+
+def _check_run_dir(cfg: TrainConfig) -> None:
+    run_dir = Path(cfg.logging.run_dir)
+    if not cfg.resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists()):
+        raise ConfigError(f"logging.run_dir: {run_dir} already holds a run; set resume: true or pick a new run_dir")
+
+
+def prepare(cfg: TrainConfig) -> Setup:
+    """Validates the whole run (config, mesh, model, tokenizer, store, provenance) without writing anything."""
+    model_cfg = model_config(cfg)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    tokenizer, tok_dir = _load_tokenizer(cfg)
+    setup = Setup(model_cfg, mesh, cfg.mesh.logical_rules(), tokenizer, tok_dir)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(
+            f"vocab size mismatch: the tokenizer in {tok_dir} has {len(tokenizer)} tokens, the model's vocab_size "
+            f"is {model_cfg.vocab_size}"
+        )
+    _check_shapes(cfg, setup)
+    _check_run_dir(cfg)
+    if cfg.model.init != SCRATCH:
+        setup.init_fingerprint = provenance.fingerprint_weights(cfg.model.init)
+        setup.init_provenance = provenance.read_provenance(cfg.model.init)
+    if cfg.mode in ("sft", "lightning_opd"):
+        _check_store(cfg, setup)
+    if cfg.mode == "lightning_opd":
+        if setup.init_fingerprint is None:
+            raise ConfigError("model.init: lightning_opd starts from the SFT checkpoint, not from scratch")
+        _check_teacher_consistency(cfg, setup)
+    if cfg.mode == "opd":
+        _check_teacher_model(cfg, setup)
+        _check_prompts(cfg, setup)
+    if cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
+        raise ConfigError(f"eval.prompts: {cfg.eval.prompts} does not exist")
+    return setup
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# State, batches, the step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _param_shardings(setup: Setup) -> Any:
+    return sharding.param_shardings(setup.model_cfg, setup.mesh, setup.rules)
+
+
+def load_params(cfg: TrainConfig, setup: Setup) -> Any:
+    """The init params on their shardings: the HF checkpoint, or random weights (seed ``train.seed``)."""
+    shardings = _param_shardings(setup)
+    if cfg.model.init == SCRATCH:
+        init = jax.jit(qwen3.init_params, static_argnums=0, out_shardings=shardings)
+        return init(setup.model_cfg, jax.random.key(cfg.train.seed))
+    dtype = qwen3.dtype_of(setup.model_cfg.param_dtype)
+    return hf.load_hf(cfg.model.init, dtype=dtype, shardings=shardings)[1]
+
+
+def abstract_state(cfg: TrainConfig, setup: Setup, optimizer) -> update.TrainState:
+    """The TrainState as sharded ShapeDtypeStructs (a restore target; no weights read)."""
+    dtype = qwen3.dtype_of(setup.model_cfg.param_dtype)
+    specs = qwen3.param_specs(setup.model_cfg)
+    params = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+        specs,
+        _param_shardings(setup),
+        is_leaf=lambda x: isinstance(x, qwen3.ParamSpec),
+    )
+    state = jax.eval_shape(lambda p: update.init_train_state(p, optimizer, jax.random.key(cfg.train.seed)), params)
+    shardings = update.state_shardings(state, setup.mesh, param_shardings=_param_shardings(setup))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+
+def make_step(cfg: TrainConfig, setup: Setup, optimizer, abstract: update.TrainState):
+    loss = losses.sft_loss if cfg.mode == "sft" else losses.opd_loss
+    loss_fn = functools.partial(loss, cfg=setup.model_cfg, loss_cfg=cfg.loss)
+    return update.make_update_step(
+        loss_fn,
+        optimizer,
+        grad_accum=cfg.train.grad_accum,
+        mesh=setup.mesh,
+        state_shardings=jax.tree.map(lambda a: a.sharding, abstract),
+        batch_sharding=sharding.batch_sharding(setup.mesh, 2, setup.rules),
+    )
+
+
+def place_local(batch: Batch, sh: NamedSharding, global_rows: int) -> Batch:
+    """This process's [B / P, T] numpy rows -> global [B, T] arrays on the batch sharding."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, x, (global_rows, *x.shape[1:])), batch)
+
+
+def place_global(batch: Batch, sh: NamedSharding) -> Batch:
+    """A global numpy batch (identical on every process) -> arrays on the batch sharding."""
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx]), batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging: metrics read one step late, NaN check, progress bar
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """Holds the newest step's device metrics and writes the previous ones, so dispatch stays asynchronous."""
+
+    def __init__(self, cfg: TrainConfig, writer: MetricsWriter | None, bar, start_time: float):
+        self.cfg, self.writer, self.bar = cfg, writer, bar
+        self.pending: tuple[int, dict, dict] | None = None
+        self.last_time, self.last = start_time, {}
+
+    def push(self, step: int, device_metrics: dict, host: dict) -> None:
+        """Queue step ``step``'s metrics; writes the previously queued step's (a sync on that step only)."""
+        self.flush()
+        self.pending = (step, device_metrics, host)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, dev, host = self.pending
+        self.pending = None
+        vals = {k: float(v) for k, v in jax.device_get(dev).items()}
+        now = time.perf_counter()
+        tokens = host.pop("_tokens", 0.0)
+        host.setdefault("time/step_s", now - self.last_time)
+        host["perf/tokens_per_s"] = tokens / max(host["time/step_s"], 1e-9)
+        self.last_time = now
+        record = {**vals, **host}
+        self.last = record
+        if self.writer is not None and (step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps):
+            self.writer.write(step, record)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{vals['train/loss']:.4f}", tok_s=f"{record['perf/tokens_per_s']:.0f}")
+        if not math.isfinite(vals["train/loss"]):
+            raise TrainError(f"non-finite loss {vals['train/loss']} at step {step}; stopping")
+
+    def write_extra(self, step: int, metrics: dict) -> None:
+        self.last = {**self.last, **metrics}
+        if self.writer is not None:
+            self.writer.write(step, metrics)
+
+
+def _progress_bar(cfg: TrainConfig, setup: Setup, start: int):
+    if not cfg.logging.progress or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    desc = cfg.mode + (" [TEACHER INCONSISTENCY ALLOWED]" if setup.warnings else "")
+    return tqdm(total=cfg.train.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def _maybe_kill(step: int) -> None:
+    """Test hook (module docstring): SIGKILL after the checkpoint of step $LOPD_TEST_KILL_AT_STEP is on disk."""
+    if os.environ.get(KILL_ENV) and step == int(os.environ[KILL_ENV]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """The live objects of a run (built by ``start``)."""
+
+    state: update.TrainState
+    step_fn: Any
+    data_iter: Any
+    next_batch: Any  # (step, state) -> (device Batch, host stats)
+    ckpt: Checkpointer
+    logger: Logger
+    evaluator: Any
+    start: int
+
+
+def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
+    """(step, state) -> (device Batch, host stats) for the mode: the store iterator or online sampling."""
+    sh = sharding.batch_sharding(setup.mesh, 2, setup.rules)
+    if cfg.mode != "opd":
+
+        def from_store(step: int, state) -> tuple[Batch, dict]:
+            t0 = time.perf_counter()
+            host = next(data_iter)
+            stats = {**data_iter.metrics, "time/data_s": time.perf_counter() - t0}
+            stats["_tokens"] = float((host.segment_ids > 0).sum()) * jax.process_count()
+            return place_local(host, sh, cfg.train.batch_size), stats
+
+        return from_store
+    from lopd_jax import trainer_opd
+
+    tparams = hf.load_hf(cfg.model.teacher, mesh=setup.mesh)
+    tcfg = dataclasses.replace(tparams[0], dtype=setup.model_cfg.dtype)
+    scfg = dataclasses.replace(
+        cfg.sampling, stop_token_ids=trainer_opd.stop_ids(setup.tokenizer, cfg.sampling.stop_token_ids)
+    )
+    online = trainer_opd.OnlineOPD(
+        prompts=setup.prompts,
+        model_cfg=setup.model_cfg,
+        teacher_cfg=tcfg,
+        teacher_params=tparams[1],
+        sampling_cfg=scfg,
+        batch_size=cfg.train.batch_size,
+        seq_len=cfg.train.seq_len,
+        max_response_len=cfg.data.max_response_len,
+        seed=cfg.data.seed,
+        shuffle=cfg.data.shuffle,
+        chunk_size=cfg.loss.logprob_chunk_size,
+        mesh=setup.mesh,
+        place=lambda b: place_global(b, sh),
+    )
+    return lambda step, state: online.next_batch(step, state.params)
+
+
+def _evaluator(cfg: TrainConfig, setup: Setup):
+    if not cfg.eval.prompts:
+        return None
+    from lopd_jax import trainer_opd
+
+    return trainer_opd.Evaluator(
+        cfg.eval,
+        setup.tokenizer,
+        setup.model_cfg,
+        mesh=setup.mesh,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+    )
+
+
+def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
+    """Builds the state (restored when resuming), the step, the batches, the checkpointer and the logger."""
+    optimizer = update.make_optimizer(cfg.optimizer)
+    abstract = abstract_state(cfg, setup, optimizer)
+    step_fn = make_step(cfg, setup, optimizer, abstract)
+    data_iter = make_iterator(cfg.data) if cfg.mode != "opd" else None
+    ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", cfg.checkpoint)
+    restored = ckpt.restore_latest(abstract, data_iter) if cfg.resume else None
+    if restored is not None:
+        state, start_step = restored
+    else:
+        params = load_params(cfg, setup)
+        state = update.init_train_state(params, optimizer, jax.random.key(cfg.train.seed))
+        state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, abstract))
+        start_step = 0
+    writer = None
+    if jax.process_index() == 0:
+        header = {"mode": cfg.mode}
+        if setup.warnings:
+            header["teacher_inconsistency"] = " | ".join(setup.warnings)
+        writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, header=header)
+    logger = Logger(cfg, writer, _progress_bar(cfg, setup, start_step), time.perf_counter())
+    source = _batch_source(cfg, setup, data_iter)
+    return Run(state, step_fn, data_iter, source, ckpt, logger, _evaluator(cfg, setup), start_step)
+
+
+def _eval_due(cfg: TrainConfig, step: int) -> bool:
+    every = cfg.train.eval_every
+    return step == cfg.train.steps or (every > 0 and step % every == 0)
+
+
+def train_loop(cfg: TrainConfig, run: Run) -> dict:
+    """Runs steps ``run.start .. train.steps``; returns the last eval metrics (empty without eval)."""
+    state, last_eval = run.state, {}
+    for i in range(run.start, cfg.train.steps):
+        step = i + 1
+        batch, stats = run.next_batch(i, state)
+        t0 = time.perf_counter()
+        state, metrics = run.step_fn(state, batch)
+        if cfg.mode == "opd":  # the next step samples from the new params anyway: time the update alone
+            jax.block_until_ready(metrics)
+            stats["time/update_s"] = time.perf_counter() - t0
+        run.logger.push(step, metrics, stats)
+        final = step == cfg.train.steps
+        if run.evaluator is not None and _eval_due(cfg, step):
+            run.logger.flush()
+            last_eval = run.evaluator(state.params, step)
+            run.logger.write_extra(step, last_eval)
+        if final or run.ckpt.should_save(step):
+            run.logger.flush()  # every metric up to this step is on disk before the checkpoint is
+            run.ckpt.save(step, state, run.data_iter, force=final)
+            if os.environ.get(KILL_ENV):
+                run.ckpt.wait_until_finished()
+                _maybe_kill(step)
+    run.logger.flush()
+    run.ckpt.wait_until_finished()
+    run.state = state
+    return last_eval
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _host_params(params: Any) -> Any:
+    """Params readable on this host (multi-process: gathered from every process)."""
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
+def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
+    """Provenance fields of the exported model (DESIGN.md, Provenance)."""
+    m = setup.manifest
+    fields: dict[str, Any] = {
+        "training_mode": cfg.mode,
+        "init": cfg.model.init,
+        "init_weights": setup.init_fingerprint,
+    }
+    if cfg.mode == "sft":
+        # The answers' teacher; SFT data without the field was generated by its rollout policy.
+        fields["sft_teacher"] = m.get("sft_teacher") or m.get("policy")
+    else:
+        fields["sft_teacher"] = setup.init_provenance.get("sft_teacher")
+    if setup.store is not None:
+        fields["store"] = {"path": setup.store.path, "policy": m.get("policy"), "teacher": m.get("teacher")}
+        fields["store"]["tokenizer"] = m.get("tokenizer")
+    if cfg.mode == "opd":
+        fields["opd_teacher"] = provenance.fingerprint_weights(cfg.model.teacher)
+    if setup.warnings:
+        fields["teacher_inconsistency"] = setup.warnings
+    return fields
+
+
+def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
+    """``run_dir/hf``: safetensors + config, the tokenizer files, ``lopd_provenance.json``."""
+    out = run_dir / "hf"
+    params = _host_params(params)
+    if jax.process_index() != 0:
+        return out
+    hf.save_hf(str(out), setup.model_cfg, params)
+    for name in TOKENIZER_FILES:
+        if (Path(setup.tokenizer_dir) / name).is_file():
+            shutil.copy2(Path(setup.tokenizer_dir) / name, out / name)
+    provenance.write_provenance(out, weights=provenance.fingerprint_weights(out), **_lineage(cfg, setup))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, setup: Setup) -> dict:
+    """Runs a validated config end to end; returns the final metrics (last step + eval)."""
+    run_dir = Path(cfg.logging.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    for warning in setup.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+    run = start(cfg, setup, run_dir)
+    try:
+        last_eval = train_loop(cfg, run)
+    finally:
+        run.ckpt.close()
+        if run.logger.writer is not None:
+            run.logger.writer.close()
+        if run.logger.bar is not None:
+            run.logger.bar.close()
+    export(cfg, setup, run.state.params, run_dir)
+    if jax.process_index() == 0:
+        if last_eval:
+            (run_dir / "eval.json").write_text(json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
+        if cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
+            plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
+    return {**run.logger.last, **last_eval}
+
+
+def maybe_initialize_distributed() -> None:
+    """``jax.distributed.initialize`` when launched as several processes (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment); a no-op for one process."""
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    n = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if addr and n > 1:
+        jax.distributed.initialize(addr, num_processes=n, process_id=int(os.environ["JAX_PROCESS_ID"]))
+
+
+def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
+    from lopd_jax import pipeline
+
+    if overrides:
+        raise ConfigError(f"{path}: a pipeline config takes no key=value overrides (edit its stages)")
+    records = pipeline.run_pipeline(raw, path)
+    report = getattr(pipeline, "format_report", None)
+    if report is not None:
+        print(report(records), flush=True)
+    else:
+        for r in records:
+            how = "cached" if r.get("cached") else f"ran in {r.get('seconds')} s"
+            print(f"{r['name']}: {how}" + (f"  {json.dumps(r['result'])}" if "result" in r else ""), flush=True)
+    return 0
+
+
+def _plan(cfg: TrainConfig) -> int:
+    if importlib.util.find_spec("lopd_jax.plan") is None:
+        raise ConfigError("--plan needs lopd_jax/plan.py, which this checkout lacks")
+    from lopd_jax import plan
+
+    return plan.main(cfg)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lopd_jax.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML training config (or a pipeline config with stages)")
+    p.add_argument("--plan", action="store_true", help="compile the step on abstract shapes and print memory")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-5 train.steps=10")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 with one ``error:`` line for any invalid input)."""
+    args = parse_args(argv)
+    try:
+        raw = config_lib.read_yaml(args.config)
+        if config_lib.is_pipeline(raw):
+            return _run_pipeline(raw, args.config, args.overrides)
+        cfg = config_lib.load_config(args.config, args.overrides)
+        if args.plan:
+            return _plan(cfg)
+        maybe_initialize_distributed()
+        setup = prepare(cfg)
+        final = train(cfg, setup)
+    except _ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    keys = ("train/loss", "eval/pass@1", "eval/avg@k")
+    print("done: " + " ".join(f"{k}={final[k]:.4g}" for k in keys if k in final), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The trainer CLI end to end on tiny models: sft / lightning_opd / opd, export, kill + resume, refusals.
+
+One tiny student and teacher (transformers, save_pretrained) and the synthetic task's tokenizer are shared by the
+module. Stores are written with RolloutStore's writer; their behaviour / teacher log-probs come from the torch
+models. Runs go through ``python -m lopd_jax.train`` in subprocesses (the CLI a user types); validation failures,
+which compile nothing, call ``main`` in-process.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.numpy import load_file
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+from transformers import Qwen3Config as HFQwen3Config
+
+from lopd_jax import provenance, synthetic, train, trainer_opd
+from lopd_jax.metrics import read_metrics
+from lopd_jax.models import qwen3
+from lopd_jax.sampling import SampleOutput
+from lopd_jax.store import RolloutStore
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, initializer_range=0.1, eos_token_id=2,
+    bos_token_id=None, pad_token_id=0, rope_theta=10_000.0,
+)  # fmt: skip
+
+
+def _model(path: Path, seed: int, tok_dir: Path) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(HFQwen3Config(**ARCH)).eval()
+    model.save_pretrained(path)
+    synthetic.build_tokenizer(path)  # the tokenizer lives beside the weights, as in released checkpoints
+    return model
+
+
+def _logprobs(model, tokens: np.ndarray) -> np.ndarray:
+    """log p(tokens[j] | tokens[:j]) for j >= 1, NaN at j = 0 (the store's convention)."""
+    with torch.no_grad():
+        logits = model(torch.as_tensor(tokens[None], dtype=torch.long)).logits[0].double()
+    lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.as_tensor(tokens[1:, None], dtype=torch.long))[:, 0]
+    return np.concatenate([[np.nan], lp.numpy()]).astype(np.float32)
+
+
+def _write_store(path: Path, samples: list[dict], manifest: dict, teacher=None) -> Path:
+    with RolloutStore.create(path, manifest=manifest, chunk_tokens=256) as w:
+        w.append(samples)
+        w.flush()
+        if teacher is not None:
+            w.write_teacher(0, [_logprobs(teacher, s["tokens"]) for s in samples])
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Models, tokenizer, prompt files and stores shared by every test of the module."""
+    root = tmp_path_factory.mktemp("world")
+    tok = synthetic.build_tokenizer(root / "tok")
+    student = _model(root / "student", 0, root / "tok")
+    teacher = _model(root / "teacher", 1, root / "tok")
+    fp = {name: provenance.fingerprint_weights(root / name) for name in ("student", "teacher")}
+    # The student plays pi_ref: the checkpoint SFT'd on the teacher's answers.
+    provenance.write_provenance(root / "student", sft_teacher=fp["teacher"])
+    paths = synthetic.write_prompt_sets(root / "prompts", seed=0, n_sft=24, n_opd=16, n_eval=4, difficulty="easy")
+    rows = [json.loads(line) for line in paths["sft"].read_text().splitlines()]
+    samples = []
+    for i, row in enumerate(rows):
+        prompt = trainer_opd.encode_prompt(tok, row)
+        answer = tok(row["completion"])["input_ids"] + [tok.eos_token_id]
+        tokens = np.asarray(prompt + answer, np.int32)
+        samples.append(dict(tokens=tokens, prompt_length=len(prompt), finish_reason="stop", prompt_index=i,
+                            answer=row["answer"], behavior_logprobs=_logprobs(student, tokens)))  # fmt: skip
+    tok_fp = provenance.fingerprint_tokenizer(root / "tok")
+    base = {"tokenizer": tok_fp, "policy": fp["student"]}
+    stores = {
+        "sft": _write_store(
+            root / "sft_store", samples, {**base, "policy": fp["teacher"], "sft_teacher": fp["teacher"]}
+        ),
+        "opd": _write_store(root / "opd_store", samples, {**base, "teacher": fp["teacher"]}, teacher),
+        # Scored by the wrong teacher (the student itself), with the same numbers: only provenance differs.
+        "wrong_teacher": _write_store(root / "wrong_store", samples, {**base, "teacher": fp["student"]}, teacher),
+        "unscored": _write_store(root / "unscored_store", samples, base),
+    }
+    return dict(root=root, tok=tok, student=student, teacher=teacher, fp=fp, prompts=paths, stores=stores)
+
+
+def _config(world, run_dir: Path, **sections) -> dict:
+    cfg = {
+        "mode": "sft",
+        "model": {"init": str(world["root"] / "student")},
+        "data": {"store": str(world["stores"]["sft"]), "seed": 3},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 96, "seed": 0},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
+        "checkpoint": {"every_steps": 2, "async_save": True},
+        "logging": {"run_dir": str(run_dir), "progress": False, "tensorboard": True},
+    }
+    for name, value in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def _write(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(cfg_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m lopd_jax.train`` in a subprocess with the test's devices, precision and compile cache."""
+    full = dict(os.environ, **(env or {}))
+    full.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    full.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    full.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    cmd = [sys.executable, "-m", "lopd_jax.train", "--config", str(cfg_path), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=600)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+_fwd = jax.jit(qwen3.forward, static_argnames=("cfg",))
+
+
+def _same_logits_as_transformers(hf_dir: Path, params, cfg) -> np.ndarray:
+    """Asserts the exported checkpoint, loaded by transformers, gives our logits for ``params``."""
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tokens = np.random.default_rng(0).integers(0, 100, (2, 11))
+    with torch.no_grad():
+        ref = model(torch.as_tensor(tokens)).logits.numpy()
+    ours = np.asarray(_fwd(params, jnp.asarray(tokens), cfg=cfg))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    return ref
+
+
+def _restored_params(ckpt_dir: Path, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore(ckpt_dir / str(step) / "state")
+    return jax.tree.map(np.asarray, state["params"])
+
+
+def _reproducible(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(train.TIMING_PREFIXES)} for r in records]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sft (from scratch), export, kill + resume
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_run(world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    scratch = {"init": "scratch", "config": str(world["root"] / "student" / "config.json"),
+               "tokenizer": str(world["root"] / "tok")}  # fmt: skip
+    cfg = _config(world, run_dir, model=scratch)
+    proc = _cli(_write(cfg, run_dir.parent / "sft.yaml"))
+    _ok(proc)
+    return cfg, run_dir
+
+
+def test_sft_from_scratch_exports_the_trained_params_with_provenance(world, sft_run):
+    _, run_dir = sft_run
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["mode"] == "sft" and "teacher_inconsistency" not in r for r in records)
+    # Trains: the SFT loss on fresh batches of the same small set falls from ln(V)-ish.
+    assert records[-1]["sft/nll"] < records[0]["sft/nll"] - 0.1
+    assert records[-1]["data/samples"] > records[0]["data/samples"] > 0
+    cfg, params = qwen3.load_hf(str(run_dir / "hf"))
+    trained = _restored_params(run_dir / "checkpoints", 4)
+    _same_logits_as_transformers(run_dir / "hf", trained, cfg)
+    prov = provenance.read_provenance(run_dir / "hf")
+    assert prov["sft_teacher"] == world["fp"]["teacher"] and prov["training_mode"] == "sft"
+    assert prov["weights"] == provenance.fingerprint_weights(run_dir / "hf")
+    assert (run_dir / "hf" / "tokenizer.json").exists() and (run_dir / "curves.png").exists()
+    assert any((run_dir / "tensorboard").iterdir())
+
+
+def test_kill_after_checkpoint_then_resume_is_bit_identical(world, sft_run, tmp_path):
+    cfg, ref_dir = sft_run
+    run_dir = tmp_path / "run"
+    cfg = dict(cfg, logging={**cfg["logging"], "run_dir": str(run_dir)})
+    path = _write(cfg, tmp_path / "sft.yaml")
+    killed = _cli(path, env={train.KILL_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (run_dir / "checkpoints" / "2").is_dir() and not (run_dir / "hf").exists()
+    _ok(_cli(path, "resume=true"))
+    want, got = load_file(ref_dir / "hf" / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    ref, res = read_metrics(ref_dir / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in res] == [1, 2, 3, 4]
+    assert _reproducible(res) == _reproducible(ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lightning_opd: teacher consistency
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lightning(world, run_dir: Path, store: str, **extra) -> dict:
+    return _config(world, run_dir, mode="lightning_opd", data={"store": str(world["stores"][store])},
+                   train={"steps": 3}, optimizer={"lr": 1e-3}, **extra)  # fmt: skip
+
+
+def test_lightning_opd_runs_from_the_consistent_sft_checkpoint(world, tmp_path):
+    run_dir = tmp_path / "run"
+    _ok(_cli(_write(_lightning(world, run_dir, "opd"), tmp_path / "c.yaml")))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert len(records) == 3 and all("teacher_inconsistency" not in r for r in records)
+    first = records[0]
+    # Step 1 runs at the init weights, which sampled (behaviour) the rollouts: KL to the behaviour policy is ~0,
+    # and the advantage is log p_T - log pi_theta of the same tokens.
+    assert abs(first["opd/kl_behavior_k1"]) < 1e-4 and abs(first["opd/iw_mean"] - 1) < 1e-4
+    assert first["opd/adv_mean"] == pytest.approx(first["opd/teacher_student_gap"], abs=1e-6)
+    cfg, params = qwen3.load_hf(str(run_dir / "hf"))
+    _same_logits_as_transformers(run_dir / "hf", _restored_params(run_dir / "checkpoints", 3), cfg)
+    prov = provenance.read_provenance(run_dir / "hf")
+    assert prov["sft_teacher"] == world["fp"]["teacher"] and prov["init_weights"] == world["fp"]["student"]
+    assert prov["weights"] != world["fp"]["student"]
+
+
+def test_lightning_opd_refuses_a_store_scored_by_another_teacher(world, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc = train.main(["--config", str(_write(_lightning(world, run_dir, "wrong_teacher"), tmp_path / "c.yaml"))])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert world["fp"]["student"] in err and world["fp"]["teacher"] in err and "allow_teacher_inconsistency" in err
+    assert not run_dir.exists()
+
+
+def test_lightning_opd_with_allow_teacher_inconsistency_says_so_on_every_record(world, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _lightning(world, run_dir, "wrong_teacher", allow_teacher_inconsistency=True, train={"steps": 2})
+    proc = _cli(_write(cfg, tmp_path / "c.yaml"))
+    _ok(proc)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert len(records) == 2
+    for r in records:
+        assert (
+            world["fp"]["student"] in r["teacher_inconsistency"]
+            and world["fp"]["teacher"] in r["teacher_inconsistency"]
+        )
+    assert "TEACHER INCONSISTENCY ALLOWED" in proc.stderr  # the progress bar's description
+    assert provenance.read_provenance(run_dir / "hf")["teacher_inconsistency"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# opd (online)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_teacher_scoring_of_online_samples_matches_transformers(world):
+    """samples_to_batch + the jitted teacher scorer give torch's teacher log-probs on every response token."""
+    tok, teacher = world["tok"], world["teacher"]
+    prompts = [trainer_opd.encode_prompt(tok, {"prompt": p}) for p in ("Add: 1+2", "Add: 33+4+5")]
+    rng = np.random.default_rng(0)
+    outs = [SampleOutput(rng.integers(4, 100, n).astype(np.int32), rng.normal(size=n).astype(np.float32), "length")
+            for n in (7, 12)]  # fmt: skip
+    batch, stats = trainer_opd.samples_to_batch(prompts, outs, seq_len=64)
+    tcfg, tparams = qwen3.load_hf(str(world["root"] / "teacher"))
+    got = np.asarray(trainer_opd.make_teacher_scorer(tcfg, chunk_size=16)(tparams, batch))
+    for r, (p, o) in enumerate(zip(prompts, outs)):
+        tokens = np.concatenate([p, o.token_ids])
+        want = _logprobs(teacher, tokens)[len(p) :]
+        n = len(tokens) - 1
+        np.testing.assert_array_equal(batch.loss_mask[r, :n], (np.arange(1, n + 1) >= len(p)).astype(np.float32))
+        np.testing.assert_allclose(got[r, len(p) - 1 : n], want, atol=2e-5)
+        np.testing.assert_allclose(batch.behavior_logprobs[r, len(p) - 1 : n], o.logprobs)
+        assert (got[r, n:] == 0).all() and (batch.segment_ids[r, n:] == 0).all()
+    assert stats["opd/response_len_mean"] == 9.5
+
+
+def test_online_opd_runs_with_sampler_teacher_and_eval(world, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _config(
+        world,
+        run_dir,
+        mode="opd",
+        model={"teacher": str(world["root"] / "teacher")},
+        data={"store": "", "prompts": str(world["prompts"]["opd"])},
+        train={"steps": 2},
+        sampling={"temperature": 1.0, "max_new_tokens": 24},
+        eval={"prompts": str(world["prompts"]["eval"]), "k": 2, "grading": "exact", "max_new_tokens": 24},
+        optimizer={"lr": 1e-3},
+    )
+    _ok(_cli(_write(cfg, tmp_path / "c.yaml")))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("time/sample_s", "time/teacher_s", "time/update_s", "opd/teacher_student_gap"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    # Rollouts come from the current student: at step 1 the behaviour log-probs are its own.
+    assert abs(records[0]["opd/kl_behavior_k1"]) < 1e-4 and records[0]["data/tokens"] > 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["step"] == 2 and 0.0 <= result["eval/pass@1"] <= 1.0 and "eval/avg@k" in records[-1]
+    prov = provenance.read_provenance(run_dir / "hf")
+    assert prov["opd_teacher"] == world["fp"]["teacher"] and prov["training_mode"] == "opd"
+    cfg, _ = qwen3.load_hf(str(run_dir / "hf"))
+    _same_logits_as_transformers(run_dir / "hf", _restored_params(run_dir / "checkpoints", 2), cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad configs: exit 2, one line naming the problem, nothing written
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bad_vocab_config(world, tmp_path) -> dict:
+    small = json.loads((world["root"] / "student" / "config.json").read_text()) | {"vocab_size": 64}
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    return {"init": "scratch", "config": str(tmp_path / "small.json"), "tokenizer": str(world["root"] / "tok")}
+
+
+def _store_vocab_world(world, tmp_path) -> dict:
+    """A model whose vocab (100) fits the tokenizer but not a store holding id 120."""
+    arch = json.loads((world["root"] / "student" / "config.json").read_text()) | {"vocab_size": 100}
+    (tmp_path / "v100.json").write_text(json.dumps(arch))
+    tokens = np.array([1, 5, 6, 120, 2], np.int32)
+    sample = dict(tokens=tokens, prompt_length=2, finish_reason="stop", prompt_index=0, behavior_logprobs=None)
+    store = _write_store(tmp_path / "s", [sample], {"policy": "x"})
+    model = {"init": "scratch", "config": str(tmp_path / "v100.json"), "tokenizer": str(world["root"] / "tok")}
+    return {"model": model, "data": {"store": str(store)}}
+
+
+BAD = {
+    "unknown key": (lambda w, t: {"train": {"stepz": 3}}, ["train.stepz", "unknown key"]),
+    "wrong type": (lambda w, t: {"optimizer": {"lr": "fast"}}, ["optimizer.lr", "expected float"]),
+    "missing store": (lambda w, t: {"data": {"store": str(t / "nowhere")}}, ["data.store", "nowhere"]),
+    "unscored store": (
+        lambda w, t: {"mode": "lightning_opd", "data": {"store": str(w["stores"]["unscored"])}},
+        ["teacher columns", "unscored_store"],
+    ),
+    "tokenizer vocab": (lambda w, t: {"model": _bad_vocab_config(w, t)}, ["vocab size mismatch", "100 tokens", "64"]),
+    "store vocab": (_store_vocab_world, ["vocab size mismatch", "token id 120", "vocab_size is 100"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_configs_exit_nonzero_naming_the_problem_and_write_nothing(world, tmp_path, capsys, case):
+    make, needles = BAD[case]
+    run_dir = tmp_path / "run"
+    cfg = _config(world, run_dir, **make(world, tmp_path))
+    rc = train.main(["--config", str(_write(cfg, tmp_path / "c.yaml"))])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not run_dir.exists()
+
+
+def test_override_error_names_the_command_line(world, tmp_path, capsys):
+    path = _write(_config(world, tmp_path / "run"), tmp_path / "c.yaml")
+    assert train.main(["--config", str(path), "train.steps=many"]) == 2
+    err = capsys.readouterr().err
+    assert "command-line override 'train.steps=many'" in err and "train.steps" in err
+    assert not (tmp_path / "run").exists()
