@@ -250,17 +250,25 @@ def _pack(prompts, idx, batch_size, scfg) -> tuple[np.ndarray, ...]:
     return tokens, lengths, valid, index
 
 
-def _place(arrays, mesh: Mesh | None):
+def _place(arrays, mesh: Mesh | None, rules: sharding.Rules):
     if mesh is None:
         return arrays
-    return tuple(jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in arrays)
+    return tuple(jax.device_put(a, sharding.batch_sharding(mesh, a.ndim, rules)) for a in arrays)
 
 
-def _cache_sharding(cfg: Qwen3Config, mesh: Mesh | None, batch: int, max_len: int):
+def _cache_sharding(cfg: Qwen3Config, mesh: Mesh | None, batch: int, max_len: int, rules: sharding.Rules):
     if mesh is None:
         return None
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape)
+    return sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape, rules)
+
+
+def _params_on_mesh(params: Params, cfg: Qwen3Config, mesh: Mesh, rules: sharding.Rules) -> Params:
+    """Keep params already laid out on ``mesh`` (whatever their rules); place the others by ``rules``."""
+    leaves = jax.tree.leaves(params)
+    if all(isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh for x in leaves):
+        return params
+    return sharding.shard_params(params, sharding.param_shardings(cfg, mesh, rules))
 
 
 def generate_batches(
@@ -271,6 +279,7 @@ def generate_batches(
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
     batch_size: int = 32,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> Iterator[tuple[list[int], list[SampleOutput]]]:
     """Like ``generate`` but yields (prompt indices, outputs) batch by batch, for streaming writers.
 
@@ -280,15 +289,15 @@ def generate_batches(
     key = jax.random.key(sampling_cfg.seed) if key is None else key
     st = _static(cfg, sampling_cfg)
     if mesh is not None:
-        shards = sharding.batch_shard_count(mesh)
+        shards = sharding.batch_shard_count(mesh, rules)
         batch_size = -(-batch_size // shards) * shards  # a whole number of rows per batch shard
-        params = sharding.shard_params(params, sharding.param_shardings(cfg, mesh))
+        params = _params_on_mesh(params, cfg, mesh, rules)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         arrays = _pack(prompts, idx, batch_size, sampling_cfg)
-        cache_sh = _cache_sharding(cfg, mesh, batch_size, arrays[0].shape[1] + st.max_new_tokens)
-        out = _generate_batch_jit(params, *_place(arrays, mesh), key, cfg=cfg, st=st, cache_sharding=cache_sh)
+        cache_sh = _cache_sharding(cfg, mesh, batch_size, arrays[0].shape[1] + st.max_new_tokens, rules)
+        out = _generate_batch_jit(params, *_place(arrays, mesh, rules), key, cfg=cfg, st=st, cache_sharding=cache_sh)
         tokens, logprobs, n_gen, stopped = (np.asarray(a) for a in out)
         outputs = [
             SampleOutput(
@@ -307,15 +316,17 @@ def generate(
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
     batch_size: int = 32,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> list[SampleOutput]:
     """Sample a continuation of every prompt (token-id lists); outputs in prompt order.
 
     key: a ``jax.random.key``; defaults to ``key(sampling_cfg.seed)``. Same key -> same tokens.
-    mesh: when given, params are placed on ``sharding.param_shardings`` and the batch is split over the batch
-    axes (batch_size is rounded up to a multiple of their size).
+    mesh: when given, params not yet on it are placed by ``sharding.param_shardings(cfg, mesh, rules)``, and
+    the batch and KV cache are split over the ``batch`` rule's mesh axes (batch_size is rounded up to a
+    multiple of their size).
     """
     results: list[Any] = [None] * len(prompts)
-    for idx, outputs in generate_batches(params, cfg, prompts, sampling_cfg, key, mesh, batch_size):
+    for idx, outputs in generate_batches(params, cfg, prompts, sampling_cfg, key, mesh, batch_size, rules):
         for i, out in zip(idx, outputs):
             results[i] = out
     return results
