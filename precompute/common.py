@@ -27,7 +27,7 @@ class PrecomputeError(ValueError):
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """"sha256:<hex>" of a file's bytes (identifies a prompt set across runs)."""
+    """ "sha256:<hex>" of a file's bytes (identifies a prompt set across runs)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -36,8 +36,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _check_messages(messages: Any, where: str) -> None:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     )
     if not ok:
         raise PrecomputeError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
@@ -121,8 +126,9 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> tuple[int, ...]:
 
 def versions(engine: str) -> dict[str, str]:
     """Versions of the packages whose numerics end up in the store."""
-    names = ["lopd_jax", "jax", "jaxlib", "transformers", "tokenizers", "tensorstore"] + (["vllm", "torch"] if
-                                                                                       engine == "vllm" else [])
+    names = ["lopd_jax", "jax", "jaxlib", "transformers", "tokenizers", "tensorstore"] + (
+        ["vllm", "torch"] if engine == "vllm" else []
+    )
     out = {"python": platform.python_version()}
     for name in names:
         try:

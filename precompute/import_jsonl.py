@@ -72,8 +72,11 @@ def manifest_fields(args: argparse.Namespace, eos: int, n: int, skipped: int) ->
         "tokenizer": provenance.fingerprint_tokenizer(args.tokenizer),
         "chat_template": template,
         "data": {"sha256": common.file_sha256(args.data), "kept": n, "skipped": skipped, "eos_token_id": eos},
-        "import_args": {"chat_template": args.chat_template, "enable_thinking": args.enable_thinking,
-                        "max_len": args.max_len},  # fmt: skip
+        "import_args": {
+            "chat_template": args.chat_template,
+            "enable_thinking": args.enable_thinking,
+            "max_len": args.max_len,
+        },  # fmt: skip
     }
 
 

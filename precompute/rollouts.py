@@ -1,4 +1,5 @@
-"""Sample rollouts into a RolloutStore: ``python -m precompute.rollouts --policy HF_DIR --prompts FILE.jsonl --out STORE``.
+"""Sample rollouts into a RolloutStore:
+``python -m precompute.rollouts --policy HF_DIR --prompts FILE.jsonl --out STORE``.
 
 Each prompt row (``prompt`` text or chat ``messages``, optional ``answer``) is chat-templated with the policy's
 tokenizer (generation prompt added), and ``--n`` continuations are sampled until a stop token (the tokenizer's and

@@ -128,8 +128,8 @@ def check_teacher(store: str, manifest: dict, teacher: dict, topk: int, store_to
     provenance.check_same_tokenizer(manifest.get("tokenizer"), teacher["tokenizer"], f"store {store}", "teacher")
     if manifest["teacher_committed"] and manifest.get("teacher") != teacher["weights"]:
         raise PrecomputeError(
-            f"{store}: {manifest['teacher_committed']} samples are already scored by teacher {manifest.get('teacher')}, "
-            f"not this teacher {teacher['weights']}; score into a copy with --out"
+            f"{store}: {manifest['teacher_committed']} samples are already scored by teacher "
+            f"{manifest.get('teacher')}, not this teacher {teacher['weights']}; score into a copy with --out"
         )
     if topk != store_topk:
         raise PrecomputeError(

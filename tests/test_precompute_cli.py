@@ -28,8 +28,11 @@ VOCAB = 128
 MAX_NEW = 8
 
 
-def build_model(path: Path, seed: int) -> transformers.Qwen3ForCausalLM:
-    """Random 2-layer Qwen3 + the synthetic task's char tokenizer (eos <|im_end|> = 2) saved to ``path``."""
+def build_model(path: Path, seed: int, eos_bias: float = 0.0) -> transformers.Qwen3ForCausalLM:
+    """Random 2-layer Qwen3 + the synthetic task's char tokenizer (eos <|im_end|> = 2) saved to ``path``.
+
+    ``eos_bias`` shifts the eos row of the lm_head so that some greedy rollouts stop (0.17 with seed 0: the test
+    prompts stop after 3 and 8 tokens, or run to the length limit)."""
     torch.manual_seed(seed)
     cfg = transformers.Qwen3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -40,6 +43,7 @@ def build_model(path: Path, seed: int) -> transformers.Qwen3ForCausalLM:
     with torch.no_grad():  # peaked distributions: greedy has no near-ties
         for p in model.parameters():
             p.mul_(4.0) if p.ndim > 1 else None
+        model.lm_head.weight[2] += eos_bias
     model.save_pretrained(path)
     synthetic.build_tokenizer(path)
     return model
@@ -49,7 +53,7 @@ def build_model(path: Path, seed: int) -> transformers.Qwen3ForCausalLM:
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("precompute")
     policy, teacher, other = root / "policy", root / "teacher", root / "other_tok"
-    models = {"policy_model": build_model(policy, 0), "teacher_model": build_model(teacher, 1)}
+    models = {"policy_model": build_model(policy, 0, eos_bias=0.17), "teacher_model": build_model(teacher, 1)}
     shutil.copytree(teacher, other)  # same weights, a tokenizer with two ids swapped
     tok = json.loads((other / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
@@ -73,7 +77,11 @@ SAMPLED = ("--temperature", "1.0", "--top-p", "0.95", "--n", "2", "--batch-size"
 
 def killed_subprocess(module: str, argv: list[str]) -> subprocess.CompletedProcess:
     """Run ``python -m module argv`` with the kill hook set to fire after the first commit."""
+    import jax
+
     env = {**os.environ, common.KILL_ENV: "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir  # conftest's persistent cache
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=env, capture_output=True, text=True)
 
 
@@ -113,16 +121,21 @@ def test_greedy_rollouts_equal_transformers_generate(env):
         msgs = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
         prompt = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"]
         np.testing.assert_array_equal(s["tokens"][:p], prompt)
-        out = env["policy_model"].generate(
-            torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=[2], pad_token_id=0
-        )[0, p:].numpy()
+        out = (
+            env["policy_model"]
+            .generate(
+                torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=[2], pad_token_id=0
+            )[0, p:]
+            .numpy()
+        )
         np.testing.assert_array_equal(s["tokens"][p:], out)
         assert s["finish_reason"] == ("stop" if out[-1] == 2 else "length")
         lp = torch_token_logprobs(env["policy_model"], s["tokens"])
         np.testing.assert_allclose(s["behavior_logprobs"][p:], lp[p:], atol=1e-4, rtol=0)
         assert np.isnan(s["behavior_logprobs"][:p]).all()
+    finish = [store.sample(i)["finish_reason"] for i in range(len(store))]
+    assert "stop" in finish and "length" in finish  # both ends of a rollout are exercised
     validate(env["root"] / "greedy")
-
 
 
 def test_sampled_rollouts_resume_after_sigkill_and_depend_on_seed(env):
