@@ -26,10 +26,7 @@ GradeKind = Literal["math", "exact"]
 _SPECIAL_RE = re.compile(r"<\|[^|<>]*\|>")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
-_ANSWER_IS_RE = re.compile(
-    r"(?:final answer is|answer is|answer:)[ \t]*:?[ \t]*([^\n]*)",
-    re.IGNORECASE,
-)
+_ANSWER_IS_RE = re.compile(r"answer(?: is|:)[ \t]*:?[ \t]*([^\n]*)", re.IGNORECASE)  # also "final answer is"
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 # math-verify's default extraction targets: LaTeX (\boxed first) and plain expressions.
