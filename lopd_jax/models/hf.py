@@ -234,10 +234,13 @@ class _Reader:
                 self.weight_map = {k: SINGLE_FILE for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         else:
             raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-        self.path, self._files = path, contextlib.ExitStack()
+        self.path, self._files, self._handles = path, contextlib.ExitStack(), {}
 
     def _open(self, file: str, framework: str):
-        return self._files.enter_context(safe_open(os.path.join(self.path, file), framework=framework))
+        if (file, framework) not in self._handles:
+            handle = safe_open(os.path.join(self.path, file), framework=framework)
+            self._handles[file, framework] = self._files.enter_context(handle)
+        return self._handles[file, framework]
 
     def read(self, key: str, dtype: np.dtype) -> np.ndarray:
         if key not in self.weight_map:
@@ -260,18 +263,16 @@ def _leaf_block(reader, cfg, group, name, spec, index, dtype) -> np.ndarray:
     index = tuple(index) + (slice(None),) * (len(spec.shape) - len(index))
     ranges = [range(*index[d].indices(spec.shape[d])) for d in range(depth)]
     rest = index[depth:]
+
+    def part(idx: tuple[int, ...]) -> np.ndarray:
+        # Copy the wanted part out at once so the full tensor is freed before the next read.
+        return np.array(rule.to_ours(reader.read(_hf_key(cfg, group, name, idx), dtype), cfg)[rest])
+
     if depth == 0:
-        return rule.to_ours(reader.read(rule.key, dtype), cfg)[rest]
-    rows = []
-    for j in ranges[0]:
-        if depth == 1:
-            rows.append(rule.to_ours(reader.read(_hf_key(cfg, group, name, (j,)), dtype), cfg)[rest])
-        else:
-            experts = [
-                rule.to_ours(reader.read(_hf_key(cfg, group, name, (j, e)), dtype), cfg)[rest] for e in ranges[1]
-            ]
-            rows.append(np.stack(experts))
-    return np.stack(rows)
+        return part(())
+    if depth == 1:
+        return np.stack([part((j,)) for j in ranges[0]])
+    return np.stack([np.stack([part((j, e)) for e in ranges[1]]) for j in ranges[0]])
 
 
 def _check_keys(reader: _Reader, cfg: Qwen3Config) -> None:
@@ -323,13 +324,15 @@ def load_hf(
 def _load_leaf(reader, cfg, group, name, spec, dtype, shardings) -> jax.Array:
     sharding = (shardings[group][name] if group else shardings[name]) if shardings is not None else None
     if sharding is None:
-        return jnp.asarray(_leaf_block(reader, cfg, group, name, spec, (), dtype))
+        return jnp.array(_leaf_block(reader, cfg, group, name, spec, (), dtype))
     blocks: dict[tuple, np.ndarray] = {}  # replicated devices ask for the same block: read it once
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in blocks:
-            blocks[key] = _leaf_block(reader, cfg, group, name, spec, index, dtype)
+            # A copy, not a view: on the CPU backend a device buffer may alias the returned array, and a view
+            # would pin the whole tensor it was sliced from.
+            blocks[key] = np.array(_leaf_block(reader, cfg, group, name, spec, index, dtype))
         return blocks[key]
 
     return jax.make_array_from_callback(spec.shape, sharding, callback)
