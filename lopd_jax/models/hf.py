@@ -10,6 +10,7 @@ Qwen3-MoE checkpoints and transformers' ``save_pretrained`` use.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -257,22 +258,24 @@ class _Reader:
         self._files.close()
 
 
-def _leaf_block(reader, cfg, group, name, spec, index, dtype) -> np.ndarray:
-    """The part ``index`` (a tuple of slices) of one leaf, read from only the HF tensors that overlap it."""
+def _leaf_blocks(reader, cfg, group, name, spec, indices, dtype) -> list[np.ndarray]:
+    """Blocks ``indices`` (tuples of slices) of one leaf, filled from the HF tensors they overlap.
+
+    Every needed tensor is read once, however many blocks (devices) it feeds, and freed before the next read.
+    Blocks are fresh arrays, never views: on the CPU backend a device buffer may alias the array it is made
+    from, and a view would pin the whole tensor.
+    """
     depth, rule = _stack_depth(group, name), _RULES[group, name]
-    index = tuple(index) + (slice(None),) * (len(spec.shape) - len(index))
-    ranges = [range(*index[d].indices(spec.shape[d])) for d in range(depth)]
-    rest = index[depth:]
-
-    def part(idx: tuple[int, ...]) -> np.ndarray:
-        # Copy the wanted part out at once so the full tensor is freed before the next read.
-        return np.array(rule.to_ours(reader.read(_hf_key(cfg, group, name, idx), dtype), cfg)[rest])
-
-    if depth == 0:
-        return part(())
-    if depth == 1:
-        return np.stack([part((j,)) for j in ranges[0]])
-    return np.stack([np.stack([part((j, e)) for e in ranges[1]]) for j in ranges[0]])
+    ranges = [[range(*s.indices(n)) for s, n in zip(index, spec.shape)] for index in indices]
+    blocks = [np.empty(tuple(len(r) for r in rs), dtype) for rs in ranges]
+    needed = sorted({idx for rs in ranges for idx in itertools.product(*rs[:depth])})
+    for idx in needed:
+        tensor = rule.to_ours(reader.read(_hf_key(cfg, group, name, idx), dtype), cfg)
+        for block, rs in zip(blocks, ranges):
+            if all(i in r for i, r in zip(idx, rs)):
+                rest = tuple(slice(r.start, r.stop, r.step) for r in rs[depth:])
+                block[tuple(r.index(i) for i, r in zip(idx, rs))] = tensor[rest]
+    return blocks
 
 
 def _check_keys(reader: _Reader, cfg: Qwen3Config) -> None:
@@ -323,19 +326,17 @@ def load_hf(
 
 def _load_leaf(reader, cfg, group, name, spec, dtype, shardings) -> jax.Array:
     sharding = (shardings[group][name] if group else shardings[name]) if shardings is not None else None
+    full = (slice(None),) * len(spec.shape)
     if sharding is None:
-        return jnp.array(_leaf_block(reader, cfg, group, name, spec, (), dtype))
-    blocks: dict[tuple, np.ndarray] = {}  # replicated devices ask for the same block: read it once
+        return jnp.asarray(_leaf_blocks(reader, cfg, group, name, spec, [full], dtype)[0])
+    # Replicated devices share a block: build each distinct block once, then hand them out per device.
+    indices = {_index_key(i): i for i in sharding.addressable_devices_indices_map(spec.shape).values()}
+    blocks = dict(zip(indices, _leaf_blocks(reader, cfg, group, name, spec, list(indices.values()), dtype)))
+    return jax.make_array_from_callback(spec.shape, sharding, lambda index: blocks[_index_key(index)])
 
-    def callback(index: tuple[slice, ...]) -> np.ndarray:
-        key = tuple((s.start, s.stop, s.step) for s in index)
-        if key not in blocks:
-            # A copy, not a view: on the CPU backend a device buffer may alias the returned array, and a view
-            # would pin the whole tensor it was sliced from.
-            blocks[key] = np.array(_leaf_block(reader, cfg, group, name, spec, index, dtype))
-        return blocks[key]
 
-    return jax.make_array_from_callback(spec.shape, sharding, callback)
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
 
 
 # --------------------------------------------------------------------------- save

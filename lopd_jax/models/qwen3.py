@@ -2,7 +2,13 @@
 
 Shape vocabulary (used in einsum strings and names, e.g. ``x_BTD``):
   B batch, T time (query), S time (key/value), D embed, N q-heads, K kv-heads, G q-heads per kv-head,
-  H head_dim, F mlp hidden, E experts, V vocab, L layers.
+  H head_dim, F mlp hidden, E experts, V vocab, L layers; in the MoE block X tokens (B*T flattened),
+  R experts per token (top-k) and A = X*R token-expert assignments.
+
+The public surface is pure functions over a nested dict of arrays (layout: ``param_specs`` and
+docs/internals.md): ``init_params``, ``forward``, ``forward_cached`` / ``init_cache`` (sampling), ``load_hf`` /
+``save_hf`` (in ``hf.py``). Layers are stacked on a leading axis and run with ``jax.lax.scan``, one scan per run
+of consecutive same-kind (dense / MoE) layers.
 """
 
 from __future__ import annotations
