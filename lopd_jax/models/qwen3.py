@@ -235,10 +235,14 @@ def attention_xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_
 
 
 def _check_attention_backend(cfg: Qwen3Config) -> None:
-    if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+    if cfg.attention != "cudnn":
+        return
+    if jax.default_backend() != "gpu":
         raise ValueError(
             f"attention='cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); use attention='xla'"
         )
+    if cfg.dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={cfg.dtype!r}")
 
 
 def attention_cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
