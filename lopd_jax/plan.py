@@ -15,6 +15,7 @@ assignment (GPU fusion differs somewhat), and fused cuDNN attention cannot be co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -143,7 +144,9 @@ def abstract_state(params: Any, optimizer: Any, mesh: Mesh, seed: int = 0) -> tu
 
 def abstract_batch(batch_size: int, seq_len: int, batch_sh: NamedSharding) -> Batch:
     """A [B, T] Batch of ShapeDtypeStructs on the batch sharding."""
-    return Batch(**{k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=batch_sh) for k, dt in _BATCH_FIELDS.items()})
+    return Batch(
+        **{k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=batch_sh) for k, dt in _BATCH_FIELDS.items()}
+    )
 
 
 def loss_for_mode(mode: str, model_cfg: qwen3.Qwen3Config, loss_cfg: losses.LossConfig) -> update.LossFn:
@@ -182,8 +185,9 @@ def largest_tensors(params: Any, n: int = 8) -> list[TensorPlan]:
 def memory_figures(compiled: Any) -> dict[str, int]:
     """XLA's per-device figures of a compiled SPMD executable, plus a peak estimate.
 
-    peak: XLA's own peak when the backend reports one, else arguments + outputs - aliased (donated) + temp +
-    generated code, i.e. everything live at once (an upper bound on the buffer assignment's peak).
+    peak: arguments + outputs - aliased (donated) + temp + generated code, i.e. every buffer of the step live at
+    once: an upper bound of the buffer assignment's peak. ``xla_peak`` is the backend's own peak figure where it
+    reports one (XLA:CPU's leaves temporaries out, so it is shown but never used for the verdict).
     """
     m = compiled.memory_analysis()
     out = {
@@ -192,10 +196,9 @@ def memory_figures(compiled: Any) -> dict[str, int]:
         "alias": m.alias_size_in_bytes,
         "temp": m.temp_size_in_bytes,
         "generated_code": m.generated_code_size_in_bytes,
+        "xla_peak": int(getattr(m, "peak_memory_in_bytes", 0) or 0),
     }
-    bound = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
-    xla_peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
-    out["peak"] = xla_peak + out["generated_code"] if xla_peak else bound
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
     return out
 
 
@@ -214,14 +217,87 @@ def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[s
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _plan_attention(cfg: TrainConfig, notes: list[str]) -> str:
-    if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
-        notes.append(
-            "attention=cudnn cannot compile on this backend: planned with attention=xla, whose [B,N,T,S] scores "
-            "over-estimate the attention temporaries of the fused kernel"
-        )
-        return "xla"
-    return cfg.model.attention
+def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array, **_: Any) -> jax.Array:
+    """``lax.ragged_dot`` as a scan over experts with masked rows: same result, and the buffers of a grouped GEMM.
+
+    XLA:CPU lowers ragged_dot densely through an [A, E, D] intermediate (tens of GB for Qwen3-30B-A3B), which
+    says nothing about a GPU run. For the plan on such backends the MoE block is compiled with this stand-in,
+    whose largest temporaries are [A, F] (forward) and one expert's [D, F] gradient per iteration.
+    """
+    ends_E = jnp.cumsum(group_sizes_E)
+    starts_E = ends_E - group_sizes_E
+    rows_A = jnp.arange(lhs_AD.shape[0])
+
+    def body(acc_AF, xs):
+        w_DF, start, end = xs
+        in_group_A = (rows_A >= start) & (rows_A < end)
+        y_AF = jnp.dot(lhs_AD, w_DF.astype(lhs_AD.dtype))
+        return acc_AF + jnp.where(in_group_A[:, None], y_AF, 0).astype(acc_AF.dtype), None
+
+    # Remat keeps the backward from saving a [A, F] mask per expert; the masks are recomputed from two scalars.
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    acc = jnp.zeros((lhs_AD.shape[0], rhs_EDF.shape[-1]), lhs_AD.dtype)
+    return jax.lax.scan(body, acc, (rhs_EDF, starts_E, ends_E))[0]
+
+
+@contextlib.contextmanager
+def _planning_ragged_dot(model_cfg: qwen3.Qwen3Config, notes: list[str]):
+    """Swap ``jax.lax.ragged_dot`` for ``grouped_matmul_scan`` while lowering MoE models off GPU."""
+    if not model_cfg.num_experts or jax.default_backend() == "gpu":
+        yield
+        return
+    notes.append(
+        f"MoE: XLA:{jax.default_backend().upper()} expands ragged_dot densely; planned with an equivalent "
+        "scan over experts (grouped-GEMM buffers)"
+    )
+    original = jax.lax.ragged_dot
+    jax.lax.ragged_dot = grouped_matmul_scan
+    try:
+        yield
+    finally:
+        jax.lax.ragged_dot = original
+
+
+def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """``qwen3.attention_xla`` one block of queries at a time, rematerialised: a fused kernel's memory profile.
+
+    cuDNN's fused attention cannot compile off GPU; for the plan it is replaced by this exact equivalent, whose
+    scores exist only for ``ATTN_BLOCK`` queries at once and are recomputed in the backward pass, as a flash
+    kernel does. (Compiling ``attention_xla`` instead would count full [B, N, T, S] fp32 scores per layer.)
+    """
+    B, T, N, H = q_BTNH.shape
+    C = math.gcd(T, ATTN_BLOCK)
+    q_JBCNH = q_BTNH.reshape(B, T // C, C, N, H).swapaxes(0, 1)
+    m_JBCS = mask_BTS.reshape(B, T // C, C, -1).swapaxes(0, 1)
+    block = jax.checkpoint(lambda qm: qwen3.attention_xla(qm[0], k_BSKH, v_BSKH, qm[1]))
+    out_JBCNH = jax.lax.map(block, (q_JBCNH, m_JBCS))
+    return out_JBCNH.swapaxes(0, 1).reshape(B, T, N, H)
+
+
+ATTN_BLOCK = 512
+
+
+def _fused_attention_offline(cfg: TrainConfig) -> bool:
+    return cfg.model.attention == "cudnn" and jax.default_backend() != "gpu"
+
+
+@contextlib.contextmanager
+def _planning_attention(cfg: TrainConfig, notes: list[str]):
+    """Off GPU, a cudnn config is compiled as attention="xla" with the xla entry of the model's attention table
+    swapped for ``blockwise_attention`` (the model refuses cudnn off GPU)."""
+    if not _fused_attention_offline(cfg):
+        yield
+        return
+    notes.append(
+        f"attention=cudnn cannot compile on {jax.default_backend()}: planned with an exact blockwise attention "
+        f"({ATTN_BLOCK} queries at a time, rematerialised) with a fused kernel's memory profile"
+    )
+    original = qwen3._ATTENTION["xla"]
+    qwen3._ATTENTION["xla"] = blockwise_attention
+    try:
+        yield
+    finally:
+        qwen3._ATTENTION["xla"] = original
 
 
 def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None) -> Plan:
@@ -229,7 +305,7 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None) -> Plan
     import time
 
     notes: list[str] = []
-    model_cfg = model_config(cfg, attention=_plan_attention(cfg, notes))
+    model_cfg = model_config(cfg, attention="xla" if _fused_attention_offline(cfg) else None)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.logical_rules()
     optimizer = update.make_optimizer(cfg.optimizer)
@@ -246,7 +322,9 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None) -> Plan
         batch_sharding=batch_sh,
     )
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    with _planning_ragged_dot(model_cfg, notes), _planning_attention(cfg, notes):
+        lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     if jax.default_backend() == "cpu":
         notes.append("figures from XLA:CPU buffer assignment; a GPU compile fuses differently (run --plan there)")
@@ -289,6 +367,8 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     labels = {"argument": "arguments (state+batch)", "output": "outputs", "alias": "aliased (donated)"}
     for key in ("argument", "output", "alias", "temp", "generated_code"):
         lines.append(f"  xla:   {labels.get(key, key):<24}{_gb(plan.memory[key])}")
+    if plan.memory["xla_peak"]:
+        lines.append(f"  xla:   {'peak (backend figure)':<24}{_gb(plan.memory['xla_peak'])}")
     lines.append(f"  xla:   {'peak estimate':<24}{_gb(plan.memory['peak'])}")
     lines += [f"  extra: {k:<24}{_gb(v)}" for k, v in plan.extra_bytes.items()]
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
