@@ -89,7 +89,6 @@ class Setup:
     model_cfg: qwen3.Qwen3Config
     mesh: Any
     rules: dict
-    tokenizer: Any
     tokenizer_dir: str
     store: RolloutStore | None = None
     manifest: dict = dataclasses.field(default_factory=dict)
@@ -97,6 +96,14 @@ class Setup:
     init_provenance: dict = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     prompts: list[list[int]] | None = None  # opd
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer, loaded on first use (online OPD prompts, evaluation)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_dir)
+        return self._tokenizer
 
 
 def _runtime_knobs(m: config_lib.ModelConfig) -> dict[str, Any]:
@@ -121,18 +128,39 @@ def model_config(cfg: TrainConfig) -> qwen3.Qwen3Config:
     return hf.load_config(m.init, **_runtime_knobs(m))
 
 
-def _load_tokenizer(cfg: TrainConfig) -> tuple[Any, str]:
-    from transformers import AutoTokenizer
-
+def _tokenizer_dir(cfg: TrainConfig) -> str:
     tok_dir = cfg.model.tokenizer or (cfg.model.init if cfg.model.init != SCRATCH else None)
     if not tok_dir:
         raise ConfigError("model.tokenizer: required when model.init is 'scratch'")
     if not Path(tok_dir).is_dir():
         raise ConfigError(f"model.tokenizer: {tok_dir} is not a directory")
+    return tok_dir
+
+
+def load_tokenizer(tok_dir: str) -> Any:
+    """The HF tokenizer in ``tok_dir`` (never runs repository code)."""
+    from transformers import AutoTokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False), tok_dir
+        return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {tok_dir}: {e}") from None
+
+
+def tokenizer_size(tok_dir: str) -> int:
+    """Number of token ids the tokenizer can produce (added tokens included).
+
+    Read with the ``tokenizers`` library from tokenizer.json when there is one: importing transformers costs
+    seconds that sft / lightning_opd runs without evaluation never need."""
+    file = Path(tok_dir) / "tokenizer.json"
+    if file.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+        except Exception as e:  # the Rust library raises its own exception type for a malformed file
+            raise ConfigError(f"model.tokenizer: {file} is not a valid tokenizer.json ({e})") from None
+    return len(load_tokenizer(tok_dir))
 
 
 def _max_token_id(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int]:
@@ -203,6 +231,16 @@ def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
         raise ConfigError(f"data.prompts: {e}") from None
 
 
+def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
+    from lopd_jax import eval as evaluation
+
+    try:
+        evaluation.load_eval_set(cfg.eval.prompts)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"eval.prompts: {e}") from None
+    setup.tokenizer  # noqa: B018  (load it now: a broken tokenizer must fail before the run starts)
+
+
 def _check_shapes(cfg: TrainConfig, setup: Setup) -> None:
     shards = sharding.batch_shard_count(setup.mesh, setup.rules)
     if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
@@ -230,11 +268,12 @@ def prepare(cfg: TrainConfig) -> Setup:
         mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
-    tokenizer, tok_dir = _load_tokenizer(cfg)
-    setup = Setup(model_cfg, mesh, cfg.mesh.logical_rules(), tokenizer, tok_dir)
-    if len(tokenizer) > model_cfg.vocab_size:
+    tok_dir = _tokenizer_dir(cfg)
+    setup = Setup(model_cfg, mesh, cfg.mesh.logical_rules(), tok_dir)
+    n_tokens = tokenizer_size(tok_dir)
+    if n_tokens > model_cfg.vocab_size:
         raise ConfigError(
-            f"vocab size mismatch: the tokenizer in {tok_dir} has {len(tokenizer)} tokens, the model's vocab_size "
+            f"vocab size mismatch: the tokenizer in {tok_dir} has {n_tokens} tokens, the model's vocab_size "
             f"is {model_cfg.vocab_size}"
         )
     _check_shapes(cfg, setup)
@@ -251,9 +290,20 @@ def prepare(cfg: TrainConfig) -> Setup:
     if cfg.mode == "opd":
         _check_teacher_model(cfg, setup)
         _check_prompts(cfg, setup)
-    if cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
-        raise ConfigError(f"eval.prompts: {cfg.eval.prompts} does not exist")
+    if cfg.eval.prompts:
+        _check_eval_set(cfg, setup)
     return setup
+
+
+def validated(cfg: TrainConfig) -> Setup:
+    """``prepare`` with any other ValueError / OSError (an unsupported config.json, an unreadable file) turned
+    into a ConfigError, so that every invalid input ends as one ``error:`` line."""
+    try:
+        return prepare(cfg)
+    except _ERRORS:
+        raise
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -496,6 +546,7 @@ def train_loop(cfg: TrainConfig, run: Run) -> dict:
         if final or run.ckpt.should_save(step):
             run.logger.flush()  # every metric up to this step is on disk before the checkpoint is
             run.ckpt.save(step, state, run.data_iter, force=final)
+            run.logger.last_time = time.perf_counter()  # the next step's time excludes the save
             if os.environ.get(KILL_ENV):
                 run.ckpt.wait_until_finished()
                 _maybe_kill(step)
@@ -574,6 +625,8 @@ def train(cfg: TrainConfig, setup: Setup) -> dict:
         last_eval = train_loop(cfg, run)
     finally:
         run.ckpt.close()
+        if run.data_iter is not None:
+            run.data_iter.close()  # stop Grain's prefetch thread now, not in a finalizer at interpreter exit
         if run.logger.writer is not None:
             run.logger.writer.close()
         if run.logger.bar is not None:
@@ -601,7 +654,10 @@ def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
 
     if overrides:
         raise ConfigError(f"{path}: a pipeline config takes no key=value overrides (edit its stages)")
-    records = pipeline.run_pipeline(raw, path)
+    try:
+        records = pipeline.run_pipeline(raw, path)
+    except pipeline.PipelineError as e:
+        raise TrainError(f"pipeline {path}: {e}") from None
     report = getattr(pipeline, "format_report", None)
     if report is not None:
         print(report(records), flush=True)
@@ -639,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             return _plan(cfg)
         maybe_initialize_distributed()
-        setup = prepare(cfg)
+        setup = validated(cfg)
         final = train(cfg, setup)
     except _ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -53,12 +53,12 @@ def _logprobs(model, tokens: np.ndarray) -> np.ndarray:
     return np.concatenate([[np.nan], lp.numpy()]).astype(np.float32)
 
 
-def _write_store(path: Path, samples: list[dict], manifest: dict, teacher=None) -> Path:
+def _write_store(path: Path, samples: list[dict], manifest: dict, teacher_logprobs=None) -> Path:
     with RolloutStore.create(path, manifest=manifest, chunk_tokens=256) as w:
         w.append(samples)
         w.flush()
-        if teacher is not None:
-            w.write_teacher(0, [_logprobs(teacher, s["tokens"]) for s in samples])
+        if teacher_logprobs is not None:
+            w.write_teacher(0, teacher_logprobs)
     return path
 
 
@@ -83,13 +83,14 @@ def world(tmp_path_factory):
                             answer=row["answer"], behavior_logprobs=_logprobs(student, tokens)))  # fmt: skip
     tok_fp = provenance.fingerprint_tokenizer(root / "tok")
     base = {"tokenizer": tok_fp, "policy": fp["student"]}
+    scored = [_logprobs(teacher, s["tokens"]) for s in samples]
     stores = {
         "sft": _write_store(
             root / "sft_store", samples, {**base, "policy": fp["teacher"], "sft_teacher": fp["teacher"]}
         ),
-        "opd": _write_store(root / "opd_store", samples, {**base, "teacher": fp["teacher"]}, teacher),
+        "opd": _write_store(root / "opd_store", samples, {**base, "teacher": fp["teacher"]}, scored),
         # Scored by the wrong teacher (the student itself), with the same numbers: only provenance differs.
-        "wrong_teacher": _write_store(root / "wrong_store", samples, {**base, "teacher": fp["student"]}, teacher),
+        "wrong_teacher": _write_store(root / "wrong_store", samples, {**base, "teacher": fp["student"]}, scored),
         "unscored": _write_store(root / "unscored_store", samples, base),
     }
     return dict(root=root, tok=tok, student=student, teacher=teacher, fp=fp, prompts=paths, stores=stores)
@@ -211,9 +212,9 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(world, sft_run, tmp_
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _lightning(world, run_dir: Path, store: str, **extra) -> dict:
+def _lightning(world, run_dir: Path, store: str, steps: int = 3, **extra) -> dict:
     return _config(world, run_dir, mode="lightning_opd", data={"store": str(world["stores"][store])},
-                   train={"steps": 3}, optimizer={"lr": 1e-3}, **extra)  # fmt: skip
+                   train={"steps": steps}, optimizer={"lr": 1e-3}, **extra)  # fmt: skip
 
 
 def test_lightning_opd_runs_from_the_consistent_sft_checkpoint(world, tmp_path):
@@ -244,7 +245,8 @@ def test_lightning_opd_refuses_a_store_scored_by_another_teacher(world, tmp_path
 
 def test_lightning_opd_with_allow_teacher_inconsistency_says_so_on_every_record(world, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = _lightning(world, run_dir, "wrong_teacher", allow_teacher_inconsistency=True, train={"steps": 2})
+    cfg = _lightning(world, run_dir, "wrong_teacher", steps=2, allow_teacher_inconsistency=True)
+    cfg["logging"]["progress"] = True
     proc = _cli(_write(cfg, tmp_path / "c.yaml"))
     _ok(proc)
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -294,7 +296,8 @@ def test_online_opd_runs_with_sampler_teacher_and_eval(world, tmp_path):
         data={"store": "", "prompts": str(world["prompts"]["opd"])},
         train={"steps": 2},
         sampling={"temperature": 1.0, "max_new_tokens": 24},
-        eval={"prompts": str(world["prompts"]["eval"]), "k": 2, "grading": "exact", "max_new_tokens": 24},
+        # The eval sampler settings equal the rollouts': one compiled sampler serves both.
+        eval=dict(prompts=str(world["prompts"]["eval"]), k=2, grading="exact", max_new_tokens=24, temperature=1.0),
         optimizer={"lr": 1e-3},
     )
     _ok(_cli(_write(cfg, tmp_path / "c.yaml")))
