@@ -206,7 +206,7 @@ def make_update_step(
         loss, grads, metrics = _accumulated_grads(loss_fn, state.params, batch, grad_accum, batch_sharding)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
         lr = _injected_lr(opt_state)
         if lr is not None:
             metrics["train/lr"] = lr
