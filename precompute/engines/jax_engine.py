@@ -55,7 +55,9 @@ def rows_for(bucket: int, batch_tokens: int, multiple: int) -> int:
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, multiple: int = 1) -> list[tuple[int, int, list[int]]]:
     """Group sample indices into (rows, bucket, indices) batches: sorted by length (ties by index, so the plan is a
-    deterministic function of the lengths), then cut whenever the bucket changes or the batch is full."""
+    deterministic function of the lengths), then cut whenever the bucket changes or the batch is full. A bucket's
+    last, partly filled batch shrinks to the next power of two of its rows (at most log2 extra shapes per bucket)
+    instead of padding with empty rows."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[tuple[int, int, list[int]]] = []
     for i in order:
@@ -64,7 +66,12 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, multiple: int = 1) -
             batches[-1][2].append(i)
         else:
             batches.append((rows_for(b, batch_tokens, multiple), b, [i]))
-    return batches
+    return [(min(rows, _round_rows(len(idx), multiple)), b, idx) for rows, b, idx in batches]
+
+
+def _round_rows(n: int, multiple: int) -> int:
+    rows = 1 << (n - 1).bit_length()
+    return -(-rows // multiple) * multiple
 
 
 # --------------------------------------------------------------------------- jitted scoring
