@@ -288,6 +288,7 @@ def test_teacher_scoring_of_online_samples_matches_transformers(world):
 
 def test_online_opd_runs_with_sampler_teacher_and_eval(world, tmp_path):
     run_dir = tmp_path / "run"
+    same_sampler = {"temperature": 1.0, "top_p": 1.0}
     cfg = _config(
         world,
         run_dir,
@@ -295,9 +296,9 @@ def test_online_opd_runs_with_sampler_teacher_and_eval(world, tmp_path):
         model={"teacher": str(world["root"] / "teacher")},
         data={"store": "", "prompts": str(world["prompts"]["opd"])},
         train={"steps": 2},
-        sampling={"temperature": 1.0, "max_new_tokens": 24},
+        sampling={"max_new_tokens": 24, **same_sampler},
         # The eval sampler settings equal the rollouts': one compiled sampler serves both.
-        eval=dict(prompts=str(world["prompts"]["eval"]), k=2, grading="exact", max_new_tokens=24, temperature=1.0),
+        eval=dict(prompts=str(world["prompts"]["eval"]), k=2, grading="exact", max_new_tokens=24, **same_sampler),
         optimizer={"lr": 1e-3},
     )
     _ok(_cli(_write(cfg, tmp_path / "c.yaml")))
@@ -369,3 +370,24 @@ def test_override_error_names_the_command_line(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "command-line override 'train.steps=many'" in err and "train.steps" in err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    cfg = train.config_lib.build(train.TrainConfig, {"mode": "sft", "model": {"init": "x"}, "train": {"steps": 9}})
+    logger = train.Logger(cfg, None, None, start_time=0.0)
+    logger.push(3, {"train/loss": jnp.float32(1.5)}, {"_tokens": 10.0})
+    logger.push(4, {"train/loss": jnp.float32(np.nan)}, {"_tokens": 10.0})  # writes step 3: fine
+    with pytest.raises(train.TrainError, match="non-finite loss nan at step 4"):
+        logger.flush()
+
+
+def test_prompt_stream_visits_every_prompt_once_per_epoch_and_reshuffles():
+    stream = trainer_opd.PromptStream(num_prompts=10, batch_size=4, seed=0)
+    order = [i for s in range(5) for i in stream.indices(s)]  # 20 positions = 2 epochs
+    assert sorted(order[:10]) == sorted(order[10:]) == list(range(10)) and order[:10] != order[10:]
+    assert trainer_opd.PromptStream(10, 4, seed=0).indices(3) == stream.indices(3)  # a resumed run: same prompts
