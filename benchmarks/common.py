@@ -1,0 +1,297 @@
+"""Shared pieces of the benchmark harness: the machine, peak FLOP/s, the FLOP formula, timing, model shapes.
+
+Everything here is measured side by side in one process: on shared CPUs the ratios are the result, the absolute
+times are context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lopd_jax.data import Batch
+from lopd_jax.models import presets
+from lopd_jax.models.qwen3 import Qwen3Config
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peak FLOP/s per device kind: dense bf16 matmul (no 2:4 sparsity), the vendors' data sheets. Matched as a
+# substring of ``jax.Device.device_kind``, first match wins (so "H100 PCIe" precedes "H100").
+# ----------------------------------------------------------------------------------------------------------------
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # H100 SXM5
+    ("H200", 989e12),  # same Hopper tensor cores as the H100 SXM; more, faster HBM
+    ("A100", 312e12),
+    ("TPU v5 lite", 197e12),  # TPU v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+)
+
+
+def device_peak_flops(device: jax.Device) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for an accelerator; CPUs are measured (see cpu_matmul_peak)."""
+    kind = device.device_kind
+    for key, peak in PEAK_BF16_FLOPS:
+        if key.lower() in kind.lower():
+            return peak, f"data sheet, dense bf16 ({key})"
+    if device.platform == "cpu":
+        return cpu_matmul_peak(), "measured: best fp32 1024^3 matmul FLOP/s on this CPU (jnp.dot, all cores)"
+    return float("nan"), f"unknown device kind {kind!r}: add it to benchmarks.common.PEAK_BF16_FLOPS"
+
+
+def cpu_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+    """Measured fp32 matmul FLOP/s: the best of ``repeats`` n x n x n products. A CPU has no vendor bf16 figure
+    that XLA:CPU reaches, so MFU on CPU is against what its own matmul kernel achieves on this (shared) machine."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model FLOPs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def matmul_params(cfg: Qwen3Config) -> int:
+    """Weights that multiply every token: the per-token active parameters minus the embedding table (a lookup,
+    no FLOPs) and norms, plus the lm_head ([D, V], counted even when tied: its matmul runs either way)."""
+    active = presets.active_param_count(cfg)
+    norms = cfg.num_hidden_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim) + cfg.hidden_size
+    embed = cfg.vocab_size * cfg.hidden_size
+    tied_head = embed if cfg.tie_word_embeddings else 0  # an untied lm_head is already in ``active``
+    return active - norms - embed + tied_head
+
+
+def train_flops_per_token(cfg: Qwen3Config, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward), the MFU numerator (PaLM appendix B, causal):
+
+        6 * P_matmul  +  6 * L * N * H * T
+
+    P_matmul = matmul_params(cfg): 2 FLOPs per weight per token forward, 4 backward. Attention: per layer and
+    token, QK^T and PV cost 2 * N * H * (context) each forward; a causal row of T tokens has T/2 context on
+    average, so forward 2 * N * H * T per layer and token, x3 with the backward. Rematerialisation is not counted
+    (that would be hardware FLOPs, not model FLOPs); rows here hold one sequence of T tokens, so the causal T is
+    the true context (packing would make it an upper bound).
+    """
+    L, N, H = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    return 6.0 * matmul_params(cfg) + 6.0 * L * N * H * seq_len
+
+
+def forward_flops_per_token(cfg: Qwen3Config, seq_len: int) -> float:
+    """Inference (scoring) FLOPs of one token: a third of the training figure, 2 * P_matmul + 2 * L * N * H * T."""
+    return train_flops_per_token(cfg, seq_len) / 3.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model shapes
+# ----------------------------------------------------------------------------------------------------------------
+
+_SMALL = dict(head_dim=32, rope_theta=10_000.0, max_position_embeddings=4096, tie_word_embeddings=False)
+
+#: Demo-sized student / teacher: the synthetic task's 100-token vocabulary, a few layers (sub-million / few-million
+#: parameters), the scale the CPU demo trains.
+DEMO_STUDENT = Qwen3Config(
+    vocab_size=100,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    **_SMALL,
+)
+DEMO_TEACHER = dataclasses.replace(
+    DEMO_STUDENT, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4
+)
+#: ~50M parameters (~33M in matmuls) on CPU: D 512, 12 layers, a 16k vocabulary.
+CPU_50M = Qwen3Config(
+    vocab_size=16384,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    **dict(_SMALL, head_dim=64),
+)
+#: Test-sized shapes for ``--tiny`` (D <= 64, 2 layers, vocab <= 512).
+TINY = Qwen3Config(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    **dict(_SMALL, head_dim=16),
+)
+TINY_TEACHER = dataclasses.replace(TINY, intermediate_size=192)
+
+
+def tiny_preset(name: str) -> Qwen3Config:
+    """A preset's family traits (GQA ratio, tie) at test size, standing in for the preset under ``--tiny``."""
+    p = presets.get_preset(name)
+    return dataclasses.replace(
+        TINY,
+        num_attention_heads=4,
+        num_key_value_heads=max(1, 4 * p.num_key_value_heads // p.num_attention_heads),
+        tie_word_embeddings=p.tie_word_embeddings,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_batch(cfg: Qwen3Config, batch_size: int, seq_len: int, seed: int = 0, prompt_frac: float = 0.25):
+    """A numpy OPD Batch [B, T]: one sequence per row filling it, the first ``prompt_frac`` masked as the prompt,
+    random tokens and plausible teacher / behaviour log-probs (only their values, not their meaning, matter)."""
+    rng = np.random.default_rng(seed)
+    B, T = batch_size, seq_len
+    tokens = rng.integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32)
+    mask = np.zeros((B, T), np.float32)
+    mask[:, int(prompt_frac * T) :] = 1.0
+    teacher = (-rng.exponential(2.0, (B, T)) * mask).astype(np.float32)
+    behavior = (-rng.exponential(2.0, (B, T)) * mask).astype(np.float32)
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+    return Batch(tokens[:, :-1], tokens[:, 1:], pos, np.ones((B, T), np.int32), mask, teacher, behavior)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing and statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one call (the caller blocks on device results inside ``fn``)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """min / median / max / n of a list of measurements."""
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+
+
+def ratio(slow: dict[str, float], fast: dict[str, float]) -> dict[str, float]:
+    """How many times faster ``fast`` is: median / median, plus the pessimistic (slow min / fast max) and the
+    optimistic (slow max / fast min) bounds of the alternating runs."""
+    return {
+        "median": slow["median"] / fast["median"],
+        "low": slow["min"] / fast["max"],
+        "high": slow["max"] / fast["min"],
+    }
+
+
+def torch_thread_counts() -> list[int]:
+    """torch's default intra-op thread count and 1. Its OpenMP threads spin-wait: on an oversubscribed host (other
+    jobs on the same cores) that can cost 10x, so every torch measurement runs with both and keeps the faster."""
+    import torch
+
+    return sorted({torch.get_num_threads(), 1}, reverse=True)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def best_of(times_by_threads: dict[int, list[float]]) -> tuple[str, dict[str, dict[str, float]]]:
+    """(thread count with the lowest median, spreads keyed by thread count as strings)."""
+    spreads = {str(n): spread(t) for n, t in times_by_threads.items()}
+    return min(spreads, key=lambda n: spreads[n]["median"]), spreads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The machine
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU model and cores, the JAX backend and its devices, package versions, the date and XLA flags."""
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "backend": jax.default_backend(),
+        "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count()},
+        "versions": {
+            p: _version(p) for p in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy", "vllm")
+        },
+        "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def device_peak_memory(device: jax.Device) -> int | None:
+    """The allocator's peak bytes in use on an accelerator (None where the backend keeps no statistics)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def device_memory_limit(device: jax.Device) -> int | None:
+    """Bytes the allocator may use on an accelerator (None on CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The synthetic task (the demo's data)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def task_sequences(n: int, seed: int = 0, difficulty: str = "medium") -> tuple[list[list[int]], list[np.ndarray]]:
+    """``n`` problems of the demo's task through its tokenizer: (chat-templated prompt ids, prompt + worked
+    solution + <|im_end|> ids), i.e. what the demo's rollouts and teacher scoring see."""
+    import tempfile
+
+    from lopd_jax import synthetic as syn
+    from lopd_jax.trainer_opd import encode_prompt
+
+    rng = np.random.default_rng(seed)
+    problems = [syn.make_problem(rng, difficulty) for _ in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = syn.build_tokenizer(tmp)
+    prompts = [encode_prompt(tok, {"prompt": p["prompt"]}) for p in problems]
+    answers = tok([p["solution"] + syn.EOS_TOKEN for p in problems], add_special_tokens=False)["input_ids"]
+    return prompts, [np.asarray(p + a, np.int32) for p, a in zip(prompts, answers)]

@@ -1,0 +1,151 @@
+"""Teacher scoring throughput: the JAX engine vs transformers (torch) on the same model and sequences; on a GPU
+also vLLM when it imports.
+
+Both sides get the same work plan: ``jax_engine.plan_batches`` (sorted by length, right-padded to the same
+buckets, the same rows per batch), so the comparison is the model execution, not the batching policy. The torch
+side is the plain transformers recipe: ``model(input_ids, attention_mask).logits`` -> fp32 log_softmax -> gather,
+under ``torch.inference_mode``. Tokens/s counts real (unpadded) tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from lopd_jax.models import qwen3
+from lopd_jax.models.qwen3 import Qwen3Config
+from precompute.engines import jax_engine
+
+
+class TorchScorer:
+    """transformers' Qwen3ForCausalLM scoring entry j = log p(tokens[j] | tokens[:j]) (NaN at 0), like JaxEngine."""
+
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), trust_remote_code=False
+        ).to(device)
+        self.model.eval()
+
+    def score(self, samples: Sequence[np.ndarray], batch_tokens: int) -> list[np.ndarray]:
+        import torch
+
+        out: list[Any] = [None] * len(samples)
+        plan = jax_engine.plan_batches([len(s) for s in samples], batch_tokens)
+        with torch.inference_mode():
+            for rows, bucket, idx in plan:
+                tokens = np.zeros((rows, bucket), np.int64)
+                mask = np.zeros((rows, bucket), np.int64)
+                for r, i in enumerate(idx):
+                    tokens[r, : len(samples[i])] = samples[i]
+                    mask[r, : len(samples[i])] = 1
+                ids = torch.from_numpy(tokens).to(self.device)
+                logits = self.model(input_ids=ids, attention_mask=torch.from_numpy(mask).to(self.device)).logits
+                lp = torch.log_softmax(logits.float(), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+                lp = lp.cpu().numpy()
+                for r, i in enumerate(idx):
+                    out[i] = np.concatenate([[np.nan], lp[r, : len(samples[i]) - 1]]).astype(np.float32)
+        return out
+
+
+def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(max(np.nanmax(np.abs(x - y)) for x, y in zip(a, b)))
+
+
+def _vllm_side(model_dir: str, samples: list[np.ndarray], rounds: int) -> dict[str, Any]:
+    """vLLM prompt_logprobs scoring through precompute's adapter, in a child process (vLLM and JAX would both claim
+    the GPU's memory in one process); a "skipped" reason when vLLM is not installed or the child fails."""
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vllm is not installed"}
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(f"{tmp}/samples.npz", *samples)
+        cmd = [sys.executable, "-m", "benchmarks.precompute_bench", model_dir, f"{tmp}/samples.npz", str(rounds)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        return {"skipped": f"vllm child exited {proc.returncode}: {proc.stderr[-500:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _vllm_child(model_dir: str, samples_file: str, rounds: int) -> None:
+    """Child side of _vllm_side: time ``rounds`` scoring passes after a warm-up one, print JSON."""
+    from precompute.engines import vllm_engine
+
+    with np.load(samples_file) as f:
+        samples = [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+    llm = vllm_engine.make_llm(model_dir, vllm_engine.VllmOptions(dtype="bfloat16"))
+    vllm_engine.score_sequences(llm, samples)
+    times = [common.timed(lambda: vllm_engine.score_sequences(llm, samples)) for _ in range(rounds)]
+    print(json.dumps({"s": common.spread(times), "version": common.describe_machine()["versions"]["vllm"]}))
+
+
+def bench_scoring(
+    cfg: Qwen3Config,
+    samples: list[np.ndarray],
+    rounds: int,
+    batch_tokens: int = 4096,
+    dtype: str = "float32",
+    torch_device: str = "cpu",
+    with_vllm: bool = False,
+) -> dict[str, Any]:
+    """Score ``samples`` with random-weight ``cfg`` through both engines, alternating, ``rounds`` timed passes each
+    after one warm-up pass (the JAX warm-up compiles one program per bucket shape: reported separately)."""
+    params = jax.jit(qwen3.init_params, static_argnums=0)(cfg, jax.random.key(3))
+    n_tokens = int(sum(len(s) for s in samples))
+    with tempfile.TemporaryDirectory() as tmp:
+        qwen3.save_hf(tmp, cfg, params, dtype=np.float32)
+        engine = jax_engine.JaxEngine(tmp, dtype=dtype)
+        scorer = TorchScorer(tmp, torch_device, dtype)
+        vllm_res = _vllm_side(tmp, samples, rounds) if with_vllm else None
+    first_s = common.timed(lambda: engine.score(samples, batch_tokens=batch_tokens))
+    jax_out = [s.logprobs for s in engine.score(samples, batch_tokens=batch_tokens)]
+    torch_out = scorer.score(samples, batch_tokens)
+    threads = common.torch_thread_counts()
+    jax_t, torch_t = [], {n: [] for n in threads}
+    for _ in range(rounds):
+        jax_t.append(common.timed(lambda: engine.score(samples, batch_tokens=batch_tokens)))
+        for n in threads:
+            with common.torch_threads(n):
+                torch_t[n].append(common.timed(lambda: scorer.score(samples, batch_tokens)))
+    jax_s = common.spread(jax_t)
+    best, by_threads = common.best_of(torch_t)
+    torch_s = by_threads[best]
+    res = {
+        "model": {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size},
+        "params": qwen3.param_count(cfg),
+        "dtype": dtype,
+        "sequences": len(samples),
+        "tokens": n_tokens,
+        "batches": len(jax_engine.plan_batches([len(s) for s in samples], batch_tokens)),
+        "jax_s": jax_s,
+        "torch_s": torch_s,
+        "torch_threads": int(best),
+        "torch_s_by_threads": by_threads,
+        "jax_tokens_per_s": n_tokens / jax_s["median"],
+        "torch_tokens_per_s": n_tokens / torch_s["median"],
+        "speedup": common.ratio(torch_s, jax_s),
+        "jax_first_pass_s": first_s,
+        "max_abs_logprob_diff": _max_diff(jax_out, torch_out),
+        "forward_flops_per_token": common.forward_flops_per_token(cfg, max(len(s) for s in samples)),
+    }
+    if vllm_res is not None:
+        res["vllm"] = vllm_res
+        if "s" in vllm_res:
+            vllm_res["tokens_per_s"] = n_tokens / vllm_res["s"]["median"]
+            res["speedup_vs_vllm"] = common.ratio(vllm_res["s"], jax_s)
+    return res
+
+
+if __name__ == "__main__":  # the vLLM child process: MODEL_DIR SAMPLES.npz ROUNDS
+    _vllm_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,180 @@
+"""Render a benchmark results document as JSON, a Markdown report and a PNG bar chart of the speed ratios."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _ms(s: dict[str, float]) -> str:
+    return f"{1e3 * s['median']:.1f} [{1e3 * s['min']:.1f}-{1e3 * s['max']:.1f}]"
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+
+
+def _machine(doc: dict) -> list[str]:
+    m = doc["machine"]
+    v = m["versions"]
+    lines = [
+        f"- date: {m['date']}; backend {m['backend']}, device {m['device']['kind']} x{m['device']['count']}",
+        f"- host CPU: {m['host']['cpu']}, {m['host']['cores']} cores",
+        f"- versions: jax {v['jax']}, jaxlib {v['jaxlib']}, torch {v['torch']}, transformers {v['transformers']}"
+        + (f", vllm {v['vllm']}" if v.get("vllm") else ""),
+        f"- peak FLOP/s for MFU: {doc['peak_flops'] / 1e12:.3g} TFLOP/s ({doc['peak_flops_source']})",
+    ]
+    if m.get("xla_flags"):
+        lines.append(f"- XLA_FLAGS: `{m['xla_flags']}`")
+    if doc.get("note"):
+        lines.append(f"- note: {doc['note']}")
+    return lines
+
+
+def _train_table(rows: list[dict]) -> list[str]:
+    out = [
+        "| model | params | dtype / remat / attention | B x T | step ms, median [min-max] | tokens/s | "
+        "GFLOP/token | TFLOP/s | MFU | peak memory | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['name']} | | | | skipped: {r['skipped']} | | | | | | |")
+            continue
+        m = r["model"]
+        out.append(
+            f"| {r['name']} | {r['params'] / 1e6:.1f}M | {m['dtype']}/{m['param_dtype']} params, "
+            f"{m['remat']}, {m['attention']} | {r['batch_size']} x {r['seq_len']} | {_ms(r['step_s'])} | "
+            f"{r['tokens_per_s']:,.0f} | {r['flops_per_token'] / 1e9:.3f} | {r['model_tflops_per_s']:.3g} | "
+            f"{100 * r['mfu']:.1f}% | {_gib(r['peak_bytes'])} ({r['peak_bytes_source'].split()[0]}) | "
+            f"{r['compile_s']:.1f} |"
+        )
+    return out
+
+
+def ratios(doc: dict) -> list[tuple[str, dict, float | None]]:
+    """(label, ratio dict with median/low/high, goal) for every side-by-side comparison present."""
+    res, goals, out = doc["results"], doc["goals"], []
+    if "vs_torch" in res:
+        out.append(("OPD step: JAX jit vs torch eager", res["vs_torch"]["speedup"], goals["vs_torch"]))
+    if "precompute" in res:
+        out.append(("teacher scoring: JAX vs transformers", res["precompute"]["speedup"], goals["precompute"]))
+        if "speedup_vs_vllm" in res["precompute"]:
+            out.append(("teacher scoring: JAX vs vLLM", res["precompute"]["speedup_vs_vllm"], None))
+    if "lightning_vs_opd" in res:
+        r = res["lightning_vs_opd"]
+        out.append(("step: Lightning vs standard OPD", r["step_speedup"], goals["lightning_vs_opd"]))
+        total = {"median": r["total_speedup"], "low": r["total_speedup"], "high": r["total_speedup"]}
+        out.append((f"total to {r['steps']} steps incl. precompute", total, None))
+    return out
+
+
+def _ratio_table(doc: dict) -> list[str]:
+    out = ["| comparison | ratio, median [low-high] | goal | met |", "|---|---|---|---|"]
+    for label, r, goal in ratios(doc):
+        met = "" if goal is None else ("yes" if r["median"] >= goal else "**no**")
+        out.append(f"| {label} | {r['median']:.2f}x [{r['low']:.2f}-{r['high']:.2f}] | {goal or ''} | {met} |")
+    return out
+
+
+def _details(res: dict) -> list[str]:
+    out = []
+    if "vs_torch" in res:
+        r = res["vs_torch"]
+        a = r["agreement"]
+        out.append(
+            f"- OPD step, {r['params'] / 1e6:.2f}M params, B x T = {r['batch_size']} x {r['seq_len']}, "
+            f"{r['rounds']} alternating rounds of {r['steps_per_round']} steps: JAX {_ms(r['jax_step_s'])} ms, "
+            f"torch ({r['torch_threads']} thread(s), {r['torch_attention']}) {_ms(r['torch_step_s'])} ms. "
+            f"First step agrees: loss {a['jax_loss']:.6f} vs {a['torch_loss']:.6f}, grad norm "
+            f"{a['jax_grad_norm']:.6f} vs {a['torch_grad_norm']:.6f}."
+        )
+    if "precompute" in res:
+        r = res["precompute"]
+        out.append(
+            f"- Teacher scoring, {r['params'] / 1e6:.2f}M params ({r['dtype']}), {r['sequences']} sequences / "
+            f"{r['tokens']:,} tokens in {r['batches']} batches: JAX {r['jax_tokens_per_s']:,.0f} tokens/s, "
+            f"transformers ({r['torch_threads']} thread(s)) {r['torch_tokens_per_s']:,.0f} tokens/s; first JAX pass "
+            f"(compiles) {r['jax_first_pass_s']:.1f} s; max |log-prob difference| {r['max_abs_logprob_diff']:.2e}."
+        )
+        if "vllm" in r:
+            v = r["vllm"]
+            speed = v.get("skipped") or f"{v['tokens_per_s']:,.0f} tokens/s"
+            out.append(f"- vLLM: {speed}")
+    if "lightning_vs_opd" in res:
+        r = res["lightning_vs_opd"]
+        p = r["standard_parts_median_s"]
+        out.append(
+            f"- Lightning vs standard OPD, student {r['student_params'] / 1e6:.2f}M / teacher "
+            f"{r['teacher_params'] / 1e6:.2f}M params, B = {r['batch_size']} prompts, {r['max_new_tokens']} new "
+            f"tokens, T = {r['seq_len']}, {r['steps']} steps x {r['rounds']} rounds: Lightning step "
+            f"{_ms(r['lightning_step_s'])} ms; standard step {_ms(r['standard_step_s'])} ms = sampling "
+            f"{1e3 * p['sample_s']:.1f} + teacher {1e3 * p['teacher_s']:.1f} + update {1e3 * p['update_s']:.1f} ms "
+            f"(medians). One-off precompute {r['precompute_s']:.2f} s warm ({r['precompute_first_s']:.1f} s cold, "
+            f"compiles included). Totals to {r['steps']} steps: Lightning {r['lightning_total_s']:.2f} s, "
+            f"standard {r['standard_total_s']:.2f} s."
+        )
+    return out
+
+
+def markdown(doc: dict) -> str:
+    title = f"# Benchmarks: {doc['suite']} suite" + (" (--tiny shapes)" if doc["tiny"] else "")
+    lines = [title, "", *_machine(doc), ""]
+    res = doc["results"]
+    if doc.get("attention_check"):
+        c = doc["attention_check"]
+        verdict = (
+            f"agree (max |logit diff| {c['max_abs_logit_diff']:.3g} of {c['max_abs_logit']:.3g}, max |grad diff| "
+            f"{c['max_abs_grad_diff']:.3g} of {c['max_abs_grad']:.3g})"
+            if "max_abs_logit_diff" in c
+            else f"cuDNN path unavailable: {c.get('error', '?')[:300]}"
+        )
+        lines += ["## Fused cuDNN attention with packed segments vs XLA", "", f"- {verdict}", ""]
+    if "train_step" in res:
+        lines += ["## Training step (jitted OPD update)", "", *_train_table(res["train_step"]), ""]
+    if ratios(doc):
+        lines += ["## Side by side", "", *_ratio_table(doc), "", *_details(res), ""]
+    if doc["errors"]:
+        lines += ["## Errors", ""] + [f"- {k}: `{v.splitlines()[0][:300]}`" for k, v in doc["errors"].items()] + [""]
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: Path) -> Path | None:
+    """Bar chart of the side-by-side ratios (median, whiskers low-high) with the goals as ticks."""
+    rows = ratios(doc)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.7 * len(rows) + 1.2))
+    med = [r["median"] for _, r, _ in rows]
+    err = [[r["median"] - r["low"] for _, r, _ in rows], [r["high"] - r["median"] for _, r, _ in rows]]
+    y = list(range(len(rows)))
+    ax.barh(y, med, xerr=err, color="#4c72b0", capsize=4)
+    for i, (_, _, goal) in enumerate(rows):
+        if goal:
+            ax.plot([goal, goal], [i - 0.4, i + 0.4], color="#c44e52", lw=2, label="goal" if i == 0 else None)
+    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_yticks(y, [label for label, _, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up (x), median of alternating runs; whiskers: slowest/fastest pairing")
+    ax.set_title(f"lopd_jax {doc['suite']} suite, {doc['machine']['device']['kind']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(doc: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """Write ``stem``.json, ``stem``.md and ``stem``_ratios.png under ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(doc, indent=1, default=float) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(doc), encoding="utf-8")
+    png = plot(doc, out_dir / f"{stem}_ratios.png")
+    return paths + ([png] if png else [])

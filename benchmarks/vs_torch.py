@@ -1,0 +1,137 @@
+"""Our jitted OPD update step vs the PyTorch eager reference on the same weights and batch.
+
+The reference is what a PyTorch user would write: transformers' ``Qwen3ForCausalLM`` (loaded from our weights
+saved with ``qwen3.save_hf``), the same OPD loss in torch (full fp32 log-softmax, PPO-clip with the advantage
+detached, per-sequence mean), ``clip_grad_norm_`` and ``torch.optim.AdamW`` with the same hyper-parameters.
+Runs alternate (jax, torch, jax, torch, ...) so both sides see the same machine load.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+from benchmarks import common
+from benchmarks.train_step import compile_step, make_opd_step, make_state, run_steps
+from lopd_jax import losses, update
+from lopd_jax.data import Batch
+from lopd_jax.models import qwen3
+from lopd_jax.models.qwen3 import Qwen3Config
+
+
+def torch_model(cfg: Qwen3Config, params: Any, tmp: str):
+    """transformers' Qwen3ForCausalLM holding exactly ``params`` (fp32, eval-free: no dropout in Qwen3)."""
+    from transformers import AutoModelForCausalLM
+
+    qwen3.save_hf(tmp, cfg, params)
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False)
+    return model.train()
+
+
+def torch_opd_loss(model, batch: dict, loss_cfg: losses.LossConfig):
+    """losses.opd_loss in torch (one sequence per row, sample_mean): returns the scalar loss.
+
+    logp = log_softmax(logits)[targets]; A = (teacher - logp.detach()) * mask; ratio = exp(logp - logp.detach());
+    per-token loss max(-ratio A, -clip(ratio) A); mean over each row's response tokens, averaged over rows."""
+    logits = model(input_ids=batch["inputs"], position_ids=batch["positions"]).logits.float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"][..., None])[..., 0]
+    old = logp.detach()
+    mask = batch["loss_mask"]
+    adv = (batch["teacher_logprobs"] - old) * mask
+    ratio = torch.exp(logp - old)
+    clipped = torch.clamp(ratio, 1 - loss_cfg.clip_eps_low, 1 + loss_cfg.clip_eps_high)
+    pg = torch.maximum(-ratio * adv, -clipped * adv)
+    per_seq = (pg * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq.sum() / (mask.sum(-1) > 0).sum().clamp(min=1)
+
+
+class TorchStep:
+    """One eager training step: forward, loss, backward, grad-norm clip, AdamW (update.OptimizerConfig's values)."""
+
+    def __init__(self, model, opt_cfg: update.OptimizerConfig, loss_cfg: losses.LossConfig):
+
+        self.model, self.opt_cfg, self.loss_cfg = model, opt_cfg, loss_cfg
+        self.opt = torch.optim.AdamW(
+            model.parameters(),
+            lr=opt_cfg.lr,
+            betas=(opt_cfg.b1, opt_cfg.b2),
+            eps=opt_cfg.eps,
+            weight_decay=opt_cfg.weight_decay,
+        )
+
+    def __call__(self, batch: dict) -> tuple[float, float]:
+
+        self.opt.zero_grad(set_to_none=True)
+        loss = torch_opd_loss(self.model, batch, self.loss_cfg)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opt_cfg.grad_clip)
+        self.opt.step()
+        return float(loss.detach()), float(grad_norm)
+
+
+def torch_batch(batch: Batch) -> dict:
+    return {
+        "inputs": torch.from_numpy(np.asarray(batch.inputs, np.int64)),
+        "targets": torch.from_numpy(np.asarray(batch.targets, np.int64)),
+        "positions": torch.from_numpy(np.asarray(batch.positions, np.int64)),
+        "loss_mask": torch.from_numpy(np.asarray(batch.loss_mask)),
+        "teacher_logprobs": torch.from_numpy(np.asarray(batch.teacher_logprobs)),
+    }
+
+
+def bench_vs_torch(cfg: Qwen3Config, batch_size: int, seq_len: int, rounds: int, steps_per_round: int) -> dict:
+    """Alternate ``rounds`` x (``steps_per_round`` jax steps, then as many torch steps) from the same weights.
+
+    Also checks the two sides agree: the first step's loss and pre-clip gradient norm (fp32 both sides)."""
+    opt_cfg = update.OptimizerConfig(lr=1e-5)
+    loss_cfg = losses.LossConfig()
+    state, optimizer = make_state(cfg)
+    host_batch = common.synthetic_batch(cfg, batch_size, seq_len)
+    with tempfile.TemporaryDirectory() as tmp:
+        tstep = TorchStep(torch_model(cfg, state.params, tmp), opt_cfg, loss_cfg)
+    tb = torch_batch(host_batch)
+    batch = jax.device_put(host_batch)
+    compiled, compile_s, _ = compile_step(make_opd_step(cfg, optimizer, loss_cfg), state, batch)
+    state, metrics = compiled(state, batch)
+    t_loss, t_norm = tstep(tb)  # step 1 on both sides from identical weights
+    check = {
+        "jax_loss": float(metrics["train/loss"]),
+        "torch_loss": t_loss,
+        "jax_grad_norm": float(metrics["train/grad_norm"]),
+        "torch_grad_norm": t_norm,
+    }
+    threads = common.torch_thread_counts()
+    jax_t, torch_t = [], {n: [] for n in threads}
+    for _ in range(rounds):
+        state, times = run_steps(compiled, state, batch, steps_per_round)
+        jax_t.append(float(np.mean(times)))
+        for n in threads:
+            with common.torch_threads(n):
+                tstep(tb)  # one untimed step after a thread-count change (pool start-up)
+                torch_t[n].append(float(np.mean([common.timed(lambda: tstep(tb)) for _ in range(steps_per_round)])))
+    jax_s = common.spread(jax_t)
+    best, by_threads = common.best_of(torch_t)
+    torch_s = by_threads[best]
+    tokens = batch_size * seq_len
+    return {
+        "model": {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size},
+        "params": qwen3.param_count(cfg),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "rounds": rounds,
+        "steps_per_round": steps_per_round,
+        "jax_step_s": jax_s,
+        "torch_step_s": torch_s,
+        "torch_threads": int(best),
+        "torch_step_s_by_threads": by_threads,
+        "jax_tokens_per_s": tokens / jax_s["median"],
+        "torch_tokens_per_s": tokens / torch_s["median"],
+        "speedup": common.ratio(torch_s, jax_s),
+        "jax_compile_s": compile_s,
+        "torch_attention": getattr(tstep.model.config, "_attn_implementation", None),
+        "agreement": check,
+    }
