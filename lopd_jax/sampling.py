@@ -259,8 +259,8 @@ def _place(arrays, mesh: Mesh | None, rules: sharding.Rules):
 def _cache_sharding(cfg: Qwen3Config, mesh: Mesh | None, batch: int, max_len: int, rules: sharding.Rules):
     if mesh is None:
         return None
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return sharding.logical_sharding(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"), shape, rules)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # qwen3.init_cache
+    return sharding.logical_sharding(mesh, ("layers", "batch", "kv_heads", "seq", "head_dim"), shape, rules)
 
 
 def _params_on_mesh(params: Params, cfg: Qwen3Config, mesh: Mesh, rules: sharding.Rules) -> Params:

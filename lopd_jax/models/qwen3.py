@@ -319,26 +319,38 @@ def _project_qkv(h_BTD: jax.Array, lp: Params, ctx: _Ctx, cfg: Qwen3Config):
     return q_BTNH, k_BTKH, v_BTKH
 
 
-def _write_cache(c_LBSKH: jax.Array, i: jax.Array, new_BTKH: jax.Array, slots_BT: jax.Array) -> jax.Array:
-    # Scatter straight into the stacked cache (in place inside the scan); slots past max_len (right padding
-    # of a full row) are dropped rather than clamped onto real entries.
+def _write_cache(c_BKSH: jax.Array, new_BTKH: jax.Array, slots_BT: jax.Array) -> jax.Array:
+    # Scatter into this layer's cache; slots past max_len (right padding of a full row) are dropped rather
+    # than clamped onto real entries. (Advanced indices around a slice put (B, T) first: the update is BTKH.)
     b_B1 = jnp.arange(new_BTKH.shape[0])[:, None]
-    return c_LBSKH.at[i, b_B1, slots_BT].set(new_BTKH.astype(c_LBSKH.dtype), mode="drop")
+    return c_BKSH.at[b_B1, :, slots_BT].set(new_BTKH.astype(c_BKSH.dtype), mode="drop")
+
+
+def attention_cached(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """attention_xla over a cache laid out [B, K, S, H]: the einsums read it without a transpose per step."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
+    logits_BKGTS = logits_BKGTS * (H**-0.5)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH)
+    return out_BTKGH.reshape(B, T, N, H)
 
 
 def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None):
-    """One pre-norm decoder layer; ``cache`` = (k [L,B,S,K,H], v, layer index) for the cached forward."""
+    """One pre-norm decoder layer; ``cache`` = this layer's (k [B,K,S,H], v) for the cached forward."""
     h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
     q_BTNH, k_BSKH, v_BSKH = _project_qkv(h_BTD, lp, ctx, cfg)
-    attend = _ATTENTION[cfg.attention]
+    attend, k, v = _ATTENTION[cfg.attention], k_BSKH, v_BSKH
     if cache is not None:
-        k_all, v_all, i = cache
-        k_all = _write_cache(k_all, i, k_BSKH, ctx.slots_BT)
-        v_all = _write_cache(v_all, i, v_BSKH, ctx.slots_BT)
-        k_BSKH, v_BSKH = k_all[i].astype(x_BTD.dtype), v_all[i].astype(x_BTD.dtype)
-        cache = (k_all, v_all)
-        attend = attention_xla  # decode steps are bandwidth-bound: the fused kernel buys nothing there
-    o_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, ctx.mask_BTS)
+        k_BKSH = _write_cache(cache[0], k_BSKH, ctx.slots_BT)
+        v_BKSH = _write_cache(cache[1], v_BSKH, ctx.slots_BT)
+        cache = (k_BKSH, v_BKSH)
+        # Decode steps are bandwidth-bound: the fused kernel buys nothing there.
+        attend, k, v = attention_cached, k_BKSH.astype(x_BTD.dtype), v_BKSH.astype(x_BTD.dtype)
+    o_BTNH = attend(q_BTNH, k, v, ctx.mask_BTS)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lp["o"].astype(x_BTD.dtype))
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
     mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp)
@@ -396,17 +408,32 @@ def _decoder_stack(params: Params, x_BTD: jax.Array, ctx: _Ctx, cfg: Qwen3Config
 
 
 def _decoder_stack_cached(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Config):
+    # Each layer's cache slice is a scanned input and its updated slice a scanned output (not a carry):
+    # carrying the whole [L,B,S,K,H] cache made XLA copy it every layer, so a decode step cost O(L^2 S).
+    k_runs, v_runs = [], []
     for kind, start, stop, offset in layer_runs(cfg):
         lp, mp = _run_slices(params, kind, start, stop, offset)
 
-        def body(carry, layer, kind=kind):
-            x, k, v = carry
-            x, (k, v) = _decoder_layer(x, layer[0], layer[1], kind, ctx, cfg, cache=(k, v, layer[2]))
-            return (x, k, v), None
+        def body(x, layer, kind=kind):
+            x, kv = _decoder_layer(x, layer[0], layer[1], kind, ctx, cfg, cache=(layer[2], layer[3]))
+            return x, kv
 
-        layer_ids = jnp.arange(start, stop)
-        x_BTD, k_all, v_all = _scan(body, (x_BTD, k_all, v_all), (lp, mp, layer_ids), cfg)
-    return x_BTD, k_all, v_all
+        x_BTD, (k_run, v_run) = _scan_ys(body, x_BTD, (lp, mp, k_all[start:stop], v_all[start:stop]), cfg)
+        k_runs.append(k_run)
+        v_runs.append(v_run)
+    cat = (lambda xs: xs[0]) if len(k_runs) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
+    return x_BTD, cat(k_runs), cat(v_runs)
+
+
+def _scan_ys(body, carry, xs, cfg: Qwen3Config):
+    """Like _scan but keeps the stacked per-layer outputs (the updated KV cache)."""
+    if cfg.scan_layers:
+        return jax.lax.scan(body, carry, xs)
+    ys = []
+    for j in range(jax.tree.leaves(xs)[0].shape[0]):
+        carry, y = body(carry, jax.tree.map(lambda a, j=j: a[j], xs))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def _output(params: Params, x_BTD: jax.Array, cfg: Qwen3Config, return_hidden: bool) -> jax.Array:
@@ -465,9 +492,12 @@ def forward(
 
 
 def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype: str | None = None) -> Params:
-    """Empty KV cache: {"k", "v": [L, B, S, K, H] (dtype default cfg.dtype), "lengths": [B] int32 zeros}."""
+    """Empty KV cache: {"k", "v": [L, B, K, S, H] (dtype default cfg.dtype), "lengths": [B] int32 zeros}.
+
+    K before S so each decode step reads the cache in the layout attention consumes it (no transposes).
+    """
     dt = dtype_of(dtype or cfg.dtype)
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "lengths": jnp.zeros((batch,), jnp.int32)}
 
 
@@ -491,7 +521,7 @@ def forward_cached(
     lengths_B = cache["lengths"]
     num_new = jnp.full((B,), T, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
     slots_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-    S = cache["k"].shape[2]
+    S = cache["k"].shape[3]
     mask_BTS = jnp.arange(S)[None, None, :] <= slots_BT[:, :, None]
     sin_BTH, cos_BTH = rope_tables(slots_BT, cfg.head_dim, cfg.rope_theta)
     ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, slots_BT)
