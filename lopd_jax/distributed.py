@@ -3,6 +3,7 @@
 Call it first thing in a launcher, before anything touches a device. A run is multi-process when either
   * the explicit variables are set (any launcher, and the loopback test):
       LOPD_COORDINATOR=host:port  LOPD_NUM_PROCESSES=N  LOPD_PROCESS_ID=i  [LOPD_LOCAL_DEVICE_IDS=0,1,...]
+    (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are accepted as the same three),
   * or a cluster JAX detects by itself launched several tasks (SLURM with SLURM_NTASKS > 1, Open MPI with
     OMPI_COMM_WORLD_SIZE > 1, multi-host Cloud TPU); then ``jax.distributed.initialize()`` reads the cluster.
 Otherwise (one process) it does nothing, so the same command runs on a laptop and on a cluster.
@@ -61,10 +62,25 @@ def _cluster_size(env: Mapping[str, str]) -> int:
     return len(hosts)
 
 
+_ALIASES = {
+    ENV_COORDINATOR: "JAX_COORDINATOR_ADDRESS",
+    ENV_NUM_PROCESSES: "JAX_NUM_PROCESSES",
+    ENV_PROCESS_ID: "JAX_PROCESS_ID",
+}
+
+
+def _with_aliases(env: Mapping[str, str]) -> dict[str, str]:
+    out = dict(env)
+    for ours, theirs in _ALIASES.items():
+        if not out.get(ours) and out.get(theirs):
+            out[ours] = out[theirs]
+    return out
+
+
 def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
     """Read the launch from the environment (``os.environ`` by default); raises DistributedError when the
     LOPD_* variables are incomplete or inconsistent."""
-    env = os.environ if env is None else env
+    env = _with_aliases(os.environ if env is None else env)
     timeout = _int_env(env, ENV_TIMEOUT) if ENV_TIMEOUT in env else 300
     explicit = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID) if env.get(n)]
     if explicit:

@@ -202,12 +202,15 @@ def memory_figures(compiled: Any) -> dict[str, int]:
     return out
 
 
+TEACHER_DTYPE = "float32"  # what lopd_jax.train loads the live teacher as (hf.load_hf's default dtype)
+
+
 def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[str, int]:
-    """Mode opd keeps the live teacher resident (compute dtype, same mesh): its per-device weight bytes."""
+    """Mode opd keeps the live teacher resident (TEACHER_DTYPE, student's mesh): its per-device weight bytes."""
     if cfg.mode != "opd" or not cfg.model.teacher:
         return {}
     knobs = _runtime_knobs(cfg.model, "xla")
-    knobs["param_dtype"] = cfg.model.dtype  # the teacher is never trained: stored in the compute dtype
+    knobs["param_dtype"] = TEACHER_DTYPE
     tcfg = architecture(cfg.model.teacher, **knobs)
     return {"teacher_weights": _device_bytes(abstract_params(tcfg, mesh, rules))}
 
@@ -380,8 +383,14 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
-def main(cfg: TrainConfig) -> int:
-    """Print the plan of ``cfg`` (see module doc); exit status 0 (the plan says whether it fits)."""
+def run(cfg: TrainConfig) -> Plan:
+    """Make, print and return the plan of ``cfg``."""
     plan = make_plan(cfg)
     print(format_plan(plan, cfg), flush=True)
+    return plan
+
+
+def main(cfg: TrainConfig) -> int:
+    """``--plan``: print the plan of ``cfg`` (see module doc); exit status 0 (the plan says whether it fits)."""
+    run(cfg)
     return 0

@@ -159,6 +159,8 @@ def test_detect_launch_modes():
         3,
     )
     assert launch.local_device_ids == (0, 1)
+    alias = detect_launch({"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+    assert (alias.mode, alias.coordinator, alias.process_id) == ("explicit", "h:2", 1)
     assert detect_launch({"SLURM_NTASKS": "16", "SLURM_JOB_ID": "7"}).mode == "cluster"
     assert detect_launch({"SLURM_NTASKS": "1"}).mode == "single"
     assert detect_launch({"TPU_WORKER_HOSTNAMES": "a,b"}).num_processes == 2

@@ -1,0 +1,144 @@
+"""``--plan``: the paper-scale configs compile abstractly on 8 fake CPU devices and report the published parameter
+counts and per-device memory within budget; the planning stand-ins equal the ops they replace; every config loads.
+
+The two big compiles (8B, 30B-A3B) use the configs' real settings: compile time does not depend on the shapes
+(the layers are one scanned body), and the persistent compile cache of conftest makes re-runs fast.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopd_jax import config as config_lib
+from lopd_jax import plan, sharding
+from lopd_jax.models import presets, qwen3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+# Model cards ("Number of Parameters"), in billions.
+PUBLISHED = {"qwen3-4b": 4.0, "qwen3-8b": 8.2, "qwen3-30b-a3b": 30.5}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_config_loads(path):
+    raw = config_lib.read_yaml(path)
+    if config_lib.is_pipeline(raw):
+        assert isinstance(raw["stages"], list) and raw["stages"], path
+        return
+    # Stage fragments of a pipeline (configs/demo/*) get their paths on the command line: stand-ins here.
+    fragment = os.sep + "demo" + os.sep in path
+    overrides = [f"{key}=set-by-the-pipeline" for key in _pipeline_set_paths(raw)] if fragment else []
+    cfg = config_lib.load_config(path, overrides)
+    assert cfg.train.batch_size % cfg.train.grad_accum == 0
+
+
+def _pipeline_set_paths(raw: dict) -> list[str]:
+    """The required path keys a config leaves to its pipeline (only fragments under configs/demo leave any)."""
+    need = {"sft": ["data.store"], "lightning_opd": ["data.store"], "opd": ["data.prompts", "model.teacher"]}
+    sections = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    missing = [k for k in need.get(raw.get("mode"), []) if k.split(".")[1] not in sections.get(k.split(".")[0], {})]
+    return missing
+
+
+@pytest.mark.parametrize("size", ["4b", "8b", "30b_a3b"])
+def test_paper_configs_use_the_reference_settings(size):
+    for mode in ("sft", "lightning_opd", "opd"):
+        cfg = config_lib.load_config(os.path.join(ROOT, "configs", f"qwen3_{size}_{mode}.yaml"))
+        assert cfg.model.init in PUBLISHED and cfg.mesh.axis_sizes(8) == (1, 8, 1, 1)
+        assert (cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat) == ("bfloat16", "float32", "full")
+        o = cfg.optimizer
+        assert (o.b1, o.b2, o.weight_decay, o.grad_clip) == (0.9, 0.98, 0.1, 1.0)
+        if mode == "sft":
+            continue
+        assert (o.lr, o.schedule, cfg.train.batch_size, cfg.train.steps) == (2e-6, "constant", 256, 150)
+        assert (cfg.loss.clip_eps_low, cfg.loss.clip_eps_high, cfg.data.max_response_len) == (0.2, 0.2, 4096)
+        assert not cfg.data.pack  # 256 rows = 256 rollouts per optimizer step
+        if mode == "opd":
+            assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_new_tokens) == (0.7, 0.9, 4096)
+            assert cfg.model.teacher == "qwen3-32b"
+
+
+def _printed(text: str, pattern: str) -> float:
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not in the plan output:\n{text}"
+    return float(m.group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize("name", ["qwen3_8b_lightning_opd", "qwen3_30b_a3b_lightning_opd"])
+def test_plan_paper_scale(name, capsys):
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    assert len(jax.devices()) == 8
+    p = plan.run(cfg)  # what plan.main (the --plan entry point) prints, plus the Plan itself
+    out = capsys.readouterr().out
+    total = _printed(out, r"parameters: total ([\d,]+)")
+    device_gb = _printed(out, r"total per device: ([\d.]+) GB")
+    assert total / 1e9 == pytest.approx(PUBLISHED[cfg.model.init], rel=0.01)
+    assert device_gb < cfg.plan.device_memory_gb and "FITS" in out
+    if cfg.plan.device_memory_gb == 80.0:
+        assert device_gb < 80.0
+    # The figures are consistent with the sharded state: fp32 params 8-way sharded, two fp32 Adam moments.
+    assert p.params_total == int(total)
+    assert p.state_bytes["params"] == pytest.approx(total * 4 / 8, rel=0.01)
+    assert p.state_bytes["optimizer"] == pytest.approx(2 * total * 4 / 8, rel=0.01)
+    assert p.memory["argument"] >= sum(p.state_bytes.values())
+    assert p.memory["alias"] >= sum(p.state_bytes.values())  # the state is donated
+    assert p.memory["temp"] >= p.state_bytes["params"]  # at least the fp32 gradients
+    for t in p.largest:
+        assert math.prod(t.device_shape) * 8 == math.prod(t.shape), t  # the big tensors are 8-way sharded
+    if "moe" in out:
+        assert _printed(out, r"parameters: active ([\d,]+)") == presets.active_param_count(plan.model_config(cfg))
+
+
+def test_blockwise_attention_equals_attention_xla(monkeypatch):
+    monkeypatch.setattr(plan, "ATTN_BLOCK", 4)
+    k = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(k[0], (2, 16, 4, 8))
+    kv = jax.random.normal(k[1], (2, 2, 16, 2, 8))
+    seg = jnp.array([[1] * 10 + [2] * 6, [1] * 13 + [0] * 3])
+    idx = jnp.arange(16)
+    mask = (idx[:, None] >= idx[None]) & (seg[:, :, None] == seg[:, None, :])
+    ref = qwen3.attention_xla(q, kv[0], kv[1], mask)
+    np.testing.assert_allclose(plan.blockwise_attention(q, kv[0], kv[1], mask), ref, rtol=1e-6, atol=1e-6)
+    grad = jax.grad(lambda f, q: jnp.sum(jnp.sin(f(q, kv[0], kv[1], mask))), argnums=1)
+    np.testing.assert_allclose(grad(plan.blockwise_attention, q), grad(qwen3.attention_xla, q), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_matmul_scan_equals_ragged_dot():
+    k = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(k[0], (50, 8))
+    w = jax.random.normal(k[1], (5, 8, 3))
+    groups = jnp.array([10, 0, 25, 5, 10], jnp.int32)
+    np.testing.assert_allclose(plan.grouped_matmul_scan(x, w, groups), jax.lax.ragged_dot(x, w, groups), atol=1e-5)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, groups)))  # noqa: E731
+    got = jax.grad(loss(plan.grouped_matmul_scan), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_bytes_and_hf_architecture(tmp_path):
+    import transformers
+
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs", "qwen3_8b_opd.yaml"))
+    mesh = sharding.make_mesh(cfg.mesh)
+    tb = plan.teacher_bytes(cfg, mesh, cfg.mesh.logical_rules())["teacher_weights"]
+    n32 = presets.param_count(presets.get_preset("qwen3-32b"))
+    assert tb == pytest.approx(n32 * jnp.dtype(plan.TEACHER_DTYPE).itemsize / 8, rel=0.01)
+    hf_cfg = transformers.Qwen3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+    )  # fmt: skip
+    hf_cfg.save_pretrained(tmp_path)
+    arch = plan.architecture(str(tmp_path), dtype="bfloat16", remat="full")
+    assert (arch.vocab_size, arch.hidden_size, arch.num_hidden_layers, arch.head_dim) == (256, 64, 2, 16)
+    assert arch.tie_word_embeddings and (arch.dtype, arch.remat) == ("bfloat16", "full")
+    with pytest.raises(ValueError, match="neither an HF checkpoint directory nor a preset"):
+        plan.architecture(str(tmp_path / "missing"))
