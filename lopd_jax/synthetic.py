@@ -1,17 +1,21 @@
 """A synthetic multi-step reasoning task for the CPU demo: column addition of several numbers.
 
-Problem: `Add: 37+485+92+106`. Worked solution, one line per column from the units up, as on paper: the
-column's digits (0 where an operand is too short), plus the carry from the previous column, and their sum;
-the answer's digits are the last digit of each line read bottom-up, preceded by the final carry:
+Problem: `Add: 37+485+92+106`. Worked solution, one line per column from the units up, as on paper; the
+answer's digits are the last digit of each line's total read bottom-up, preceded by the final carry. Each
+line adds the column's digits (0 where an operand is too short) and, from the second column on, the carry
+in. With `chain=True` (the default) the line spells out the running sum one digit at a time, so that every
+step is one small addition of two adjacent numbers; with `chain=False` the line states the column total at
+once (fewer tokens, but a tiny model then has to add 4-6 numbers in one go):
 
-    7+5+2+6=20
-    3+8+9+0+2=22
-    0+4+0+1+2=7
-    #### 720
+    chain=True                     chain=False
+    7+5=12+2=14+6=20               7+5+2+6=20
+    3+8=11+9=20+0=20+2=22          3+8+9+0+2=22
+    0+4=4+0=4+1=5+2=7              0+4+0+1+2=7
+    #### 720                       #### 720
 
-Every line is a local step (pick one digit per operand, add a few small numbers, carry the tens), so a tiny
-transformer learns each step quickly but not perfectly, and the errors compound over columns: accuracy falls
-with the number of operands and digits (the difficulty knobs), which leaves room for distillation to help.
+Every step is local (fetch one digit of the prompt, add it, carry the tens), so a tiny transformer learns
+each step quickly but not perfectly, and errors compound over the steps: accuracy falls with the number of
+operands and digits (the difficulty knobs), which leaves room for distillation to help.
 
 The tokenizer is character-level (printable ASCII + newline + Qwen's chat special tokens, 100 ids) built with
 the `tokenizers` library and saved as a transformers tokenizer with a Qwen-style chat template.
@@ -51,12 +55,14 @@ ANSWER_MARKER = "#### "
 
 @dataclass(frozen=True)
 class Difficulty:
-    """Ranges (inclusive) for the number of operands and the digits of each operand."""
+    """Ranges (inclusive) for the number of operands and the digits of each operand; `chain` spells out the
+    running sum within each column (see the module docstring)."""
 
     min_operands: int = 3
     max_operands: int = 4
     min_digits: int = 2
     max_digits: int = 3
+    chain: bool = True
 
     def __post_init__(self):
         if not 2 <= self.min_operands <= self.max_operands <= 9:
@@ -80,7 +86,17 @@ def _as_difficulty(difficulty: Difficulty | str) -> Difficulty:
     return DIFFICULTIES[difficulty]
 
 
-def worked_solution(operands: list[int]) -> str:
+def _column_line(terms: list[int], chain: bool) -> str:
+    if not chain:
+        return "+".join(map(str, terms)) + f"={sum(terms)}"
+    line, running = str(terms[0]), terms[0]
+    for t in terms[1:]:
+        running += t
+        line += f"+{t}={running}"
+    return line
+
+
+def worked_solution(operands: list[int], chain: bool = True) -> str:
     """The column-addition worked solution for non-negative `operands`, ending with `#### <sum>`."""
     width = max(len(str(x)) for x in operands)
     lines, answer_digits, carry = [], [], 0
@@ -88,7 +104,7 @@ def worked_solution(operands: list[int]) -> str:
         digits = [(x // 10**col) % 10 for x in operands]
         terms = digits + ([carry] if col > 0 else [])  # the units column has no carry-in
         total = sum(terms)
-        lines.append("+".join(map(str, terms)) + f"={total}")
+        lines.append(_column_line(terms, chain))
         answer_digits.append(str(total % 10))
         carry = total // 10
     answer = (str(carry) if carry else "") + "".join(reversed(answer_digits))
@@ -104,7 +120,7 @@ def make_problem(rng: np.random.Generator, difficulty: Difficulty | str = "mediu
     operands = [int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10**d)) for d in digits]
     return {
         "prompt": PROMPT_PREFIX + "+".join(map(str, operands)),
-        "solution": worked_solution(operands),
+        "solution": worked_solution(operands, diff.chain),
         "answer": str(sum(operands)),
     }
 
@@ -200,3 +216,57 @@ def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
 def grade_response(response: str, answer: str) -> bool:
     """Exact match of the `#### X` answer in a response against the reference (eval.grade, kind="exact")."""
     return grade(response, answer, kind="exact")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: `python -m lopd_jax.synthetic --out DIR --seed S ...` (the demo's first stage)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None):
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m lopd_jax.synthetic",
+        description="Write the column-addition task: DIR/tokenizer/ (transformers tokenizer with chat template) and "
+        "the disjoint prompt sets DIR/{teacher,sft,opd,eval}.jsonl.",
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the problem generator")
+    p.add_argument("--n-teacher", type=int, default=0, help="worked solutions to train the teacher on (0: none)")
+    p.add_argument("--n-sft", type=int, required=True, help="prompts the teacher answers for the student's SFT")
+    p.add_argument("--n-opd", type=int, required=True, help="prompts for the OPD rollouts")
+    p.add_argument("--n-eval", type=int, required=True, help="held-out evaluation prompts")
+    p.add_argument("--difficulty", default="medium", help=f"preset: {', '.join(DIFFICULTIES)}")
+    for name in ("min_operands", "max_operands", "min_digits", "max_digits"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="overrides the preset's value")
+    return p.parse_args(argv)
+
+
+def _difficulty_from_args(args) -> Difficulty:
+    base = _as_difficulty(args.difficulty)
+    fields = ("min_operands", "max_operands", "min_digits", "max_digits")
+    return Difficulty(**{f: getattr(base, f) if getattr(args, f) is None else getattr(args, f) for f in fields})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit status 2 with one `error:` line for bad arguments."""
+    import sys
+
+    args = _parse_args(argv)
+    try:
+        difficulty = _difficulty_from_args(args)
+        paths = write_prompt_sets(
+            args.out, args.seed, args.n_sft, args.n_opd, args.n_eval, n_teacher=args.n_teacher, difficulty=difficulty
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    build_tokenizer(Path(args.out) / "tokenizer")
+    counts = ", ".join(f"{name} {len(path.read_text().splitlines())}" for name, path in paths.items())
+    print(f"synthetic task ({difficulty}) in {args.out}: {counts}; tokenizer in {Path(args.out) / 'tokenizer'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

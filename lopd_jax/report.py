@@ -1,0 +1,278 @@
+"""The report of a multi-stage run (the demo): a printed table and PNG plots from the pipeline's stage records.
+
+``lopd_jax.pipeline.run_pipeline`` returns one record per stage (``name``, ``group``, ``loop`` values,
+``seconds``, ``cached``, ``result``: the stage's result JSON, e.g. a training run's ``eval.json``). The config's
+optional ``report`` section says which stages are the methods being compared::
+
+    report:
+      title: Lightning OPD demo
+      metric: eval/pass@1                  # the number read from each eval stage's result
+      methods:
+        - name: Lightning OPD
+          eval: lightning_opd              # stage (foreach instances are aggregated: mean +- std)
+          cost: [rollouts, teacher_logprobs, lightning_opd]   # stages whose wall-clock this method pays
+          teacher: [teacher_logprobs]      # stages that run the teacher (their seconds are teacher compute)
+          teacher_metric: time/teacher_s   # or/and: a metric summed over the eval stage's metrics.jsonl
+
+A method's wall-clock and teacher seconds are summed over its stages per foreach instance (stages without loop
+values are shared by every instance), then averaged over instances. Without a ``report`` section every stage
+with a result is a method of its own. ``report(...)`` prints the tables, writes ``report.json`` and the plots
+``accuracy.png``, ``stage_seconds.png`` and ``accuracy_vs_time.png`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_METRIC = "eval/pass@1"
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    eval: str
+    cost: tuple[str, ...] = ()
+    teacher: tuple[str, ...] = ()
+    teacher_metric: str | None = None
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """One method aggregated over its instances (foreach values): lists are per instance."""
+
+    name: str
+    scores: list[float]
+    seconds: list[float]
+    teacher_seconds: list[float]
+
+    def stats(self, xs: list[float]) -> tuple[float, float]:
+        a = np.asarray(xs, float)
+        return (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0) if len(a) else (math.nan, math.nan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the config and the records
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_dir_of(raw_config: dict, source: str) -> Path:
+    """The run directory ``pipeline.run_pipeline`` uses for this config (``run_dir`` or runs/<config stem>)."""
+    return Path(raw_config.get("run_dir") or os.path.join("runs", Path(source).stem))
+
+
+def method_specs(raw_config: dict, records: list[dict]) -> list[MethodSpec]:
+    """The ``report.methods`` of the config; ValueError naming the bad entry. Default: one per result stage."""
+    section = raw_config.get("report") or {}
+    if not isinstance(section, dict):
+        raise ValueError("report: must be a mapping (title, metric, methods)")
+    raw = section.get("methods")
+    if raw is None:
+        names = dict.fromkeys(_base(r) for r in records if "result" in r)
+        return [MethodSpec(n, n, (n,)) for n in names]
+    specs = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or not {"name", "eval"} <= m.keys():
+            raise ValueError(f"report.methods[{i}]: needs 'name' and 'eval', got {m!r}")
+        unknown = set(m) - {f.name for f in dataclasses.fields(MethodSpec)}
+        if unknown:
+            raise ValueError(f"report.methods[{i}]: unknown key(s) {sorted(unknown)}")
+        specs.append(
+            MethodSpec(
+                str(m["name"]),
+                str(m["eval"]),
+                tuple(m.get("cost", ())),
+                tuple(m.get("teacher", ())),
+                m.get("teacher_metric"),
+            )  # fmt: skip
+        )
+    return specs
+
+
+def _base(rec: dict) -> str:
+    """The stage's name in the config (foreach instances carry their loop values as a name suffix)."""
+    suffix = "".join(f"-{k}{v}" for k, v in rec.get("loop", {}).items())
+    return rec["name"][: len(rec["name"]) - len(suffix)] if suffix else rec["name"]
+
+
+def _matching(records: list[dict], base: str, loop: dict) -> list[dict]:
+    """Records of stage ``base`` for the instance with loop values ``loop`` (or the shared, loop-less one)."""
+    out = []
+    for r in records:
+        if _base(r) == base and all(loop.get(k) == v for k, v in r.get("loop", {}).items()):
+            out.append(r)
+    return out
+
+
+def _seconds(records: list[dict], bases: tuple[str, ...], loop: dict) -> float:
+    return sum(float(r.get("seconds", 0.0)) for b in bases for r in _matching(records, b, loop))
+
+
+def _metric_sum(run_dir: Path, stage: str, key: str) -> float:
+    """Sum of ``key`` over a training stage's metrics.jsonl (0 when absent)."""
+    path = run_dir / stage / "metrics.jsonl"
+    if not path.exists():
+        return 0.0
+    from lopd_jax.metrics import read_metrics
+
+    return float(sum(r.get(key, 0.0) for r in read_metrics(path) if isinstance(r.get(key), (int, float))))
+
+
+def aggregate(records: list[dict], specs: list[MethodSpec], run_dir: Path, metric: str) -> list[MethodResult]:
+    """Per method: the metric of each eval instance, and its wall-clock and teacher seconds."""
+    results = []
+    for spec in specs:
+        res = MethodResult(spec.name, [], [], [])
+        for ev in (r for r in records if _base(r) == spec.eval):
+            loop = ev.get("loop", {})
+            value = (ev.get("result") or {}).get(metric)
+            if value is None:
+                continue
+            res.scores.append(float(value))
+            res.seconds.append(_seconds(records, spec.cost, loop))
+            teacher = _seconds(records, spec.teacher, loop)
+            if spec.teacher_metric:
+                teacher += _metric_sum(run_dir, ev["name"], spec.teacher_metric)
+            res.teacher_seconds.append(teacher)
+        results.append(res)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pm(mean: float, std: float, n: int, scale: float = 1.0, digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" +- {std * scale:.{digits}f}" if n > 1 else "")
+
+
+def stage_table(records: list[dict]) -> str:
+    """One line per stage: name, ran / cached, wall-clock seconds (of the run that produced it)."""
+    width = max(len(r["name"]) for r in records)
+    lines = [f"{'stage':<{width}}  {'status':<6}  {'seconds':>8}"]
+    for r in records:
+        lines.append(f"{r['name']:<{width}}  {'cached' if r.get('cached') else 'ran':<6}  {r.get('seconds', 0):8.1f}")
+    total = sum(float(r.get("seconds", 0.0)) for r in records)
+    ran = sum(float(r.get("seconds", 0.0)) for r in records if not r.get("cached"))
+    lines.append(f"{'all stages (cold run)':<{width}}  {'':<6}  {total:8.1f}")
+    lines.append(f"{'this invocation':<{width}}  {'':<6}  {ran:8.1f}")
+    return "\n".join(lines)
+
+
+def method_table(results: list[MethodResult], metric: str) -> str:
+    """One line per method: metric (percent, mean +- std over instances), n, wall-clock s, teacher s."""
+    width = max([len(r.name) for r in results] + [6])
+    lines = [f"{'method':<{width}}  {metric + ' (%)':>18}  {'n':>2}  {'wall-clock s':>14}  {'teacher s':>12}"]
+    for r in results:
+        n = len(r.scores)
+        acc = _pm(*r.stats(r.scores), n, 100.0)
+        secs = _pm(*r.stats(r.seconds), n, digits=0)
+        teacher = _pm(*r.stats(r.teacher_seconds), n, digits=0)
+        lines.append(f"{r.name:<{width}}  {acc:>18}  {n:>2}  {secs:>14}  {teacher:>12}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(results: list[MethodResult], metric: str, path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(results), 3.4))
+    means = [r.stats(r.scores)[0] * 100 for r in results]
+    stds = [r.stats(r.scores)[1] * 100 for r in results]
+    ax.bar(range(len(results)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    for i, r in enumerate(results):
+        ax.scatter([i] * len(r.scores), [s * 100 for s in r.scores], color="k", s=10, zorder=3)
+    ax.set_xticks(range(len(results)), [r.name for r in results], rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel(f"held-out {metric} (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_stage_seconds(records: list[dict], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.28 * len(records)))
+    names = [r["name"] for r in records][::-1]
+    secs = [float(r.get("seconds", 0.0)) for r in records][::-1]
+    ax.barh(names, secs, color="tab:orange", alpha=0.85)
+    ax.set_xlabel("wall-clock seconds (cold run)")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_time(results: list[MethodResult], metric: str, path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for r in results:
+        (acc, acc_std), (sec, sec_std) = r.stats(r.scores), r.stats(r.seconds)
+        ax.errorbar(sec, acc * 100, xerr=sec_std, yerr=acc_std * 100, fmt="o", capsize=3, label=r.name)
+    ax.set_xlabel("method wall-clock (s, beyond the shared stages)")
+    ax.set_ylabel(f"held-out {metric} (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def report(records: list[dict], raw_config: dict, source: str, *, plots: bool = True) -> str:
+    """The printed report of a pipeline run; writes report.json and (``plots``) the PNGs into the run dir."""
+    section = raw_config.get("report") or {}
+    metric = section.get("metric", DEFAULT_METRIC)
+    title = section.get("title", Path(source).stem)
+    run_dir = run_dir_of(raw_config, source)
+    results = aggregate(records, method_specs(raw_config, records), run_dir, metric)
+    tables = [stage_table(records), method_table(results, metric)]
+    text = f"\n{title}\n\n" + "\n\n".join(tables) + f"\n\nplots and report.json: {run_dir}"
+    summary = {
+        "metric": metric,
+        "methods": [dataclasses.asdict(r) for r in results],
+        "stages": [{k: r.get(k) for k in ("name", "seconds", "cached")} for r in records],
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "report.json").write_text(json.dumps(summary, indent=1))
+    if plots:
+        plot_stage_seconds(records, run_dir / "stage_seconds.png", f"{title}: wall-clock per stage")
+        if any(r.scores for r in results):
+            plot_accuracy(results, metric, run_dir / "accuracy.png", f"{title}: held-out accuracy")
+            plot_accuracy_vs_time(results, metric, run_dir / "accuracy_vs_time.png", f"{title}: accuracy vs time")
+    return text
+
+
+def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``report.json`` a previous ``report`` call wrote."""
+    return json.loads((Path(run_dir) / "report.json").read_text())
