@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -166,6 +167,8 @@ class Pipeline:
         return records
 
     def _run_one(self, stage: Stage, cmd: str, key: str, out: Path) -> dict:
+        if out.exists():  # outputs of another key (or a failed run): tools refuse to write over them
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         argv = shlex.split(cmd)
         if argv and argv[0] in ("python", "python3"):
