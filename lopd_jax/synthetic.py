@@ -3,14 +3,14 @@
 Problem: `Add: 37+485+92+106`. Worked solution, one line per column from the units up, as on paper; the
 answer's digits are the last digit of each line's total read bottom-up, preceded by the final carry. Each
 line adds the column's digits (0 where an operand is too short) and, from the second column on, the carry
-in. With `chain=True` (the default) the line spells out the running sum one digit at a time, so that every
-step is one small addition of two adjacent numbers; with `chain=False` the line states the column total at
-once (fewer tokens, but a tiny model then has to add 4-6 numbers in one go):
+in. With `chain=False` (the default) the line states the column total at once; with `chain=True` it spells
+out the running sum one digit at a time, so that every step is one small addition of two adjacent numbers
+(~1.3x the response tokens, but a tiny model no longer has to add 4-5 numbers in a single token):
 
-    chain=True                     chain=False
-    7+5=12+2=14+6=20               7+5+2+6=20
-    3+8=11+9=20+0=20+2=22          3+8+9+0+2=22
-    0+4=4+0=4+1=5+2=7              0+4+0+1+2=7
+    chain=False                    chain=True
+    7+5+2+6=20                     7+5=12+2=14+6=20
+    3+8+9+0+2=22                   3+8=11+9=20+0=20+2=22
+    0+4+0+1+2=7                    0+4=4+0=4+1=5+2=7
     #### 720                       #### 720
 
 Every step is local (fetch one digit of the prompt, add it, carry the tens), so a tiny transformer learns
@@ -62,7 +62,7 @@ class Difficulty:
     max_operands: int = 4
     min_digits: int = 2
     max_digits: int = 3
-    chain: bool = True
+    chain: bool = False
 
     def __post_init__(self):
         if not 2 <= self.min_operands <= self.max_operands <= 9:
@@ -96,7 +96,7 @@ def _column_line(terms: list[int], chain: bool) -> str:
     return line
 
 
-def worked_solution(operands: list[int], chain: bool = True) -> str:
+def worked_solution(operands: list[int], chain: bool = False) -> str:
     """The column-addition worked solution for non-negative `operands`, ending with `#### <sum>`."""
     width = max(len(str(x)) for x in operands)
     lines, answer_digits, carry = [], [], 0
@@ -240,13 +240,15 @@ def _parse_args(argv: list[str] | None):
     p.add_argument("--difficulty", default="medium", help=f"preset: {', '.join(DIFFICULTIES)}")
     for name in ("min_operands", "max_operands", "min_digits", "max_digits"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="overrides the preset's value")
+    p.add_argument("--chain", action="store_true", help="spell out each column's running sum (Difficulty.chain)")
     return p.parse_args(argv)
 
 
 def _difficulty_from_args(args) -> Difficulty:
     base = _as_difficulty(args.difficulty)
     fields = ("min_operands", "max_operands", "min_digits", "max_digits")
-    return Difficulty(**{f: getattr(base, f) if getattr(args, f) is None else getattr(args, f) for f in fields})
+    values = {f: getattr(base, f) if getattr(args, f) is None else getattr(args, f) for f in fields}
+    return Difficulty(**values, chain=base.chain or args.chain)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,9 +41,32 @@ def test_problems_are_deterministic_per_seed():
     assert _problems(3, 20) != _problems(4, 20)
 
 
-@pytest.mark.parametrize("difficulty", ["easy", "medium", "hard", syn.Difficulty(9, 9, 9, 9)])
+def _check_column_line(line: str, expected_terms: list[int], chain: bool) -> int:
+    """Parse one column line independently of the generator; check its terms and sums; return its total."""
+    if not chain:
+        lhs, rhs = line.split("=")
+        terms = [int(t) for t in lhs.split("+")]
+        assert int(rhs) == sum(terms), line
+    else:  # "a+b=s1+c=s2+...": each "=" closes one addition onto the running sum
+        first, *rest = line.split("=")
+        a, b = (int(t) for t in first.split("+"))
+        terms, running = [a, b], None
+        for piece in rest:
+            value, *nxt = piece.split("+")
+            running = int(value)
+            assert running == sum(terms), line
+            terms += [int(t) for t in nxt]
+        rhs = running
+    assert terms == expected_terms, (line, expected_terms)
+    return int(rhs)
+
+
+DIFFICULTIES = ["easy", "medium", "hard", syn.Difficulty(9, 9, 9, 9), syn.Difficulty(2, 5, 1, 4, chain=True)]
+
+
+@pytest.mark.parametrize("difficulty", DIFFICULTIES)
 def test_worked_solution_is_correct_arithmetic(difficulty):
-    diff = syn.DIFFICULTIES.get(difficulty, difficulty) if isinstance(difficulty, str) else difficulty
+    diff = syn.DIFFICULTIES[difficulty] if isinstance(difficulty, str) else difficulty
     for p in _problems(0, 200, difficulty):
         operands = _operands(p["prompt"])
         assert diff.min_operands <= len(operands) <= diff.max_operands
@@ -51,19 +74,17 @@ def test_worked_solution_is_correct_arithmetic(difficulty):
         assert p["answer"] == str(sum(operands))  # Python int arithmetic, independent of the generator
         *steps, last = p["solution"].split("\n")
         assert last == f"#### {p['answer']}" and extract_answer(p["solution"]) == p["answer"]
-        # Each step adds column c's digits (plus the carry, from the second column on) correctly.
+        # Each line adds column c's digits (plus the carry, from the second column on) correctly.
         carry = 0
         for col, step in enumerate(steps):
-            lhs, rhs = step.split("=")
-            terms = [int(t) for t in lhs.split("+")]
             expected = [x // 10**col % 10 for x in operands] + ([carry] if col else [])
-            assert terms == expected and int(rhs) == sum(terms), (p, step)
-            carry = int(rhs) // 10
+            carry = _check_column_line(step, expected, diff.chain) // 10
         assert len(steps) == max(len(str(x)) for x in operands)
 
 
-def test_worked_solution_final_carry():
+def test_worked_solution_examples():
     assert syn.worked_solution([99, 99, 99]) == "9+9+9=27\n9+9+9+2=29\n#### 297"
+    assert syn.worked_solution([99, 99, 99], chain=True) == "9+9=18+9=27\n9+9=18+9=27+2=29\n#### 297"
     assert syn.worked_solution([5, 7]) == "5+7=12\n#### 12"
 
 
@@ -178,3 +199,17 @@ def test_grading_accepts_right_and_rejects_wrong():
         assert not syn.grade_response(wrong, p["answer"])
         truncated = p["solution"].rsplit("\n", 1)[0]  # stopped before the answer line
         assert not syn.grade_response(truncated, p["answer"])
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def test_cli_writes_sets_and_tokenizer(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--seed", "1", "--n-sft", "4", "--n-opd", "3", "--n-eval", "2"]
+    assert syn.main([*args, "--min-operands", "2", "--max-operands", "2", "--chain"]) == 0
+    rows = _read(tmp_path / "sft.jsonl")
+    assert len(rows) == 4 and all(len(_operands(r["prompt"])) == 2 for r in rows)
+    assert all(r["completion"] == syn.worked_solution(_operands(r["prompt"]), chain=True) for r in rows)
+    assert AutoTokenizer.from_pretrained(tmp_path / "tokenizer").eos_token_id == 2
+    assert syn.main([*args, "--min-operands", "1"]) == 2
+    assert "min_operands" in capsys.readouterr().err
