@@ -123,14 +123,18 @@ def make_scorer(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------------ main
 
 
-def check_teacher(store: str, manifest: dict, teacher: dict, topk: int, store_topk: int) -> None:
-    """Refuse a teacher with another tokenizer, a store half-scored by another teacher, or a top-k mismatch."""
+def check_teacher(store: str, manifest: dict, teacher: dict, topk: int, store_topk: int, run_args: dict) -> None:
+    """Refuse a teacher with another tokenizer, a store half-scored by another teacher or engine / dtype (one
+    column must come from one computation), or a top-k mismatch."""
     provenance.check_same_tokenizer(manifest.get("tokenizer"), teacher["tokenizer"], f"store {store}", "teacher")
     if manifest["teacher_committed"] and manifest.get("teacher") != teacher["weights"]:
         raise PrecomputeError(
             f"{store}: {manifest['teacher_committed']} samples are already scored by teacher "
             f"{manifest.get('teacher')}, not this teacher {teacher['weights']}; score into a copy with --out"
         )
+    diff = common.first_difference(manifest.get("teacher_args") or {}, run_args)
+    if manifest["teacher_committed"] and diff is not None:
+        raise PrecomputeError(f"{store}: partly scored with other teacher arguments: teacher_args.{diff}")
     if topk != store_topk:
         raise PrecomputeError(
             f"{store}: the store has top-k columns of width {store_topk}, --top-k is {topk}; "
@@ -157,7 +161,8 @@ def run(args: argparse.Namespace) -> str:
     if args.out:
         copy_store(args.store, args.out, args.top_k)
     writer = RolloutStore.open_for_append(target, flush_tokens=NO_AUTO_FLUSH)
-    check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk)
+    run_args = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k}
+    check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk, run_args)
     reader = RolloutStore.open(target)
     done, total = writer.teacher_committed, len(reader)
     progress = common.Progress(total, done, "teacher")
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace) -> str:
         score, info = make_scorer(args)
         writer.update_manifest(
             teacher=teacher["weights"], teacher_tokenizer=teacher["tokenizer"], teacher_path=args.teacher,
-            teacher_engine=info, teacher_versions=common.versions(args.engine),
+            teacher_engine=info, teacher_versions=common.versions(args.engine), teacher_args=run_args,
         )  # fmt: skip
         for commits, (a, b) in enumerate(_windows(done, total, args.window), 1):
             tokens = [s["tokens"] for s in reader.samples(range(a, b))]

@@ -217,7 +217,9 @@ def test_teacher_scores_in_place_and_refuses_another_tokenizer(env, capsys):
     np.testing.assert_allclose(s["teacher_logprobs"][s["prompt_length"] :], want[s["prompt_length"] :], atol=1e-4)
     validate(root / "inplace", require_teacher=True)
 
-    capsys.readouterr()
+    capsys.readouterr()  # one column comes from one computation: another dtype may not continue it
+    assert teacher_logprobs.main(teacher_argv(env, "inplace", None, "--dtype", "bfloat16")) == 2
+    assert "teacher_args.dtype (store: 'float32', this run: 'bfloat16')" in capsys.readouterr().err
     argv = ["--teacher", str(env["other"]), "--store", str(root / "inplace"), "--out", str(root / "never")]
     assert teacher_logprobs.main(argv) == 2
     err = capsys.readouterr().err
