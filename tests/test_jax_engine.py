@@ -1,11 +1,13 @@
-"""precompute.engines.jax_engine: teacher scores against transformers, bucketing plan, sampler delegation."""
+"""precompute.engines.jax_engine: teacher scores against transformers, bucketing plan.
+
+JaxEngine.generate (a thin call of lopd_jax.sampling) is checked against transformers' greedy generate end to end
+in tests/test_precompute_cli.py."""
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from lopd_jax.sampling import SamplingConfig
 from precompute.engines import jax_engine
 from precompute.engines.jax_engine import JaxEngine
 
@@ -81,20 +83,3 @@ def test_bucket_ladder_and_batch_plan():
         assert all(jax_engine.bucket_length(lengths[i]) == bucket for i in idx)
     # Fewer distinct shapes than samples: the compile count stays small.
     assert len({(r, b) for r, b, _ in plan}) == 3
-
-
-def test_generate_greedy_matches_transformers(tiny):
-    path, model, engine = tiny
-    prompts = [[5, 9, 17, 33], [7, 1, 99]]
-    scfg = SamplingConfig(temperature=0.0, max_new_tokens=6, stop_token_ids=(2,), ignore_eos=True)
-    import jax
-
-    outs = engine.generate(prompts, scfg, jax.random.key(0), batch_size=2)
-    for prompt, out in zip(prompts, outs):
-        ref = model.generate(
-            torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=[2], pad_token_id=0
-        )[0, len(prompt) :].numpy()
-        np.testing.assert_array_equal(out.token_ids, ref)
-        lp = torch_logprobs(model, np.array(prompt + list(ref)))
-        want = lp[np.arange(len(prompt) - 1, len(prompt) - 1 + len(ref)), ref]
-        np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
