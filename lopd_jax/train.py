@@ -39,22 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import yaml
 from jax.sharding import NamedSharding
 
 from lopd_jax import config as config_lib
-from lopd_jax import losses, provenance, sharding, update
+from lopd_jax import distributed, losses, provenance, sharding, update
 from lopd_jax.checkpoint import Checkpointer
 from lopd_jax.config import ConfigError, TrainConfig
-from lopd_jax.data import Batch, DataError, make_iterator
+from lopd_jax.data import Batch, make_iterator
 from lopd_jax.metrics import MetricsWriter, plot_metrics
 from lopd_jax.models import hf, qwen3
-from lopd_jax.provenance import ProvenanceError
-from lopd_jax.store import RolloutStore, StoreError
+from lopd_jax.train_setup import SCRATCH, USER_ERRORS, Setup, TrainError, checkpoint_dir, validated
 
 KILL_ENV = "LOPD_TEST_KILL_AT_STEP"
-SCRATCH = "scratch"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -68,242 +65,6 @@ TOKENIZER_FILES = (
 )
 # Metrics that measure the machine, not the training; everything else is reproducible bit for bit.
 TIMING_PREFIXES = ("time/", "perf/")
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or continue (bad inputs, a non-finite loss); the message names the cause."""
-
-
-_ERRORS = (ConfigError, ProvenanceError, StoreError, DataError, TrainError)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Validation: everything that can fail before the run directory exists
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Setup:
-    """What ``prepare`` found; nothing here has touched the run directory."""
-
-    model_cfg: qwen3.Qwen3Config
-    mesh: Any
-    rules: dict
-    tokenizer_dir: str
-    store: RolloutStore | None = None
-    manifest: dict = dataclasses.field(default_factory=dict)
-    init_fingerprint: str | None = None
-    init_provenance: dict = dataclasses.field(default_factory=dict)
-    warnings: list[str] = dataclasses.field(default_factory=list)
-    prompts: list[list[int]] | None = None  # opd
-    _tokenizer: Any = None
-
-    @property
-    def tokenizer(self) -> Any:
-        """The transformers tokenizer, loaded on first use (online OPD prompts, evaluation)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_dir)
-        return self._tokenizer
-
-
-def _runtime_knobs(m: config_lib.ModelConfig) -> dict[str, Any]:
-    return dict(
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers
-    )
-
-
-def model_config(cfg: TrainConfig) -> qwen3.Qwen3Config:
-    """The student's Qwen3Config: ``model.config`` (file or dir) for scratch, else ``model.init``'s config.json."""
-    m = cfg.model
-    if m.init == SCRATCH:
-        if not m.config:
-            raise ConfigError("model.config: required when model.init is 'scratch' (an HF config.json)")
-        path = Path(m.config)
-        file = path / hf.CONFIG_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"model.config: {file} does not exist")
-        return hf.config_from_hf(json.loads(file.read_text()), where=str(file), **_runtime_knobs(m))
-    if not (Path(m.init) / hf.CONFIG_FILE).is_file():
-        raise ConfigError(f"model.init: {m.init} is not an HF checkpoint directory (no {hf.CONFIG_FILE})")
-    return hf.load_config(m.init, **_runtime_knobs(m))
-
-
-def _tokenizer_dir(cfg: TrainConfig) -> str:
-    tok_dir = cfg.model.tokenizer or (cfg.model.init if cfg.model.init != SCRATCH else None)
-    if not tok_dir:
-        raise ConfigError("model.tokenizer: required when model.init is 'scratch'")
-    if not Path(tok_dir).is_dir():
-        raise ConfigError(f"model.tokenizer: {tok_dir} is not a directory")
-    return tok_dir
-
-
-def load_tokenizer(tok_dir: str) -> Any:
-    """The HF tokenizer in ``tok_dir`` (never runs repository code)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {tok_dir}: {e}") from None
-
-
-def tokenizer_size(tok_dir: str) -> int:
-    """Number of token ids the tokenizer can produce (added tokens included).
-
-    Read with the ``tokenizers`` library from tokenizer.json when there is one: importing transformers costs
-    seconds that sft / lightning_opd runs without evaluation never need."""
-    file = Path(tok_dir) / "tokenizer.json"
-    if file.is_file():
-        from tokenizers import Tokenizer
-
-        try:
-            return Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
-        except Exception as e:  # the Rust library raises its own exception type for a malformed file
-            raise ConfigError(f"model.tokenizer: {file} is not a valid tokenizer.json ({e})") from None
-    return len(load_tokenizer(tok_dir))
-
-
-def _max_token_id(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int]:
-    """(largest token id in the store, index of a sample holding it), reading the tokens array in blocks."""
-    best, where = -1, 0
-    for lo in range(0, store.num_tokens, block):
-        hi = min(lo + block, store.num_tokens)
-        tokens = store.arrays["tokens"][lo:hi].read().result()
-        if tokens.size and int(tokens.max()) > best:
-            best = int(tokens.max())
-            where = int(np.searchsorted(store.offsets, lo + int(tokens.argmax()), side="right") - 1)
-    return best, where
-
-
-def _check_store(cfg: TrainConfig, setup: Setup) -> None:
-    try:
-        store = RolloutStore.open(cfg.data.store)
-    except StoreError as e:
-        raise StoreError(f"data.store: {e}") from None
-    m = store.manifest
-    if len(store) == 0:
-        raise StoreError(f"data.store: {store.path} has no committed samples")
-    if cfg.mode == "lightning_opd" and (m.get("teacher") is None or store.teacher_committed < len(store)):
-        raise StoreError(
-            f"data.store: {store.path} has no teacher columns for every sample (teacher_committed "
-            f"{store.teacher_committed} of {len(store)}, teacher {m.get('teacher')}): mode lightning_opd needs "
-            "teacher log-probs; run precompute.teacher_logprobs on it"
-        )
-    top, sample = _max_token_id(store)
-    if top >= setup.model_cfg.vocab_size:
-        raise StoreError(
-            f"vocab size mismatch: data.store {store.path} sample {sample} has token id {top}, but the model's "
-            f"vocab_size is {setup.model_cfg.vocab_size}"
-        )
-    setup.store, setup.manifest = store, m
-
-
-def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
-    """Lightning OPD's rules (DESIGN.md, Provenance): raise ProvenanceError, or collect the allowed warnings."""
-    allow = cfg.allow_teacher_inconsistency
-    for warning in (
-        provenance.check_teacher_consistency(setup.manifest, setup.init_provenance, allow),
-        provenance.check_rollout_policy(setup.manifest, setup.init_fingerprint, allow),
-    ):
-        if warning:
-            setup.warnings.append(warning)
-
-
-def _check_teacher_model(cfg: TrainConfig, setup: Setup) -> None:
-    teacher = cfg.model.teacher
-    if not (Path(teacher) / hf.CONFIG_FILE).is_file():
-        raise ConfigError(f"model.teacher: {teacher} is not an HF checkpoint directory")
-    tcfg = hf.load_config(teacher)
-    if tcfg.vocab_size != setup.model_cfg.vocab_size:
-        raise ConfigError(
-            f"vocab size mismatch: model.teacher {teacher} has vocab_size {tcfg.vocab_size}, the student "
-            f"{setup.model_cfg.vocab_size}"
-        )
-
-
-def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
-    from lopd_jax import trainer_opd
-
-    try:
-        rows = trainer_opd.read_prompts(cfg.data.prompts)
-        setup.prompts = [trainer_opd.encode_prompt(setup.tokenizer, r) for r in rows]
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.prompts: {e}") from None
-
-
-def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
-    from lopd_jax import eval as evaluation
-
-    try:
-        evaluation.load_eval_set(cfg.eval.prompts)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"eval.prompts: {e}") from None
-    setup.tokenizer  # noqa: B018  (load it now: a broken tokenizer must fail before the run starts)
-
-
-def _check_shapes(cfg: TrainConfig, setup: Setup) -> None:
-    shards = sharding.batch_shard_count(setup.mesh, setup.rules)
-    if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} must be a multiple of the batch shards ({shards}) and of the "
-            f"JAX processes ({jax.process_count()})"
-        )
-    if (cfg.train.batch_size // cfg.train.grad_accum) % shards:
-        raise ConfigError(
-            f"train.grad_accum: micro-batches of {cfg.train.batch_size // cfg.train.grad_accum} rows do not split "
-            f"over the {shards} batch shards"
-        )
-
-
-def _check_run_dir(cfg: TrainConfig) -> None:
-    run_dir = Path(cfg.logging.run_dir)
-    if not cfg.resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists()):
-        raise ConfigError(f"logging.run_dir: {run_dir} already holds a run; set resume: true or pick a new run_dir")
-
-
-def prepare(cfg: TrainConfig) -> Setup:
-    """Validates the whole run (config, mesh, model, tokenizer, store, provenance) without writing anything."""
-    model_cfg = model_config(cfg)
-    try:
-        mesh = sharding.make_mesh(cfg.mesh)
-    except ValueError as e:
-        raise ConfigError(f"mesh: {e}") from None
-    tok_dir = _tokenizer_dir(cfg)
-    setup = Setup(model_cfg, mesh, cfg.mesh.logical_rules(), tok_dir)
-    n_tokens = tokenizer_size(tok_dir)
-    if n_tokens > model_cfg.vocab_size:
-        raise ConfigError(
-            f"vocab size mismatch: the tokenizer in {tok_dir} has {n_tokens} tokens, the model's vocab_size "
-            f"is {model_cfg.vocab_size}"
-        )
-    _check_shapes(cfg, setup)
-    _check_run_dir(cfg)
-    if cfg.model.init != SCRATCH:
-        setup.init_fingerprint = provenance.fingerprint_weights(cfg.model.init)
-        setup.init_provenance = provenance.read_provenance(cfg.model.init)
-    if cfg.mode in ("sft", "lightning_opd"):
-        _check_store(cfg, setup)
-    if cfg.mode == "lightning_opd":
-        if setup.init_fingerprint is None:
-            raise ConfigError("model.init: lightning_opd starts from the SFT checkpoint, not from scratch")
-        _check_teacher_consistency(cfg, setup)
-    if cfg.mode == "opd":
-        _check_teacher_model(cfg, setup)
-        _check_prompts(cfg, setup)
-    if cfg.eval.prompts:
-        _check_eval_set(cfg, setup)
-    return setup
-
-
-def validated(cfg: TrainConfig) -> Setup:
-    """``prepare`` with any other ValueError / OSError (an unsupported config.json, an unreadable file) turned
-    into a ConfigError, so that every invalid input ends as one ``error:`` line."""
-    try:
-        return prepare(cfg)
-    except _ERRORS:
-        raise
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +116,7 @@ def make_step(cfg: TrainConfig, setup: Setup, optimizer, abstract: update.TrainS
 
 def place_local(batch: Batch, sh: NamedSharding, global_rows: int) -> Batch:
     """This process's [B / P, T] numpy rows -> global [B, T] arrays on the batch sharding."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, x, (global_rows, *x.shape[1:])), batch)
+    return distributed.global_batch(batch, sh, global_rows)
 
 
 def place_global(batch: Batch, sh: NamedSharding) -> Batch:
@@ -501,7 +262,7 @@ def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
     abstract = abstract_state(cfg, setup, optimizer)
     step_fn = make_step(cfg, setup, optimizer, abstract)
     data_iter = make_iterator(cfg.data) if cfg.mode != "opd" else None
-    ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint)
     restored = ckpt.restore_latest(abstract, data_iter) if cfg.resume else None
     if restored is not None:
         state, start_step = restored
@@ -562,9 +323,12 @@ def train_loop(cfg: TrainConfig, run: Run) -> dict:
 
 
 def _host_params(params: Any) -> Any:
-    """Params readable on this host (multi-process: gathered from every process)."""
+    """The params as host numpy arrays (multi-process: gathered from every process).
+
+    One host copy of the weights (16 GB for an 8B model in bf16) is what an HF export needs anyway; slicing
+    device arrays layer by layer instead would compile one small XLA program per slice shape."""
     if jax.process_count() == 1:
-        return params
+        return jax.device_get(params)
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(params, tiled=True)
@@ -640,15 +404,6 @@ def train(cfg: TrainConfig, setup: Setup) -> dict:
     return {**run.logger.last, **last_eval}
 
 
-def maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize`` when launched as several processes (JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment); a no-op for one process."""
-    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    n = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    if addr and n > 1:
-        jax.distributed.initialize(addr, num_processes=n, process_id=int(os.environ["JAX_PROCESS_ID"]))
-
-
 def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
     from lopd_jax import pipeline
 
@@ -658,13 +413,9 @@ def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
         records = pipeline.run_pipeline(raw, path)
     except pipeline.PipelineError as e:
         raise TrainError(f"pipeline {path}: {e}") from None
-    report = getattr(pipeline, "format_report", None)
-    if report is not None:
-        print(report(records), flush=True)
-    else:
-        for r in records:
-            how = "cached" if r.get("cached") else f"ran in {r.get('seconds')} s"
-            print(f"{r['name']}: {how}" + (f"  {json.dumps(r['result'])}" if "result" in r else ""), flush=True)
+    from lopd_jax import report  # the table (accuracy, wall-clock per stage) and the PNG plots
+
+    print(report.report(records, raw, path), flush=True)
     return 0
 
 
@@ -694,10 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_lib.load_config(args.config, args.overrides)
         if args.plan:
             return _plan(cfg)
-        maybe_initialize_distributed()
+        distributed.initialize()  # several processes (LOPD_* / JAX_* variables, SLURM, MPI): one runtime
         setup = validated(cfg)
         final = train(cfg, setup)
-    except _ERRORS as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     keys = ("train/loss", "eval/pass@1", "eval/avg@k")

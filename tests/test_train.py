@@ -391,3 +391,12 @@ def test_prompt_stream_visits_every_prompt_once_per_epoch_and_reshuffles():
     order = [i for s in range(5) for i in stream.indices(s)]  # 20 positions = 2 epochs
     assert sorted(order[:10]) == sorted(order[10:]) == list(range(10)) and order[:10] != order[10:]
     assert trainer_opd.PromptStream(10, 4, seed=0).indices(3) == stream.indices(3)  # a resumed run: same prompts
+
+
+def test_a_fresh_run_refuses_a_directory_holding_another_run(world, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "2").mkdir(parents=True)
+    path = _write(_config(world, run_dir), tmp_path / "c.yaml")
+    assert train.main(["--config", str(path)]) == 2
+    assert "already holds checkpoints; set resume: true" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]

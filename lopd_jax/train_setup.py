@@ -1,0 +1,270 @@
+"""What a training run needs, validated before it writes anything: model config, mesh, tokenizer, store,
+provenance (teacher consistency), prompts and eval set. ``lopd_jax.train`` calls ``validated(cfg)`` before it
+creates the run directory, so any invalid input ends as one ``error:`` line and an untouched disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from lopd_jax import config as config_lib
+from lopd_jax import distributed, provenance, sharding
+from lopd_jax.config import ConfigError, TrainConfig
+from lopd_jax.data import DataError
+from lopd_jax.models import hf, qwen3
+from lopd_jax.provenance import ProvenanceError
+from lopd_jax.store import RolloutStore, StoreError
+
+SCRATCH = "scratch"  # model.init value: random weights of model.config
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue (bad inputs, a non-finite loss); the message names the cause."""
+
+
+# Errors that mean "bad input": reported as one line with exit status 2, never as a traceback.
+USER_ERRORS = (ConfigError, ProvenanceError, StoreError, DataError, TrainError, distributed.DistributedError)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: everything that can fail before the run directory exists
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    """What ``prepare`` found; nothing here has touched the run directory."""
+
+    model_cfg: qwen3.Qwen3Config
+    mesh: Any
+    rules: dict
+    tokenizer_dir: str
+    store: RolloutStore | None = None
+    manifest: dict = dataclasses.field(default_factory=dict)
+    init_fingerprint: str | None = None
+    init_provenance: dict = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    prompts: list[list[int]] | None = None  # opd
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer, loaded on first use (online OPD prompts, evaluation)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_dir)
+        return self._tokenizer
+
+
+def _runtime_knobs(m: config_lib.ModelConfig) -> dict[str, Any]:
+    return dict(
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers
+    )
+
+
+def model_config(cfg: TrainConfig) -> qwen3.Qwen3Config:
+    """The student's Qwen3Config: ``model.config`` (file or dir) for scratch, else ``model.init``'s config.json."""
+    m = cfg.model
+    if m.init == SCRATCH:
+        if not m.config:
+            raise ConfigError("model.config: required when model.init is 'scratch' (an HF config.json)")
+        path = Path(m.config)
+        file = path / hf.CONFIG_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"model.config: {file} does not exist")
+        return hf.config_from_hf(json.loads(file.read_text()), where=str(file), **_runtime_knobs(m))
+    if not (Path(m.init) / hf.CONFIG_FILE).is_file():
+        raise ConfigError(f"model.init: {m.init} is not an HF checkpoint directory (no {hf.CONFIG_FILE})")
+    return hf.load_config(m.init, **_runtime_knobs(m))
+
+
+def _tokenizer_dir(cfg: TrainConfig) -> str:
+    tok_dir = cfg.model.tokenizer or (cfg.model.init if cfg.model.init != SCRATCH else None)
+    if not tok_dir:
+        raise ConfigError("model.tokenizer: required when model.init is 'scratch'")
+    if not Path(tok_dir).is_dir():
+        raise ConfigError(f"model.tokenizer: {tok_dir} is not a directory")
+    return tok_dir
+
+
+def load_tokenizer(tok_dir: str) -> Any:
+    """The HF tokenizer in ``tok_dir`` (never runs repository code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {tok_dir}: {e}") from None
+
+
+def tokenizer_size(tok_dir: str) -> int:
+    """Number of token ids the tokenizer can produce (added tokens included).
+
+    Read with the ``tokenizers`` library from tokenizer.json when there is one: importing transformers costs
+    seconds that sft / lightning_opd runs without evaluation never need."""
+    file = Path(tok_dir) / "tokenizer.json"
+    if file.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+        except Exception as e:  # the Rust library raises its own exception type for a malformed file
+            raise ConfigError(f"model.tokenizer: {file} is not a valid tokenizer.json ({e})") from None
+    return len(load_tokenizer(tok_dir))
+
+
+def _max_token_id(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int]:
+    """(largest token id in the store, index of a sample holding it), reading the tokens array in blocks."""
+    best, where = -1, 0
+    for lo in range(0, store.num_tokens, block):
+        hi = min(lo + block, store.num_tokens)
+        tokens = store.arrays["tokens"][lo:hi].read().result()
+        if tokens.size and int(tokens.max()) > best:
+            best = int(tokens.max())
+            where = int(np.searchsorted(store.offsets, lo + int(tokens.argmax()), side="right") - 1)
+    return best, where
+
+
+def _check_store(cfg: TrainConfig, setup: Setup) -> None:
+    try:
+        store = RolloutStore.open(cfg.data.store)
+    except StoreError as e:
+        raise StoreError(f"data.store: {e}") from None
+    m = store.manifest
+    if len(store) == 0:
+        raise StoreError(f"data.store: {store.path} has no committed samples")
+    if cfg.mode == "lightning_opd" and (m.get("teacher") is None or store.teacher_committed < len(store)):
+        raise StoreError(
+            f"data.store: {store.path} has no teacher columns for every sample (teacher_committed "
+            f"{store.teacher_committed} of {len(store)}, teacher {m.get('teacher')}): mode lightning_opd needs "
+            "teacher log-probs; run precompute.teacher_logprobs on it"
+        )
+    top, sample = _max_token_id(store)
+    if top >= setup.model_cfg.vocab_size:
+        raise StoreError(
+            f"vocab size mismatch: data.store {store.path} sample {sample} has token id {top}, but the model's "
+            f"vocab_size is {setup.model_cfg.vocab_size}"
+        )
+    setup.store, setup.manifest = store, m
+
+
+def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
+    """Lightning OPD's rules (DESIGN.md, Provenance): raise ProvenanceError, or collect the allowed warnings."""
+    allow = cfg.allow_teacher_inconsistency
+    for warning in (
+        provenance.check_teacher_consistency(setup.manifest, setup.init_provenance, allow),
+        provenance.check_rollout_policy(setup.manifest, setup.init_fingerprint, allow),
+    ):
+        if warning:
+            setup.warnings.append(warning)
+
+
+def _check_teacher_model(cfg: TrainConfig, setup: Setup) -> None:
+    teacher = cfg.model.teacher
+    if not (Path(teacher) / hf.CONFIG_FILE).is_file():
+        raise ConfigError(f"model.teacher: {teacher} is not an HF checkpoint directory")
+    tcfg = hf.load_config(teacher)
+    if tcfg.vocab_size != setup.model_cfg.vocab_size:
+        raise ConfigError(
+            f"vocab size mismatch: model.teacher {teacher} has vocab_size {tcfg.vocab_size}, the student "
+            f"{setup.model_cfg.vocab_size}"
+        )
+
+
+def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
+    from lopd_jax import trainer_opd
+
+    try:
+        rows = trainer_opd.read_prompts(cfg.data.prompts)
+        setup.prompts = [trainer_opd.encode_prompt(setup.tokenizer, r) for r in rows]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.prompts: {e}") from None
+
+
+def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
+    from lopd_jax import eval as evaluation
+
+    try:
+        evaluation.load_eval_set(cfg.eval.prompts)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"eval.prompts: {e}") from None
+    setup.tokenizer  # noqa: B018  (load it now: a broken tokenizer must fail before the run starts)
+
+
+def _check_shapes(cfg: TrainConfig, setup: Setup) -> None:
+    shards = sharding.batch_shard_count(setup.mesh, setup.rules)
+    if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} must be a multiple of the batch shards ({shards}) and of the "
+            f"JAX processes ({jax.process_count()})"
+        )
+    if (cfg.train.batch_size // cfg.train.grad_accum) % shards:
+        raise ConfigError(
+            f"train.grad_accum: micro-batches of {cfg.train.batch_size // cfg.train.grad_accum} rows do not split "
+            f"over the {shards} batch shards"
+        )
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint.directory or Path(cfg.logging.run_dir) / "checkpoints")
+
+
+def _check_run_dir(cfg: TrainConfig) -> None:
+    """A fresh run never mixes with an old one (orbax would silently skip saving steps that already exist)."""
+    if cfg.resume:
+        return
+    run_dir, ckpt = Path(cfg.logging.run_dir), checkpoint_dir(cfg)
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists():
+        raise ConfigError(f"logging.run_dir: {run_dir} already holds a run; set resume: true or pick a new run_dir")
+    if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
+        raise ConfigError(f"checkpoint.directory: {ckpt} already holds checkpoints; set resume: true or clear it")
+
+
+def prepare(cfg: TrainConfig) -> Setup:
+    """Validates the whole run (config, mesh, model, tokenizer, store, provenance) without writing anything."""
+    model_cfg = model_config(cfg)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    tok_dir = _tokenizer_dir(cfg)
+    setup = Setup(model_cfg, mesh, cfg.mesh.logical_rules(), tok_dir)
+    n_tokens = tokenizer_size(tok_dir)
+    if n_tokens > model_cfg.vocab_size:
+        raise ConfigError(
+            f"vocab size mismatch: the tokenizer in {tok_dir} has {n_tokens} tokens, the model's vocab_size "
+            f"is {model_cfg.vocab_size}"
+        )
+    _check_shapes(cfg, setup)
+    _check_run_dir(cfg)
+    if cfg.model.init != SCRATCH:
+        setup.init_fingerprint = provenance.fingerprint_weights(cfg.model.init)
+        setup.init_provenance = provenance.read_provenance(cfg.model.init)
+    if cfg.mode in ("sft", "lightning_opd"):
+        _check_store(cfg, setup)
+    if cfg.mode == "lightning_opd":
+        if setup.init_fingerprint is None:
+            raise ConfigError("model.init: lightning_opd starts from the SFT checkpoint, not from scratch")
+        _check_teacher_consistency(cfg, setup)
+    if cfg.mode == "opd":
+        _check_teacher_model(cfg, setup)
+        _check_prompts(cfg, setup)
+    if cfg.eval.prompts:
+        _check_eval_set(cfg, setup)
+    return setup
+
+
+def validated(cfg: TrainConfig) -> Setup:
+    """``prepare`` with any other ValueError / OSError (an unsupported config.json, an unreadable file) turned
+    into a ConfigError, so that every invalid input ends as one ``error:`` line."""
+    try:
+        return prepare(cfg)
+    except USER_ERRORS:
+        raise
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{type(e).__name__}: {e}") from None
