@@ -1,0 +1,127 @@
+"""The demo end to end at smoke size: configs/demo_smoke.yaml (the demo's stages and stage configs, two optimizer
+steps each) through ``python -m lopd_jax.train --config``, as a user runs it, then once more (fully cached).
+
+Checks every stage's artifact: the stores validate and chain their provenance (SFT data of the teacher, rollouts
+of the SFT student, log-probs of the teacher), every exported model loads in transformers and gives the logits of
+our own forward pass, every eval.json holds a pass@1 that the printed report repeats, and the plots exist.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("teacher", "student_sft", "lightning_opd")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's demo run (conftest forces 8 for this process only)
+    env["JAX_PLATFORMS"] = "cpu"
+    cache = os.environ.get("LOPD_JAX_CACHE", str(ROOT / ".jax_cache"))
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(cache)  # the stages' compiles persist across test runs
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
+
+def _run(config: Path) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "lopd_jax.train", "--config", str(config)]
+    proc = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    raw = yaml.safe_load((ROOT / "configs" / "demo_smoke.yaml").read_text())
+    raw["run_dir"] = str(tmp / "run")
+    config = tmp / "demo_smoke.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    first = _run(config)
+    records = json.loads((tmp / "run" / "pipeline.json").read_text())
+    second = _run(config)
+    return {
+        "run": tmp / "run",
+        "first": first.stdout,
+        "records": records,
+        "second": second.stdout,
+        "cached": json.loads((tmp / "run" / "pipeline.json").read_text()),
+    }
+
+
+def test_every_stage_ran_and_the_stores_validate_with_their_provenance(demo):
+    from lopd_jax import provenance
+    from lopd_jax.store import RolloutStore
+    from precompute.validate import validate
+
+    run = demo["run"]
+    assert [r["name"] for r in demo["records"]] == [
+        "task", "teacher_data", "teacher", "sft_data", "student_sft", "rollouts", "teacher_logprobs", "lightning_opd",
+    ]  # fmt: skip
+    assert not any(r["cached"] for r in demo["records"])
+    for stage in ("teacher_data", "sft_data", "rollouts", "teacher_logprobs"):
+        validate(str(run / stage / "store"), require_teacher=stage == "teacher_logprobs")
+    teacher = provenance.fingerprint_weights(run / "teacher" / "hf")
+    student = provenance.fingerprint_weights(run / "student_sft" / "hf")
+    sft_data = RolloutStore.open(str(run / "sft_data" / "store"))
+    assert sft_data.manifest["sft_teacher"] == teacher and len(sft_data) == 16
+    rollouts = RolloutStore.open(str(run / "rollouts" / "store"))
+    assert rollouts.manifest["policy"] == student and rollouts.manifest["sampling"]["temperature"] == 0.7
+    scored = RolloutStore.open(str(run / "teacher_logprobs" / "store"))
+    assert scored.manifest["teacher"] == teacher and scored.teacher_committed == len(scored) == 16
+    assert provenance.read_provenance(run / "student_sft" / "hf")["sft_teacher"] == teacher
+    lopd = provenance.read_provenance(run / "lightning_opd" / "hf")
+    assert lopd["sft_teacher"] == teacher and lopd["init_weights"] == student
+    assert "teacher_inconsistency" not in lopd
+
+
+@pytest.mark.parametrize("stage", MODELS)
+def test_exported_models_load_in_transformers_with_our_logits(demo, stage):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lopd_jax.models import hf, qwen3
+
+    path = demo["run"] / stage / "hf"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Add: 123+456+789"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    cfg, params = hf.load_hf(str(path))
+    ours = np.asarray(qwen3.forward(params, np.asarray([ids], np.int32), cfg=cfg))[0]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_results_and_the_printed_report(demo):
+    run, by_name = demo["run"], {r["name"]: r for r in demo["records"]}
+    for stage in MODELS:
+        ev = json.loads((run / stage / "eval.json").read_text())
+        assert 0.0 <= ev["eval/pass@1"] <= 1.0 and ev["step"] == 2
+        assert by_name[stage]["result"] == ev
+    report = json.loads((run / "report.json").read_text())
+    methods = {m["name"]: m for m in report["methods"]}
+    assert methods["SFT student"]["scores"] == [by_name["student_sft"]["result"]["eval/pass@1"]]
+    lopd_cost = sum(by_name[s]["seconds"] for s in ("rollouts", "teacher_logprobs", "lightning_opd"))
+    assert methods["Lightning OPD student"]["seconds"] == [pytest.approx(lopd_cost)]
+    assert methods["Lightning OPD student"]["teacher_seconds"] == [by_name["teacher_logprobs"]["seconds"]]
+    for png in ("accuracy.png", "stage_seconds.png", "accuracy_vs_time.png"):
+        assert (run / png).stat().st_size > 1000
+    for text in (demo["first"], demo["second"]):
+        assert "Lightning OPD student" in text and "teacher_logprobs" in text
+
+
+def test_second_run_is_fully_cached(demo):
+    assert [r["name"] for r in demo["cached"]] == [r["name"] for r in demo["records"]]
+    assert all(r["cached"] for r in demo["cached"])
+    assert "=== stage" not in demo["second"]  # no stage command ran
+    # The cached records carry the first run's timings and results.
+    assert [r["seconds"] for r in demo["cached"]] == [r["seconds"] for r in demo["records"]]
