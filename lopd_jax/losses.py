@@ -54,7 +54,9 @@ def _chunk_logprobs(w_DV: jax.Array, h_BCD: jax.Array, tgt_BC: jax.Array, dtype,
     """log p(targets) [B, C] (and entropy [B, C]) for one chunk; logits live only inside this function."""
     logits_BCV = jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), w_DV.astype(dtype), preferred_element_type=jnp.float32)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-    tgt_logit_BC = jnp.take_along_axis(logits_BCV, tgt_BC[..., None], axis=-1)[..., 0]
+    # A masked sum instead of a gather along V: with V sharded over "tensor" it stays a local reduce + all-reduce.
+    hit_BCV = jnp.arange(logits_BCV.shape[-1], dtype=tgt_BC.dtype) == tgt_BC[..., None]
+    tgt_logit_BC = jnp.sum(jnp.where(hit_BCV, logits_BCV, 0.0), axis=-1)
     lp_BC = tgt_logit_BC - lse_BC
     if not entropy:
         return lp_BC, jnp.zeros_like(lp_BC)
@@ -231,6 +233,8 @@ def opd_loss(
     Returns:
       (scalar loss, metrics). The loss is normalised per loss_cfg.normalization; see the module docstring.
     """
+    if old_logprobs is not None and old_logprobs.shape != batch.targets.shape:
+        raise ValueError(f"opd_loss: old_logprobs shape {old_logprobs.shape} != batch shape {batch.targets.shape}")
     logp, ent = _policy_logprobs(params, batch, cfg, loss_cfg)
     old = jax.lax.stop_gradient(logp if old_logprobs is None else old_logprobs.astype(jnp.float32))
     mask = batch.loss_mask.astype(jnp.float32) * (batch.segment_ids > 0)
