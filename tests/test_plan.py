@@ -41,11 +41,10 @@ def test_every_config_loads(path):
 
 
 def _pipeline_set_paths(raw: dict) -> list[str]:
-    """The required path keys a config leaves to its pipeline (only fragments under configs/demo leave any)."""
+    """The required path keys a stage fragment leaves (missing or empty) to its pipeline's command line."""
     need = {"sft": ["data.store"], "lightning_opd": ["data.store"], "opd": ["data.prompts", "model.teacher"]}
-    sections = {k: v for k, v in raw.items() if isinstance(v, dict)}
-    missing = [k for k in need.get(raw.get("mode"), []) if k.split(".")[1] not in sections.get(k.split(".")[0], {})]
-    return missing
+    keys = ["model.init", *need.get(raw.get("mode"), [])]
+    return [k for k in keys if not (raw.get(k.split(".")[0]) or {}).get(k.split(".")[1])]
 
 
 @pytest.mark.parametrize("size", ["4b", "8b", "30b_a3b"])
