@@ -41,11 +41,11 @@ FLAGS=(
 read -r -a EXTRA_FLAGS <<<"${LOPD_XLA_EXTRA:-}"
 FLAGS+=("${EXTRA_FLAGS[@]}")
 
-probe() { XLA_FLAGS="$1" timeout 120 python -c "import jax; jax.numpy.zeros(1).block_until_ready()" >/dev/null 2>&1; }
+probe() { XLA_FLAGS="$1" timeout 120 python -c "import jax; jax.numpy.zeros(1).block_until_ready(); print(jax.devices())" 2>/dev/null; }
 if ! probe "${FLAGS[*]}"; then
   KEPT=()
   for f in "${FLAGS[@]}"; do
-    if probe "$f"; then KEPT+=("$f"); else echo "[gpu.sh] dropping XLA flag unknown to this jaxlib: $f"; fi
+    if probe "$f" >/dev/null; then KEPT+=("$f"); else echo "[gpu.sh] dropping XLA flag unknown to this jaxlib: $f"; fi
   done
   FLAGS=("${KEPT[@]}")
 fi
@@ -56,7 +56,6 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 echo "[gpu.sh] XLA_FLAGS=$XLA_FLAGS"
-python -c "import jax; print('[gpu.sh] devices:', jax.devices())"
 
 # --- 1. fused attention check (own process: a crash in cuDNN must not take the suite down) ------------------------
 CHECK="$OUT/attention_check$SUFFIX.json"

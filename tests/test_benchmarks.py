@@ -32,7 +32,7 @@ def _env() -> dict:
 def test_forward_flops_match_xla_cost_analysis():
     # XLA counts every multiply-add of the compiled forward; with attention over the full T x T (XLA does not know
     # half of it is masked) it should equal our per-token figure with the causal T/2 replaced by T, to within
-    # the elementwise work (norms, softmax, RoPE: a few percent at this shape).
+    # the elementwise work (norms, softmax, RoPE: under 1% at this shape).
     cfg = qwen3.Qwen3Config(
         vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, scan_layers=False,  # XLA counts a while-loop body once
@@ -46,7 +46,7 @@ def test_forward_flops_match_xla_cost_analysis():
     L, N, H = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
     ours_full_attention = B * T * (common.forward_flops_per_token(cfg, T) + 2 * L * N * H * T)
     assert ours_full_attention == pytest.approx(B * T * (2 * common.matmul_params(cfg) + 4 * L * N * H * T))
-    assert xla_flops == pytest.approx(ours_full_attention, rel=0.06)
+    assert xla_flops == pytest.approx(ours_full_attention, rel=0.02)
     assert xla_flops >= 0.99 * ours_full_attention  # elementwise work only adds
 
 

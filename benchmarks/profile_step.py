@@ -1,0 +1,126 @@
+"""Where the time of the jitted OPD update step goes, by ablation (CPU-friendly, no profiler plugin needed).
+
+    python -m benchmarks.profile_step [--model demo-student|cpu-50m|tiny] [--batch 16] [--seq 128] [--repeats 5]
+
+Times, each jitted on its own and run ``repeats`` times after a warm-up (medians): the full step; the loss and
+its gradient; the forward + loss alone; the optimizer update alone; the gradient with attention swapped for a
+pass-through (attention's share); and the gradient with the lm_head / log-prob part only (the output layer's
+share). The differences say which part to optimise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from benchmarks.train_step import make_opd_step, make_state
+from lopd_jax import losses
+from lopd_jax.models import qwen3
+
+MODELS = {"demo-student": common.DEMO_STUDENT, "cpu-50m": common.CPU_50M, "tiny": common.TINY}
+
+
+def _median_ms(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+@contextlib.contextmanager
+def attention_ablated():
+    """Attention replaced by a pass-through of v (same shapes, no scores): the rest of the layer is unchanged."""
+    saved = qwen3._ATTENTION["xla"]
+
+    def passthrough(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+        return jax.numpy.repeat(v_BSKH, q_BTNH.shape[2] // v_BSKH.shape[2], axis=2)
+
+    qwen3._ATTENTION["xla"] = passthrough
+    try:
+        yield
+    finally:
+        qwen3._ATTENTION["xla"] = saved
+
+
+def profile(cfg, batch_size: int, seq_len: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each piece (see the module docstring)."""
+    state, optimizer = make_state(cfg)
+    batch = jax.device_put(common.synthetic_batch(cfg, batch_size, seq_len))
+    loss_cfg = losses.LossConfig()
+    loss = functools.partial(losses.opd_loss, cfg=cfg, loss_cfg=loss_cfg)
+    grad = jax.jit(jax.grad(lambda p, b: loss(p, b)[0]))
+    out = {"forward+loss": _median_ms(jax.jit(lambda p, b: loss(p, b)[0]), state.params, batch, repeats=repeats)}
+    out["forward (hidden states)"] = _median_ms(
+        jax.jit(lambda p, b: qwen3.forward(p, b.inputs, cfg=cfg, segment_ids=b.segment_ids, return_hidden=True)),
+        state.params,
+        batch,
+        repeats=repeats,
+    )
+    out["loss+grad"] = _median_ms(grad, state.params, batch, repeats=repeats)
+    grads = grad(state.params, batch)
+    out["optimizer update"] = _median_ms(
+        jax.jit(optimizer.update), grads, state.opt_state, state.params, repeats=repeats
+    )
+    with attention_ablated():
+        out["loss+grad, attention ablated"] = _median_ms(
+            jax.jit(jax.grad(lambda p, b: loss(p, b)[0])), state.params, batch, repeats=repeats
+        )
+    no_layers = dataclasses.replace(cfg, num_hidden_layers=0)
+    out["loss+grad, no decoder layers"] = _median_ms(
+        jax.jit(jax.grad(lambda p, b: losses.opd_loss(p, b, cfg=no_layers, loss_cfg=loss_cfg)[0])),
+        _strip_layers(state.params),
+        batch,
+        repeats=repeats,
+    )
+    step = make_opd_step(cfg, optimizer)
+    compiled = step.lower(state, batch).compile()
+
+    def run(s):
+        s, m = compiled(s, batch)
+        jax.block_until_ready(m["train/loss"])
+        return s
+
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        state = run(state)
+        times.append(time.perf_counter() - start)
+    out["full update step"] = 1e3 * float(np.median(times[1:]))
+    return out
+
+
+def _strip_layers(params):
+    """Params with zero decoder layers (embed, final norm, lm_head kept)."""
+    return jax.tree.map(lambda x: x[:0], {k: v for k, v in params.items() if k in ("layers", "mlp")}) | {
+        k: v for k, v in params.items() if k not in ("layers", "mlp", "moe")
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="demo-student")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    res = profile(MODELS[args.model], args.batch, args.seq, args.repeats)
+    width = max(map(len, res))
+    for name, ms in res.items():
+        print(f"{name:<{width}}  {ms:9.1f} ms  ({ms / res['full update step']:5.0%} of the step)")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
