@@ -10,8 +10,8 @@ Modes (``mode:`` in the config), one jitted update step (``update.make_update_st
 * ``opd``: standard online OPD (``trainer_opd``): sample from the current student, score with a live teacher.
 
 Everything is validated before the run directory is created (``train_setup.validated``): a bad config, store,
-provenance or vocabulary exits with status 2 and one ``error: ...`` line, and writes nothing. A config listing ``stages`` is a pipeline
-(``lopd_jax.pipeline``); ``--plan`` hands the resolved config to ``lopd_jax.plan``.
+provenance or vocabulary exits with status 2 and one ``error: ...`` line, and writes nothing. A config listing
+``stages`` is a pipeline (``lopd_jax.pipeline``); ``--plan`` hands the resolved config to ``lopd_jax.plan``.
 
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` + ``tensorboard/``, ``checkpoints/``
 (orbax: TrainState + the Grain iterator state, every ``checkpoint.every_steps`` and at the end), ``eval.json``,
