@@ -259,6 +259,7 @@ def describe_machine() -> dict[str, Any]:
             p: _version(p) for p in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy", "vllm")
         },
         "python": platform.python_version(),
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 

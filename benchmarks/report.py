@@ -20,7 +20,8 @@ def _machine(doc: dict) -> list[str]:
     v = m["versions"]
     lines = [
         f"- date: {m['date']}; backend {m['backend']}, device {m['device']['kind']} x{m['device']['count']}",
-        f"- host CPU: {m['host']['cpu']}, {m['host']['cores']} cores",
+        f"- host CPU: {m['host']['cpu']}, {m['host']['cores']} cores"
+        + (f"; load average at the end {m['load_average_1_5_15'][0]:.1f}" if m.get("load_average_1_5_15") else ""),
         f"- versions: jax {v['jax']}, jaxlib {v['jaxlib']}, torch {v['torch']}, transformers {v['transformers']}"
         + (f", vllm {v['vllm']}" if v.get("vllm") else ""),
         f"- peak FLOP/s for MFU: {doc['peak_flops'] / 1e12:.3g} TFLOP/s ({doc['peak_flops_source']})",
