@@ -6,6 +6,7 @@ optional ``report`` section says which stages are the methods being compared::
 
     report:
       title: Lightning OPD demo
+      dir: runs/demo                       # where report.json and the plots go (default: the run directory)
       metric: eval/pass@1                  # the number read from each eval stage's result
       methods:
         - name: Lightning OPD
@@ -17,7 +18,8 @@ optional ``report`` section says which stages are the methods being compared::
 A method's wall-clock and teacher seconds are summed over its stages per foreach instance (stages without loop
 values are shared by every instance), then averaged over instances. Without a ``report`` section every stage
 with a result is a method of its own. ``report(...)`` prints the tables, writes ``report.json`` and the plots
-``accuracy.png``, ``stage_seconds.png`` and ``accuracy_vs_time.png`` into the run directory.
+``accuracy.png``, ``stage_seconds.png`` and ``accuracy_vs_time.png`` into ``report.dir`` (default: the run
+directory; two configs sharing a run directory give each its own).
 """
 
 from __future__ import annotations
@@ -255,21 +257,22 @@ def report(records: list[dict], raw_config: dict, source: str, *, plots: bool = 
     metric = section.get("metric", DEFAULT_METRIC)
     title = section.get("title", Path(source).stem)
     run_dir = run_dir_of(raw_config, source)
+    out_dir = Path(section.get("dir") or run_dir)
     results = aggregate(records, method_specs(raw_config, records), run_dir, metric)
     tables = [stage_table(records), method_table(results, metric)]
-    text = f"\n{title}\n\n" + "\n\n".join(tables) + f"\n\nplots and report.json: {run_dir}"
+    text = f"\n{title}\n\n" + "\n\n".join(tables) + f"\n\nplots and report.json: {out_dir}"
     summary = {
         "metric": metric,
         "methods": [dataclasses.asdict(r) for r in results],
         "stages": [{k: r.get(k) for k in ("name", "seconds", "cached")} for r in records],
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "report.json").write_text(json.dumps(summary, indent=1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=1))
     if plots:
-        plot_stage_seconds(records, run_dir / "stage_seconds.png", f"{title}: wall-clock per stage")
+        plot_stage_seconds(records, out_dir / "stage_seconds.png", f"{title}: wall-clock per stage")
         if any(r.scores for r in results):
-            plot_accuracy(results, metric, run_dir / "accuracy.png", f"{title}: held-out accuracy")
-            plot_accuracy_vs_time(results, metric, run_dir / "accuracy_vs_time.png", f"{title}: accuracy vs time")
+            plot_accuracy(results, metric, out_dir / "accuracy.png", f"{title}: held-out accuracy")
+            plot_accuracy_vs_time(results, metric, out_dir / "accuracy_vs_time.png", f"{title}: accuracy vs time")
     return text
 
 

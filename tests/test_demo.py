@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("teacher", "student_sft", "lightning_opd")
+MODELS = ("teacher", "student_sft-seed0", "lightning_opd-seed0")
 
 
 def _env() -> dict:
@@ -63,21 +63,22 @@ def test_every_stage_ran_and_the_stores_validate_with_their_provenance(demo):
 
     run = demo["run"]
     assert [r["name"] for r in demo["records"]] == [
-        "task", "teacher_data", "teacher", "sft_data", "student_sft", "rollouts", "teacher_logprobs", "lightning_opd",
+        "task", "teacher_data", "teacher", "sft_data", "student_sft-seed0", "rollouts-seed0", "teacher_logprobs-seed0",
+        "lightning_opd-seed0",
     ]  # fmt: skip
     assert not any(r["cached"] for r in demo["records"])
-    for stage in ("teacher_data", "sft_data", "rollouts", "teacher_logprobs"):
-        validate(str(run / stage / "store"), require_teacher=stage == "teacher_logprobs")
+    for stage in ("teacher_data", "sft_data", "rollouts-seed0", "teacher_logprobs-seed0"):
+        validate(str(run / stage / "store"), require_teacher=stage.startswith("teacher_logprobs"))
     teacher = provenance.fingerprint_weights(run / "teacher" / "hf")
-    student = provenance.fingerprint_weights(run / "student_sft" / "hf")
+    student = provenance.fingerprint_weights(run / "student_sft-seed0" / "hf")
     sft_data = RolloutStore.open(str(run / "sft_data" / "store"))
     assert sft_data.manifest["sft_teacher"] == teacher and len(sft_data) == 16
-    rollouts = RolloutStore.open(str(run / "rollouts" / "store"))
+    rollouts = RolloutStore.open(str(run / "rollouts-seed0" / "store"))
     assert rollouts.manifest["policy"] == student and rollouts.manifest["sampling"]["temperature"] == 0.7
-    scored = RolloutStore.open(str(run / "teacher_logprobs" / "store"))
+    scored = RolloutStore.open(str(run / "teacher_logprobs-seed0" / "store"))
     assert scored.manifest["teacher"] == teacher and scored.teacher_committed == len(scored) == 16
-    assert provenance.read_provenance(run / "student_sft" / "hf")["sft_teacher"] == teacher
-    lopd = provenance.read_provenance(run / "lightning_opd" / "hf")
+    assert provenance.read_provenance(run / "student_sft-seed0" / "hf")["sft_teacher"] == teacher
+    lopd = provenance.read_provenance(run / "lightning_opd-seed0" / "hf")
     assert lopd["sft_teacher"] == teacher and lopd["init_weights"] == student
     assert "teacher_inconsistency" not in lopd
 
@@ -109,14 +110,14 @@ def test_eval_results_and_the_printed_report(demo):
         assert by_name[stage]["result"] == ev
     report = json.loads((run / "report.json").read_text())
     methods = {m["name"]: m for m in report["methods"]}
-    assert methods["SFT student"]["scores"] == [by_name["student_sft"]["result"]["eval/pass@1"]]
-    lopd_cost = sum(by_name[s]["seconds"] for s in ("rollouts", "teacher_logprobs", "lightning_opd"))
+    assert methods["SFT student"]["scores"] == [by_name["student_sft-seed0"]["result"]["eval/pass@1"]]
+    lopd_cost = sum(by_name[s + "-seed0"]["seconds"] for s in ("rollouts", "teacher_logprobs", "lightning_opd"))
     assert methods["Lightning OPD student"]["seconds"] == [pytest.approx(lopd_cost)]
-    assert methods["Lightning OPD student"]["teacher_seconds"] == [by_name["teacher_logprobs"]["seconds"]]
+    assert methods["Lightning OPD student"]["teacher_seconds"] == [by_name["teacher_logprobs-seed0"]["seconds"]]
     for png in ("accuracy.png", "stage_seconds.png", "accuracy_vs_time.png"):
         assert (run / png).stat().st_size > 1000
     for text in (demo["first"], demo["second"]):
-        assert "Lightning OPD student" in text and "teacher_logprobs" in text
+        assert "Lightning OPD student" in text and "teacher_logprobs-seed0" in text
 
 
 def test_second_run_is_fully_cached(demo):
@@ -125,3 +126,19 @@ def test_second_run_is_fully_cached(demo):
     assert "=== stage" not in demo["second"]  # no stage command ran
     # The cached records carry the first run's timings and results.
     assert [r["seconds"] for r in demo["cached"]] == [r["seconds"] for r in demo["records"]]
+
+
+def test_the_compare_config_extends_the_demo_stage_for_stage():
+    """demo_compare shares run_dir with the demo and repeats each demo stage's command: the demo's stages are
+    reused from the cache (a differing command would rerun, and clear, the demo's stage)."""
+    from lopd_jax.pipeline import expand_stages
+
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    compare = yaml.safe_load((ROOT / "configs" / "demo_compare.yaml").read_text())
+    assert demo["run_dir"] == compare["run_dir"]
+    assert demo["report"].get("dir", demo["run_dir"]) != compare["report"]["dir"]
+    compare_stages = {s.name: s for s in expand_stages(compare["stages"], "demo_compare.yaml")}
+    for stage in expand_stages(demo["stages"], "demo.yaml"):
+        assert compare_stages[stage.name].cmd == stage.cmd, stage.name
+    seeds = {s.loop for s in compare_stages.values() if s.base == "lightning_opd_inconsistent"}
+    assert seeds == {(("seed", 0),), (("seed", 1),), (("seed", 2),)}
