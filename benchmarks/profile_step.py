@@ -1,11 +1,14 @@
 """Where the time of the jitted OPD update step goes, by ablation (CPU-friendly, no profiler plugin needed).
 
     python -m benchmarks.profile_step [--model demo-student|cpu-50m|tiny] [--batch 16] [--seq 128] [--repeats 5]
+                                      [--trace DIR]
 
 Times, each jitted on its own and run ``repeats`` times after a warm-up (medians): the full step; the loss and
 its gradient; the forward + loss alone; the optimizer update alone; the gradient with attention swapped for a
 pass-through (attention's share); and the gradient with the lm_head / log-prob part only (the output layer's
-share). The differences say which part to optimise.
+share). The differences say which part to optimise. ``--trace DIR`` also records a JAX profiler trace of the
+gradient and sums the compiled program's op time by kind (matmuls, layout copies/transposes, elementwise,
+scan stacking), read back with ``jax.profiler.ProfileData``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 import functools
 import json
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -100,6 +104,43 @@ def profile(cfg, batch_size: int, seq_len: int, repeats: int) -> dict[str, float
     return out
 
 
+def _op_kind(name: str) -> str | None:
+    """Bucket of an XLA op event name (CPU thunk names); None for containers (while loops, the executor)."""
+    if name.startswith(("while", "conditional", "ThunkExecutor")):
+        return None
+    if name.startswith(("ynn_fusion", "xnn_fusion", "onednn")) or "dot" in name or "convolution" in name:
+        return "matmuls (YNNPACK/XNNPACK/oneDNN/dot)"
+    if name.startswith("copy") or "transpose" in name:
+        return "layout copies / transposes"
+    if "dynamic-update-slice" in name or "dynamic-slice" in name:
+        return "scan stacking (dynamic-(update-)slice)"
+    if "scatter" in name or "gather" in name:
+        return "gather / scatter"
+    return "other (elementwise / reduction fusions)"
+
+
+def trace_breakdown(fn, args, trace_dir: str, calls: int = 2) -> dict[str, float]:
+    """Milliseconds per call of the op kinds (``_op_kind``) executed by ``fn``, summed over XLA's worker threads."""
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn(*args))
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    jax.profiler.stop_trace()
+    newest = max(Path(trace_dir).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    totals: dict[str, float] = {}
+    for plane in ProfileData.from_file(str(newest)).planes:
+        for line in plane.lines:
+            if line.name.startswith(("python", "tf_XLAPjRt")):  # the caller waiting, not the work
+                continue
+            for ev in line.events:
+                kind = _op_kind(ev.name)
+                if kind:
+                    totals[kind] = totals.get(kind, 0.0) + ev.duration_ns / 1e6 / calls
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def _strip_layers(params):
     """Params with zero decoder layers (embed, final norm, lm_head kept)."""
     return jax.tree.map(lambda x: x[:0], {k: v for k, v in params.items() if k in ("layers", "mlp")}) | {
@@ -113,11 +154,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--trace", default=None, help="also trace the gradient into DIR and break it down by op kind")
     args = p.parse_args(argv)
-    res = profile(MODELS[args.model], args.batch, args.seq, args.repeats)
+    cfg = MODELS[args.model]
+    res = profile(cfg, args.batch, args.seq, args.repeats)
     width = max(map(len, res))
     for name, ms in res.items():
         print(f"{name:<{width}}  {ms:9.1f} ms  ({ms / res['full update step']:5.0%} of the step)")
+    if args.trace:
+        state, _ = make_state(cfg)
+        batch = jax.device_put(common.synthetic_batch(cfg, args.batch, args.seq))
+        loss_cfg = losses.LossConfig()
+        grad = jax.jit(jax.grad(lambda p, b: losses.opd_loss(p, b, cfg=cfg, loss_cfg=loss_cfg)[0]))
+        kinds = trace_breakdown(grad, (state.params, batch), args.trace)
+        total = sum(kinds.values())
+        print("loss+grad by op kind (thread time per call):")
+        for kind, ms in kinds.items():
+            print(f"  {kind:<42} {ms:9.1f} ms  ({ms / total:5.1%})")
+        res = res | {f"trace: {k}": v for k, v in kinds.items()}
     print(json.dumps(res))
     return res
 
