@@ -10,11 +10,13 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -104,19 +106,33 @@ def forward_flops_per_token(cfg: Qwen3Config, seq_len: int) -> float:
 
 _SMALL = dict(head_dim=32, rope_theta=10_000.0, max_position_embeddings=4096, tie_word_embeddings=False)
 
-#: Demo-sized student / teacher: the synthetic task's 100-token vocabulary, a few layers (sub-million / few-million
-#: parameters), the scale the CPU demo trains.
-DEMO_STUDENT = Qwen3Config(
-    vocab_size=100,
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    **_SMALL,
+
+def _demo_arch(name: str, fallback: Qwen3Config) -> Qwen3Config:
+    """The demo's architecture file (configs/demo/<name>_arch.json), or ``fallback`` when it is absent."""
+    from lopd_jax.models import hf
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo" / f"{name}_arch.json"
+    if not path.is_file():
+        return fallback
+    return hf.config_from_hf(json.loads(path.read_text()), where=str(path))
+
+
+#: The demo's student (2 x 64) and teacher (3 x 128): its 128-id vocabulary (configs/demo/*_arch.json).
+DEMO_STUDENT = _demo_arch(
+    "student",
+    Qwen3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **dict(_SMALL, head_dim=16, tie_word_embeddings=True),
+    ),
 )
-DEMO_TEACHER = dataclasses.replace(
-    DEMO_STUDENT, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4
+DEMO_TEACHER = _demo_arch(
+    "teacher",
+    dataclasses.replace(DEMO_STUDENT, hidden_size=128, intermediate_size=384, num_hidden_layers=3, head_dim=32),
 )
 #: ~50M parameters (~33M in matmuls) on CPU: D 512, 12 layers, a 16k vocabulary.
 CPU_50M = Qwen3Config(
@@ -281,7 +297,11 @@ def device_memory_limit(device: jax.Device) -> int | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def task_sequences(n: int, seed: int = 0, difficulty: str = "medium") -> tuple[list[list[int]], list[np.ndarray]]:
+#: The demo's task: five one-digit operands, the running sum spelled out (configs/demo.yaml, stage "task").
+DEMO_TASK = dict(min_operands=5, max_operands=5, min_digits=1, max_digits=1, chain=True)
+
+
+def task_sequences(n: int, seed: int = 0) -> tuple[list[list[int]], list[np.ndarray]]:
     """``n`` problems of the demo's task through its tokenizer: (chat-templated prompt ids, prompt + worked
     solution + <|im_end|> ids), i.e. what the demo's rollouts and teacher scoring see."""
     import tempfile
@@ -290,6 +310,7 @@ def task_sequences(n: int, seed: int = 0, difficulty: str = "medium") -> tuple[l
     from lopd_jax.trainer_opd import encode_prompt
 
     rng = np.random.default_rng(seed)
+    difficulty = syn.Difficulty(**DEMO_TASK)
     problems = [syn.make_problem(rng, difficulty) for _ in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
         tok = syn.build_tokenizer(tmp)

@@ -50,11 +50,11 @@ class Sizes:
 
 
 CPU = Sizes(
-    train=(("demo-student", common.DEMO_STUDENT, 16, 128), ("cpu-50m", common.CPU_50M, 2, 256)),
+    train=(("demo-student", common.DEMO_STUDENT, 32, 96), ("cpu-50m", common.CPU_50M, 2, 256)),
     train_steps=3,
-    torch=(common.DEMO_STUDENT, 16, 128, 4, 2),
-    scoring=(common.DEMO_TEACHER, 128, 3),
-    lightning=(common.DEMO_STUDENT, common.DEMO_TEACHER, 16, 128, 48, 5, 2),
+    torch=(common.DEMO_STUDENT, 32, 96, 5, 3),
+    scoring=(common.DEMO_TEACHER, 256, 3),
+    lightning=(common.DEMO_STUDENT, common.DEMO_TEACHER, 32, 96, 40, 5, 2),
 )
 # Test-sized: the train step, the torch comparison and Lightning share one update-step shape (one compile).
 TINY = Sizes(
