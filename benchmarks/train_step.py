@@ -130,7 +130,9 @@ def row_activation_bytes(cfg: Qwen3Config, seq_len: int) -> int:
     T, D, F, L = seq_len, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     item = np.dtype(cfg.dtype).itemsize
     saved = L * T * D * item
-    layer = 3 * cfg.num_attention_heads * T * T * 4 + 4 * T * F * item + 12 * T * D * item
+    # The XLA path materialises fp32 [N, T, T] scores (x3 with the backward); the fused cuDNN kernel never does.
+    scores = 3 * cfg.num_attention_heads * T * T * 4 if cfg.attention == "xla" else 0
+    layer = scores + 4 * T * F * item + 12 * T * D * item
     chunk = min(T, losses.DEFAULT_CHUNK_SIZE)
     logits = 3 * chunk * cfg.vocab_size * 4
     return saved + layer + logits
