@@ -84,7 +84,8 @@ def _vllm_child(model_dir: str, samples_file: str, rounds: int) -> None:
 
     with np.load(samples_file) as f:
         samples = [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
-    llm = vllm_engine.make_llm(model_dir, vllm_engine.VllmOptions(dtype="bfloat16"))
+    # Half the card: the parent process (JAX engine, torch model) holds some of it.
+    llm = vllm_engine.make_llm(model_dir, vllm_engine.VllmOptions(dtype="bfloat16", gpu_memory_utilization=0.5))
     vllm_engine.score_sequences(llm, samples)
     times = [common.timed(lambda: vllm_engine.score_sequences(llm, samples)) for _ in range(rounds)]
     print(json.dumps({"s": common.spread(times), "version": common.describe_machine()["versions"]["vllm"]}))
@@ -139,6 +140,11 @@ def bench_scoring(
         "max_abs_logprob_diff": _max_diff(jax_out, torch_out),
         "forward_flops_per_token": common.forward_flops_per_token(cfg, max(len(s) for s in samples)),
     }
+    if torch_device != "cpu":  # hand torch's cached blocks back before the JAX train-step section
+        import torch
+
+        del scorer
+        torch.cuda.empty_cache()
     if vllm_res is not None:
         res["vllm"] = vllm_res
         if "s" in vllm_res:
