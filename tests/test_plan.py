@@ -81,12 +81,12 @@ def test_plan_paper_scale(name, capsys):
     device_gb = _printed(out, r"total per device: ([\d.]+) GB")
     assert total / 1e9 == pytest.approx(PUBLISHED[cfg.model.init], rel=0.01)
     assert device_gb < cfg.plan.device_memory_gb and "FITS" in out
-    if cfg.plan.device_memory_gb == 80.0:
-        assert device_gb < 80.0
-    # The figures are consistent with the sharded state: fp32 params 8-way sharded, two fp32 Adam moments.
+    assert cfg.plan.device_memory_gb == 80.0 and device_gb < 80.0  # one 8 x 80 GB node
+    # The figures are consistent with the sharded state: fp32 params 8-way sharded, two Adam moments.
     assert p.params_total == int(total)
     assert p.state_bytes["params"] == pytest.approx(total * 4 / 8, rel=0.01)
-    assert p.state_bytes["optimizer"] == pytest.approx(2 * total * 4 / 8, rel=0.01)
+    moment_bytes = 2 if cfg.optimizer.moments_dtype == "bfloat16" else 4  # 30B-A3B keeps them in bf16 to fit 80 GB
+    assert p.state_bytes["optimizer"] == pytest.approx(2 * total * moment_bytes / 8, rel=0.01)
     assert p.memory["argument"] >= sum(p.state_bytes.values())
     assert p.memory["alias"] >= sum(p.state_bytes.values())  # the state is donated
     assert p.memory["temp"] >= p.state_bytes["params"]  # at least the fp32 gradients
