@@ -16,8 +16,8 @@ Placeholders: ``{run_dir}``, ``{out}`` (this stage's directory), ``{NAME}`` (the
 ``foreach`` stage it resolves to the instance with the same loop values), and the loop variables.
 
 A stage's cache key hashes its resolved command, the content of every file outside the run directory that its
-command names, the keys of the stages it references and the source of ``lopd_jax`` and ``precompute``. A stage whose directory holds a
-``stage.json`` with the same key is skipped, so a second run only redoes what changed.
+command names, the keys of the stages it references and the source of ``lopd_jax`` and ``precompute``. A stage
+whose directory holds a ``stage.json`` with the same key is skipped, so a second run only redoes what changed.
 """
 
 from __future__ import annotations
