@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import signal
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -181,3 +182,18 @@ def maybe_kill(commits: int) -> None:
     limit = os.environ.get(KILL_ENV)
     if limit and commits >= int(limit):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_cli(parse_args: Any, run: Any, argv: list[str] | None = None) -> int:
+    """The tools' shared ``main``: parse, run, and report an expected failure (bad input, inconsistent store or
+    teacher) as one ``error:`` line and exit status 2 instead of a traceback."""
+    from lopd_jax.provenance import ProvenanceError
+    from lopd_jax.store import StoreError
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (PrecomputeError, StoreError, ProvenanceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

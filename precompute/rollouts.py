@@ -214,13 +214,7 @@ def _vocab_size(model_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (PrecomputeError, StoreError, provenance.ProvenanceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return common.run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -221,16 +221,21 @@ def apply_rope(x_BTNH: jax.Array, sin_BTH: jax.Array, cos_BTH: jax.Array) -> jax
     return out.astype(x_BTNH.dtype)
 
 
-def attention_xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """Grouped-query attention with a boolean mask (True = attend); logits and softmax in fp32."""
+def attention_xla(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array, kv_axes: str = "BSKH"
+) -> jax.Array:
+    """Grouped-query attention with a boolean mask (True = attend); logits and softmax in fp32.
+
+    kv_axes names the layout of k and v: "BSKH" (a forward pass) or "BKSH" (the KV cache, read as stored).
+    """
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    K = k_BSKH.shape[kv_axes.index("K")]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    logits_BKGTS = jnp.einsum(f"BTKGH,{kv_axes}->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
     logits_BKGTS = logits_BKGTS * (H**-0.5)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    out_BTKGH = jnp.einsum(f"BKGTS,{kv_axes}->BTKGH", probs_BKGTS, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
 
 
@@ -328,15 +333,7 @@ def _write_cache(c_BKSH: jax.Array, new_BTKH: jax.Array, slots_BT: jax.Array) ->
 
 def attention_cached(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
     """attention_xla over a cache laid out [B, K, S, H]: the einsums read it without a transpose per step."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
-    logits_BKGTS = logits_BKGTS * (H**-0.5)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH)
-    return out_BTKGH.reshape(B, T, N, H)
+    return attention_xla(q_BTNH, k_BKSH, v_BKSH, mask_BTS, kv_axes="BKSH")
 
 
 def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None):
