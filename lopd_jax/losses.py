@@ -31,12 +31,17 @@ class LossConfig:
     clip_eps_high: float = 0.2
     normalization: str = "sample_mean"  # "sample_mean" (reference) | "token_mean"
     tis_cap: float | None = None  # truncated importance sampling cap C; None = off
+    # pi_old of the PPO ratio and advantage: "current" = stop_gradient(pi_theta) (the reference: one step per batch,
+    # ratio 1); "behavior" = the rollout policy's recorded log-probs, so the clip bounds the drift from it.
+    old_policy: str = "current"
     logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE  # tokens per chunk; 0 = no chunking
     compute_entropy: bool = False
 
     def __post_init__(self):
         if self.normalization not in ("sample_mean", "token_mean"):
             raise ValueError(f"loss.normalization must be 'sample_mean' or 'token_mean', got {self.normalization!r}")
+        if self.old_policy not in ("current", "behavior"):
+            raise ValueError(f"loss.old_policy must be 'current' or 'behavior', got {self.old_policy!r}")
         if self.clip_eps_low < 0 or self.clip_eps_high < 0:
             raise ValueError("loss.clip_eps_low and loss.clip_eps_high must be >= 0")
         if self.tis_cap is not None and self.tis_cap <= 0:
@@ -227,8 +232,9 @@ def opd_loss(
       batch: a Batch with teacher_logprobs (and behavior_logprobs for TIS / diagnostics), all [B, T].
       cfg: the model's Qwen3Config.
       loss_cfg: LossConfig (clip eps, normalisation, TIS cap, chunk size, entropy).
-      old_logprobs: [B, T] log pi_old(targets); None = stop_gradient(current), exact when one optimizer step is
-        taken per batch (the ratio is then 1 and one forward pass serves).
+      old_logprobs: [B, T] log pi_old(targets); None = per loss_cfg.old_policy: stop_gradient(current), exact
+        when one optimizer step is taken per batch (the ratio is then 1 and one forward pass serves), or
+        batch.behavior_logprobs (the policy that sampled the rollouts; masked tokens are ignored).
 
     Returns:
       (scalar loss, metrics). The loss is normalised per loss_cfg.normalization; see the module docstring.
@@ -236,8 +242,10 @@ def opd_loss(
     if old_logprobs is not None and old_logprobs.shape != batch.targets.shape:
         raise ValueError(f"opd_loss: old_logprobs shape {old_logprobs.shape} != batch shape {batch.targets.shape}")
     logp, ent = _policy_logprobs(params, batch, cfg, loss_cfg)
-    old = jax.lax.stop_gradient(logp if old_logprobs is None else old_logprobs.astype(jnp.float32))
     mask = batch.loss_mask.astype(jnp.float32) * (batch.segment_ids > 0)
+    if old_logprobs is None and loss_cfg.old_policy == "behavior":
+        old_logprobs = jnp.where(mask > 0, batch.behavior_logprobs, 0.0)
+    old = jax.lax.stop_gradient(logp if old_logprobs is None else old_logprobs.astype(jnp.float32))
     adv = (batch.teacher_logprobs - old) * mask
     pg, clipped = ppo_clip_surrogate(logp, old, adv, loss_cfg.clip_eps_low, loss_cfg.clip_eps_high)
     if loss_cfg.tis_cap is not None:

@@ -247,6 +247,32 @@ def test_tis_weights_the_surrogate(hf_model, hf_dir, sequences):
     assert rel_err(loss, want) <= 1e-5
 
 
+def test_old_policy_behavior_clips_against_the_rollout_policy(hf_model, hf_dir, sequences):
+    """old_policy="behavior": ratio pi/pi_b and advantage log p_T - log pi_b, so the clip binds away from pi_b."""
+    params, batch = torch_to_params(hf_model, hf_dir + "/weights"), pack(sequences)
+    lps = [lp.detach().numpy() for lp in torch_seq_logprobs(hf_model, sequences)]
+    # noise std 0.4: some ratios leave [0.8, 1.2]
+    behavior = [lp + 4.0 * s["behavior_noise"] for lp, s in zip(lps, sequences)]
+    batch = dataclasses.replace(batch, behavior_logprobs=jnp.asarray(pack(sequences, behavior)))
+    masks = [(np.arange(1, len(s["tokens"])) >= s["prompt"]) for s in sequences]
+    want, n_clipped = 0.0, 0
+    for s, lp, b, mk in zip(sequences, lps, behavior, masks):
+        r, a = np.exp(lp - b)[mk], (s["teacher"] - b)[mk]
+        unclipped, clipped = -r * a, -np.clip(r, 0.8, 1.2) * a
+        want += np.maximum(unclipped, clipped).mean() / len(sequences)
+        n_clipped += int((clipped > unclipped).sum())
+    loss, m = _opd(params, batch, cfg=CFG, loss_cfg=losses.LossConfig(old_policy="behavior"))
+    assert n_clipped > 0  # the noise moves ratios outside [0.8, 1.2], so the test exercises the clip
+    assert rel_err(loss, want) <= 1e-5
+    assert float(m["opd/clip_frac"]) > 0
+    # "current" ignores the behaviour column: the loss is the ratio-1 surrogate, -mean(A) with A = teacher - current
+    loss_cur, m_cur = _opd(params, batch, cfg=CFG, loss_cfg=losses.LossConfig())
+    want_cur = np.mean([-(s["teacher"] - lp)[mk].mean() for s, lp, mk in zip(sequences, lps, masks)])
+    assert rel_err(loss_cur, want_cur) <= 1e-5 and float(m_cur["opd/clip_frac"]) == 0.0
+    with pytest.raises(ValueError, match="old_policy"):
+        losses.LossConfig(old_policy="rollout")
+
+
 # ---------------------------------------------------------------------------------------------- token_logprobs
 
 
