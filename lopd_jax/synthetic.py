@@ -13,6 +13,9 @@ out the running sum one digit at a time, so that every step is one small additio
     0+4+0+1+2=7                    0+4=4+0=4+1=5+2=7
     #### 720                       #### 720
 
+`order="reverse"` adds each column's terms from the last operand to the first (`6+2=8+5=13+7=20`): the same
+task and answers in another solution style, which the demo uses to train a second, *inconsistent* teacher.
+
 Every step is local (fetch one digit of the prompt, add it, carry the tens), so a tiny transformer learns
 each step quickly but not perfectly, and errors compound over the steps: accuracy falls with the number of
 operands and digits (the difficulty knobs), which leaves room for distillation to help.
@@ -96,23 +99,33 @@ def _column_line(terms: list[int], chain: bool) -> str:
     return line
 
 
-def worked_solution(operands: list[int], chain: bool = False) -> str:
-    """The column-addition worked solution for non-negative `operands`, ending with `#### <sum>`."""
+ORDERS = ("forward", "reverse")
+
+
+def worked_solution(operands: list[int], chain: bool = False, order: str = "forward") -> str:
+    """The column-addition worked solution for non-negative `operands`, ending with `#### <sum>`.
+
+    order: "forward" adds each column's terms in prompt order (then the carry), "reverse" from the last term.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     width = max(len(str(x)) for x in operands)
     lines, answer_digits, carry = [], [], 0
     for col in range(width):
         digits = [(x // 10**col) % 10 for x in operands]
         terms = digits + ([carry] if col > 0 else [])  # the units column has no carry-in
         total = sum(terms)
-        lines.append(_column_line(terms, chain))
+        lines.append(_column_line(terms if order == "forward" else terms[::-1], chain))
         answer_digits.append(str(total % 10))
         carry = total // 10
     answer = (str(carry) if carry else "") + "".join(reversed(answer_digits))
     return "\n".join(lines) + f"\n{ANSWER_MARKER}{answer}"
 
 
-def make_problem(rng: np.random.Generator, difficulty: Difficulty | str = "medium") -> dict:
-    """One problem: dict(prompt=user message, solution=worked solution, answer=sum as a string)."""
+def make_problem(rng: np.random.Generator, difficulty: Difficulty | str = "medium", order: str = "forward") -> dict:
+    """One problem: dict(prompt=user message, solution=worked solution, answer=sum as a string).
+
+    The operands depend only on `rng` and `difficulty`: another `order` gives the same problem in another style."""
     diff = _as_difficulty(difficulty)
     n = int(rng.integers(diff.min_operands, diff.max_operands + 1))
     digits = rng.integers(diff.min_digits, diff.max_digits + 1, size=n)
@@ -120,17 +133,17 @@ def make_problem(rng: np.random.Generator, difficulty: Difficulty | str = "mediu
     operands = [int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10**d)) for d in digits]
     return {
         "prompt": PROMPT_PREFIX + "+".join(map(str, operands)),
-        "solution": worked_solution(operands, diff.chain),
+        "solution": worked_solution(operands, diff.chain, order),
         "answer": str(sum(operands)),
     }
 
 
-def _unique_problems(rng: np.random.Generator, n: int, difficulty: Difficulty | str) -> list[dict]:
+def _unique_problems(rng: np.random.Generator, n: int, difficulty: Difficulty | str, order: str) -> list[dict]:
     problems, seen = [], set()
     for _ in range(100 * n + 1000):  # bounded: a tiny difficulty may not have n distinct problems
         if len(problems) == n:
             return problems
-        p = make_problem(rng, difficulty)
+        p = make_problem(rng, difficulty, order)
         if p["prompt"] not in seen:
             seen.add(p["prompt"])
             problems.append(p)
@@ -152,18 +165,20 @@ def write_prompt_sets(
     *,
     n_teacher: int = 0,
     difficulty: Difficulty | str = "medium",
+    order: str = "forward",
 ) -> dict[str, Path]:
     """Write disjoint prompt sets (no prompt appears in two sets) as JSONL files in `out_dir`.
 
     Files: `sft.jsonl` (prompt, answer, completion), `opd.jsonl` and `eval.jsonl` (prompt, answer), and,
     when n_teacher > 0, `teacher.jsonl` (prompt, answer, completion) to train the teacher on problems its
-    SFT answers will not be asked about. `completion` is the worked solution. Deterministic in `seed`.
+    SFT answers will not be asked about. `completion` is the worked solution in `order` (see worked_solution).
+    Deterministic in `seed`; the prompts do not depend on `order`.
     Returns {set name: path}.
     """
     sizes = {"teacher": n_teacher, "sft": n_sft, "opd": n_opd, "eval": n_eval}
     if any(n < 0 for n in sizes.values()) or min(n_sft, n_opd, n_eval) == 0:
         raise ValueError(f"write_prompt_sets: set sizes must be positive (n_teacher >= 0), got {sizes}")
-    problems = _unique_problems(np.random.default_rng(seed), sum(sizes.values()), difficulty)
+    problems = _unique_problems(np.random.default_rng(seed), sum(sizes.values()), difficulty, order)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, start = {}, 0
@@ -241,6 +256,9 @@ def _parse_args(argv: list[str] | None):
     for name in ("min_operands", "max_operands", "min_digits", "max_digits"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="overrides the preset's value")
     p.add_argument("--chain", action="store_true", help="spell out each column's running sum (Difficulty.chain)")
+    p.add_argument(
+        "--order", choices=ORDERS, default="forward", help="order of each column's terms in the worked solutions"
+    )
     return p.parse_args(argv)
 
 
@@ -259,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         difficulty = _difficulty_from_args(args)
         paths = write_prompt_sets(
-            args.out, args.seed, args.n_sft, args.n_opd, args.n_eval, n_teacher=args.n_teacher, difficulty=difficulty
+            args.out,
+            args.seed,
+            args.n_sft,
+            args.n_opd,
+            args.n_eval,
+            n_teacher=args.n_teacher,
+            difficulty=difficulty,
+            order=args.order,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -86,6 +86,10 @@ def test_worked_solution_examples():
     assert syn.worked_solution([99, 99, 99]) == "9+9+9=27\n9+9+9+2=29\n#### 297"
     assert syn.worked_solution([99, 99, 99], chain=True) == "9+9=18+9=27\n9+9=18+9=27+2=29\n#### 297"
     assert syn.worked_solution([5, 7]) == "5+7=12\n#### 12"
+    # reverse: each column from the last term (the carry first from the second column on)
+    assert syn.worked_solution([19, 28, 6], chain=True, order="reverse") == "6+8=14+9=23\n2+0=2+2=4+1=5\n#### 53"
+    with pytest.raises(ValueError, match="order"):
+        syn.worked_solution([5, 7], order="backwards")
 
 
 def test_difficulty_validation():
@@ -213,3 +217,15 @@ def test_cli_writes_sets_and_tokenizer(tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(tmp_path / "tokenizer").eos_token_id == 2
     assert syn.main([*args, "--min-operands", "1"]) == 2
     assert "min_operands" in capsys.readouterr().err
+    # --order reverse: the same prompts and answers (same seed), completions in the other style
+    rev = tmp_path / "reverse"
+    assert (
+        syn.main(
+            [*args, "--out", str(rev), "--min-operands", "2", "--max-operands", "2", "--chain", "--order", "reverse"]
+        )
+        == 0
+    )
+    rev_rows = _read(rev / "sft.jsonl")
+    assert [(r["prompt"], r["answer"]) for r in rev_rows] == [(r["prompt"], r["answer"]) for r in rows]
+    assert all(r["completion"] == syn.worked_solution(_operands(r["prompt"]), True, "reverse") for r in rev_rows)
+    assert sum(a["completion"] != b["completion"] for a, b in zip(rows, rev_rows)) >= 3
