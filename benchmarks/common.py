@@ -117,17 +117,17 @@ def _demo_arch(name: str, fallback: Qwen3Config) -> Qwen3Config:
     return hf.config_from_hf(json.loads(path.read_text()), where=str(path))
 
 
-#: The demo's student (2 x 64) and teacher (3 x 128): its 128-id vocabulary (configs/demo/*_arch.json).
+#: The demo's student (2 x 128) and teacher (3 x 128): its 128-id vocabulary (configs/demo/*_arch.json).
 DEMO_STUDENT = _demo_arch(
     "student",
     Qwen3Config(
         vocab_size=128,
-        hidden_size=64,
-        intermediate_size=192,
+        hidden_size=128,
+        intermediate_size=384,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        **dict(_SMALL, head_dim=16, tie_word_embeddings=True),
+        **dict(_SMALL, head_dim=32, tie_word_embeddings=True),
     ),
 )
 DEMO_TEACHER = _demo_arch(
