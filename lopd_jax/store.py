@@ -40,7 +40,8 @@ Writer API (precompute.rollouts / precompute.teacher_logprobs)::
 the response tokens only; ``behavior_logprobs=None`` stores NaN (data without a behaviour policy, e.g. imported SFT
 answers; such stores say ``behavior_logprobs: "none"`` in their manifest). One writer at a time per store.
 
-Reader API: see ``RolloutStore`` (``open``, ``len``, ``sample``, ``samples``, ``manifest``, ``lengths``, ``refresh``).
+The writer lives in ``lopd_jax.store_writer``. Reader API: see ``RolloutStore`` (``open``, ``len``, ``sample``,
+``samples``, ``manifest``, ``lengths``, ``refresh``).
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorstore as ts
+
+if TYPE_CHECKING:
+    from lopd_jax.store_writer import RolloutWriter
 
 FORMAT = "lopd_jax.rollout_store"
 SCHEMA_VERSION = 1
@@ -287,12 +290,16 @@ class RolloutStore:
 
     @classmethod
     def create(cls, path, manifest: dict, topk: int = 0, **kwargs) -> RolloutWriter:
-        """A writer for a new, empty store at ``path`` (see ``RolloutWriter.create``)."""
+        """A writer for a new, empty store at ``path`` (see ``lopd_jax.store_writer.RolloutWriter.create``)."""
+        from lopd_jax.store_writer import RolloutWriter
+
         return RolloutWriter.create(path, manifest, topk=topk, **kwargs)
 
     @classmethod
     def open_for_append(cls, path, **kwargs) -> RolloutWriter:
         """A writer that continues an existing store where its last commit ended."""
+        from lopd_jax.store_writer import RolloutWriter
+
         return RolloutWriter.open(path, **kwargs)
 
     def refresh(self) -> None:
@@ -404,271 +411,4 @@ class _Done:
         return self.value
 
 
-# ------------------------------------------------------------------------------------------------ writer
-
-
-class _Column:
-    """Appends to one resizable array in blocks that start on an inner-chunk boundary.
-
-    The partial last chunk (``tail``) stays in memory and is rewritten with the next block, so no write ever
-    starts mid-chunk and a resumed writer overwrites anything a killed one left past the commit.
-    """
-
-    def __init__(self, arr: ts.TensorStore, end: int):
-        self.arr, self.end = arr, end
-        self.chunk = arr.chunk_layout.read_chunk.shape[0]
-        start = end // self.chunk * self.chunk
-        empty = np.empty((0, *arr.shape[1:]), arr.dtype.numpy_dtype)
-        self.tail = arr[start:end].read().result() if end > start else empty
-
-    def write(self, data: np.ndarray) -> ts.Future:
-        start, new_end = self.end - len(self.tail), self.end + len(data)
-        block = np.concatenate([self.tail, data.astype(self.arr.dtype.numpy_dtype, copy=False)])
-        bound = [new_end] + [None] * (self.arr.rank - 1)
-        self.arr = self.arr.resize(exclusive_max=bound, resize_metadata_only=True).result()
-        future = self.arr[start:new_end].write(block)
-        self.tail = block[len(block) - (new_end - new_end // self.chunk * self.chunk) :]
-        self.end = new_end
-        return future
-
-
-def _full_length(values, length: int, prompt_length: int, what: str, where: str) -> np.ndarray:
-    """Per-token values [length] from full-length or response-only input; NaN on prompt tokens."""
-    v = np.asarray(values, np.float32)
-    if v.shape[0] == length - prompt_length:
-        v = np.concatenate([np.full((prompt_length, *v.shape[1:]), np.nan, np.float32), v])
-    if v.shape[0] != length:
-        raise StoreError(
-            f"{where}: {what} has {v.shape[0]} entries, expected {length} (all tokens) "
-            f"or {length - prompt_length} (response tokens)"
-        )
-    v = v.copy()
-    v[:prompt_length] = np.nan
-    if not np.all(np.isfinite(v[prompt_length:])):
-        j = prompt_length + int(
-            np.flatnonzero(~np.isfinite(v[prompt_length:]).reshape(len(v) - prompt_length, -1).any(-1))[0]
-        )
-        raise StoreError(f"{where}: {what} is not finite at token {j} (a response token)")
-    return v
-
-
-def _normalize_sample(s: dict, where: str) -> dict:
-    tokens = np.asarray(s["tokens"])
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise StoreError(f"{where}: tokens must be a 1-D integer array, got {tokens.dtype}{list(tokens.shape)}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**31):
-        raise StoreError(f"{where}: token ids must be in [0, 2**31)")
-    p, n = int(s["prompt_length"]), len(tokens)
-    if not 1 <= p < n:
-        raise StoreError(f"{where}: prompt_length {p} must be in [1, {n}) (a prompt and >= 1 response token)")
-    fr = s["finish_reason"]
-    if fr not in FINISH_REASONS:
-        raise StoreError(f"{where}: finish_reason {fr!r} not in {FINISH_REASONS}")
-    pi = int(s["prompt_index"])
-    if pi < 0:
-        raise StoreError(f"{where}: prompt_index {pi} < 0")
-    return {
-        "tokens": tokens.astype(np.int32),
-        "behavior_logprobs": np.full(n, np.nan, np.float32)  # None: no behaviour policy (imported SFT data)
-        if s["behavior_logprobs"] is None
-        else _full_length(s["behavior_logprobs"], n, p, "behavior_logprobs", where),
-        "prompt_length": p,
-        "finish_reason": FINISH_REASONS.index(fr),
-        "prompt_index": pi,
-        "answer": json.dumps(s.get("answer"), ensure_ascii=False).encode("utf-8"),
-    }
-
-
-class RolloutWriter:
-    """Appends samples and teacher columns to a store; see the module docstring for the protocol."""
-
-    def __init__(self, spec: dict, manifest: dict, arrays: dict[str, ts.TensorStore], flush_tokens: int | None):
-        self.spec, self.path, self._manifest = spec, _describe(spec), manifest
-        self.topk = manifest["topk"]
-        n, tc = manifest["committed"], manifest["teacher_committed"]
-        layout = manifest["layout"]
-        self.flush_tokens = flush_tokens or layout["chunk_tokens"] * layout["shard_chunks"]
-        meta = read_sample_metadata(spec, arrays, manifest)
-        teacher_tokens, answer_bytes = int(meta["sample_offsets"][tc]), int(meta["answer_offsets"][n])
-        check_lengths(spec, arrays, required_lengths(manifest, answer_bytes, teacher_tokens))
-        args = (meta["sample_offsets"], meta["prompt_lengths"], meta["finish_reason"], manifest["committed_tokens"])
-        check_metadata(self.path, *args)  # never append to a store that is already inconsistent
-        ends = {k: manifest["committed_tokens"] for k in _TOKEN_ARRAYS} | {k: n for k in _SAMPLE_ARRAYS}
-        ends |= {k: n + 1 for k in _OFFSET_ARRAYS} | {"answers": answer_bytes}
-        ends |= {k: teacher_tokens for k in arrays if k in _TEACHER_ARRAYS or k in _TOPK_ARRAYS}
-        self._cols = {k: _Column(arrays[k], e) for k, e in ends.items()}
-        self._pending: list[dict] = []
-        self._pending_teacher: list[tuple] = []
-        self._dirty = False
-
-    @classmethod
-    def create(
-        cls,
-        path: str | os.PathLike | dict,
-        manifest: dict,
-        topk: int = 0,
-        *,
-        chunk_tokens: int = 1 << 14,
-        chunk_samples: int = 1 << 12,
-        shard_chunks: int = 64,
-        zstd_level: int = 3,
-        flush_tokens: int | None = None,
-        overwrite: bool = False,
-    ) -> RolloutWriter:
-        """Create an empty store at ``path`` with the user ``manifest`` fields (fingerprints, sampling, ...).
-
-        Flushes every ``flush_tokens`` appended tokens (default: one shard, chunk_tokens * shard_chunks)."""
-        spec = kvstore_spec(path)
-        if not overwrite and _kvstore(spec).read(MANIFEST).result().state == "value":
-            raise StoreError(f"{_describe(spec)}: a store already exists (open_for_append to resume)")
-        clash = sorted(set(manifest) & set(RESERVED_KEYS))
-        if clash:
-            raise StoreError(f"{_describe(spec)}: manifest keys {clash} are reserved for the store")
-        if overwrite:  # uncommit first: a crash while the arrays are recreated leaves no store, not a broken one
-            _kvstore(spec).write(MANIFEST, None).result()
-        layout = {"chunk_tokens": chunk_tokens, "chunk_samples": chunk_samples, "shard_chunks": shard_chunks}
-        layout["zstd_level"] = zstd_level
-        arrays = {
-            name: _open_array(spec, name, create_meta=_array_metadata(name, dtype, fill, layout, topk))
-            for name, (dtype, fill) in _array_names(topk).items()
-        }
-        for name in _OFFSET_ARRAYS:
-            arrays[name] = arrays[name].resize(exclusive_max=[1], resize_metadata_only=True).result()
-            arrays[name][0:1].write(np.zeros(1, np.int64)).result()
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        full = {**manifest, "format": FORMAT, "schema_version": SCHEMA_VERSION, "topk": topk, "layout": layout}
-        full.update(committed=0, committed_tokens=0, teacher_committed=0, created_at=now)
-        _write_manifest(spec, full)
-        return cls(spec, full, arrays, flush_tokens)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike | dict, flush_tokens: int | None = None) -> RolloutWriter:
-        """Reopen a store for appending; continues exactly where the last commit ended."""
-        spec = kvstore_spec(path)
-        manifest = read_manifest(spec)
-        check_manifest(manifest, _describe(spec))
-        return cls(spec, manifest, open_arrays(spec, manifest), flush_tokens)
-
-    @property
-    def committed(self) -> int:
-        """Samples committed (visible to readers)."""
-        return self._manifest["committed"]
-
-    @property
-    def teacher_committed(self) -> int:
-        return self._manifest["teacher_committed"]
-
-    @property
-    def teacher_end(self) -> int:
-        """Index of the next sample ``write_teacher`` expects (committed + buffered teacher rows)."""
-        return self.teacher_committed + len(self._pending_teacher)
-
-    @property
-    def manifest(self) -> dict:
-        return json.loads(json.dumps(self._manifest))
-
-    def update_manifest(self, **fields) -> None:
-        """Set user manifest fields (e.g. teacher=fingerprint); written with the next commit."""
-        clash = sorted(set(fields) & set(RESERVED_KEYS))
-        if clash:
-            raise StoreError(f"{self.path}: manifest keys {clash} are reserved for the store")
-        self._manifest.update(fields)
-        self._dirty = True
-
-    def append(self, samples: Sequence[dict]) -> None:
-        """Buffer samples (dicts: tokens, prompt_length, finish_reason, behavior_logprobs, prompt_index,
-        optional answer); flushes whenever a shard's worth of tokens is buffered."""
-        base = self.committed + len(self._pending)
-        for j, s in enumerate(samples):
-            self._pending.append(_normalize_sample(s, f"{self.path}: appended sample {base + j}"))
-        if sum(len(s["tokens"]) for s in self._pending) >= self.flush_tokens:
-            self.flush()
-
-    def write_teacher(self, start: int, per_sample_logprobs: Sequence, topk: tuple | None = None) -> None:
-        """Buffer teacher log-probs of committed samples start, start+1, ... (start must be ``teacher_end``).
-
-        per_sample_logprobs[i]: [L_i] or [L_i - prompt_length_i] f32, entry j = log p_T(tokens[j] | tokens[:j]).
-        topk: (ids, logprobs) with ids[i] / logprobs[i] of shape [L_i or response, k], required iff topk > 0."""
-        n = len(per_sample_logprobs)
-        if start != self.teacher_end or start + n > self.committed:
-            raise StoreError(
-                f"{self.path}: write_teacher(start={start}, {n} samples): expected start {self.teacher_end} "
-                f"and start + n <= committed {self.committed}"
-            )
-        if (topk is None) != (self.topk == 0):
-            raise StoreError(f"{self.path}: store has topk={self.topk}; topk columns must be given iff topk > 0")
-        offsets = self._cols["sample_offsets"].arr[start : start + n + 1].read().result()
-        plens = self._cols["prompt_lengths"].arr[start : start + n].read().result()
-        for i in range(n):
-            where, length, p = (
-                f"{self.path}: teacher row of sample {start + i}",
-                int(offsets[i + 1] - offsets[i]),
-                int(plens[i]),
-            )
-            row = [_full_length(per_sample_logprobs[i], length, p, "teacher_logprobs", where)]
-            if topk is not None:
-                ids = np.array(topk[0][i], np.int32)  # a copy: prompt rows are overwritten below
-                if len(ids) == length - p:
-                    ids = np.concatenate([np.full((p, *ids.shape[1:]), -1, ids.dtype), ids])
-                if ids.shape != (length, self.topk):
-                    raise StoreError(f"{where}: teacher_topk_ids shape {ids.shape} != {(length, self.topk)}")
-                ids[:p] = -1
-                row += [ids, _full_length(topk[1][i], length, p, "teacher_topk_logprobs", where)]
-            self._pending_teacher.append(tuple(row))
-        if sum(len(r[0]) for r in self._pending_teacher) >= self.flush_tokens:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write buffered data, wait for it, then commit the new counts in the manifest."""
-        if not (self._pending or self._pending_teacher or self._dirty):
-            return
-        futures = self._write_samples() + self._write_teacher_rows()
-        for f in futures:
-            f.result()
-        m = self._manifest
-        m["committed"] += len(self._pending)
-        m["committed_tokens"] = self._cols["tokens"].end
-        m["teacher_committed"] += len(self._pending_teacher)
-        m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        _write_manifest(self.spec, m)
-        self._pending, self._pending_teacher, self._dirty = [], [], False
-
-    def _write_samples(self) -> list:
-        if not self._pending:
-            return []
-        p = self._pending
-        lengths = np.array([len(s["tokens"]) for s in p], np.int64)
-        alens = np.array([len(s["answer"]) for s in p], np.int64)
-        c = self._cols
-        data = {
-            "tokens": np.concatenate([s["tokens"] for s in p]),
-            "behavior_logprobs": np.concatenate([s["behavior_logprobs"] for s in p]),
-            "sample_offsets": c["tokens"].end + np.cumsum(lengths),
-            "prompt_lengths": np.array([s["prompt_length"] for s in p], np.int32),
-            "finish_reason": np.array([s["finish_reason"] for s in p], np.uint8),
-            "prompt_index": np.array([s["prompt_index"] for s in p], np.int32),
-            "answer_offsets": c["answers"].end + np.cumsum(alens),
-            "answers": np.frombuffer(b"".join(s["answer"] for s in p), np.uint8),
-        }
-        return [c[k].write(v) for k, v in data.items()]
-
-    def _write_teacher_rows(self) -> list:
-        if not self._pending_teacher:
-            return []
-        names = ["teacher_logprobs", *(["teacher_topk_ids", "teacher_topk_logprobs"] if self.topk else [])]
-        cols = zip(*self._pending_teacher)
-        return [self._cols[k].write(np.concatenate(v)) for k, v in zip(names, cols)]
-
-    def close(self) -> None:
-        """Flush what is buffered (the store stays valid and can be reopened for appending)."""
-        self.flush()
-
-    def __enter__(self) -> RolloutWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-
-
-__all__ = ["FORMAT", "SCHEMA_VERSION", "FINISH_REASONS", "RolloutStore", "RolloutWriter", "StoreError"]
+__all__ = ["FORMAT", "SCHEMA_VERSION", "FINISH_REASONS", "RolloutStore", "StoreError"]
