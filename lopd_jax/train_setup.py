@@ -144,6 +144,12 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
             f"{store.teacher_committed} of {len(store)}, teacher {m.get('teacher')}): mode lightning_opd needs "
             "teacher log-probs; run precompute.teacher_logprobs on it"
         )
+    if cfg.mode == "lightning_opd" and cfg.loss.old_policy == "behavior" and m.get("behavior_logprobs") == "none":
+        raise StoreError(
+            f"data.store: {store.path} has no behaviour log-probs (manifest behavior_logprobs: none), but "
+            "loss.old_policy: behavior takes the PPO ratio against them; use rollouts with recorded log-probs "
+            "(precompute.rollouts) or loss.old_policy: current"
+        )
     top, sample = _max_token_id(store)
     if top >= setup.model_cfg.vocab_size:
         raise StoreError(

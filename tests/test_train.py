@@ -92,6 +92,13 @@ def world(tmp_path_factory):
         # Scored by the wrong teacher (the student itself), with the same numbers: only provenance differs.
         "wrong_teacher": _write_store(root / "wrong_store", samples, {**base, "teacher": fp["student"]}, scored),
         "unscored": _write_store(root / "unscored_store", samples, base),
+        # Scored, but without behaviour log-probs (as an imported store): loss.old_policy=behavior has no ratio.
+        "no_behavior": _write_store(
+            root / "nobehavior_store",
+            [dict(s, behavior_logprobs=None) for s in samples],
+            {**base, "teacher": fp["teacher"], "behavior_logprobs": "none"},
+            scored,
+        ),
     }
     return dict(root=root, tok=tok, student=student, teacher=teacher, fp=fp, prompts=paths, stores=stores)
 
@@ -345,6 +352,14 @@ BAD = {
     "unscored store": (
         lambda w, t: {"mode": "lightning_opd", "data": {"store": str(w["stores"]["unscored"])}},
         ["teacher columns", "unscored_store"],
+    ),
+    "no behaviour log-probs": (
+        lambda w, t: {
+            "mode": "lightning_opd",
+            "loss": {"old_policy": "behavior"},
+            "data": {"store": str(w["stores"]["no_behavior"])},
+        },
+        ["nobehavior_store", "no behaviour log-probs", "loss.old_policy"],
     ),
     "tokenizer vocab": (lambda w, t: {"model": _bad_vocab_config(w, t)}, ["vocab size mismatch", "100 tokens", "64"]),
     "store vocab": (_store_vocab_world, ["vocab size mismatch", "token id 120", "vocab_size is 100"]),
