@@ -132,7 +132,7 @@ DEMO_STUDENT = _demo_arch(
 )
 DEMO_TEACHER = _demo_arch(
     "teacher",
-    dataclasses.replace(DEMO_STUDENT, hidden_size=128, intermediate_size=384, num_hidden_layers=3, head_dim=32),
+    dataclasses.replace(DEMO_STUDENT, num_hidden_layers=3),  # the student is 2 x 128; the teacher 3 x 128
 )
 #: ~50M parameters (~33M in matmuls) on CPU: D 512, 12 layers, a 16k vocabulary.
 CPU_50M = Qwen3Config(
