@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopd_jax.data import Batch
+from lopd_jax.batch import Batch
 from lopd_jax.models import presets
 from lopd_jax.models.qwen3 import Qwen3Config
 

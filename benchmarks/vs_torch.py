@@ -18,7 +18,7 @@ import torch
 from benchmarks import common
 from benchmarks.train_step import compile_step, make_opd_step, make_state, run_steps
 from lopd_jax import losses, update
-from lopd_jax.data import Batch
+from lopd_jax.batch import Batch
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 

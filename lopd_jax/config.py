@@ -27,8 +27,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lopd_jax.batch import DataConfig
 from lopd_jax.checkpoint import CheckpointConfig
-from lopd_jax.data import DataConfig
 from lopd_jax.losses import LossConfig
 from lopd_jax.plan import PlanConfig
 from lopd_jax.sampling import SamplingConfig

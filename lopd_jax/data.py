@@ -1,8 +1,7 @@
-"""Training batches: the Batch contract (DESIGN.md) and the Grain pipeline that builds them from a RolloutStore."""
+"""The Grain pipeline that builds training batches (``lopd_jax.batch.Batch``) from a RolloutStore."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -10,31 +9,10 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from flax import struct
 
+from lopd_jax.batch import Batch, DataConfig, DataError, shift_sample
 
-@struct.dataclass
-class Batch:
-    """One packed training batch; every field is [B, T] in the "shifted" convention.
-
-    inputs[t] is fed to the model and targets[t] is the token that follows it. Packed rows hold several
-    sequences, told apart by segment_ids (0 = padding, 1..k = sequences); positions restart per segment.
-    """
-
-    inputs: jax.Array  # int32
-    targets: jax.Array  # int32
-    positions: jax.Array  # int32
-    segment_ids: jax.Array  # int32
-    loss_mask: jax.Array  # float32, 1 where targets[t] is a response token to train on
-    teacher_logprobs: jax.Array  # float32, log p_T(targets[t] | prefix); 0 where loss_mask is 0
-    behavior_logprobs: jax.Array  # float32, log pi_behavior(targets[t]) recorded at rollout time
-
-    @classmethod
-    def zeros(cls, batch_size: int, seq_len: int) -> Batch:
-        """An all-padding batch (useful for tracing shapes)."""
-        i = np.zeros((batch_size, seq_len), np.int32)
-        f = np.zeros((batch_size, seq_len), np.float32)
-        return cls(i, i, i, i, f, f, f)
+__all__ = ["Batch", "DataConfig", "DataError", "DataIterator", "make_dataset", "make_iterator", "shift_sample"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -47,81 +25,6 @@ class Batch:
 _SEQ_FIELDS = ("inputs", "targets", "loss_mask", "teacher_logprobs", "behavior_logprobs", "dropped")
 # Cumulative counters reported by DataIterator.metrics (and carried in the iterator state).
 _COUNTERS = ("samples", "truncated_samples", "dropped_tokens", "response_tokens", "padding_tokens", "batches")
-
-
-class DataError(ValueError):
-    """Bad data or data settings; the message names the store sample or config key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Settings of the training data pipeline (the ``data`` section of the config).
-
-    ``batch_size`` and ``seq_len`` are 0 in YAML unless set: config.load_config fills them from the ``train``
-    section (the single place a user sets them). ``batch_size`` counts rows of the global batch: with packing a
-    row of ``seq_len`` tokens holds as many whole samples as fit (first-fit), without packing exactly one.
-    """
-
-    store: str = ""  # RolloutStore path or TensorStore kvstore URL
-    prompts: str = ""  # mode opd: prompts.jsonl sampled online every step (no store needed)
-    batch_size: int = 0  # rows per global batch (split evenly over JAX processes)
-    seq_len: int = 0  # T, tokens per row (shifted: a sample of L tokens takes L - 1 slots)
-    max_response_len: int = 0  # response tokens kept per sample (0: no limit beyond seq_len)
-    shuffle: bool = True
-    seed: int = 0
-    num_epochs: int | None = None  # None: repeat forever (the trainer stops after train.steps)
-    pack: bool = True
-    require_teacher: bool = False  # lightning_opd: every response token needs a teacher log-prob
-    read_threads: int = 4  # parallel store reads (TensorStore releases the GIL)
-    prefetch: int = 2  # finished batches buffered ahead of the training loop
-
-    def __post_init__(self):
-        for name in ("batch_size", "seq_len", "max_response_len", "read_threads", "prefetch"):
-            if getattr(self, name) < 0:
-                raise DataError(f"data.{name} must be >= 0, got {getattr(self, name)}")
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise DataError(f"data.num_epochs must be >= 1 or null (forever), got {self.num_epochs}")
-
-
-def shift_sample(
-    sample: dict[str, Any], *, seq_len: int, max_response_len: int = 0, require_teacher: bool = False
-) -> dict[str, np.ndarray]:
-    """One store sample -> per-token arrays in the shifted convention, each [L'] with L' <= seq_len.
-
-    Store entry j of ``teacher_logprobs``/``behavior_logprobs`` scores tokens[j]; after the shift position t
-    predicts targets[t] = tokens[t + 1], so it carries store entry t + 1. loss_mask[t] = 1 where targets[t] is a
-    response token (t + 1 >= prompt_length). The response is cut to ``max_response_len`` tokens and the whole
-    sample to seq_len + 1 tokens; ``dropped`` holds the number of cut response tokens at index 0 (0 elsewhere),
-    so packed rows carry the truncation count to the metrics.
-    """
-    tokens = np.asarray(sample["tokens"], np.int32)
-    p = int(sample["prompt_length"])
-    n_resp = len(tokens) - p
-    if p < 1 or n_resp < 0 or len(tokens) < 2:
-        raise DataError(f"store sample {sample.get('index')}: prompt_length {p} for {len(tokens)} tokens")
-    keep = n_resp if max_response_len <= 0 else min(n_resp, max_response_len)
-    end = min(p + keep, seq_len + 1)
-    teacher = np.asarray(sample["teacher_logprobs"], np.float32)[1:end]
-    behavior = np.asarray(sample["behavior_logprobs"], np.float32)[1:end]
-    mask = (np.arange(1, end) >= p).astype(np.float32)
-    on = mask > 0
-    if require_teacher and not np.isfinite(teacher[on]).all():
-        bad = int(np.flatnonzero(on & ~np.isfinite(teacher))[0]) + 1
-        raise DataError(
-            f"store sample {sample.get('index')}: response token {bad} has no teacher log-prob "
-            f"({teacher[bad - 1]}); score the store with precompute.teacher_logprobs"
-        )
-    dropped = np.zeros(end - 1, np.int32)
-    if end - 1 > 0:
-        dropped[0] = len(tokens) - end  # counts prompt tokens only if the prompt itself overflows seq_len
-    return {
-        "inputs": tokens[: end - 1],
-        "targets": tokens[1:end],
-        "loss_mask": mask,
-        "teacher_logprobs": np.where(on & np.isfinite(teacher), teacher, 0.0).astype(np.float32),
-        "behavior_logprobs": np.where(on & np.isfinite(behavior), behavior, 0.0).astype(np.float32),
-        "dropped": dropped,
-    }
 
 
 class _StoreSource:

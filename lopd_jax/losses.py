@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lopd_jax.data import Batch
+from lopd_jax.batch import Batch
 from lopd_jax.models import qwen3
 
 Metrics = dict[str, jax.Array]

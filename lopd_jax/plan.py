@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from lopd_jax import losses, sharding, update
-from lopd_jax.data import Batch
+from lopd_jax.batch import Batch
 from lopd_jax.models import presets, qwen3
 
 if TYPE_CHECKING:

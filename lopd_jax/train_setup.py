@@ -15,8 +15,8 @@ import numpy as np
 
 from lopd_jax import config as config_lib
 from lopd_jax import distributed, provenance, sharding
+from lopd_jax.batch import DataError
 from lopd_jax.config import ConfigError, TrainConfig
-from lopd_jax.data import DataError
 from lopd_jax.models import hf, qwen3
 from lopd_jax.provenance import ProvenanceError
 from lopd_jax.store import RolloutStore, StoreError

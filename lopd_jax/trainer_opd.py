@@ -23,7 +23,7 @@ import numpy as np
 
 from lopd_jax import eval as evaluation
 from lopd_jax import losses, sampling
-from lopd_jax.data import Batch, shift_sample
+from lopd_jax.batch import Batch, shift_sample
 from lopd_jax.models import qwen3
 
 # ----------------------------------------------------------------------------------------------------------------
