@@ -57,7 +57,8 @@ class LossConfig:
 
 def _chunk_logprobs(w_DV: jax.Array, h_BCD: jax.Array, tgt_BC: jax.Array, dtype, entropy: bool):
     """log p(targets) [B, C] (and entropy [B, C]) for one chunk; logits live only inside this function."""
-    logits_BCV = jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), w_DV.astype(dtype), preferred_element_type=jnp.float32)
+    acc = qwen3.stat_dtype(dtype)  # fp32 logits (float64 in the float64 identity tests)
+    logits_BCV = jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), w_DV.astype(dtype), preferred_element_type=acc)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     # A masked sum instead of a gather along V: with V sharded over "tensor" it stays a local reduce + all-reduce.
     hit_BCV = jnp.arange(logits_BCV.shape[-1], dtype=tgt_BC.dtype) == tgt_BC[..., None]

@@ -173,11 +173,12 @@ def _accumulated_grads(loss_fn: LossFn, params: Any, batch: Any, k: int, micro_s
         (loss, metrics), grads = grad_fn(params, micro)
         # loss_i = sum_i / denom_i, so denom_i * grad_i = grad(sum_i): summing these and dividing by the global
         # denominator reproduces the one-big-batch loss exactly (a loss without a denominator weighs 1).
-        w = metrics.get(DENOM_KEY, jnp.ones((), jnp.float32)).astype(jnp.float32)
+        w = metrics.get(DENOM_KEY, jnp.ones((), jnp.float32)).astype(jnp.float32)  # a count: exact in fp32
         acc = jax.tree.map(lambda a, g: a + w * g.astype(a.dtype), acc, grads)
         return acc, (loss, w, metrics)
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    # fp32 accumulators for bf16/fp32 params; float64 params (identity tests under x64) keep float64.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
     gsum, (losses, ws, metrics) = jax.lax.scan(body, zeros, _split_micro(batch, k))
     total = jnp.maximum(jnp.sum(ws), 1e-30)
     grads = jax.tree.map(lambda g, p: (g / total).astype(p.dtype), gsum, params)

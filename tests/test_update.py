@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from lopd_jax import losses, sharding, update
-from lopd_jax.data import Batch
+from lopd_jax.batch import Batch
 from lopd_jax.models import qwen3
 
 CFG = qwen3.Qwen3Config(
@@ -114,18 +115,34 @@ def test_schedules_follow_their_formulas():
 def test_grad_accumulation_equals_one_big_batch():
     """4 micro-batches of 2 rows == one batch of 8 under sample_mean, whose denominator (sequences) differs
     between micro-batches (rows i and i + 4: 5, 4, 4 and 3 sequences). SGD(lr=1) makes the param delta the
-    gradient itself (Adam would hide a wrong scale behind its per-element normalisation)."""
-    k = 4
-    loss_fn = functools.partial(losses.opd_loss, cfg=CFG, loss_cfg=losses.LossConfig())
-    sgd, batch = optax.sgd(1.0), make_batch()
-    big, big_m = update.make_update_step(loss_fn, sgd)(fresh_state(sgd), batch)
-    acc, acc_m = update.make_update_step(loss_fn, sgd, grad_accum=k)(fresh_state(sgd), batch)
+    gradient itself (Adam would hide a wrong scale behind its per-element normalisation).
 
-    delta = lambda s: jax.tree.map(lambda a, b: a - b, s.params, init_params())  # noqa: E731
-    errs = jax.tree.map(rel_err, delta(acc), delta(big))
-    assert max(jax.tree.leaves(errs)) < 1e-5, errs
-    assert rel_err(acc_m["train/loss"], big_m["train/loss"]) < 1e-6
-    assert rel_err(acc_m["train/grad_norm"], big_m["train/grad_norm"]) < 1e-5
+    An identity, so it is asserted in float64 (x64, params and compute dtype float64): both sides sum the same
+    terms in another order, and in fp32 that reordering alone moves the result by ~1e-5 relative, by an amount
+    that differs between Intel and AMD CPUs. In float64 it is ~1e-14 (measured 1.1e-14), so 1e-10 leaves a margin of 10^4 while
+    a wrong weighting of the micro-batches (e.g. a plain mean: 25% off here) still fails by 10^9.
+    """
+    k = 4
+    with jax.enable_x64(True):
+        cfg64 = dataclasses.replace(CFG, dtype="float64", param_dtype="float64")
+        loss_fn = functools.partial(losses.opd_loss, cfg=cfg64, loss_cfg=losses.LossConfig())
+        b32 = make_batch()
+        batch = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, b32)
+        p0 = qwen3.init_params(cfg64, jax.random.key(0))
+        assert p0["layers"]["q"].dtype == jnp.float64
+        sgd = optax.sgd(1.0)
+
+        def fresh():
+            return update.init_train_state(jax.tree.map(jnp.array, p0), sgd, jax.random.key(1))
+
+        big, big_m = update.make_update_step(loss_fn, sgd)(fresh(), batch)
+        acc, acc_m = update.make_update_step(loss_fn, sgd, grad_accum=k)(fresh(), batch)
+        delta = lambda s: jax.tree.map(lambda a, b: a - b, s.params, p0)  # noqa: E731
+        errs = jax.tree.map(rel_err, delta(acc), delta(big))
+        assert jax.tree.leaves(delta(big))[0].dtype == jnp.float64
+    assert max(jax.tree.leaves(errs)) < 1e-10, errs
+    assert rel_err(acc_m["train/loss"], big_m["train/loss"]) < 1e-10
+    assert rel_err(acc_m["train/grad_norm"], big_m["train/grad_norm"]) < 1e-10
     assert float(acc_m["data/sequences"]) == float(big_m["data/sequences"]) == sum(map(len, ROWS))
     assert float(acc_m["data/tokens"]) == float(big_m["data/tokens"]) == float(np.sum(batch.loss_mask))
     assert float(big_m["train/grad_norm"]) > 0

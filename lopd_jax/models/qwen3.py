@@ -199,9 +199,14 @@ def lm_head_weight(params: Params, cfg: Qwen3Config) -> jax.Array:
 # --------------------------------------------------------------------------- building blocks
 
 
+def stat_dtype(dtype) -> jnp.dtype:
+    """Dtype of statistics (norms, softmax, logits): fp32, or the input's when wider (float64 in identity tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, statistics in fp32 (as transformers), result in x's dtype."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(stat_dtype(x.dtype))
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * y.astype(x.dtype)
 
@@ -215,9 +220,10 @@ def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[j
 
 
 def apply_rope(x_BTNH: jax.Array, sin_BTH: jax.Array, cos_BTH: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    x32 = x_BTNH.astype(stat_dtype(x_BTNH.dtype))
+    x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x_BTNH.astype(jnp.float32) * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
+    out = x32 * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
     return out.astype(x_BTNH.dtype)
 
 
@@ -231,9 +237,10 @@ def attention_xla(
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[kv_axes.index("K")]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum(f"BTKGH,{kv_axes}->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    acc = stat_dtype(q_BTNH.dtype)
+    logits_BKGTS = jnp.einsum(f"BTKGH,{kv_axes}->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=acc)
     logits_BKGTS = logits_BKGTS * (H**-0.5)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(acc).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum(f"BKGTS,{kv_axes}->BTKGH", probs_BKGTS, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
@@ -277,7 +284,7 @@ def route(x_XD: jax.Array, router_DE: jax.Array, cfg: Qwen3Config) -> tuple[jax.
     Returns weights [X, R] (in x's dtype) and expert ids [X, R] (R = num_experts_per_tok).
     """
     logits_XE = jnp.einsum("XD,DE->XE", x_XD, router_DE.astype(x_XD.dtype))
-    probs_XE = jax.nn.softmax(logits_XE.astype(jnp.float32), axis=-1)
+    probs_XE = jax.nn.softmax(logits_XE.astype(stat_dtype(x_XD.dtype)), axis=-1)
     weights_XR, experts_XR = jax.lax.top_k(probs_XE, cfg.num_experts_per_tok)
     if cfg.norm_topk_prob:
         weights_XR = weights_XR / jnp.sum(weights_XR, axis=-1, keepdims=True)
