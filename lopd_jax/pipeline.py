@@ -175,11 +175,13 @@ class Pipeline:
             argv[0] = sys.executable  # the same interpreter (and venv) as the pipeline
         print(f"\n=== stage {stage.name}: {cmd}", flush=True)
         t0 = time.perf_counter()
-        with open(out / "stage.log", "w") as log:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-            for line in proc.stdout:  # tee: the user sees progress, the log keeps it
-                sys.stdout.write(line)
-                log.write(line)
+        with open(out / "stage.log", "wb") as log:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+            # tee raw bytes as they come, not lines: progress bars redraw with '\r' and would otherwise show
+            # only when they finish, leaving a stage silent for minutes
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                _relay(chunk)
+                log.write(chunk)
             code = proc.wait()
         seconds = time.perf_counter() - t0
         if code != 0:
@@ -189,6 +191,17 @@ class Pipeline:
         tmp.write_text(json.dumps(rec, indent=1))
         tmp.replace(out / "stage.json")  # the marker appears only once the stage has fully succeeded
         return rec | {"cached": False}
+
+
+def _relay(chunk: bytes) -> None:
+    """Writes a child's raw output to our stdout (a text stream without a byte buffer, as under pytest, too)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+    else:
+        sys.stdout.flush()
+        buffer.write(chunk)
+        buffer.flush()
 
 
 def run_pipeline(raw_config: dict, source: str, *, run_dir: str | None = None, force: bool = False) -> list[dict]:

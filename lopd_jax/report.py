@@ -12,11 +12,14 @@ optional ``report`` section says which stages are the methods being compared::
         - name: Lightning OPD
           eval: lightning_opd              # stage (foreach instances are aggregated: mean +- std)
           cost: [rollouts, teacher_logprobs, lightning_opd]   # stages whose wall-clock this method pays
+          upstream: [sft_data, student_sft]  # stages of the model it starts from (added in "cumulative s")
           teacher: [teacher_logprobs]      # stages that run the teacher (their seconds are teacher compute)
           teacher_metric: time/teacher_s   # or/and: a metric summed over the eval stage's metrics.jsonl
 
 A method's wall-clock and teacher seconds are summed over its stages per foreach instance (stages without loop
-values are shared by every instance), then averaged over instances. Without a ``report`` section every stage
+values are shared by every instance), then averaged over instances. A method's cumulative seconds add its
+``upstream`` stages: Lightning OPD starts from the SFT student, so the accuracy-vs-time plot places it at the SFT
+run's cost plus its own, never left of SFT. Without a ``report`` section every stage
 with a result is a method of its own. ``report(...)`` prints the tables, writes ``report.json`` and the plots
 ``accuracy.png``, ``stage_seconds.png`` and ``accuracy_vs_time.png`` into ``report.dir`` (default: the run
 directory; two configs sharing a run directory give each its own).
@@ -43,6 +46,7 @@ class MethodSpec:
     cost: tuple[str, ...] = ()
     teacher: tuple[str, ...] = ()
     teacher_metric: str | None = None
+    upstream: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -53,6 +57,7 @@ class MethodResult:
     scores: list[float]
     seconds: list[float]
     teacher_seconds: list[float]
+    cumulative_seconds: list[float] = dataclasses.field(default_factory=list)  # seconds + upstream stages
 
     def stats(self, xs: list[float]) -> tuple[float, float]:
         a = np.asarray(xs, float)
@@ -92,6 +97,7 @@ def method_specs(raw_config: dict, records: list[dict]) -> list[MethodSpec]:
                 tuple(m.get("cost", ())),
                 tuple(m.get("teacher", ())),
                 m.get("teacher_metric"),
+                tuple(m.get("upstream", ())),
             )  # fmt: skip
         )
     return specs
@@ -138,6 +144,7 @@ def aggregate(records: list[dict], specs: list[MethodSpec], run_dir: Path, metri
                 continue
             res.scores.append(float(value))
             res.seconds.append(_seconds(records, spec.cost, loop))
+            res.cumulative_seconds.append(res.seconds[-1] + _seconds(records, spec.upstream, loop))
             teacher = _seconds(records, spec.teacher, loop)
             if spec.teacher_metric:
                 teacher += _metric_sum(run_dir, ev["name"], spec.teacher_metric)
@@ -172,15 +179,18 @@ def stage_table(records: list[dict]) -> str:
 
 
 def method_table(results: list[MethodResult], metric: str) -> str:
-    """One line per method: metric (percent, mean +- std over instances), n, wall-clock s, teacher s."""
+    """One line per method: metric (percent, mean +- std over instances), n, wall-clock s (its own stages),
+    cumulative s (plus the stages of the model it starts from), teacher s."""
     width = max([len(r.name) for r in results] + [6])
-    lines = [f"{'method':<{width}}  {metric + ' (%)':>18}  {'n':>2}  {'wall-clock s':>14}  {'teacher s':>12}"]
+    head = f"{'method':<{width}}  {metric + ' (%)':>18}  {'n':>2}  {'wall-clock s':>14}  {'cumulative s':>14}"
+    lines = [head + f"  {'teacher s':>12}"]
     for r in results:
         n = len(r.scores)
         acc = _pm(*r.stats(r.scores), n, 100.0)
         secs = _pm(*r.stats(r.seconds), n, digits=0)
+        cum = _pm(*r.stats(r.cumulative_seconds), n, digits=0)
         teacher = _pm(*r.stats(r.teacher_seconds), n, digits=0)
-        lines.append(f"{r.name:<{width}}  {acc:>18}  {n:>2}  {secs:>14}  {teacher:>12}")
+        lines.append(f"{r.name:<{width}}  {acc:>18}  {n:>2}  {secs:>14}  {cum:>14}  {teacher:>12}")
     return "\n".join(lines)
 
 
@@ -234,9 +244,9 @@ def plot_accuracy_vs_time(results: list[MethodResult], metric: str, path: Path, 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for r in results:
-        (acc, acc_std), (sec, sec_std) = r.stats(r.scores), r.stats(r.seconds)
+        (acc, acc_std), (sec, sec_std) = r.stats(r.scores), r.stats(r.cumulative_seconds)
         ax.errorbar(sec, acc * 100, xerr=sec_std, yerr=acc_std * 100, fmt="o", capsize=3, label=r.name)
-    ax.set_xlabel("method wall-clock (s, beyond the shared stages)")
+    ax.set_xlabel("cumulative wall-clock (s): own stages + the model it starts from")
     ax.set_ylabel(f"held-out {metric} (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -260,7 +270,7 @@ def report(records: list[dict], raw_config: dict, source: str, *, plots: bool = 
     out_dir = Path(section.get("dir") or run_dir)
     results = aggregate(records, method_specs(raw_config, records), run_dir, metric)
     tables = [stage_table(records), method_table(results, metric)]
-    text = f"\n{title}\n\n" + "\n\n".join(tables) + f"\n\nplots and report.json: {out_dir}"
+    text = f"\n{title}\n\n" + "\n\n".join(tables)
     summary = {
         "metric": metric,
         "methods": [dataclasses.asdict(r) for r in results],
@@ -268,12 +278,15 @@ def report(records: list[dict], raw_config: dict, source: str, *, plots: bool = 
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(summary, indent=1))
+    written = ["report.json"]
     if plots:
         plot_stage_seconds(records, out_dir / "stage_seconds.png", f"{title}: wall-clock per stage")
+        written.append("stage_seconds.png")
         if any(r.scores for r in results):
             plot_accuracy(results, metric, out_dir / "accuracy.png", f"{title}: held-out accuracy")
             plot_accuracy_vs_time(results, metric, out_dir / "accuracy_vs_time.png", f"{title}: accuracy vs time")
-    return text
+            written += ["accuracy.png", "accuracy_vs_time.png"]
+    return text + f"\n\nreport and plots in {out_dir}/: " + ", ".join(written)
 
 
 def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from lopd_jax import eval as evaluation
 from lopd_jax import losses, sampling
@@ -239,6 +240,9 @@ class Evaluator:
     def __call__(self, params: Any, step: int) -> dict[str, float]:
         """eval/pass@1, eval/avg@k (+ its std), eval/pass@k of ``params``; the key depends only on the step."""
         n, k = len(self.prompts), self.cfg.k
+        t0 = time.perf_counter()
+        if jax.process_index() == 0:  # a line a newcomer can read while sampling runs (tqdm.write: bar-safe)
+            tqdm.write(f"eval at step {step}: sampling {n} prompts x {k} (max {self.scfg.max_new_tokens} tokens)")
         key = jax.random.fold_in(jax.random.key(self.scfg.seed), step)
         outs = sampling.generate(params, self.model_cfg, self.prompts * k, self.scfg, key, self.mesh, self.batch_size)
         texts = [self.tokenizer.decode(o.token_ids.tolist(), skip_special_tokens=True) for o in outs]
@@ -246,4 +250,7 @@ class Evaluator:
         correct = evaluation.grade_batch(preds, self.answers, self.cfg.grading)
         metrics = evaluation.summarize(correct)
         metrics["eval/avg@k"] = metrics[f"eval/avg@{k}"]
+        if jax.process_index() == 0:
+            seconds = time.perf_counter() - t0
+            tqdm.write(f"eval at step {step}: pass@1 {100 * metrics['eval/pass@1']:.1f}% ({seconds:.1f} s)")
         return metrics

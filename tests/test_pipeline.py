@@ -72,3 +72,13 @@ def test_unknown_placeholder_and_forward_reference(tmp_path):
     forward = {"run_dir": str(tmp_path), "stages": [{"name": "a", "cmd": "echo {b}"}, {"name": "b", "cmd": "echo"}]}
     with pytest.raises(PipelineError, match="runs later"):
         run_pipeline(forward, "x.yaml")
+
+
+def test_stage_output_is_relayed_raw_so_progress_bars_show(tmp_path, capfd):
+    """A tqdm bar redraws with '\\r' and no newline; relaying lines (text mode) turned every '\\r' into a line
+    break and showed nothing until the stage printed a newline. The relay and the log keep the bytes."""
+    code = "import sys; sys.stdout.write('step 1/3\\rstep 2/3\\rstep 3/3'); sys.stdout.flush()"
+    cfg = {"run_dir": str(tmp_path / "run"), "stages": [{"name": "bar", "cmd": f'python -c "{code}"'}]}
+    run_pipeline(cfg, "x.yaml")
+    assert "step 1/3\rstep 2/3\rstep 3/3" in capfd.readouterr().out
+    assert (tmp_path / "run" / "bar" / "stage.log").read_bytes() == b"step 1/3\rstep 2/3\rstep 3/3"

@@ -84,3 +84,22 @@ def test_tables_plots_and_report_json(tmp_path):
 def test_run_dir_matches_the_pipeline_default():
     assert str(report.run_dir_of({}, "configs/demo.yaml")) == "runs/demo"
     assert str(report.run_dir_of({"run_dir": "/x"}, "configs/demo.yaml")) == "/x"
+
+
+def test_cumulative_cost_adds_the_model_a_method_starts_from(tmp_path):
+    """Lightning OPD starts from the SFT student: its cumulative cost includes the SFT stage, so the accuracy-vs-time
+    plot can never place it left of SFT (it used to read as 'cheaper than SFT')."""
+    config = {"run_dir": str(tmp_path), "report": {"methods": [dict(m) for m in CONFIG["report"]["methods"]]}}
+    config["report"]["methods"][1]["upstream"] = ["sft"]
+    sft, lightning, online = report.aggregate(RECORDS, report.method_specs(config, RECORDS), tmp_path, "eval/pass@1")
+    assert sft.cumulative_seconds == sft.seconds == [10.0]
+    assert lightning.cumulative_seconds == [s + 10.0 for s in lightning.seconds]
+    assert online.cumulative_seconds == online.seconds  # no upstream given: its own stages only
+    text = report.report(RECORDS, config, "x.yaml")
+    (header,) = [line for line in text.splitlines() if line.startswith("method")]
+    assert "cumulative s" in header
+    (line,) = [line for line in text.splitlines() if line.startswith("Lightning")]
+    assert "21 +- 1" in line  # mean of 20, 21, 22
+    assert text.splitlines()[-1] == f"report and plots in {tmp_path}/: " + ", ".join(
+        ["report.json", "stage_seconds.png", "accuracy.png", "accuracy_vs_time.png"]
+    )
