@@ -8,8 +8,9 @@ included), finish reason, behaviour log-probs (raw model log-probs of the sample
 the manifest gets the policy / tokenizer / chat-template fingerprints, the sampling parameters, the engine and
 versions, and with ``--sft-teacher`` the policy's fingerprint as ``sft_teacher`` (the output is SFT data of it).
 
-Resumable: the work is cut into a fixed sequence of batches (``--batch-size`` prompts, all their samples), batch b
-is sampled with the key fold_in(key(seed), b) and committed on its own, so rerunning the same command after a
+Resumable: the work is cut into a fixed sequence of batches (``--batch-size`` prompts, all their samples), each
+sampled (JAX: with the key fold_in(key(seed), b) for batch b; vLLM: in one ``generate`` call of thousands of prompts,
+each with its own seed from (seed, prompt index)) and committed on its own, so rerunning the same command after a
 crash continues at the first uncommitted batch and the finished store equals an uninterrupted run's. A store made
 with different arguments is refused, naming the first differing field.
 """
@@ -27,6 +28,7 @@ from precompute import common
 from precompute.common import PrecomputeError
 
 NO_AUTO_FLUSH = 1 << 62  # the tools commit at batch boundaries only, so a resumed run re-cuts the same batches
+VLLM_WINDOW_SAMPLES = 4096  # vLLM's default batch: samples per generate call (host memory holds their log-prob dicts)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,12 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="passed to the chat template (Qwen3); unset = the template's default")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (with all their --n samples)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per batch (with all their --n samples): one generate call, one commit; default 32 "
+                   "(JAX), 4096 // n (vLLM: large windows keep its continuous batching full)")  # fmt: skip
     p.add_argument("--sft-teacher", action="store_true", help="mark the output as SFT data of this policy")
-    p.add_argument("--dtype", default="float32", help="JAX engine weights / matmul dtype (bfloat16 on GPU/TPU)")
+    p.add_argument("--dtype", default=None, help="weights / matmul dtype: JAX default float32 (bfloat16 on GPU/TPU); "
+                   "vLLM default auto (the checkpoint's)")  # fmt: skip
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM only")
     args = p.parse_args(argv)
+    vllm = args.engine == "vllm"
+    args.dtype = args.dtype or ("auto" if vllm else "float32")
+    args.batch_size = args.batch_size or (max(1, VLLM_WINDOW_SAMPLES // args.n) if vllm else 32)
     for name in ("n", "max_new_tokens", "max_prompt_len", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -150,19 +159,20 @@ def _vllm_generator(args: argparse.Namespace, stops: tuple[int, ...]):
 
     opts = vllm_engine.VllmOptions(
         tensor_parallel_size=args.tensor_parallel_size, max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
+        seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens, dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )  # fmt: skip
     llm = vllm_engine.make_llm(args.policy, opts)
 
     def generate(b: int, prompts: list[dict]) -> list[dict]:
         return vllm_engine.generate_rollouts(
             llm, [p["ids"] for p in prompts], [p["index"] for p in prompts], n=args.n,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=stops,
             answers=[p["answer"] for p in prompts],
         )  # fmt: skip
 
-    return generate, vllm_engine.engine_info(opts)
+    return generate, vllm_engine.engine_info(llm, opts)
 
 
 def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
@@ -181,6 +191,10 @@ def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
 
 def run(args: argparse.Namespace) -> str:
     """Sample every batch not yet committed; returns the summary line."""
+    if args.engine == "vllm":  # refuse an unchecked vLLM before anything is written
+        from precompute.engines import vllm_engine
+
+        vllm_engine.require_vllm(dtype=args.dtype)
     tokenizer = common.load_tokenizer(args.policy)
     stops = common.stop_token_ids(args.policy, tokenizer)
     prompts, skipped = encode_prompts(args, tokenizer)

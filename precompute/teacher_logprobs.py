@@ -38,10 +38,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="also store the teacher's top-k ids / log-probs")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per scoring batch (JAX)")
     p.add_argument("--window", type=int, default=256, help="samples scored per commit")
-    p.add_argument("--dtype", default="float32", help="JAX engine weights / matmul dtype (bfloat16 on GPU/TPU)")
+    p.add_argument("--dtype", default=None, help="weights / matmul dtype: JAX default float32 (bfloat16 on GPU/TPU); "
+                   "vLLM default auto (the checkpoint's)")  # fmt: skip
+    p.add_argument("--head-fp32", action="store_true",
+                   help="vLLM: compute the lm_head / logits in fp32 (hf_overrides head_dtype, vLLM >= 0.26); the JAX "
+                   "engine always accumulates the head in fp32")  # fmt: skip
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM only")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or ("auto" if args.engine == "vllm" else "float32")
     for name in ("batch_tokens", "window"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -95,21 +101,10 @@ def copy_store(src: str, dst: str, topk: int) -> None:
 # ------------------------------------------------------------------------------------------------ engines
 
 
-def make_scorer(args: argparse.Namespace):
-    """(function: token sequences -> list[Scored], engine info for the manifest)."""
+def make_scorer(args: argparse.Namespace, longest: int):
+    """(function: token sequences -> list[Scored], engine info for the manifest); ``longest``: the longest sample."""
     if args.engine == "vllm":
-        from precompute.engines import vllm_engine
-
-        opts = vllm_engine.VllmOptions(
-            tensor_parallel_size=args.tensor_parallel_size, max_num_batched_tokens=args.max_num_batched_tokens
-        )
-        llm = vllm_engine.make_llm(args.teacher, opts)
-
-        def score_vllm(seqs: list[np.ndarray]) -> list[Scored]:
-            rows = vllm_engine.score_sequences(llm, seqs, args.top_k)
-            return [Scored(r["logprobs"], r["topk_ids"], r["topk_logprobs"]) for r in rows]
-
-        return score_vllm, vllm_engine.engine_info(opts)
+        return _vllm_scorer(args, longest)
     from precompute.engines.jax_engine import JaxEngine
 
     engine = JaxEngine(args.teacher, dtype=args.dtype)
@@ -118,6 +113,23 @@ def make_scorer(args: argparse.Namespace):
         return engine.score(seqs, topk=args.top_k, batch_tokens=args.batch_tokens)
 
     return score_jax, {"name": "jax", "mesh": dict(engine.mesh.shape), "dtype": args.dtype}
+
+
+def _vllm_scorer(args: argparse.Namespace, longest: int):
+    from precompute.engines import vllm_engine
+
+    opts = vllm_engine.scoring_options(
+        args.teacher, longest, args.top_k, tensor_parallel_size=args.tensor_parallel_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization, head_dtype="float32" if args.head_fp32 else None,
+    )  # fmt: skip
+    llm = vllm_engine.make_llm(args.teacher, opts)
+
+    def score_vllm(seqs: list[np.ndarray]) -> list[Scored]:
+        rows = vllm_engine.score_sequences(llm, seqs, args.top_k)
+        return [Scored(r["logprobs"], r["topk_ids"], r["topk_logprobs"]) for r in rows]
+
+    return score_vllm, vllm_engine.engine_info(llm, opts)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -152,6 +164,10 @@ def _windows(start: int, end: int, size: int):
 
 def run(args: argparse.Namespace) -> str:
     """Score every committed sample not yet scored; returns the summary line."""
+    if args.engine == "vllm":  # refuse an unchecked vLLM before anything is written
+        from precompute.engines import vllm_engine
+
+        vllm_engine.require_vllm(head_dtype="float32" if args.head_fp32 else None, dtype=args.dtype)
     target = args.out or args.store
     teacher = {"weights": provenance.fingerprint_weights(args.teacher)}
     teacher["tokenizer"] = provenance.fingerprint_tokenizer(args.teacher)
@@ -162,12 +178,14 @@ def run(args: argparse.Namespace) -> str:
         copy_store(args.store, args.out, args.top_k)
     writer = RolloutStore.open_for_append(target, flush_tokens=NO_AUTO_FLUSH)
     run_args = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k}
+    if args.head_fp32:  # only when set: stores scored before the option existed still resume
+        run_args["head_fp32"] = True
     check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk, run_args)
     reader = RolloutStore.open(target)
     done, total = writer.teacher_committed, len(reader)
     progress = common.Progress(total, done, "teacher")
     if done < total:
-        score, info = make_scorer(args)
+        score, info = make_scorer(args, int(reader.lengths.max()))
         writer.update_manifest(
             teacher=teacher["weights"], teacher_tokenizer=teacher["tokenizer"], teacher_path=args.teacher,
             teacher_engine=info, teacher_versions=common.versions(args.engine), teacher_args=run_args,

@@ -1,6 +1,8 @@
 """vLLM adapter: conversions of vLLM-shaped outputs (namedtuples mirroring vllm.outputs / vllm.logprobs), checked
-against torch.log_softmax of known logits; request plumbing checked with a stand-in ``vllm`` module."""
+against torch.log_softmax of known logits; request plumbing, the version check and the recorded options checked with
+a stand-in ``vllm`` module that behaves like the versions it claims to be (see FakeLLM)."""
 
+import json
 import subprocess
 import sys
 import types
@@ -9,7 +11,12 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
+import transformers
 
+from lopd_jax import synthetic
+from lopd_jax.store import RolloutStore
+from precompute import rollouts, teacher_logprobs
+from precompute.common import PrecomputeError
 from precompute.engines import vllm_engine as ve
 
 # Shaped like vLLM's documented classes (field names and order).
@@ -103,10 +110,32 @@ def test_completion_to_row():
 
 
 class FakeLLM:
-    """Answers generate() like vLLM for a bigram 'model': log p(next | prev) = table[prev]."""
+    """``vllm.LLM`` of a bigram 'model' (log p(next | prev) = table[prev]) that behaves like the vLLM ``version`` it
+    claims to be where the adapter depends on it (each checked in that version's source, see vllm_engine):
+    ``dtype="auto"`` resolves to the checkpoint's bfloat16; ``hf_overrides`` head_dtype reaches the head from 0.26
+    on (before, model_config.head_dtype is the model dtype); prompt_logprobs above max_logprobs (default 20) and a
+    prompt as long as max_model_len are rejected; generation stops at stop_token_ids, and 0.11.0 labels a stop token
+    that is exactly the max_tokens-th "length"."""
 
-    def __init__(self, table):
-        self.table, self.calls = table, []
+    def __init__(self, table, version="0.33.0", eos_at_last=False, **kwargs):
+        self.table, self.version, self.eos_at_last, self.kwargs, self.calls = table, version, eos_at_last, kwargs, []
+        dtype = getattr(torch, {"auto": "bfloat16"}.get(kwargs.get("dtype", "auto"), kwargs.get("dtype", "auto")))
+        head = (kwargs.get("hf_overrides") or {}).get("head_dtype")
+        applies = head is not None and ve._parse_version(version) >= (0, 26)
+        model_config = types.SimpleNamespace(
+            dtype=dtype, head_dtype=getattr(torch, head) if applies else dtype,
+            max_model_len=kwargs.get("max_model_len", 256), max_logprobs=kwargs.get("max_logprobs", 20),
+            logprobs_mode=kwargs.get("logprobs_mode", "raw_logprobs"), seed=kwargs.get("seed", 0),
+        )  # fmt: skip
+        ns = types.SimpleNamespace
+        vllm_config = ns(
+            model_config=model_config,
+            cache_config=ns(gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9),
+                            enable_prefix_caching=kwargs.get("enable_prefix_caching", True)),
+            parallel_config=ns(tensor_parallel_size=kwargs.get("tensor_parallel_size", 1)),
+            scheduler_config=ns(max_num_batched_tokens=kwargs.get("max_num_batched_tokens") or 8192),
+        )  # fmt: skip
+        self.llm_engine = ns(model_config=model_config, vllm_config=vllm_config)
 
     def generate(self, prompts, params, use_tqdm=True):
         self.calls.append((prompts, params))
@@ -114,33 +143,58 @@ class FakeLLM:
         return [self._one(i, p["prompt_token_ids"], sp) for i, (p, sp) in enumerate(zip(prompts, params))]
 
     def _one(self, i, ids, sp):
-        rng = np.random.default_rng(sp.kwargs.get("seed", 0))
+        mc = self.llm_engine.model_config
+        if len(ids) >= mc.max_model_len:  # 0.33 input_processor: prompt + 1 output token must fit
+            raise ValueError(f"The decoder prompt (length {len(ids)}) plus ... is longer than {mc.max_model_len}")
+        rng, V = np.random.default_rng(sp.kwargs.get("seed", 0)), len(self.table)
         if sp.kwargs.get("prompt_logprobs") is not None:
             k = sp.kwargs["prompt_logprobs"]
-            pl = [None] + [vllm_entry(self.table[ids[j - 1]], ids[j], k, rng) for j in range(1, len(ids))]
+            if k > mc.max_logprobs:
+                raise ValueError(
+                    f"Requested prompt logprobs of {k}, which is greater than max allowed: {mc.max_logprobs}"
+                )
+            pl = [None] + [vllm_entry(self.table[ids[j - 1] % V], ids[j], k, rng) for j in range(1, len(ids))]
             return RequestOutput(str(i), None, ids, pl, [], True)
-        outs = []
-        for c in range(sp.kwargs["n"]):
-            gen = [int(t) for t in rng.integers(0, V, sp.kwargs["max_tokens"])]
-            prev = [ids[-1], *gen[:-1]]
-            logprobs = [vllm_entry(self.table[p], t, 0, rng) for p, t in zip(prev, gen)]
-            outs.append(CompletionOutput(c, "", gen, None, logprobs, "length", None))
+        outs = [self._completion(c, ids, sp, rng) for c in range(sp.kwargs["n"])]
         return RequestOutput(str(i), None, ids, None, outs[::-1], True)  # out of order: adapter sorts by index
+
+    def _completion(self, c, ids, sp, rng):
+        V, max_tokens, stops = len(self.table), sp.kwargs["max_tokens"], sp.kwargs.get("stop_token_ids") or []
+        gen = [int(t) for t in rng.integers(0, V, max_tokens)]
+        if self.eos_at_last:
+            gen = [t for t in gen[:-1] if t not in stops] + [stops[0]]
+        cut = next((j for j, t in enumerate(gen) if t in stops), None)
+        finish = "length" if cut is None else "stop"
+        if cut is not None:
+            gen = gen[: cut + 1]
+            if len(gen) == max_tokens and self.version == "0.11.0":  # check_stop tests the length cap first
+                finish = "length"
+        prev = [ids[-1], *gen[:-1]]
+        logprobs = [vllm_entry(self.table[p % V], t, 0, rng) for p, t in zip(prev, gen)]
+        return CompletionOutput(c, "", gen, None, logprobs, finish, None)
 
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
+    """A ``vllm`` module in sys.modules: ``LLM(**kw)`` builds a FakeLLM of ``mod.__version__`` over a 128-token
+    bigram table and appends it to ``mod.instances``."""
+
     class SamplingParams:
         def __init__(self, **kwargs):
             self.kwargs = kwargs
 
+    table = torch.log_softmax(
+        torch.randn(128, 128, generator=torch.Generator().manual_seed(7), dtype=torch.float64), -1
+    )
     mod = types.SimpleNamespace(
         SamplingParams=SamplingParams,
         TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids},
-        LLM=lambda **kw: ("LLM", kw),
-        __version__="0.0-fake",
+        __version__="0.33.0",
+        instances=[],
     )
+    mod.LLM = lambda **kw: mod.instances.append(FakeLLM(table, mod.__version__, **kw)) or mod.instances[-1]
     monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.delenv("VLLM_USE_V1", raising=False)
     return mod
 
 
@@ -149,18 +203,9 @@ def test_generate_rollouts_requests_and_rows(fake_vllm):
     llm = FakeLLM(table)
     prompts, idx = [[1, 2, 3], [4, 5]], [10, 11]
     rows = ve.generate_rollouts(
-        llm,
-        prompts,
-        idx,
-        n=2,
-        temperature=0.7,
-        top_p=0.9,
-        top_k=20,
-        max_tokens=4,
-        seed=5,
-        stop_token_ids=[7],
+        llm, prompts, idx, n=2, temperature=0.7, top_p=0.9, top_k=20, max_tokens=4, seed=5, stop_token_ids=[7],
         answers=["a", None],
-    )
+    )  # fmt: skip
     (requests, params) = llm.calls[0]
     assert [r["prompt_token_ids"] for r in requests] == prompts
     kw = params[0].kwargs
@@ -168,17 +213,27 @@ def test_generate_rollouts_requests_and_rows(fake_vllm):
     assert kw["logprobs"] == 0 and kw["stop_token_ids"] == [7] and kw["detokenize"] is False
     assert [p.kwargs["seed"] for p in params] == [ve.request_seed(5, 10), ve.request_seed(5, 11)]
     assert ve.request_seed(5, 10) != ve.request_seed(6, 10)
-    assert [r["prompt_index"] for r in rows] == [10, 10, 11, 11] and [r["answer"] for r in rows] == [
-        "a",
-        "a",
-        None,
-        None,
-    ]
+    assert [r["prompt_index"] for r in rows] == [10, 10, 11, 11]
+    assert [r["answer"] for r in rows] == ["a", "a", None, None]
     for r in rows:
         p, gen = r["prompt_length"], r["tokens"][r["prompt_length"] :]
         prev = r["tokens"][p - 1 : -1]
         want = table[torch.tensor(prev), torch.tensor(gen)].numpy().astype(np.float32)
         np.testing.assert_array_equal(r["behavior_logprobs"], want)
+
+
+@pytest.mark.parametrize("version", ["0.11.0", "0.12.0"])
+def test_a_stop_token_at_max_tokens_is_labelled_stop_on_every_version(fake_vllm, version):
+    table = torch.log_softmax(torch.randn(V, V, generator=torch.Generator().manual_seed(4), dtype=torch.float64), -1)
+    llm = FakeLLM(table, version, eos_at_last=True)
+    rows = ve.generate_rollouts(llm, [[1, 2]], [0], n=3, max_tokens=5, stop_token_ids=[7, 9])
+    said = {c.finish_reason for c in llm.generate([{"prompt_token_ids": [1, 2]}], llm.calls[0][1])[0].outputs}
+    assert said == ({"length"} if version == "0.11.0" else {"stop"})  # the fake reproduces 0.11.0's label
+    assert [r["finish_reason"] for r in rows] == ["stop"] * 3 and all(len(r["tokens"]) == 7 for r in rows)
+    assert all(r["tokens"][-1] == 7 for r in rows)
+    llm.eos_at_last = False  # no stop token sampled in 5 draws from 50 for these seeds: "length" stays
+    cut = ve.generate_rollouts(llm, [[1, 2]], [1], n=1, max_tokens=5, stop_token_ids=[48])
+    assert cut[0]["finish_reason"] == "length" and cut[0]["tokens"][-1] != 48
 
 
 def test_score_sequences_requests(fake_vllm):
@@ -196,9 +251,159 @@ def test_score_sequences_requests(fake_vllm):
 
 def test_make_llm_passes_flags_and_vllm_is_imported_lazily(fake_vllm):
     opts = ve.VllmOptions(tensor_parallel_size=4, max_num_batched_tokens=8192, dtype="bfloat16", seed=3)
-    _, kw = ve.make_llm("/models/t", opts)
+    kw = ve.make_llm("/models/t", opts).kwargs
     assert kw["tensor_parallel_size"] == 4 and kw["max_num_batched_tokens"] == 8192 and kw["dtype"] == "bfloat16"
-    assert kw["seed"] == 3 and kw["trust_remote_code"] is False and "max_model_len" not in kw
-    assert ve.engine_info(opts)["version"] == "0.0-fake"
+    assert kw["seed"] == 3 and kw["trust_remote_code"] is False and kw["tokenizer"] == "/models/t"
+    assert not {"max_model_len", "max_logprobs", "enable_prefix_caching", "hf_overrides"} & set(kw)
     code = "import sys, precompute.engines.vllm_engine; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ve.__file__.rsplit("/precompute/", 1)[0])
+
+
+# ------------------------------------------------------------------------------------------------ version check
+
+ACCEPTED = ["0.11.0", "0.11.1rc2.dev5+g12ab34", "0.20.2", "0.33.0+cu130"]
+REFUSED = ["0.8.5.post1", "0.10.2", "0.34.0", "1.0.0", "nightly"]
+
+
+@pytest.mark.parametrize("version", ACCEPTED + REFUSED)
+def test_check_version_accepts_exactly_the_checked_range(version):
+    if version in ACCEPTED:
+        ve.check_version(version, {})
+        return
+    with pytest.raises(PrecomputeError, match=f"{version}.*>=0.11,<0.34"):
+        ve.check_version(version, {})
+
+
+def test_check_version_refuses_v0_and_an_fp32_head_vllm_would_not_apply():
+    with pytest.raises(PrecomputeError, match="VLLM_USE_V1=0 asks vllm 0.11.0 for the V0 engine"):
+        ve.check_version("0.11.0", {"VLLM_USE_V1": "0"})
+    ve.check_version("0.11.0", {"VLLM_USE_V1": "1"})
+    with pytest.raises(PrecomputeError, match="vllm 0.25.1 cannot compute .* head in fp32 \\(needs vllm >= 0.26\\)"):
+        ve.check_version("0.25.1", {}, head_dtype="float32", dtype="bfloat16")
+    ve.check_version("0.25.1", {}, head_dtype="float32", dtype="float32")  # the whole model in fp32: head too
+    ve.check_version("0.26.0", {}, head_dtype="float32", dtype="auto")
+
+
+def tiny_model_dir(path):
+    """A random 1-layer Qwen3 with the synthetic char tokenizer (eos 2): what the CLIs read besides the engine."""
+    cfg = transformers.Qwen3Config(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=256, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
+    synthetic.build_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize(("version", "env"), [("0.10.2", {}), ("0.11.0", {"VLLM_USE_V1": "0"})])
+def test_clis_refuse_an_unchecked_vllm_before_writing(fake_vllm, tmp_path, capsys, monkeypatch, version, env):
+    fake_vllm.__version__ = version
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    argv = [
+        "--policy",
+        str(tmp_path / "m"),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "r"),
+        "--engine",
+        "vllm",
+    ]
+    assert rollouts.main(argv) == 2
+    argv = ["--teacher", str(tmp_path / "m"), "--store", str(tmp_path / "s"), "--out", str(tmp_path / "o")]
+    assert teacher_logprobs.main([*argv, "--engine", "vllm"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") and f"vllm {version}" in line for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"] and not fake_vllm.instances
+
+
+# ------------------------------------------------------------------------------------------------ scoring options
+
+
+def test_scoring_raises_max_logprobs_turns_prefix_caching_off_and_fits_the_longest_sample(fake_vllm, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 16}))
+    seq = list(range(16))  # exactly the model's max_position_embeddings
+    loose = ve.make_llm(str(tmp_path), ve.VllmOptions(max_model_len=16))
+    with pytest.raises(ValueError, match="greater than max allowed: 20"):
+        ve.score_sequences(loose, [seq[:4]], k=21)  # what vLLM does without max_logprobs
+    with pytest.raises(ValueError, match="length 16"):
+        ve.score_sequences(loose, [seq], k=2)  # ... and with max_model_len = the longest sample
+    opts = ve.scoring_options(str(tmp_path), 16, 21, dtype="bfloat16")
+    assert (opts.max_model_len, opts.max_logprobs, opts.enable_prefix_caching) == (17, 21, False)
+    llm = ve.make_llm(str(tmp_path), opts)
+    assert llm.kwargs["max_logprobs"] == 21 and llm.kwargs["enable_prefix_caching"] is False
+    rows = ve.score_sequences(llm, [seq], k=21)
+    assert rows[0]["topk_ids"].shape == (16, 21) and np.isfinite(rows[0]["logprobs"][1:]).all()
+    short = ve.scoring_options(str(tmp_path), 8, 20)
+    assert (short.max_model_len, short.max_logprobs) == (16, None)  # the model's own is larger; default suffices
+    assert ve.scoring_options(str(tmp_path / "none"), 8, 0).max_model_len == 9  # no config.json: longest + 1
+
+
+# ------------------------------------------------------------------------------------------------ recorded options
+
+
+def test_engine_info_records_what_vllm_ran_with_not_what_was_asked(fake_vllm):
+    fake_vllm.__version__ = "0.26.0"
+    opts = ve.VllmOptions(dtype="auto", gpu_memory_utilization=0.6, head_dtype="float32", seed=4)
+    llm = ve.make_llm("/m", opts)
+    assert llm.kwargs["hf_overrides"] == {"head_dtype": "float32"} and llm.kwargs["gpu_memory_utilization"] == 0.6
+    info = ve.engine_info(llm, opts)
+    assert (info["name"], info["version"], info["dtype"], info["head_dtype"]) == (
+        "vllm",
+        "0.26.0",
+        "bfloat16",
+        "float32",
+    )
+    assert info["gpu_memory_utilization"] == 0.6 and info["enable_prefix_caching"] is True and info["seed"] == 4
+    assert (info["max_logprobs"], info["logprobs_mode"], info["max_model_len"]) == (20, "raw_logprobs", 256)
+    assert info["requested"]["dtype"] == "auto" and info["requested"]["head_dtype"] == "float32"
+    assert "hf_overrides" not in ve.make_llm("/m", ve.VllmOptions(dtype="float32", head_dtype="float32")).kwargs
+
+
+def test_make_llm_refuses_an_engine_that_did_not_apply_the_fp32_head(fake_vllm, monkeypatch):
+    monkeypatch.setattr(ve, "HEAD_DTYPE_VERSION", (0, 25))  # the check passes 0.25, whose engine ignores the override
+    fake_vllm.__version__ = "0.25.1"
+    with pytest.raises(PrecomputeError, match="vllm 0.25.1 ran the head in bfloat16, not float32"):
+        ve.make_llm("/m", ve.VllmOptions(head_dtype="float32"))
+
+
+# ------------------------------------------------------------------------------------------------ the CLIs on fake vLLM
+
+
+def test_rollouts_feed_vllm_one_window_and_match_smaller_windows(fake_vllm, tmp_path):
+    model = tiny_model_dir(tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Add: {i}+{i}", "answer": str(2 * i)}) + "\n" for i in range(10)))
+    common = ["--policy", str(model), "--prompts", str(prompts), "--engine", "vllm", "--n", "2", "--seed", "3"]
+    common += ["--max-new-tokens", "6", "--temperature", "0.8", "--gpu-memory-utilization", "0.5"]
+    assert rollouts.main([*common, "--out", str(tmp_path / "all")]) == 0
+    (llm,) = fake_vllm.instances
+    assert len(llm.calls) == 1 and len(llm.calls[0][0]) == 10  # every prompt in one generate call
+    assert [sp.kwargs["seed"] for sp in llm.calls[0][1]] == [ve.request_seed(3, i) for i in range(10)]
+    m = RolloutStore.open(tmp_path / "all").manifest
+    assert m["rollout_args"]["batch_size"] == 2048 and m["rollout_args"]["dtype"] == "auto"
+    assert (m["engine"]["dtype"], m["engine"]["gpu_memory_utilization"]) == ("bfloat16", 0.5)
+    assert llm.kwargs["max_model_len"] == 1024 + 6 and llm.kwargs["dtype"] == "auto"
+    assert rollouts.main([*common, "--out", str(tmp_path / "w4"), "--batch-size", "4"]) == 0
+    assert [len(c[0]) for c in fake_vllm.instances[1].calls] == [4, 4, 2]  # one call and one commit per window
+    a, b = RolloutStore.open(tmp_path / "all"), RolloutStore.open(tmp_path / "w4")
+    assert len(a) == len(b) == 20
+    for x, y in zip(a.samples(range(20)), b.samples(range(20))):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+        np.testing.assert_array_equal(x["behavior_logprobs"], y["behavior_logprobs"])
+        assert x["finish_reason"] == y["finish_reason"]
+    assert {s["finish_reason"] for s in a.samples(range(20))} == {"stop", "length"}
+
+    argv = ["--teacher", str(model), "--store", str(tmp_path / "all"), "--out", str(tmp_path / "scored")]
+    assert teacher_logprobs.main([*argv, "--engine", "vllm", "--top-k", "24", "--head-fp32"]) == 0
+    (scorer,) = fake_vllm.instances[2:]
+    assert scorer.kwargs["max_logprobs"] == 24 and scorer.kwargs["enable_prefix_caching"] is False
+    assert scorer.kwargs["max_model_len"] == 256 and scorer.kwargs["hf_overrides"] == {"head_dtype": "float32"}
+    m = RolloutStore.open(tmp_path / "scored").manifest
+    assert m["teacher_engine"]["head_dtype"] == "float32" and m["teacher_engine"]["dtype"] == "bfloat16"
+    assert m["teacher_engine"]["max_logprobs"] == 24 and m["teacher_engine"]["enable_prefix_caching"] is False
+    assert m["teacher_args"] == {"engine": "vllm", "dtype": "auto", "top_k": 24, "head_fp32": True}
