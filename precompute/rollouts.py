@@ -17,16 +17,17 @@ with different arguments is refused, naming the first differing field.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any
 
 from lopd_jax import provenance
-from lopd_jax.store import RolloutStore, StoreError
+from lopd_jax.store import RolloutStore
 from precompute import common
 from precompute.common import PrecomputeError
 
-NO_AUTO_FLUSH = 1 << 62  # the tools commit at batch boundaries only, so a resumed run re-cuts the same batches
+NO_AUTO_FLUSH = common.NO_AUTO_FLUSH
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,18 +103,10 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
 
 
 def open_store(out: str, fields: dict, extra: dict):
-    """Create the store, or reopen it to resume after checking that it was made by the same command."""
-    try:
-        writer = RolloutStore.open_for_append(out, flush_tokens=NO_AUTO_FLUSH)
-    except StoreError as e:
-        if "no manifest.json" not in str(e):
-            raise
-        return RolloutStore.create(out, manifest={**fields, **extra}, flush_tokens=NO_AUTO_FLUSH)
-    stored = writer.manifest
-    diff = common.first_difference({k: stored.get(k) for k in fields}, fields)
-    if diff is not None:
-        raise PrecomputeError(f"{out}: the store was made with different arguments: {diff}; use a new --out")
-    return writer
+    """Create the store, or reopen it to resume after checking that it was made by the same command (an empty
+    store a failed run left is replaced; see ``common.open_or_create``)."""
+    create = functools.partial(RolloutStore.create, out, manifest={**fields, **extra}, flush_tokens=NO_AUTO_FLUSH)
+    return common.open_or_create(out, fields, create)
 
 
 # ------------------------------------------------------------------------------------------------ engines
@@ -181,9 +174,15 @@ def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
 
 def run(args: argparse.Namespace) -> str:
     """Sample every batch not yet committed; returns the summary line."""
+    common.check_model_dir(args.policy, "--policy")
     tokenizer = common.load_tokenizer(args.policy)
     stops = common.stop_token_ids(args.policy, tokenizer)
     prompts, skipped = encode_prompts(args, tokenizer)
+    if not prompts:  # an empty store would look like a finished run
+        raise PrecomputeError(
+            f"{args.prompts}: all {skipped} prompts are longer than --max-prompt-len {args.max_prompt_len} tokens "
+            "(after the chat template): nothing to sample, no store written"
+        )
     fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped)
     extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy)}
     writer = open_store(args.out, fields, extra)

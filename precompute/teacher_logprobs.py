@@ -15,17 +15,18 @@ same command after a crash continues at the first uncommitted window (the copy r
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import numpy as np
 
 from lopd_jax import provenance
-from lopd_jax.store import RESERVED_KEYS, RolloutStore, StoreError
+from lopd_jax.store import RESERVED_KEYS, RolloutStore
 from precompute import common
 from precompute.common import PrecomputeError
 from precompute.engines.jax_engine import Scored
 
-NO_AUTO_FLUSH = 1 << 62
+NO_AUTO_FLUSH = common.NO_AUTO_FLUSH
 COPY_BLOCK = 1024  # samples per commit while copying a store
 
 
@@ -76,16 +77,11 @@ def copy_store(src: str, dst: str, topk: int) -> None:
     """Copy the committed samples of ``src`` into ``dst`` (created with ``topk`` teacher columns, or resumed)."""
     reader = RolloutStore.open(src)
     fields = {**_copyable_fields(reader.manifest), "copied_from": reader.path}
-    try:
-        writer = RolloutStore.open_for_append(dst, flush_tokens=NO_AUTO_FLUSH)
-    except StoreError as e:
-        if "no manifest.json" not in str(e):
-            raise
-        writer = RolloutStore.create(dst, fields, topk=topk, flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"])
-    diff = common.first_difference({k: writer.manifest.get(k) for k in fields}, fields)
-    if diff is not None or writer.topk != topk:
-        diff = diff or f"topk (store: {writer.topk}, this run: {topk})"
-        raise PrecomputeError(f"{dst}: exists and is not a copy of {src} with these arguments: {diff}")
+    create = functools.partial(
+        RolloutStore.create, dst, fields, topk=topk, flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"]
+    )
+    refusal = f"exists and is not a copy of {src} with these arguments"
+    writer = common.open_or_create(dst, {**fields, "topk": topk}, create, refusal)
     for start in range(writer.committed, len(reader), COPY_BLOCK):
         writer.append([_as_row(s) for s in reader.samples(range(start, min(start + COPY_BLOCK, len(reader))))])
         writer.flush()
@@ -153,6 +149,7 @@ def _windows(start: int, end: int, size: int):
 def run(args: argparse.Namespace) -> str:
     """Score every committed sample not yet scored; returns the summary line."""
     target = args.out or args.store
+    common.check_model_dir(args.teacher, "--teacher")
     teacher = {"weights": provenance.fingerprint_weights(args.teacher)}
     teacher["tokenizer"] = provenance.fingerprint_tokenizer(args.teacher)
     provenance.check_same_tokenizer(
@@ -162,7 +159,11 @@ def run(args: argparse.Namespace) -> str:
         copy_store(args.store, args.out, args.top_k)
     writer = RolloutStore.open_for_append(target, flush_tokens=NO_AUTO_FLUSH)
     run_args = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k}
-    check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk, run_args)
+    try:
+        check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk, run_args)
+    except BaseException:  # refused: give the lock back at once (an in-process caller may go on)
+        writer.release()
+        raise
     reader = RolloutStore.open(target)
     done, total = writer.teacher_committed, len(reader)
     progress = common.Progress(total, done, "teacher")
