@@ -168,6 +168,14 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))  # de-duplicated, tokenizer eos first
 
 
+def check_engine(engine: str) -> None:
+    """Refuse ``--engine vllm`` where vLLM is not installed, before any store is created."""
+    import importlib.util
+
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise PrecomputeError("--engine vllm: vllm is not installed here (it needs NVIDIA GPUs); use --engine jax")
+
+
 # ------------------------------------------------------------------------------------------------ manifest
 
 

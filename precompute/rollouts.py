@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (with all their --n samples)")
     p.add_argument("--sft-teacher", action="store_true", help="mark the output as SFT data of this policy")
-    p.add_argument("--dtype", default="float32", help="JAX engine weights / matmul dtype (bfloat16 on GPU/TPU)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="JAX engine weights / matmul dtype (bfloat16 on GPU/TPU)")  # fmt: skip
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
     args = p.parse_args(argv)
@@ -175,6 +176,7 @@ def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
 def run(args: argparse.Namespace) -> str:
     """Sample every batch not yet committed; returns the summary line."""
     common.check_model_dir(args.policy, "--policy")
+    common.check_engine(args.engine)
     tokenizer = common.load_tokenizer(args.policy)
     stops = common.stop_token_ids(args.policy, tokenizer)
     prompts, skipped = encode_prompts(args, tokenizer)

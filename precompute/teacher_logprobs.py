@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="also store the teacher's top-k ids / log-probs")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per scoring batch (JAX)")
     p.add_argument("--window", type=int, default=256, help="samples scored per commit")
-    p.add_argument("--dtype", default="float32", help="JAX engine weights / matmul dtype (bfloat16 on GPU/TPU)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="JAX engine weights / matmul dtype (bfloat16 on GPU/TPU)")  # fmt: skip
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
     args = p.parse_args(argv)
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> str:
     """Score every committed sample not yet scored; returns the summary line."""
     target = args.out or args.store
     common.check_model_dir(args.teacher, "--teacher")
+    common.check_engine(args.engine)
     teacher = {"weights": provenance.fingerprint_weights(args.teacher)}
     teacher["tokenizer"] = provenance.fingerprint_tokenizer(args.teacher)
     provenance.check_same_tokenizer(
