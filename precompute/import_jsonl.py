@@ -100,11 +100,12 @@ def run(args: argparse.Namespace) -> str:
     create = functools.partial(RolloutStore.create, args.out, {**fields, **extra}, flush_tokens=common.NO_AUTO_FLUSH)
     writer = common.open_or_create(args.out, fields, create)
     progress = common.Progress(len(rows), writer.committed, "import")
-    for start in range(writer.committed, len(rows), BLOCK):
+    for commits, start in enumerate(range(writer.committed, len(rows), BLOCK), 1):
         block = rows[start : start + BLOCK]
         writer.append(block)
         writer.flush()
         progress.update(len(block), sum(len(r["tokens"]) for r in block))
+        common.maybe_kill(commits)
     writer.close()
     return progress.summary("import_jsonl", skipped=skipped, store=args.out, committed=writer.committed)
 
