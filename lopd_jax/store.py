@@ -38,7 +38,8 @@ Writer API (precompute.rollouts / precompute.teacher_logprobs)::
 
 ``behavior_logprobs`` / teacher log-probs may be given for all tokens (prompt entries are replaced by NaN) or for
 the response tokens only; ``behavior_logprobs=None`` stores NaN (data without a behaviour policy, e.g. imported SFT
-answers; such stores say ``behavior_logprobs: "none"`` in their manifest). One writer at a time per store.
+answers; such stores say ``behavior_logprobs: "none"`` in their manifest). One writer per store, enforced by a
+lock file in local stores (``lopd_jax.store_lock``); a new local store appears whole (built beside, renamed).
 
 The writer lives in ``lopd_jax.store_writer``. Reader API: see ``RolloutStore`` (``open``, ``len``, ``sample``,
 ``samples``, ``manifest``, ``lengths``, ``refresh``).
