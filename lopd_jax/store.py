@@ -38,7 +38,8 @@ Writer API (precompute.rollouts / precompute.teacher_logprobs)::
 
 ``behavior_logprobs`` / teacher log-probs may be given for all tokens (prompt entries are replaced by NaN) or for
 the response tokens only; ``behavior_logprobs=None`` stores NaN (data without a behaviour policy, e.g. imported SFT
-answers; such stores say ``behavior_logprobs: "none"`` in their manifest). One writer at a time per store.
+answers; such stores say ``behavior_logprobs: "none"`` in their manifest). One writer per store, enforced by a
+lock file in local stores (``lopd_jax.store_lock``); a new local store appears whole (built beside, renamed).
 
 The writer lives in ``lopd_jax.store_writer``. Reader API: see ``RolloutStore`` (``open``, ``len``, ``sample``,
 ``samples``, ``manifest``, ``lengths``, ``refresh``).
@@ -244,13 +245,42 @@ def check_lengths(spec: dict, arrays: dict[str, ts.TensorStore], need: dict[str,
             )
 
 
+def _reason(e: Exception) -> str:
+    """The first line of a TensorStore error (e.g. ``DATA_LOSS: ... Digest mismatch``), for a one-line message."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def read_checked(where: str, name: str, arr: ts.TensorStore, a: int, b: int, bounds=None) -> np.ndarray:
+    """``arr`` over the entries of samples [a, b): ``bounds(a, b)`` -> (lo, hi), default (a, b) (per-sample arrays).
+
+    A damaged chunk (truncated or corrupt shard, failed checksum) raises StoreError naming ``where`` (the store),
+    the array and the first sample it hits, found by bisection, instead of TensorStore's traceback."""
+    bounds = bounds or (lambda i, j: (i, j))
+    lo, hi = bounds(a, b)
+    try:
+        return arr[lo:hi].read().result()
+    except ValueError as e:
+        while b - a > 1:  # the first bad sample: reads of [a, mid) succeed or fail as a whole
+            mid = (a + b) // 2
+            try:
+                arr[slice(*bounds(a, mid))].read().result()
+                a = mid
+            except ValueError:
+                b = mid
+        raise StoreError(f"{where}: array {name!r} is damaged at sample {a} ({_reason(e)})") from None
+
+
 def read_sample_metadata(spec: dict, arrays: dict[str, ts.TensorStore], manifest: dict) -> dict[str, np.ndarray]:
     """The committed per-sample arrays (offsets [N + 1], others [N]), after checking they are long enough."""
     n = manifest["committed"]
     need = {k: n for k in _SAMPLE_ARRAYS} | {k: n + 1 for k in _OFFSET_ARRAYS}
     check_lengths(spec, arrays, need)
-    futures = {k: arrays[k][:length].read() for k, length in need.items()}
-    return {k: f.result() for k, f in futures.items()}
+    where, out = _describe(spec), {}
+    for k, length in need.items():
+        plus = length - n  # offsets arrays: sample i spans entries [i, i + 1]
+        out[k] = read_checked(where, k, arrays[k], 0, n, lambda i, j, plus=plus: (i, j + plus))
+    return out
 
 
 def check_metadata(where: str, offsets: np.ndarray, prompt_lengths: np.ndarray, finish: np.ndarray, n_tok: int):
@@ -354,6 +384,35 @@ class RolloutStore:
     def samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Several committed samples (see ``sample``); all reads are issued before any is awaited."""
         idx = np.asarray([self._check_index(i) for i in indices], np.int64)
+        try:
+            return self._samples(idx)
+        except ValueError as e:  # a damaged chunk: name the array and the sample
+            raise self._damage(idx, e) from None
+
+    def read_array(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """``name``[lo:hi] of a per-token array; StoreError naming the array and sample of a damaged chunk."""
+        a = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        b = int(np.searchsorted(self.offsets, hi, side="left"))
+        data = read_checked(self.path, name, self.arrays[name], a, b, lambda i, j: (self.offsets[i], self.offsets[j]))
+        return data[lo - int(self.offsets[a]) : hi - int(self.offsets[a])]
+
+    def _damage(self, idx: np.ndarray, e: Exception) -> StoreError:
+        """StoreError for the first sample of ``idx`` that cannot be read, array by array."""
+        bounds = {"answers": lambda i, j: (self.answer_offsets[i], self.answer_offsets[j])}
+        for i in idx.tolist():
+            names = [*_TOKEN_ARRAYS, *(["teacher_logprobs", *(_TOPK_ARRAYS if self.topk else ())]
+                                       if i < self.teacher_committed else []), "answers"]  # fmt: skip
+            for name in names:
+                span = bounds.get(name, lambda a, b: (self.offsets[a], self.offsets[b]))
+                data = read_checked(self.path, name, self.arrays[name], i, i + 1, span)
+                if name == "answers":
+                    try:
+                        json.loads(data.tobytes().decode("utf-8"))
+                    except ValueError:
+                        return StoreError(f"{self.path}: sample {i}: answer is not valid UTF-8 JSON")
+        return StoreError(f"{self.path}: samples {idx.tolist()[:8]} cannot be read ({_reason(e)})")
+
+    def _samples(self, idx: np.ndarray) -> list[dict[str, Any]]:
         scored = idx[idx < self.teacher_committed]
         tnames = ["teacher_logprobs", *(_TOPK_ARRAYS if self.topk else ())]
         reads = {name: self._read_ranges(name, self.offsets, idx) for name in _TOKEN_ARRAYS}
@@ -411,4 +470,4 @@ class _Done:
         return self.value
 
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "FINISH_REASONS", "RolloutStore", "StoreError"]
+__all__ = ["FORMAT", "SCHEMA_VERSION", "FINISH_REASONS", "RolloutStore", "StoreError", "read_checked"]

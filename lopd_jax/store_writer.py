@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -30,6 +32,7 @@ from lopd_jax.store import (
     _array_names,
     _describe,
     _kvstore,
+    _local_dir,
     _open_array,
     _write_manifest,
     check_lengths,
@@ -41,6 +44,7 @@ from lopd_jax.store import (
     read_sample_metadata,
     required_lengths,
 )
+from lopd_jax.store_lock import StoreLock
 
 
 class _Column:
@@ -118,8 +122,15 @@ def _normalize_sample(s: dict, where: str) -> dict:
 class RolloutWriter:
     """Appends samples and teacher columns to a store; see the module docstring for the protocol."""
 
-    def __init__(self, spec: dict, manifest: dict, arrays: dict[str, ts.TensorStore], flush_tokens: int | None):
-        self.spec, self.path, self._manifest = spec, _describe(spec), manifest
+    def __init__(
+        self,
+        spec: dict,
+        manifest: dict,
+        arrays: dict[str, ts.TensorStore],
+        flush_tokens: int | None,
+        lock: StoreLock | None = None,
+    ):
+        self.spec, self.path, self._manifest, self._lock = spec, _describe(spec), manifest, lock
         self.topk = manifest["topk"]
         n, tc = manifest["committed"], manifest["teacher_committed"]
         layout = manifest["layout"]
@@ -153,37 +164,92 @@ class RolloutWriter:
     ) -> RolloutWriter:
         """Create an empty store at ``path`` with the user ``manifest`` fields (fingerprints, sampling, ...).
 
-        Flushes every ``flush_tokens`` appended tokens (default: one shard, chunk_tokens * shard_chunks)."""
+        A local store is built in a hidden directory beside ``path`` and renamed into place with its first
+        (empty) commit, under its writer lock: ``path`` is either absent or a whole store, never half made. An
+        existing directory that is not empty is refused before anything is written. ``overwrite`` (non-local
+        stores only) replaces a store. Flushes every ``flush_tokens`` appended tokens (default: one shard)."""
         spec = kvstore_spec(path)
-        if not overwrite and _kvstore(spec).read(MANIFEST).result().state == "value":
-            raise StoreError(f"{_describe(spec)}: a store already exists (open_for_append to resume)")
         clash = sorted(set(manifest) & set(RESERVED_KEYS))
         if clash:
             raise StoreError(f"{_describe(spec)}: manifest keys {clash} are reserved for the store")
-        if overwrite:  # uncommit first: a crash while the arrays are recreated leaves no store, not a broken one
-            _kvstore(spec).write(MANIFEST, None).result()
         layout = {"chunk_tokens": chunk_tokens, "chunk_samples": chunk_samples, "shard_chunks": shard_chunks}
         layout["zstd_level"] = zstd_level
-        arrays = {
-            name: _open_array(spec, name, create_meta=_array_metadata(name, dtype, fill, layout, topk))
-            for name, (dtype, fill) in _array_names(topk).items()
-        }
-        for name in _OFFSET_ARRAYS:
-            arrays[name] = arrays[name].resize(exclusive_max=[1], resize_metadata_only=True).result()
-            arrays[name][0:1].write(np.zeros(1, np.int64)).result()
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         full = {**manifest, "format": FORMAT, "schema_version": SCHEMA_VERSION, "topk": topk, "layout": layout}
         full.update(committed=0, committed_tokens=0, teacher_committed=0, created_at=now)
-        _write_manifest(spec, full)
+        if _local_dir(spec) is not None:
+            return cls._create_local(spec, full, flush_tokens, overwrite)
+        if not overwrite and _kvstore(spec).read(MANIFEST).result().state == "value":
+            raise StoreError(f"{_describe(spec)}: a store already exists (open_for_append to resume)")
+        if overwrite:  # uncommit first: a crash while the arrays are recreated leaves no store, not a broken one
+            _kvstore(spec).write(MANIFEST, None).result()
+        arrays = _create_arrays(spec, full)
         return cls(spec, full, arrays, flush_tokens)
 
     @classmethod
+    def _create_local(cls, spec: dict, full: dict, flush_tokens: int | None, overwrite: bool) -> RolloutWriter:
+        final = _local_dir(spec).rstrip("/")
+        old_lock = None  # overwrite: the old store's lock, so that no writer of it is running while it is replaced
+        if overwrite and os.path.exists(os.path.join(final, MANIFEST)):
+            old_lock = StoreLock.acquire(final, final)
+        else:
+            check_new_store_dir(final)
+        parent, name = os.path.split(final)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{name}.creating-{os.getpid()}-", dir=parent)
+        except OSError as e:
+            raise StoreError(f"{final}: cannot create the store ({e.strerror}: {e.filename})") from None
+        try:
+            lock = StoreLock.acquire(tmp, final)
+            _create_arrays(kvstore_spec(tmp), full)
+            _publish(tmp, final, replace=old_lock is not None)
+            lock.path = os.path.join(final, os.path.basename(lock.path))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if old_lock is not None:
+                old_lock.release()
+        return cls(spec, full, open_arrays(spec, full), flush_tokens, lock)
+
+    @classmethod
     def open(cls, path: str | os.PathLike | dict, flush_tokens: int | None = None) -> RolloutWriter:
-        """Reopen a store for appending; continues exactly where the last commit ended."""
+        """Reopen a store for appending (taking its writer lock); continues exactly where the last commit ended."""
         spec = kvstore_spec(path)
-        manifest = read_manifest(spec)
-        check_manifest(manifest, _describe(spec))
-        return cls(spec, manifest, open_arrays(spec, manifest), flush_tokens)
+        check_manifest(read_manifest(spec), _describe(spec))  # a directory that is no store gets no lock file
+        lock = StoreLock.acquire(_local_dir(spec), _describe(spec)) if _local_dir(spec) is not None else None
+        try:
+            manifest = read_manifest(spec)  # again, under the lock: the last writer may have committed meanwhile
+            check_manifest(manifest, _describe(spec))
+            return cls(spec, manifest, open_arrays(spec, manifest), flush_tokens, lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the writer lock without flushing (what was not committed is lost, as in a crash)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def discard_empty(self) -> None:
+        """Delete this store, which must have no committed sample, and release it (a rerun then recreates it).
+
+        For a run that failed after creating its store: its empty store must not block the corrected rerun. A
+        store with committed samples is never deleted."""
+        on_disk = read_manifest(self.spec)
+        if self.committed or self._pending or on_disk.get("committed") or on_disk.get("teacher_committed"):
+            raise StoreError(f"{self.path}: has committed samples; refusing to delete it")
+        local = _local_dir(self.spec)
+        if local is None:
+            _kvstore(self.spec).write(MANIFEST, None).result()
+        else:
+            parent, name = os.path.split(local.rstrip("/"))
+            trash = tempfile.mkdtemp(prefix=f".{name}.discarded-", dir=parent)
+            os.rename(local.rstrip("/"), os.path.join(trash, name))  # atomic: the store vanishes as a whole
+            shutil.rmtree(trash, ignore_errors=True)
+        self.release()
 
     @property
     def committed(self) -> int:
@@ -296,8 +362,11 @@ class RolloutWriter:
         return [self._cols[k].write(np.concatenate(v)) for k, v in zip(names, cols)]
 
     def close(self) -> None:
-        """Flush what is buffered (the store stays valid and can be reopened for appending)."""
-        self.flush()
+        """Flush what is buffered and release the writer lock (the store can be reopened for appending)."""
+        try:
+            self.flush()
+        finally:
+            self.release()
 
     def __enter__(self) -> RolloutWriter:
         return self
@@ -305,6 +374,57 @@ class RolloutWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.release()
+
+
+def check_new_store_dir(path: str) -> None:
+    """Refuse to create a store where something else lives: ``path`` may be absent or an empty directory."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise StoreError(f"{path}: exists and is not a directory; nothing was written (choose a new path)")
+    entries = sorted(os.listdir(path))
+    if MANIFEST in entries:
+        raise StoreError(f"{path}: a store already exists (open_for_append to resume)")
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise StoreError(
+            f"{path}: exists and is not a RolloutStore (it holds {shown}); nothing was written: choose a new "
+            "path or empty it"
+        )
+
+
+def _create_arrays(spec: dict, full: dict) -> dict[str, ts.TensorStore]:
+    """The empty arrays of a new store, then its first (empty) commit."""
+    arrays = {
+        name: _open_array(spec, name, create_meta=_array_metadata(name, dtype, fill, full["layout"], full["topk"]))
+        for name, (dtype, fill) in _array_names(full["topk"]).items()
+    }
+    for name in _OFFSET_ARRAYS:
+        arrays[name] = arrays[name].resize(exclusive_max=[1], resize_metadata_only=True).result()
+        arrays[name][0:1].write(np.zeros(1, np.int64)).result()
+    _write_manifest(spec, full)
+    return arrays
+
+
+def _publish(tmp: str, final: str, replace: bool = False) -> None:
+    """Rename the finished new store into place; an empty directory there is replaced, anything else kept
+    (``replace``: the old store at ``final``, whose lock the caller holds, is moved aside and deleted)."""
+    if replace:
+        parent, name = os.path.split(final)
+        trash = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+        os.rename(final, os.path.join(trash, name))
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        raise StoreError(
+            f"{final}: appeared while this store was being created ({e.strerror}); another writer? nothing of it "
+            "was changed"
+        ) from None
 
 
 __all__ = ["RolloutWriter"]

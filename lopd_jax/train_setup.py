@@ -123,7 +123,7 @@ def _max_token_id(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int]:
     best, where = -1, 0
     for lo in range(0, store.num_tokens, block):
         hi = min(lo + block, store.num_tokens)
-        tokens = store.arrays["tokens"][lo:hi].read().result()
+        tokens = store.read_array("tokens", lo, hi)  # a damaged chunk: StoreError naming array and sample
         if tokens.size and int(tokens.max()) > best:
             best = int(tokens.max())
             where = int(np.searchsorted(store.offsets, lo + int(tokens.argmax()), side="right") - 1)

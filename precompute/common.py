@@ -18,6 +18,7 @@ from tqdm import tqdm
 # Test hook (documented, used by tests/test_precompute_cli.py): when set to N, a tool SIGKILLs itself right
 # after its N-th commit, so a test can kill it at a deterministic point and check that a rerun resumes exactly.
 KILL_ENV = "LOPD_TEST_KILL_AFTER_BATCHES"
+NO_AUTO_FLUSH = 1 << 62  # the tools commit at batch boundaries only, so a resumed run re-cuts the same batches
 
 
 class PrecomputeError(ValueError):
@@ -49,41 +50,86 @@ def _check_messages(messages: Any, where: str) -> None:
         raise PrecomputeError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
 
 
+def _lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; PrecomputeError naming the file (missing, unreadable) or the line."""
+    try:
+        raw_lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise PrecomputeError(f"{path}: cannot read ({e.strerror})") from None
+    out = []
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:
+            out.append((lineno, raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise PrecomputeError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
+    return out
+
+
 def read_jsonl(path: str | os.PathLike, require: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a prompt file: each a JSON object with ``prompt`` (str) or ``messages`` (chat list), optional
     ``answer``, and the ``require``d keys. PrecomputeError names the file and line of the first bad row."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrecomputeError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise PrecomputeError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if ("prompt" in row) == ("messages" in row):
-                raise PrecomputeError(f"{where}: each row needs exactly one of 'prompt' (str) or 'messages' (list)")
-            if "prompt" in row and not isinstance(row["prompt"], str):
-                raise PrecomputeError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
-            if "messages" in row:
-                _check_messages(row["messages"], where)
-            for key in require:
-                if not isinstance(row.get(key), str):
-                    raise PrecomputeError(f"{where}: missing string field {key!r}")
-            rows.append({**row, "line": lineno})
+    for lineno, line in _lines(path):
+        if line.strip():
+            rows.append({**_parse_row(line, f"{path}:{lineno}", require), "line": lineno})
     if not rows:
         raise PrecomputeError(f"{path}: no rows")
     return rows
 
 
+def _parse_row(line: str, where: str, require: tuple[str, ...]) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PrecomputeError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise PrecomputeError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if ("prompt" in row) == ("messages" in row):
+        raise PrecomputeError(f"{where}: each row needs exactly one of 'prompt' (str) or 'messages' (list)")
+    if "prompt" in row and not isinstance(row["prompt"], str):
+        raise PrecomputeError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+    if "messages" in row:
+        _check_messages(row["messages"], where)
+    for key in require:
+        if not isinstance(row.get(key), str):
+            raise PrecomputeError(f"{where}: missing string field {key!r}")
+    return row
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
-    """The HF tokenizer saved in ``model_dir`` (never runs repository code)."""
+    """The HF tokenizer saved in ``model_dir`` (never runs repository code); PrecomputeError when it has none."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    if not Path(model_dir).is_dir():
+        raise PrecomputeError(f"{model_dir}: not a directory (expected a Hugging Face model / tokenizer directory)")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PrecomputeError(f"{model_dir}: cannot load its tokenizer ({reason})") from None
+
+
+def check_model_dir(model_dir: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any store is touched, a model the tools cannot run: no readable config.json, or not a
+    Qwen3 causal LM (config.json ``model_type`` / ``architectures``; lopd_jax trains Qwen3 dense and MoE)."""
+    from lopd_jax.models import hf
+
+    path = Path(model_dir) / hf.CONFIG_FILE
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PrecomputeError(f"{flag} {model_dir}: no config.json (not a Hugging Face model directory)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrecomputeError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PrecomputeError(f"{path}: expected a JSON object")
+    supported = sorted(hf._ARCH.values())
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") not in hf._ARCH or any(a not in supported for a in archs):
+        raise PrecomputeError(
+            f"{flag} {model_dir}: config.json has model_type {cfg.get('model_type')!r}, architectures {archs}; "
+            f"the precompute tools run {supported} (model_type {sorted(hf._ARCH)}) only"
+        )
 
 
 def _ids(encoded: Any) -> list[int]:
@@ -122,6 +168,14 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))  # de-duplicated, tokenizer eos first
 
 
+def check_engine(engine: str) -> None:
+    """Refuse ``--engine vllm`` where vLLM is not installed, before any store is created."""
+    import importlib.util
+
+    if engine == "vllm" and "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
+        raise PrecomputeError("--engine vllm: vllm is not installed here (it needs NVIDIA GPUs); use --engine jax")
+
+
 # ------------------------------------------------------------------------------------------------ manifest
 
 
@@ -149,6 +203,31 @@ def first_difference(stored: dict, wanted: dict, prefix: str = "") -> str | None
         elif a != b:
             return f"{prefix}{key} (store: {a!r}, this run: {b!r})"
     return None
+
+
+def open_or_create(out: str, fields: dict, create: Any, refusal: str = "the store was made with different arguments"):
+    """A writer for ``out``: the existing store when its ``fields`` equal this run's (a resume), else a new one
+    from ``create()``. An EMPTY store (nothing committed) made by the same kind of run with other arguments is
+    what a failed run leaves: it is replaced with a warning rather than blocking the corrected rerun. A store with
+    committed samples and other arguments is refused (PrecomputeError naming the first differing field)."""
+    from lopd_jax.store import RolloutStore, StoreError
+
+    try:
+        writer = RolloutStore.open_for_append(out, flush_tokens=NO_AUTO_FLUSH)
+    except StoreError as e:
+        if "no manifest.json" not in str(e):
+            raise
+        return create()
+    stored = writer.manifest
+    diff = first_difference({k: stored.get(k) for k in fields}, fields)
+    if diff is None:
+        return writer
+    if writer.committed == 0 and writer.teacher_committed == 0 and stored.get("kind") == fields.get("kind"):
+        print(f"warning: {out}: replacing the empty store a failed run left ({diff})", file=sys.stderr, flush=True)
+        writer.discard_empty()
+        return create()
+    writer.release()
+    raise PrecomputeError(f"{out}: {refusal}: {diff}; use a new --out")
 
 
 # ------------------------------------------------------------------------------------------------ progress

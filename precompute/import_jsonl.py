@@ -14,11 +14,13 @@ Rerunning the same command on a partially written store continues where its last
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import sys
 
 from lopd_jax import provenance
-from lopd_jax.store import RolloutStore, StoreError
+from lopd_jax.store import RolloutStore
 from precompute import common
 from precompute.common import PrecomputeError
 
@@ -47,6 +49,8 @@ def build_rows(args: argparse.Namespace, tokenizer, eos: int) -> tuple[list[dict
             prompt = common.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
         except PrecomputeError as e:
             raise PrecomputeError(f"{args.data}: {e}") from None
+        if not prompt:
+            raise PrecomputeError(f"{args.data}:{row['line']}: the prompt encodes to no tokens")
         completion = [int(t) for t in tokenizer(row["completion"], add_special_tokens=False)["input_ids"]]
         tokens = [*prompt, *completion, eos]
         if args.max_len is not None and len(tokens) > args.max_len:
@@ -58,8 +62,9 @@ def build_rows(args: argparse.Namespace, tokenizer, eos: int) -> tuple[list[dict
 
 
 def manifest_fields(args: argparse.Namespace, eos: int, n: int, skipped: int) -> dict:
-    if args.sft_teacher_fingerprint is not None and not args.sft_teacher_fingerprint.startswith("sha256:"):
-        raise PrecomputeError(f"--sft-teacher-fingerprint {args.sft_teacher_fingerprint!r} is not 'sha256:<hex>'")
+    fp = args.sft_teacher_fingerprint
+    if fp is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", fp):
+        raise PrecomputeError(f"--sft-teacher-fingerprint {fp!r} is not 'sha256:' + 64 lowercase hex digits")
     teacher = args.sft_teacher_fingerprint
     if args.sft_teacher is not None:
         teacher = provenance.fingerprint_weights(args.sft_teacher)
@@ -84,24 +89,23 @@ def run(args: argparse.Namespace) -> str:
     tokenizer = common.load_tokenizer(args.tokenizer)
     eos = common.stop_token_ids(args.tokenizer, tokenizer)[0]
     rows, skipped = build_rows(args, tokenizer, eos)
+    if not rows:  # an empty store would look like a finished import
+        raise PrecomputeError(
+            f"{args.data}: all {skipped} rows are longer than --max-len {args.max_len} tokens: nothing imported, "
+            "no store written"
+        )
     fields = manifest_fields(args, eos, len(rows), skipped)
-    try:
-        writer = RolloutStore.open_for_append(args.out, flush_tokens=1 << 62)
-    except StoreError as e:
-        if "no manifest.json" not in str(e):
-            raise
-        extra = {"vocab_size": len(tokenizer), "engine": {"name": "import"}, "versions": common.versions("import")}
-        extra["data_path"] = os.path.abspath(args.data)
-        writer = RolloutStore.create(args.out, {**fields, **extra}, flush_tokens=1 << 62)
-    diff = common.first_difference({k: writer.manifest.get(k) for k in fields}, fields)
-    if diff is not None:
-        raise PrecomputeError(f"{args.out}: the store was made with different arguments: {diff}; use a new --out")
+    extra = {"vocab_size": len(tokenizer), "engine": {"name": "import"}, "versions": common.versions("import")}
+    extra["data_path"] = os.path.abspath(args.data)
+    create = functools.partial(RolloutStore.create, args.out, {**fields, **extra}, flush_tokens=common.NO_AUTO_FLUSH)
+    writer = common.open_or_create(args.out, fields, create)
     progress = common.Progress(len(rows), writer.committed, "import")
-    for start in range(writer.committed, len(rows), BLOCK):
+    for commits, start in enumerate(range(writer.committed, len(rows), BLOCK), 1):
         block = rows[start : start + BLOCK]
         writer.append(block)
         writer.flush()
         progress.update(len(block), sum(len(r["tokens"]) for r in block))
+        common.maybe_kill(commits)
     writer.close()
     return progress.summary("import_jsonl", skipped=skipped, store=args.out, committed=writer.committed)
 

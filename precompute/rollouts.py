@@ -18,16 +18,17 @@ with different arguments is refused, naming the first differing field.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any
 
 from lopd_jax import provenance
-from lopd_jax.store import RolloutStore, StoreError
+from lopd_jax.store import RolloutStore
 from precompute import common
 from precompute.common import PrecomputeError
 
-NO_AUTO_FLUSH = 1 << 62  # the tools commit at batch boundaries only, so a resumed run re-cuts the same batches
+NO_AUTO_FLUSH = common.NO_AUTO_FLUSH
 VLLM_WINDOW_SAMPLES = 4096  # vLLM's default batch: samples per generate call (host memory holds their log-prob dicts)
 
 
@@ -51,13 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompts per batch (with all their --n samples): one generate call, one commit; default 32 "
                    "(JAX), 4096 // n (vLLM: large windows keep its continuous batching full)")  # fmt: skip
     p.add_argument("--sft-teacher", action="store_true", help="mark the output as SFT data of this policy")
-    p.add_argument("--dtype", default=None, help="weights / matmul dtype: JAX default float32 (bfloat16 on GPU/TPU); "
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights / matmul dtype: JAX default float32 (bfloat16 on GPU/TPU); "
                    "vLLM default auto (the checkpoint's)")  # fmt: skip
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM only")
     args = p.parse_args(argv)
     vllm = args.engine == "vllm"
+    if args.dtype == "auto" and not vllm:
+        p.error("--dtype auto is for --engine vllm; the JAX engine takes float32, bfloat16 or float16")
     args.dtype = args.dtype or ("auto" if vllm else "float32")
     args.batch_size = args.batch_size or (max(1, VLLM_WINDOW_SAMPLES // args.n) if vllm else 32)
     for name in ("n", "max_new_tokens", "max_prompt_len", "batch_size"):
@@ -111,18 +115,10 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
 
 
 def open_store(out: str, fields: dict, extra: dict):
-    """Create the store, or reopen it to resume after checking that it was made by the same command."""
-    try:
-        writer = RolloutStore.open_for_append(out, flush_tokens=NO_AUTO_FLUSH)
-    except StoreError as e:
-        if "no manifest.json" not in str(e):
-            raise
-        return RolloutStore.create(out, manifest={**fields, **extra}, flush_tokens=NO_AUTO_FLUSH)
-    stored = writer.manifest
-    diff = common.first_difference({k: stored.get(k) for k in fields}, fields)
-    if diff is not None:
-        raise PrecomputeError(f"{out}: the store was made with different arguments: {diff}; use a new --out")
-    return writer
+    """Create the store, or reopen it to resume after checking that it was made by the same command (an empty
+    store a failed run left is replaced; see ``common.open_or_create``)."""
+    create = functools.partial(RolloutStore.create, out, manifest={**fields, **extra}, flush_tokens=NO_AUTO_FLUSH)
+    return common.open_or_create(out, fields, create)
 
 
 # ------------------------------------------------------------------------------------------------ engines
@@ -191,13 +187,20 @@ def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
 
 def run(args: argparse.Namespace) -> str:
     """Sample every batch not yet committed; returns the summary line."""
+    common.check_engine(args.engine)
     if args.engine == "vllm":  # refuse an unchecked vLLM before anything is written
         from precompute.engines import vllm_engine
 
         vllm_engine.require_vllm(dtype=args.dtype)
+    common.check_model_dir(args.policy, "--policy")
     tokenizer = common.load_tokenizer(args.policy)
     stops = common.stop_token_ids(args.policy, tokenizer)
     prompts, skipped = encode_prompts(args, tokenizer)
+    if not prompts:  # an empty store would look like a finished run
+        raise PrecomputeError(
+            f"{args.prompts}: all {skipped} prompts are longer than --max-prompt-len {args.max_prompt_len} tokens "
+            "(after the chat template): nothing to sample, no store written"
+        )
     fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped)
     extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy)}
     writer = open_store(args.out, fields, extra)

@@ -15,17 +15,18 @@ same command after a crash continues at the first uncommitted window (the copy r
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import numpy as np
 
 from lopd_jax import provenance
-from lopd_jax.store import RESERVED_KEYS, RolloutStore, StoreError
+from lopd_jax.store import RESERVED_KEYS, RolloutStore
 from precompute import common
 from precompute.common import PrecomputeError
 from precompute.engines.jax_engine import Scored
 
-NO_AUTO_FLUSH = 1 << 62
+NO_AUTO_FLUSH = common.NO_AUTO_FLUSH
 COPY_BLOCK = 1024  # samples per commit while copying a store
 
 
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="also store the teacher's top-k ids / log-probs")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per scoring batch (JAX)")
     p.add_argument("--window", type=int, default=256, help="samples scored per commit")
-    p.add_argument("--dtype", default=None, help="weights / matmul dtype: JAX default float32 (bfloat16 on GPU/TPU); "
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights / matmul dtype: JAX default float32 (bfloat16 on GPU/TPU); "
                    "vLLM default auto (the checkpoint's)")  # fmt: skip
     p.add_argument("--head-fp32", action="store_true",
                    help="vLLM: compute the lm_head / logits in fp32 (hf_overrides head_dtype, vLLM >= 0.26); the JAX "
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM only")
     args = p.parse_args(argv)
+    if args.dtype == "auto" and args.engine != "vllm":
+        p.error("--dtype auto is for --engine vllm; the JAX engine takes float32, bfloat16 or float16")
     args.dtype = args.dtype or ("auto" if args.engine == "vllm" else "float32")
     for name in ("batch_tokens", "window"):
         if getattr(args, name) < 1:
@@ -82,16 +86,11 @@ def copy_store(src: str, dst: str, topk: int) -> None:
     """Copy the committed samples of ``src`` into ``dst`` (created with ``topk`` teacher columns, or resumed)."""
     reader = RolloutStore.open(src)
     fields = {**_copyable_fields(reader.manifest), "copied_from": reader.path}
-    try:
-        writer = RolloutStore.open_for_append(dst, flush_tokens=NO_AUTO_FLUSH)
-    except StoreError as e:
-        if "no manifest.json" not in str(e):
-            raise
-        writer = RolloutStore.create(dst, fields, topk=topk, flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"])
-    diff = common.first_difference({k: writer.manifest.get(k) for k in fields}, fields)
-    if diff is not None or writer.topk != topk:
-        diff = diff or f"topk (store: {writer.topk}, this run: {topk})"
-        raise PrecomputeError(f"{dst}: exists and is not a copy of {src} with these arguments: {diff}")
+    create = functools.partial(
+        RolloutStore.create, dst, fields, topk=topk, flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"]
+    )
+    refusal = f"exists and is not a copy of {src} with these arguments"
+    writer = common.open_or_create(dst, {**fields, "topk": topk}, create, refusal)
     for start in range(writer.committed, len(reader), COPY_BLOCK):
         writer.append([_as_row(s) for s in reader.samples(range(start, min(start + COPY_BLOCK, len(reader))))])
         writer.flush()
@@ -164,11 +163,13 @@ def _windows(start: int, end: int, size: int):
 
 def run(args: argparse.Namespace) -> str:
     """Score every committed sample not yet scored; returns the summary line."""
+    target = args.out or args.store
+    common.check_engine(args.engine)
     if args.engine == "vllm":  # refuse an unchecked vLLM before anything is written
         from precompute.engines import vllm_engine
 
         vllm_engine.require_vllm(head_dtype="float32" if args.head_fp32 else None, dtype=args.dtype)
-    target = args.out or args.store
+    common.check_model_dir(args.teacher, "--teacher")
     teacher = {"weights": provenance.fingerprint_weights(args.teacher)}
     teacher["tokenizer"] = provenance.fingerprint_tokenizer(args.teacher)
     provenance.check_same_tokenizer(
@@ -180,7 +181,11 @@ def run(args: argparse.Namespace) -> str:
     run_args = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k}
     if args.head_fp32:  # only when set: stores scored before the option existed still resume
         run_args["head_fp32"] = True
-    check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk, run_args)
+    try:
+        check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk, run_args)
+    except BaseException:  # refused: give the lock back at once (an in-process caller may go on)
+        writer.release()
+        raise
     reader = RolloutStore.open(target)
     done, total = writer.teacher_committed, len(reader)
     progress = common.Progress(total, done, "teacher")

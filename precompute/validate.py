@@ -25,6 +25,7 @@ from lopd_jax.store import (
     check_metadata,
     kvstore_spec,
     open_arrays,
+    read_checked,
     read_manifest,
     read_sample_metadata,
     required_lengths,
@@ -43,6 +44,8 @@ def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> d
     m = read_manifest(spec)
     check_manifest(m, where)
     _check_fields(m, where, require_teacher)
+    if m["committed"] == 0:  # e.g. every prompt was skipped: nothing to train on, whatever the arrays say
+        raise StoreError(f"{where}: the store has no committed samples (empty); its writer committed nothing")
     arrays = open_arrays(spec, m)
     n = m["committed"]
     meta = read_sample_metadata(spec, arrays, m)
@@ -53,7 +56,8 @@ def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> d
     bad = np.flatnonzero(meta["prompt_index"] < 0)
     if bad.size:
         raise StoreError(f"{where}: sample {int(bad[0])}: prompt_index {int(meta['prompt_index'][bad[0]])} < 0")
-    _check_answers(arrays["answers"][:answer_bytes].read().result(), meta["answer_offsets"], where)
+    ao = meta["answer_offsets"]
+    _check_answers(read_checked(where, "answers", arrays["answers"], 0, n, lambda i, j: (ao[i], ao[j])), ao, where)
     for a, b in _blocks(offsets):
         _check_token_block(arrays, m, offsets, meta["prompt_lengths"], a, b, where)
     lengths = np.diff(offsets)
@@ -122,11 +126,14 @@ def _check_token_block(arrays, m, offsets, prompt_lengths, a: int, b: int, where
             kind = "prompt" if prompt[t] else "response"
             raise StoreError(f"{where}: sample {int(sample[t])}: {what} at {kind} token {int(pos[t])}")
 
-    tokens = arrays["tokens"][lo:hi].read().result()
+    def read(name: str, end: int = b) -> np.ndarray:
+        return read_checked(where, name, arrays[name], a, end, lambda i, j: (offsets[i], offsets[j]))
+
+    tokens = read("tokens")
     fail(tokens < 0, "token id < 0 (missing chunk?)")
     if "vocab_size" in m:
         fail(tokens >= m["vocab_size"], f"token id >= vocab_size {m['vocab_size']}")
-    behavior = arrays["behavior_logprobs"][lo:hi].read().result()
+    behavior = read("behavior_logprobs")
     if m.get("behavior_logprobs") == "none":  # imported SFT data (precompute.import_jsonl): no behaviour policy
         fail(~np.isnan(behavior), "behavior_logprobs is not NaN (the manifest says behavior_logprobs: none)")
     else:
@@ -136,10 +143,9 @@ def _check_token_block(arrays, m, offsets, prompt_lengths, a: int, b: int, where
         return
     t_hi = int(offsets[tc])
     p = prompt[: t_hi - lo]
-    _check_logprobs(arrays["teacher_logprobs"][lo:t_hi].read().result(), p, "teacher_logprobs", fail)
+    _check_logprobs(read("teacher_logprobs", tc), p, "teacher_logprobs", fail)
     if m["topk"]:
-        ids = arrays["teacher_topk_ids"][lo:t_hi].read().result()
-        lp = arrays["teacher_topk_logprobs"][lo:t_hi].read().result()
+        ids, lp = read("teacher_topk_ids", tc), read("teacher_topk_logprobs", tc)
         fail(~p & (ids < 0).any(-1), "teacher_topk_ids < 0")
         fail(~p & ~np.isfinite(lp).all(-1), "teacher_topk_logprobs not finite")
         fail(~p & (np.diff(lp, axis=-1) > 0).any(-1), "teacher_topk_logprobs not sorted by rank")

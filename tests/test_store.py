@@ -140,6 +140,7 @@ def test_readers_see_only_committed(tmp_path):
     with pytest.raises(IndexError, match="sample 10 out of range"):
         store.sample(10)
     check_sample(store.sample(9), samples[9], scored=False)
+    del w  # the crashed writer dies, and its writer lock with it
     w = RolloutStore.open_for_append(tmp_path / "s")  # the crashed writer's successor
     w.append(append_rows(samples[10:]))
     w.flush()

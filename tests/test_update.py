@@ -119,8 +119,8 @@ def test_grad_accumulation_equals_one_big_batch():
 
     An identity, so it is asserted in float64 (x64, params and compute dtype float64): both sides sum the same
     terms in another order, and in fp32 that reordering alone moves the result by ~1e-5 relative, by an amount
-    that differs between Intel and AMD CPUs. In float64 it is ~1e-14 (measured 1.1e-14), so 1e-10 leaves a margin of 10^4 while
-    a wrong weighting of the micro-batches (e.g. a plain mean: 25% off here) still fails by 10^9.
+    that differs between Intel and AMD CPUs. In float64 it is ~1e-14 (measured 1.1e-14), so 1e-10 leaves a margin
+    of 10^4 while a wrong weighting of the micro-batches (e.g. a plain mean: 25% off here) still fails by 10^9.
     """
     k = 4
     with jax.enable_x64(True):
