@@ -232,6 +232,8 @@ def from_dict(cls: type, data: Mapping[str, Any], *, prefix: str = "") -> Any:
     if unknown:
         raise _KeyError(prefix + str(unknown[0]), f"unknown key (allowed in this section: {', '.join(fields)})")
     kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    for name, value in kwargs.items():  # ranges first: a section's own __post_init__ message lacks the dotted key
+        _check_field(prefix + name, value)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise _KeyError(prefix + name, "required key is missing")
@@ -428,6 +430,14 @@ def _check_value(key: str, value: Any, bounds: tuple | None) -> None:
         raise _KeyError(key, f"must be {_range_text(*bounds)}, got {value}")
 
 
+def _check_field(key: str, value: Any) -> None:
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_value(f"{key}[{i}]", v, RANGES.get(key))
+    elif not dataclasses.is_dataclass(value):
+        _check_value(key, value, RANGES.get(key))
+
+
 def check_ranges(cfg: Any, prefix: str = "") -> None:
     """Every numeric value within its range (``RANGES``) and every float finite; raises _KeyError naming the
     dotted key. Mesh axis sizes are -1 (all remaining devices) or >= 1."""
@@ -435,11 +445,8 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
         key, value = prefix + f.name, getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             check_ranges(value, key + ".")
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                _check_value(f"{key}[{i}]", v, RANGES.get(key))
         else:
-            _check_value(key, value, RANGES.get(key))
+            _check_field(key, value)
     if prefix == "mesh.":
         for name in ("data", "fsdp", "tensor", "expert"):
             if getattr(cfg, name) != -1 and getattr(cfg, name) < 1:
