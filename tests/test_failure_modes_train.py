@@ -13,8 +13,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import yaml
 import test_train
+import yaml
 from test_train import _config, _write, _write_store
 
 from lopd_jax import config as config_lib
@@ -22,7 +22,6 @@ from lopd_jax import provenance, train, train_setup
 from lopd_jax.batch import LOGPROB_MAX, DataError, shift_sample
 from lopd_jax.checkpoint import CheckpointConfig, Checkpointer
 from lopd_jax.models import hf, qwen3
-
 
 world = test_train.world  # the trainer tests' module fixture: tiny models, tokenizer, stores
 
