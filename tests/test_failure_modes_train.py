@@ -418,3 +418,25 @@ def test_lock_of_another_host_is_never_broken(tmp_path):
     (tmp_path / train_setup.LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
     with pytest.raises(train_setup.TrainError, match="in use by pid 1 on host elsewhere"):
         train_setup.acquire_run_lock(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --plan: bad inputs are one line before anything compiles
+# ----------------------------------------------------------------------------------------------------------------
+
+PLAN_BAD = {
+    "model.init=qwen3-999b": "model.init: model.init='qwen3-999b' is neither an HF checkpoint directory nor a preset",
+    "mesh.data=3": "mesh: ",
+    "train.batch_size=3": "train.batch_size: 3 rows",
+}
+
+
+@pytest.mark.parametrize("override", list(PLAN_BAD))
+def test_plan_with_bad_inputs_is_one_line(world, tmp_path, capsys, override):
+    cfg = _config(world, tmp_path / "run", model={"init": "qwen3-0.6b"}, mesh={"fsdp": -1})
+    path = _write(cfg, tmp_path / "c.yaml")
+    rc = train.main(["--config", str(path), "--plan", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert PLAN_BAD[override] in err, err
+    assert not (tmp_path / "run").exists()
