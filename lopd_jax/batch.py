@@ -61,6 +61,7 @@ class DataConfig:
     num_epochs: int | None = None  # None: repeat forever (the trainer stops after train.steps)
     pack: bool = True
     require_teacher: bool = False  # lightning_opd: every response token needs a teacher log-prob
+    require_behavior: bool = False  # loss.old_policy behavior: every response token needs a behaviour log-prob
     read_threads: int = 4  # parallel store reads (TensorStore releases the GIL)
     prefetch: int = 2  # finished batches buffered ahead of the training loop
 
@@ -72,8 +73,37 @@ class DataConfig:
             raise DataError(f"data.num_epochs must be >= 1 or null (forever), got {self.num_epochs}")
 
 
+# Largest log-probability accepted from a store. A log-prob is <= 0; an engine's fp32 log_softmax of the most likely
+# token, x_max - logsumexp(x), can round a few ulps above 0, and an fp32 ulp at |logsumexp| <= 100 is <= 8e-6, so
+# rounding stays below 1e-4. 1e-3 keeps that margin tenfold (precompute.validate uses the same bound) while any
+# value that is not a log-prob at all (a probability, a logit, +5.0) is refused.
+LOGPROB_MAX = 1e-3
+
+
+def _check_logprobs(values: np.ndarray, on: np.ndarray, *, name: str, sample: Any, required: bool, fix: str) -> None:
+    """Raises DataError naming the store sample and token when a loss token's log-prob is missing (only when
+    ``required``) or impossible (> LOGPROB_MAX, or +-inf)."""
+    finite = np.isfinite(values)
+    bad = on & ((finite & (values > LOGPROB_MAX)) | np.isinf(values))
+    if required:
+        bad |= on & ~finite
+    if not bad.any():
+        return
+    t = int(np.flatnonzero(bad)[0])
+    what = "has no" if np.isnan(values[t]) else "has an impossible"
+    raise DataError(
+        f"store sample {sample.get('index')}: token {t + 1} (response token) {what} {name} log-prob ({values[t]}; "
+        f"log-probs must be finite and <= {LOGPROB_MAX}); {fix}"
+    )
+
+
 def shift_sample(
-    sample: dict[str, Any], *, seq_len: int, max_response_len: int = 0, require_teacher: bool = False
+    sample: dict[str, Any],
+    *,
+    seq_len: int,
+    max_response_len: int = 0,
+    require_teacher: bool = False,
+    require_behavior: bool = False,
 ) -> dict[str, np.ndarray]:
     """One store sample -> per-token arrays in the shifted convention, each [L'] with L' <= seq_len.
 
@@ -82,6 +112,11 @@ def shift_sample(
     response token (t + 1 >= prompt_length). The response is cut to ``max_response_len`` tokens and the whole
     sample to seq_len + 1 tokens; ``dropped`` holds the number of cut response tokens at index 0 (0 elsewhere),
     so packed rows carry the truncation count to the metrics.
+
+    Log-probs are checked where they are read (DataError naming the sample and token): on kept response tokens
+    a value above ``LOGPROB_MAX`` or infinite is refused always; NaN (not scored) is refused when the value is
+    required (``require_teacher`` for lightning_opd, ``require_behavior`` for ``loss.old_policy: behavior``) and
+    otherwise becomes 0, which no loss term then reads.
     """
     tokens = np.asarray(sample["tokens"], np.int32)
     p = int(sample["prompt_length"])
@@ -94,12 +129,10 @@ def shift_sample(
     behavior = np.asarray(sample["behavior_logprobs"], np.float32)[1:end]
     mask = (np.arange(1, end) >= p).astype(np.float32)
     on = mask > 0
-    if require_teacher and not np.isfinite(teacher[on]).all():
-        bad = int(np.flatnonzero(on & ~np.isfinite(teacher))[0]) + 1
-        raise DataError(
-            f"store sample {sample.get('index')}: response token {bad} has no teacher log-prob "
-            f"({teacher[bad - 1]}); score the store with precompute.teacher_logprobs"
-        )
+    score = "score the store with precompute.teacher_logprobs (or check it with precompute.validate)"
+    _check_logprobs(teacher, on, name="teacher", sample=sample, required=require_teacher, fix=score)
+    redo = "use rollouts with recorded log-probs (precompute.rollouts) or loss.old_policy: current"
+    _check_logprobs(behavior, on, name="behaviour", sample=sample, required=require_behavior, fix=redo)
     dropped = np.zeros(end - 1, np.int32)
     if end - 1 > 0:
         dropped[0] = len(tokens) - end  # counts prompt tokens only if the prompt itself overflows seq_len

@@ -15,6 +15,7 @@ are written in the background; ``close`` (or leaving the ``with`` block) waits f
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ import grain
 import orbax.checkpoint as ocp
 
 _STATE, _DATA = "state", "data"
+
+
+class CheckpointCorruptError(ValueError):
+    """No checkpoint of a directory could be restored; the message names each one and its error."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,22 +92,55 @@ class Checkpointer:
     def restore_latest(
         self, abstract_state: Any, data_iter: grain.DatasetIterator | None = None
     ) -> tuple[Any, int] | None:
-        """Restores the newest checkpoint, or returns None when there is none.
+        """Restores the newest readable checkpoint, or returns None when there is none.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (with ``sharding``) or arrays with the
         target structure; the result has the same structure and shardings. ``data_iter`` is set in place to
         the saved position. Returns ``(state, step)``.
+
+        A checkpoint that fails to restore (a truncated or deleted file) is moved aside to ``<step>.corrupt``
+        (kept for inspection, and out of the way of the step's next save) and the previous one is tried, with a
+        warning naming both; CheckpointCorruptError when none is readable.
         """
-        step = self._manager.latest_step()
-        if step is None:
-            return None
+        failed: list[str] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._restore(step, abstract_state, data_iter)
+            except Exception as e:  # orbax / tensorstore / grain each raise their own types for a damaged file
+                failed.append(f"{self.directory / str(step)} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                continue
+            if failed:
+                self._set_aside(failed)
+                print(
+                    f"WARNING: checkpoint {'; '.join(failed)} is unreadable (moved aside to <step>.corrupt); "
+                    f"resuming from {self.directory / str(step)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return restored, step
+        if failed:
+            raise CheckpointCorruptError(f"no readable checkpoint in {self.directory}: {'; '.join(failed)}")
+        return None
+
+    def _restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator | None) -> Any:
         items = {_STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             if not (self.directory / str(step) / _DATA).exists():
                 raise ValueError(f"checkpoint {self.directory / str(step)} has no data-iterator state to restore")
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored[_STATE], step
+        return self._manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
+
+    def _set_aside(self, failed: list[str]) -> None:
+        """Renames the unreadable step directories so orbax neither lists them nor skips their steps' saves."""
+        for entry in failed:
+            step_dir = Path(entry.split(" (", 1)[0])
+            target = step_dir.with_name(step_dir.name + ".corrupt")
+            n = 1
+            while target.exists():
+                n += 1
+                target = step_dir.with_name(f"{step_dir.name}.corrupt{n}")
+            step_dir.rename(target)
+        self._manager.reload()
 
     def wait_until_finished(self) -> None:
         """Blocks until the pending asynchronous save is on disk."""

@@ -19,6 +19,9 @@ config: callers check ``is_pipeline(read_yaml(path))`` and hand it to ``lopd_jax
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import os
 import types
 import typing
@@ -113,6 +116,9 @@ class TrainConfig:
     plan: PlanConfig = PlanConfig()  # --plan only: the per-device memory budget
     allow_teacher_inconsistency: bool = False  # run lightning_opd despite a teacher mismatch (ablations only)
     resume: bool = False  # continue from the latest checkpoint in checkpoint.directory
+    # Dotted keys (e.g. train.steps) that a resume may change; any other difference from the run's config.yaml is
+    # refused, because the checkpoint and the exported provenance would then describe a run that never happened.
+    resume_may_change: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +232,8 @@ def from_dict(cls: type, data: Mapping[str, Any], *, prefix: str = "") -> Any:
     if unknown:
         raise _KeyError(prefix + str(unknown[0]), f"unknown key (allowed in this section: {', '.join(fields)})")
     kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    for name, value in kwargs.items():  # ranges first: a section's own __post_init__ message lacks the dotted key
+        _check_field(prefix + name, value)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise _KeyError(prefix + name, "required key is missing")
@@ -266,10 +274,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The top-level mapping of a YAML file (safe_load), with errors naming the file."""
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        raw = yaml.safe_load(text)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if raw is None:
@@ -316,12 +327,16 @@ def _copy(x: Any) -> Any:
 
 
 def _source_of(key: str, origin: Mapping[str, str], path: str) -> str:
-    """The override that set ``key`` (or a section above it), else the file."""
+    """The override that set ``key`` (or a section above it, or, for an unknown section such as ``trian``, a
+    key inside it), else the file."""
     parts = key.replace("[", ".").split(".")
     for n in range(len(parts), 0, -1):
         hit = origin.get(".".join(parts[:n]))
         if hit is not None:
             return f"command-line override {hit!r}"
+    inside = [text for k, text in origin.items() if k.startswith(key + ".")]
+    if inside:
+        return f"command-line override {inside[0]!r}"
     return str(path)
 
 
@@ -337,9 +352,105 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     raw, origin = apply_overrides(raw, overrides)
     try:
         cfg = from_dict(TrainConfig, raw)
+        check_ranges(cfg)  # before resolve: train.batch_size=-4 must be blamed on train, not on data
         return validate(resolve(cfg))
     except _KeyError as e:
         raise ConfigError(f"{_source_of(e.key, origin, str(path))}: {e.key}: {e.msg}") from None
+
+
+# Allowed ranges of numeric values: (low, high, low_open, high_open); None = unbounded. Every float must also be
+# finite (NaN passes no comparison, so it is refused explicitly). Seeds are >= 0 because Grain and numpy refuse
+# negative seeds later, mid-run.
+_AT_LEAST_0, _AT_LEAST_1, _POSITIVE = (0, None, False, False), (1, None, False, False), (0, None, True, False)
+_UNIT, _PROB = (0, 1, False, False), (0, 1, True, False)
+RANGES: dict[str, tuple] = {
+    "train.steps": _AT_LEAST_1,
+    "train.batch_size": _AT_LEAST_1,
+    "train.seq_len": _AT_LEAST_1,
+    "train.grad_accum": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1,
+    "train.eval_every": _AT_LEAST_0,
+    "train.seed": _AT_LEAST_0,
+    "data.batch_size": _AT_LEAST_0,
+    "data.seq_len": _AT_LEAST_0,
+    "data.max_response_len": _AT_LEAST_0,
+    "data.seed": _AT_LEAST_0,
+    "data.num_epochs": _AT_LEAST_1,
+    "data.read_threads": _AT_LEAST_0,
+    "data.prefetch": _AT_LEAST_0,
+    "optimizer.lr": _POSITIVE,
+    "optimizer.warmup_steps": _AT_LEAST_0,
+    "optimizer.total_steps": _AT_LEAST_0,
+    "optimizer.b1": (0, 1, False, True),
+    "optimizer.b2": (0, 1, False, True),
+    "optimizer.weight_decay": _AT_LEAST_0,
+    "optimizer.grad_clip": _AT_LEAST_0,
+    "optimizer.eps": _POSITIVE,
+    "optimizer.min_lr_ratio": _UNIT,
+    "loss.clip_eps_low": (0, 1, False, True),  # the ratio's lower bound 1 - eps must stay > 0
+    "loss.clip_eps_high": _AT_LEAST_0,
+    "loss.tis_cap": _POSITIVE,
+    "loss.logprob_chunk_size": _AT_LEAST_0,
+    "sampling.temperature": _AT_LEAST_0,
+    "sampling.top_p": _PROB,
+    "sampling.top_k": _AT_LEAST_0,
+    "sampling.max_new_tokens": _AT_LEAST_1,
+    "sampling.stop_token_ids": _AT_LEAST_0,
+    "sampling.seed": _AT_LEAST_0,
+    "sampling.min_prompt_bucket": _AT_LEAST_1,
+    "eval.k": _AT_LEAST_1,
+    "eval.max_new_tokens": _AT_LEAST_1,
+    "eval.num_prompts": _AT_LEAST_0,
+    "eval.temperature": _AT_LEAST_0,
+    "eval.top_p": _PROB,
+    "checkpoint.every_steps": _AT_LEAST_0,
+    "checkpoint.keep": _AT_LEAST_0,
+    "plan.device_memory_gb": _POSITIVE,
+}
+
+
+def _range_text(low: Any, high: Any, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high}")
+    return " and ".join(parts)
+
+
+def _check_value(key: str, value: Any, bounds: tuple | None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _KeyError(key, f"must be a finite number, got {value}")
+    if bounds is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, low_open, high_open = bounds
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise _KeyError(key, f"must be {_range_text(*bounds)}, got {value}")
+
+
+def _check_field(key: str, value: Any) -> None:
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_value(f"{key}[{i}]", v, RANGES.get(key))
+    elif not dataclasses.is_dataclass(value):
+        _check_value(key, value, RANGES.get(key))
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Every numeric value within its range (``RANGES``) and every float finite; raises _KeyError naming the
+    dotted key. Mesh axis sizes are -1 (all remaining devices) or >= 1."""
+    for f in dataclasses.fields(cfg):
+        key, value = prefix + f.name, getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+        else:
+            _check_field(key, value)
+    if prefix == "mesh.":
+        for name in ("data", "fsdp", "tensor", "expert"):
+            if getattr(cfg, name) != -1 and getattr(cfg, name) < 1:
+                raise _KeyError(f"mesh.{name}", f"must be -1 (all remaining devices) or >= 1, got {getattr(cfg, name)}")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -352,6 +463,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         data = dataclasses.replace(data, **{name: want})
     if cfg.mode == "lightning_opd":
         data = dataclasses.replace(data, require_teacher=True)
+    if cfg.mode == "lightning_opd" and cfg.loss.old_policy == "behavior":
+        data = dataclasses.replace(data, require_behavior=True)
     return dataclasses.replace(cfg, data=data)
 
 
@@ -371,6 +484,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise _KeyError("model.teacher", "required in mode 'opd' (the live teacher)")
     if cfg.mode == "opd" and not cfg.data.prompts:
         raise _KeyError("data.prompts", "required in mode 'opd' (the prompts sampled online)")
-    if cfg.eval.k < 1:
-        raise _KeyError("eval.k", f"must be >= 1, got {cfg.eval.k}")
+    known = flatten(to_dict(cfg))
+    for i, key in enumerate(cfg.resume_may_change):
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            raise _KeyError(f"resume_may_change[{i}]", f"{key!r} is not a config key")
     return cfg
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"steps": 3}} -> {"train.steps": 3}: the dotted keys a resume compares."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """sha256 of the resolved config's canonical JSON; saved with the run, exported with its provenance."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -139,6 +139,7 @@ def make_dataset(cfg: DataConfig, store, process_index: int = 0, process_count: 
         seq_len=cfg.seq_len,
         max_response_len=cfg.max_response_len,
         require_teacher=cfg.require_teacher,
+        require_behavior=cfg.require_behavior,
     )
     # A small read-ahead buffer: Grain scans the whole buffer on every element, so its default (500) costs
     # more CPU than the reads it hides.

@@ -38,6 +38,9 @@ from typing import Any
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _STAGE_KEYS = {"name", "cmd", "group", "result", "foreach"}
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")  # one path component: never "..", "/" or absolute
+# Files the pipeline itself writes into a stage directory: only a directory holding one of them is ever cleared.
+_OWN_FILES = ("stage.json", "stage.log")
 
 
 class PipelineError(ValueError):
@@ -73,6 +76,9 @@ def expand_stages(raw: list[dict], source: str) -> list[Stage]:
             suffix = "".join(f"-{k}{v}" for k, v in loop)
             name = entry["name"]
             stages.append(Stage(name + suffix, name, str(entry["cmd"]), entry.get("group"), entry.get("result"), loop))
+    bad = [s.name for s in stages if not _STAGE_NAME.fullmatch(s.name)]
+    if bad:
+        raise PipelineError(f"{source}: stage name {bad[0]!r} is not a plain directory name (letters, digits, _.=-)")
     seen = [s.name for s in stages]
     dup = {n for n in seen if seen.count(n) > 1}
     if dup:
@@ -89,6 +95,32 @@ def _code_digest() -> str:
             h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def _dir_digest(path: Path) -> str:
+    """An input directory (a model, a store, a tokenizer) by its files' names, sizes and mtimes: a stat each,
+    never the bytes of multi-GB weights; any rewritten file changes it."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_marker(marker: Path) -> dict | None:
+    """A stage's ``stage.json``, or None when missing or unreadable (the stage then simply runs again)."""
+    try:
+        rec = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _read_result(stage: Stage, file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"stage {stage.name!r}: result file {file} is not readable JSON ({e})") from None
 
 
 class Pipeline:
@@ -145,8 +177,12 @@ class Pipeline:
         for token in shlex.split(cmd):
             path = token.split("=", 1)[-1]
             # Inputs such as config files count by content; outputs of stages (under run_dir) count by their key.
-            if os.path.isfile(path) and run_dir not in Path(path).resolve().parents:
+            if not path or run_dir in Path(path).resolve().parents or Path(path).resolve() == run_dir:
+                continue
+            if os.path.isfile(path):
                 h.update(Path(path).read_bytes())
+            elif os.path.isdir(path) and Path(path).resolve() not in run_dir.parents:  # never a dir holding outputs
+                h.update(_dir_digest(Path(path)).encode())
         return h.hexdigest()[:16]
 
     def run(self, *, force: bool = False) -> list[dict]:
@@ -156,19 +192,30 @@ class Pipeline:
             cmd, deps = self.resolve(stage)
             key = self.keys[stage.name] = self.cache_key(cmd, deps)
             out = self.stage_dir(stage)
-            marker = out / "stage.json"
-            if not force and marker.exists() and json.loads(marker.read_text()).get("key") == key:
-                rec = json.loads(marker.read_text()) | {"cached": True}
+            marker = _read_marker(out / "stage.json")
+            if not force and marker is not None and marker.get("key") == key:
+                rec = marker | {"cached": True}
             else:
                 rec = self._run_one(stage, cmd, key, out)
             if stage.result and (out / stage.result).exists():
-                rec["result"] = json.loads((out / stage.result).read_text())
+                rec["result"] = _read_result(stage, out / stage.result)
             records.append(rec | {"name": stage.name, "group": stage.group, "loop": dict(stage.loop)})
         return records
 
+    def _clear(self, stage: Stage, out: Path) -> None:
+        """Removes a stage directory of another key (or a failed run), as tools refuse to write over outputs;
+        a directory the pipeline did not make (no stage.json / stage.log) is a user's and is never removed."""
+        if not out.exists():
+            return
+        if not out.is_dir() or not any((out / f).exists() for f in _OWN_FILES):
+            raise PipelineError(
+                f"stage {stage.name!r}: {out} exists but was not made by this pipeline (no {' / '.join(_OWN_FILES)}); "
+                "move it away or pick another run_dir"
+            )
+        shutil.rmtree(out)
+
     def _run_one(self, stage: Stage, cmd: str, key: str, out: Path) -> dict:
-        if out.exists():  # outputs of another key (or a failed run): tools refuse to write over them
-            shutil.rmtree(out)
+        self._clear(stage, out)
         out.mkdir(parents=True, exist_ok=True)
         argv = shlex.split(cmd)
         if argv and argv[0] in ("python", "python3"):
@@ -176,7 +223,10 @@ class Pipeline:
         print(f"\n=== stage {stage.name}: {cmd}", flush=True)
         t0 = time.perf_counter()
         with open(out / "stage.log", "wb") as log:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+            try:
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+            except OSError as e:
+                raise PipelineError(f"stage {stage.name!r}: cannot start {argv[0] if argv else cmd!r}: {e}") from None
             # tee raw bytes as they come, not lines: progress bars redraw with '\r' and would otherwise show
             # only when they finish, leaving a stage silent for minutes
             while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -209,5 +259,7 @@ def run_pipeline(raw_config: dict, source: str, *, run_dir: str | None = None, f
     stages = expand_stages(raw_config.get("stages"), source)
     run_dir = run_dir or raw_config.get("run_dir") or os.path.join("runs", Path(source).stem)
     records = Pipeline(stages, run_dir).run(force=force)
-    Path(run_dir, "pipeline.json").write_text(json.dumps(records, indent=1))
+    tmp = Path(run_dir, "pipeline.json.tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    tmp.replace(Path(run_dir, "pipeline.json"))
     return records

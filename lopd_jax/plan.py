@@ -401,7 +401,31 @@ def run(cfg: TrainConfig) -> Plan:
     return plan
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """The plan's inputs, checked before anything compiles: an unknown preset, an unreadable config.json, a mesh
+    the devices cannot form or a batch that does not split over it is a ConfigError naming the key (one line,
+    exit 2), not a traceback from deep inside tracing."""
+    from lopd_jax.config import ConfigError
+
+    try:
+        model_config(cfg)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.init: {e}") from None
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    shards = sharding.batch_shard_count(mesh, cfg.mesh.logical_rules())
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if cfg.train.batch_size % shards or micro % shards:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} rows in micro-batches of {micro} do not split over the "
+            f"{shards} batch shards of the mesh"
+        )
+
+
 def main(cfg: TrainConfig) -> int:
     """``--plan``: print the plan of ``cfg`` (see module doc); exit status 0 (the plan says whether it fits)."""
+    check_inputs(cfg)
     run(cfg)
     return 0

@@ -49,7 +49,17 @@ from lopd_jax.config import ConfigError, TrainConfig
 from lopd_jax.data import Batch, make_iterator
 from lopd_jax.metrics import MetricsWriter, plot_metrics
 from lopd_jax.models import hf, qwen3
-from lopd_jax.train_setup import SCRATCH, USER_ERRORS, Setup, TrainError, checkpoint_dir, validated
+from lopd_jax.train_setup import (
+    CONFIG_RECORD,
+    SCRATCH,
+    USER_ERRORS,
+    Setup,
+    TrainError,
+    acquire_run_lock,
+    checkpoint_dir,
+    release_run_lock,
+    validated,
+)
 
 KILL_ENV = "LOPD_TEST_KILL_AT_STEP"
 TOKENIZER_FILES = (
@@ -180,7 +190,7 @@ def _progress_bar(cfg: TrainConfig, setup: Setup, start: int):
 
 def _maybe_kill(step: int) -> None:
     """Test hook (module docstring): SIGKILL after the checkpoint of step $LOPD_TEST_KILL_AT_STEP is on disk."""
-    if os.environ.get(KILL_ENV) and step == int(os.environ[KILL_ENV]):
+    if os.environ.get(KILL_ENV, "").isdigit() and step == int(os.environ[KILL_ENV]):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -354,21 +364,43 @@ def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
         fields["opd_teacher"] = provenance.fingerprint_weights(cfg.model.teacher)
     if setup.warnings:
         fields["teacher_inconsistency"] = setup.warnings
+    fields["config"] = config_lib.config_fingerprint(cfg)
+    if setup.resume_changes:
+        fields["resumed_with_changes"] = setup.resume_changes
     return fields
 
 
 def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
-    """``run_dir/hf``: safetensors + config, the tokenizer files, ``lopd_provenance.json``."""
+    """``run_dir/hf``: safetensors + config, the tokenizer files, ``lopd_provenance.json``.
+
+    Written to ``run_dir/.hf.tmp-PID`` and renamed into place, so a kill mid-export leaves the previous ``hf/``
+    (or none), never a half-written one; a previous ``hf/`` is moved aside first and removed once the new one is in
+    place (a kill between the two renames leaves it as ``.hf.old-PID``)."""
     out = run_dir / "hf"
     params = _host_params(params)
     if jax.process_index() != 0:
         return out
-    hf.save_hf(str(out), setup.model_cfg, params)
+    for stale in run_dir.glob(".hf.tmp-*"):  # a killed export's leftovers: never a user's file
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir / f".hf.tmp-{os.getpid()}"
+    hf.save_hf(str(tmp), setup.model_cfg, params)
     for name in TOKENIZER_FILES:
         if (Path(setup.tokenizer_dir) / name).is_file():
-            shutil.copy2(Path(setup.tokenizer_dir) / name, out / name)
-    provenance.write_provenance(out, weights=provenance.fingerprint_weights(out), **_lineage(cfg, setup))
+            shutil.copy2(Path(setup.tokenizer_dir) / name, tmp / name)
+    provenance.write_provenance(tmp, weights=provenance.fingerprint_weights(tmp), **_lineage(cfg, setup))
+    _maybe_kill_in_export()
+    old = run_dir / f".hf.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _maybe_kill_in_export() -> None:
+    """Test hook: ``LOPD_TEST_KILL_AT_STEP=export`` SIGKILLs the process with the export written but not renamed."""
+    if os.environ.get(KILL_ENV) == "export":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,12 +408,68 @@ def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, setup: Setup) -> dict:
-    """Runs a validated config end to end; returns the final metrics (last step + eval)."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _record_config(cfg: TrainConfig, setup: Setup, run_dir: Path) -> None:
+    """Saves the resolved config: ``config.yaml`` (for people) and ``CONFIG_RECORD`` with its fingerprint beside
+    the checkpoints (what ``resume`` compares). A resume never replaces them (allowed changes,
+    ``resume_may_change``, go to ``config.resume-N.yaml``); a fresh run (validated: no checkpoints, no metrics)
+    keeps a differing ``config.yaml`` it finds as ``config.prev-N.yaml`` rather than overwrite it."""
+    text = yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False)
+    yaml_file = run_dir / "config.yaml"
+    if yaml_file.exists() and yaml_file.read_text(encoding="utf-8", errors="replace") != text:
+        if cfg.resume:
+            if setup.resume_changes:
+                _write_atomic(_next_free(run_dir, "config.resume-{}.yaml"), text)
+        else:
+            kept = _next_free(run_dir, "config.prev-{}.yaml")
+            yaml_file.rename(kept)
+            print(f"note: {yaml_file} held another config; kept as {kept}", file=sys.stderr, flush=True)
+    if not yaml_file.exists():
+        _write_atomic(yaml_file, text)
+    record = checkpoint_dir(cfg) / CONFIG_RECORD
+    if not (cfg.resume and record.exists()):
+        record.parent.mkdir(parents=True, exist_ok=True)
+        body = {"fingerprint": config_lib.config_fingerprint(cfg), "config": config_lib.to_dict(cfg)}
+        _write_atomic(record, json.dumps(body, indent=1))
+
+
+def _next_free(run_dir: Path, pattern: str) -> Path:
+    n = 1
+    while (run_dir / pattern.format(n)).exists():
+        n += 1
+    return run_dir / pattern.format(n)
+
+
+def _open_run_dir(cfg: TrainConfig, setup: Setup) -> Path | None:
+    """Locks the run directory (process 0; None elsewhere) and records the config; errors as TrainError."""
     run_dir = Path(cfg.logging.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    if jax.process_index() != 0:
+        return None
+    lock = acquire_run_lock(run_dir)
+    try:
+        _record_config(cfg, setup, run_dir)
+    except OSError as e:
+        release_run_lock(lock)
+        raise TrainError(f"logging.run_dir: cannot write to {run_dir}: {e}") from None
+    return lock
+
+
+def train(cfg: TrainConfig, setup: Setup) -> dict:
+    """Runs a validated config end to end, holding the run directory's lock; returns the final metrics."""
+    lock = _open_run_dir(cfg, setup)
+    try:
+        return _train(cfg, setup, Path(cfg.logging.run_dir))
+    finally:
+        if lock is not None:
+            release_run_lock(lock)
+
+
+def _train(cfg: TrainConfig, setup: Setup, run_dir: Path) -> dict:
     for warning in setup.warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     run = start(cfg, setup, run_dir)

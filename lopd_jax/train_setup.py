@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ import numpy as np
 from lopd_jax import config as config_lib
 from lopd_jax import distributed, provenance, sharding
 from lopd_jax.batch import DataError
+from lopd_jax.checkpoint import CheckpointCorruptError
 from lopd_jax.config import ConfigError, TrainConfig
 from lopd_jax.models import hf, qwen3
 from lopd_jax.provenance import ProvenanceError
@@ -29,7 +34,15 @@ class TrainError(RuntimeError):
 
 
 # Errors that mean "bad input": reported as one line with exit status 2, never as a traceback.
-USER_ERRORS = (ConfigError, ProvenanceError, StoreError, DataError, TrainError, distributed.DistributedError)
+USER_ERRORS = (
+    ConfigError,
+    ProvenanceError,
+    StoreError,
+    DataError,
+    TrainError,
+    CheckpointCorruptError,
+    distributed.DistributedError,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,6 +63,7 @@ class Setup:
     init_fingerprint: str | None = None
     init_provenance: dict = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    resume_changes: dict = dataclasses.field(default_factory=dict)  # {dotted key: [saved, now]} allowed on resume
     prompts: list[list[int]] | None = None  # opd
     _tokenizer: Any = None
 
@@ -157,6 +171,27 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
             f"vocab_size is {setup.model_cfg.vocab_size}"
         )
     setup.store, setup.manifest = store, m
+    _check_store_tokenizer(store.path, m, setup.tokenizer_dir)
+
+
+def _check_store_tokenizer(store_path: str, manifest: dict, tok_dir: str) -> None:
+    """The store's token ids mean what the trainer's tokenizer says they mean: same vocabulary, merges and special
+    tokens (``tokenizer`` fingerprint) and, when the prompts were chat-encoded, the same chat template (the
+    exported model ships this tokenizer's template, so a different one would serve another prompt format)."""
+    ours = provenance.fingerprint_tokenizer(tok_dir)
+    theirs = manifest.get("tokenizer")
+    if theirs != ours:
+        raise ProvenanceError(
+            f"tokenizer mismatch: data.store {store_path} was made with tokenizer {theirs}, but the tokenizer in "
+            f"{tok_dir} is {ours}; its token ids would be read with another vocabulary"
+        )
+    template = manifest.get("chat_template")
+    ours_template = provenance.fingerprint_chat_template(tok_dir)
+    if template is not None and template != ours_template:
+        raise ProvenanceError(
+            f"chat template mismatch: data.store {store_path} encoded its prompts with chat template {template}, "
+            f"but the tokenizer in {tok_dir} has chat template {ours_template}"
+        )
 
 
 def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
@@ -180,6 +215,21 @@ def _check_teacher_model(cfg: TrainConfig, setup: Setup) -> None:
             f"vocab size mismatch: model.teacher {teacher} has vocab_size {tcfg.vocab_size}, the student "
             f"{setup.model_cfg.vocab_size}"
         )
+    _check_weights(teacher, tcfg, "model.teacher")
+    provenance.check_same_tokenizer(
+        provenance.fingerprint_tokenizer(teacher),
+        provenance.fingerprint_tokenizer(setup.tokenizer_dir),
+        f"model.teacher {teacher}",
+        f"student ({setup.tokenizer_dir})",
+    )
+
+
+def _check_weights(path: str, model_cfg: qwen3.Qwen3Config, key: str) -> None:
+    """Every tensor the model needs is in a present safetensors file with the shape config.json implies."""
+    try:
+        hf.check_checkpoint(path, model_cfg)
+    except hf.CheckpointError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
@@ -220,6 +270,55 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.checkpoint.directory or Path(cfg.logging.run_dir) / "checkpoints")
 
 
+CONFIG_RECORD = "lopd_config.json"  # in the checkpoint directory: the resolved config the checkpoints belong to
+# Keys that change how a run is watched, never what it computes: a resume may always change them.
+RESUME_FREE = (
+    "resume",
+    "resume_may_change",
+    "logging.progress",
+    "logging.plots",
+    "logging.tensorboard",
+    "checkpoint.async_save",
+    "plan.device_memory_gb",
+)
+
+
+def saved_config(cfg: TrainConfig) -> tuple[dict, Path] | None:
+    """The config the run being resumed was started with: ``CONFIG_RECORD`` beside its checkpoints, else (runs
+    from before the record) its ``config.yaml``; None when neither exists."""
+    record, yaml_file = checkpoint_dir(cfg) / CONFIG_RECORD, Path(cfg.logging.run_dir) / "config.yaml"
+    try:
+        if record.is_file():
+            return json.loads(record.read_text(encoding="utf-8"))["config"], record
+        if yaml_file.is_file():
+            import yaml
+
+            return yaml.safe_load(yaml_file.read_text(encoding="utf-8")), yaml_file
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"resume: cannot read the saved config {record}: {e}") from None
+    return None
+
+
+def _check_resume_config(cfg: TrainConfig, setup: Setup) -> None:
+    """resume=true continues the run that was saved, not another one: refuse any difference outside
+    ``resume_may_change`` (and RESUME_FREE), naming every differing key; remember the allowed ones."""
+    found = saved_config(cfg)
+    if found is None:
+        return
+    saved, where = config_lib.flatten(found[0]), found[1]
+    now = config_lib.flatten(config_lib.to_dict(cfg))
+    allowed = (*RESUME_FREE, *cfg.resume_may_change)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    refused = [k for k in differ if not any(k == a or k.startswith(a + ".") for a in allowed)]
+    if refused:
+        shown = "; ".join(f"{k}: saved {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in refused)
+        raise ConfigError(
+            f"resume: this config differs from the run's saved config {where} at {', '.join(refused)} ({shown}); "
+            "resume with the saved config, list the keys in resume_may_change, or start a new run_dir"
+        )
+    setup.resume_changes = {k: [saved.get(k), now.get(k)] for k in differ if k not in RESUME_FREE}
+
+
 def _check_run_dir(cfg: TrainConfig) -> None:
     """A fresh run never mixes with an old one (orbax would silently skip saving steps that already exist)."""
     if cfg.resume:
@@ -229,6 +328,76 @@ def _check_run_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"logging.run_dir: {run_dir} already holds a run; set resume: true or pick a new run_dir")
     if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
         raise ConfigError(f"checkpoint.directory: {ckpt} already holds checkpoints; set resume: true or clear it")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory: opened writable and locked, one trainer at a time
+# ----------------------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lopd_train.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # half-written by a holder killed mid-write: treated as unknown (not stale)
+
+
+def acquire_run_lock(run_dir: Path) -> Path:
+    """Creates ``run_dir`` and its lock file (O_EXCL, holding host and pid) or raises TrainError naming the holder.
+
+    A lock whose holder is a dead process of this host (a killed run) is stale and taken over; a lock of another
+    host, or one that cannot be read, is never broken automatically (the message says which file to remove)."""
+    lock = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(lock)
+                if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0)) or -1):
+                    print(f"WARNING: removing the stale lock {lock} of dead pid {holder['pid']}", file=sys.stderr)
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise TrainError(
+                    f"logging.run_dir: {run_dir} is in use by pid {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')} (lock file {lock}); wait for it, or remove the lock file if that "
+                    "trainer is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
+            return lock
+    except OSError as e:
+        raise TrainError(f"logging.run_dir: cannot write to {run_dir}: {e.strerror or e}") from None
+    raise TrainError(f"logging.run_dir: cannot take the lock {lock} (it keeps reappearing)")
+
+
+def release_run_lock(lock: Path) -> None:
+    """Removes the lock if it is still ours."""
+    if _read_lock(lock).get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def _check_writable(cfg: TrainConfig) -> None:
+    """The run directory (or its nearest existing parent) is writable, checked before anything is computed."""
+    for where, key in ((Path(cfg.logging.run_dir), "logging.run_dir"), (checkpoint_dir(cfg), "checkpoint.directory")):
+        probe = where.absolute()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}: {where} cannot be created or written ({probe} is not a writable directory)")
 
 
 def prepare(cfg: TrainConfig) -> Setup:
@@ -247,8 +416,12 @@ def prepare(cfg: TrainConfig) -> Setup:
             f"is {model_cfg.vocab_size}"
         )
     _check_shapes(cfg, setup)
+    _check_writable(cfg)
     _check_run_dir(cfg)
+    if cfg.resume:
+        _check_resume_config(cfg, setup)
     if cfg.model.init != SCRATCH:
+        _check_weights(cfg.model.init, model_cfg, "model.init")
         setup.init_fingerprint = provenance.fingerprint_weights(cfg.model.init)
         setup.init_provenance = provenance.read_provenance(cfg.model.init)
     if cfg.mode in ("sft", "lightning_opd"):

@@ -82,3 +82,41 @@ def test_stage_output_is_relayed_raw_so_progress_bars_show(tmp_path, capfd):
     run_pipeline(cfg, "x.yaml")
     assert "step 1/3\rstep 2/3\rstep 3/3" in capfd.readouterr().out
     assert (tmp_path / "run" / "bar" / "stage.log").read_bytes() == b"step 1/3\rstep 2/3\rstep 3/3"
+
+
+def test_a_users_directory_in_the_way_of_a_stage_is_never_deleted(tmp_path):
+    (tmp_path / "run" / "a").mkdir(parents=True)
+    (tmp_path / "run" / "a" / "mine.txt").write_text("user data")
+    cfg = {"run_dir": str(tmp_path / "run"), "stages": [{"name": "a", "cmd": f"{WRITE} {{out}}/a.txt x"}]}
+    with pytest.raises(PipelineError, match=r"stage 'a': .*/run/a exists but was not made by this pipeline"):
+        run_pipeline(cfg, "test.yaml")
+    assert (tmp_path / "run" / "a" / "mine.txt").read_text() == "user data"
+
+
+@pytest.mark.parametrize("name", ["..", "../elsewhere", "/abs", "a/b", ""])
+def test_stage_names_stay_inside_the_run_dir(name):
+    with pytest.raises(PipelineError, match="not a plain directory name|needs 'name'"):
+        expand_stages([{"name": name, "cmd": "true"}], "test.yaml")
+
+
+def test_a_changed_input_directory_outside_the_run_dir_reruns_the_stage(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "w.bin").write_text("1")
+    cfg = {"run_dir": str(tmp_path / "run"), "stages": [{"name": "a", "cmd": f"{WRITE} {{out}}/a.txt {model}"}]}
+    run_pipeline(cfg, "test.yaml")
+    assert run_pipeline(cfg, "test.yaml")[0]["cached"]
+    (model / "w.bin").write_text("22")  # new weights in the same directory
+    assert not run_pipeline(cfg, "test.yaml")[0]["cached"]
+
+
+def test_missing_program_and_corrupt_files_are_one_clear_error(tmp_path):
+    cfg = {"run_dir": str(tmp_path / "run"), "stages": [{"name": "a", "cmd": "no-such-program-xyz arg"}]}
+    with pytest.raises(PipelineError, match="stage 'a': cannot start 'no-such-program-xyz'"):
+        run_pipeline(cfg, "test.yaml")
+    stage = {"name": "e", "cmd": f"{WRITE} {{out}}/eval.json '{{broken'", "result": "eval.json"}
+    with pytest.raises(PipelineError, match=r"stage 'e': result file .*eval.json is not readable JSON"):
+        run_pipeline({"run_dir": str(tmp_path / "run2"), "stages": [stage]}, "test.yaml")
+    (tmp_path / "run2" / "e" / "stage.json").write_text("{trunc")  # a damaged marker: the stage just reruns
+    stage["cmd"] = f"{WRITE} {{out}}/eval.json '{{\"acc\": 1}}'"
+    assert run_pipeline({"run_dir": str(tmp_path / "run2"), "stages": [stage]}, "test.yaml")[0]["result"] == {"acc": 1}

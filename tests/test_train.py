@@ -277,8 +277,8 @@ def test_teacher_scoring_of_online_samples_matches_transformers(world):
     tok, teacher = world["tok"], world["teacher"]
     prompts = [trainer_opd.encode_prompt(tok, {"prompt": p}) for p in ("Add: 1+2", "Add: 33+4+5")]
     rng = np.random.default_rng(0)
-    outs = [SampleOutput(rng.integers(4, 100, n).astype(np.int32), rng.normal(size=n).astype(np.float32), "length")
-            for n in (7, 12)]  # fmt: skip
+    lp = [-np.abs(rng.normal(size=n)).astype(np.float32) for n in (7, 12)]  # log-probs: <= 0
+    outs = [SampleOutput(rng.integers(4, 100, len(x)).astype(np.int32), x, "length") for x in lp]
     batch, stats = trainer_opd.samples_to_batch(prompts, outs, seq_len=64)
     tcfg, tparams = qwen3.load_hf(str(world["root"] / "teacher"))
     got = np.asarray(trainer_opd.make_teacher_scorer(tcfg, chunk_size=16)(tparams, batch))

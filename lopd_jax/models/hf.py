@@ -222,6 +222,62 @@ def _leaves(cfg: Qwen3Config) -> Iterator[tuple[str, str, ParamSpec]]:
 # --------------------------------------------------------------------------- load
 
 
+class CheckpointError(ValueError):
+    """A broken HF checkpoint directory; the message names the file and the tensor."""
+
+
+def _expected_hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: the shape config.json implies}, traced abstractly (nothing allocated)."""
+    out = {}
+    for group, name, spec in _leaves(cfg):
+        depth, rule = _stack_depth(group, name), _RULES[group, name]
+        one = jax.ShapeDtypeStruct(spec.shape[depth:], jnp.float32)
+        shape = tuple(jax.eval_shape(lambda w, rule=rule: rule.to_hf(w, cfg), one).shape)
+        for idx in np.ndindex(*spec.shape[:depth]):
+            out[_hf_key(cfg, group, name, idx)] = shape
+    return out
+
+
+def _header_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from one safetensors header (reads no tensor data)."""
+    try:
+        with safe_open(file, framework="np") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for a truncated or garbled header
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def check_checkpoint(path: str, cfg: Qwen3Config) -> None:
+    """Raises CheckpointError naming the file and tensor when ``path`` cannot hold ``cfg``'s weights: a shard the
+    index lists is missing or unreadable, a tensor is missing, or its shape disagrees with config.json."""
+    try:
+        reader = _Reader(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors index ({e})") from None
+    reader.close()
+    headers = {}
+    for file in sorted(set(reader.weight_map.values())):
+        full = os.path.join(path, file)
+        if not os.path.isfile(full):
+            first = next(k for k, v in sorted(reader.weight_map.items()) if v == file)
+            raise CheckpointError(f"{full}: safetensors shard is missing ({INDEX_FILE} lists tensor {first!r} in it)")
+        headers[file] = _header_shapes(full)
+    for key, want in _expected_hf_shapes(cfg).items():
+        file = reader.weight_map.get(key)
+        if file is None:
+            if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"{path}: tensor {key!r} is missing from the checkpoint")
+        got = headers[file].get(key)
+        if got is None:
+            raise CheckpointError(f"{os.path.join(path, file)}: tensor {key!r} is listed in {INDEX_FILE} but absent")
+        if got != want:
+            raise CheckpointError(
+                f"{os.path.join(path, file)}: tensor {key!r} has shape {list(got)}, but {CONFIG_FILE} implies "
+                f"{list(want)}"
+            )
+
+
 class _Reader:
     """Lazily opened safetensors files of one checkpoint; reads a single tensor at a time."""
 
@@ -312,6 +368,7 @@ def load_hf(
     """
     cfg = load_config(path, param_dtype=jnp.dtype(dtype).name)
     shardings = shardings if shardings is not None else _default_shardings(cfg, mesh)
+    check_checkpoint(path, cfg)
     reader = _Reader(path)
     try:
         _check_keys(reader, cfg)
@@ -439,4 +496,4 @@ def _write_json(file: str, obj: Any) -> None:
         f.write("\n")
 
 
-__all__ = ["config_from_hf", "config_to_hf", "load_config", "load_hf", "save_hf"]
+__all__ = ["CheckpointError", "check_checkpoint", "config_from_hf", "config_to_hf", "load_config", "load_hf", "save_hf"]
