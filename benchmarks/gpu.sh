@@ -66,4 +66,14 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 echo "[gpu.sh] backend $BACKEND; XLA_FLAGS=$XLA_FLAGS"
 
+# Optional: matplotlib (the ratio PNG) from the wheels benchmarks/gpu_wheels.sh fetched beforehand into .whl/;
+# installed into .whl/site with --no-index (nothing is downloaded, the image's packages are untouched). Not fatal.
+if compgen -G ".whl/*.whl" >/dev/null && ! python -c "import matplotlib" 2>/dev/null; then
+  if python -m pip install --quiet --no-index --no-deps --target .whl/site .whl/*.whl >/dev/null 2>&1; then
+    export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/.whl/site"
+  else
+    echo "[gpu.sh] the wheels in .whl/ do not install here: no ratio PNG (the JSON and Markdown are complete)"
+  fi
+fi
+
 python -m benchmarks.gpu_suite "${TINY[@]}" "${ARGS[@]}"

@@ -102,7 +102,7 @@ def cpu_sections(sizes: Sizes, peak: float) -> dict[str, Section]:
 
 def gpu_train_config(name: str, tiny: bool, attention: str) -> Any:
     """The preset (or its test-sized stand-in) under train_step.GPU_POLICY: bf16 params, full remat."""
-    base = common.tiny_preset(name) if tiny else presets.get_preset(name)
+    base = common.TINY if tiny else presets.get_preset(name)  # one tiny shape: one compile, cached across models
     return dataclasses.replace(base, dtype="bfloat16", param_dtype="bfloat16", remat="full", attention=attention)
 
 
