@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,14 +81,17 @@ def _attention_outcome(check: Path, rc: int | None) -> dict:
 
 
 def run_child(cmd: list[str], timeout_s: float) -> tuple[int | None, str]:
-    """(exit code or None when killed at the timeout, the tail of its stderr); its stdout streams through."""
+    """(exit code, or None when killed at the timeout; the tail of its stderr). Its stdout streams through. The child
+    leads its own process group, so a kill also ends what it started (the vLLM scorer holding GPU memory)."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return None, err[-2000:]
-    sys.stderr.write(proc.stderr[-4000:])
-    return proc.returncode, proc.stderr[-2000:]
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        return None, (err or "")[-2000:]
+    sys.stderr.write(err[-4000:])
+    return proc.returncode, err[-2000:]
 
 
 def run_section(section: str, args: argparse.Namespace, path: Path, header: dict, left: float) -> bool:

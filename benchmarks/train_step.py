@@ -171,9 +171,11 @@ def _abstract(tree: Any) -> Any:
 def largest_fitting_batch(
     cfg: Qwen3Config, seq_len: int, budget_bytes: int, start: int, max_attempts: int = 8
 ) -> tuple[int | None, tuple[Any, float, dict[str, int]] | None, list[dict[str, Any]]]:
-    """Halve the batch from ``start`` until XLA's compiled peak estimate fits ``budget_bytes``; no weights built.
+    """Shrink the batch from ``start`` until XLA's compiled peak estimate fits ``budget_bytes``; no weights built.
 
-    Compiles on abstract shapes (``jax.eval_shape``), so a size that does not fit never allocates. Returns
+    After a compile that does not fit, the next size is the smaller of half and the power of two that the measured
+    per-row cost says fits (next_batch), so a bad first guess costs one compile, not log2(start). Compiles on
+    abstract shapes (``jax.eval_shape``), so a size that does not fit never allocates. Returns
     (batch or None when even 1 does not fit, its (compiled, compile seconds, memory figures) to run on real
     arrays of the same shapes, the attempts with their estimates). At most ``max_attempts`` compiles."""
     optimizer = make_optimizer(cfg)
@@ -189,7 +191,17 @@ def largest_fitting_batch(
             tried.append({"batch_size": b, "xla_peak_bytes": mem["peak"], "compile_s": compile_s})
             if mem["peak"] <= budget_bytes:
                 return b, (compiled, compile_s, mem), tried
+            b = next_batch(b, mem["peak"], state_bytes(cfg), budget_bytes)
         except Exception as e:  # some backends refuse, at compile time, buffers larger than the device
             tried.append({"batch_size": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        b //= 2
+            b //= 2
     return None, None, tried
+
+
+def next_batch(batch: int, peak_bytes: int, fixed_bytes: int, budget_bytes: int) -> int:
+    """The next batch to try after ``batch`` rows compiled to ``peak_bytes``: at most half, and the largest power
+    of two whose rows fit beside ``fixed_bytes`` (the train state) at the measured per-row cost; 0 when none can."""
+    per_row = max(peak_bytes - fixed_bytes, 1) / batch
+    rows = int((budget_bytes - fixed_bytes) / per_row)
+    fit = 1 << (rows.bit_length() - 1) if rows >= 1 else 0
+    return min(batch // 2, fit)

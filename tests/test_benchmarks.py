@@ -272,3 +272,13 @@ def test_report_merge_replaces_a_models_row_and_keeps_other_sections(tmp_path):
     assert again["results"] == {"train_step": [{"name": "a", "tokens_per_s": 5}], "extra": {"x": 1}}
     assert report.load_run(tmp_path / "gpu.json", {**header, "run_id": "r2"})["results"] == {}  # another run
     assert not list(tmp_path.glob(".*tmp*"))  # written via rename, no leftovers
+
+
+def test_next_batch_jumps_to_what_the_measured_row_cost_allows():
+    from benchmarks.train_step import next_batch
+
+    gib = 2**30
+    # 16 rows compiled to 48 + 16 x 4 GiB = 112 GiB against a 70 GiB budget: 22 GiB / 4 GiB = 5 rows -> 4, not 8.
+    assert next_batch(16, 112 * gib, 48 * gib, 70 * gib) == 4
+    assert next_batch(16, 17 * gib, 1 * gib, 16 * gib) == 8  # just over: halving is the cap
+    assert next_batch(4, 80 * gib, 60 * gib, 62 * gib) == 0  # not even one row: stop, do not compile 2 and 1
