@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -28,31 +29,75 @@ from lopd_jax.models import presets
 from lopd_jax.models.qwen3 import Qwen3Config
 
 # ----------------------------------------------------------------------------------------------------------------
-# Peak FLOP/s per device kind: dense bf16 matmul (no 2:4 sparsity), the vendors' data sheets. Matched as a
-# substring of ``jax.Device.device_kind``, first match wins (so "H100 PCIe" precedes "H100").
+# Peak dense bf16 FLOP/s and memory bandwidth per device kind, from the vendors' figures (no 2:4 sparsity: NVIDIA's
+# data sheets print the sparse figure, twice the dense one). Matched as a case-insensitive substring of
+# ``jax.Device.device_kind``, first match wins, so the specific names ("H100 PCIe", "H100 NVL") precede "H100".
+# Where each figure was checked (via the search tool, 2026-12):
+#   H100 SXM 989 / 3.35 TB/s, H100 PCIe 756 / 2.0 TB/s: NVIDIA H100 data sheet, SXM and PCIe columns (1,979 and
+#     1,513 TFLOPS "shown with sparsity", 3,350 and 2,000 GB/s), as reproduced at archive-lib.hpctech.co.jp/
+#     gpuproduct/nvidia-h100.html; 989.4 dense also at glennklockwood.com/garden/processors/h100.
+#   H100 NVL 835 / 3.9 TB/s: NVIDIA H100 data sheet, NVL column (1,671 TFLOPS with sparsity, 3.9 TB/s); the corpus
+#     held only secondary copies (3.93 TB/s: grokipedia.com/page/210100120).
+#   H200 989 / 4.8 TB/s: same GH100 tensor cores as the H100 SXM, HBM3e (itkb.uw.cz/2026/06/nvidia-h200-vs-b300-
+#     precisions-cores.html: "FP16 / BF16 (dense) ~989 TFLOPS", 4.8 TB/s). H200 NVL: 1,671 sparse -> 835 dense, 4.8
+#     TB/s (NVIDIA H200 page; not found in the corpus, kept so that an NVL card is not credited 989).
+#   A100 312 (all variants); 2.039 TB/s 80GB SXM, 1.935 80GB PCIe, 1.555 40GB: NVIDIA A100 data sheet as cited at
+#     glennklockwood.com/garden/processors/A100 and thundercompute.com/blog/nvidia-a100-specs-full-guide.
+#   TPU v4 275 / 1.2 TB/s: docs.cloud.google.com/tpu/docs/v4 ("275 teraflops (bf16 or int8)", "1200 GBps").
+#   TPU v5e 197 / 0.819 TB/s: docs.cloud.google.com/tpu/docs/v5e ("197 TFLOPs", "819 GBps").
+#   TPU v5p 459 / 2.765 TB/s: cloud.google.com/tpu/docs/v5p-training ("459 TFLOPs", "2765 GBps").
+#   TPU v6e 918 / 1.638 TB/s: docs.cloud.google.com/tpu/docs/v6e ("918 TFLOPs", "1638 GBps").
+# jax names v5e "TPU v5 lite", v5p "TPU v5" (or "TPU v5p"), v6e "TPU v6 lite".
 # ----------------------------------------------------------------------------------------------------------------
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # H100 SXM5
-    ("H200", 989e12),  # same Hopper tensor cores as the H100 SXM; more, faster HBM
-    ("A100", 312e12),
-    ("TPU v5 lite", 197e12),  # TPU v5e
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
+PEAKS: tuple[tuple[str, float, float], ...] = (  # (device_kind substring, dense bf16 FLOP/s, HBM bytes/s)
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100 NVL", 835e12, 3.9e12),
+    ("H100", 989e12, 3.35e12),  # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", 835e12, 4.8e12),
+    ("H200", 989e12, 4.8e12),
+    ("A100-SXM4-80GB", 312e12, 2.039e12),
+    ("A100 80GB PCIe", 312e12, 1.935e12),
+    ("A100", 312e12, 1.555e12),  # the 40 GB parts
+    ("TPU v5 lite", 197e12, 0.819e12),
+    ("TPU v5e", 197e12, 0.819e12),
+    ("TPU v5p", 459e12, 2.765e12),
+    ("TPU v5", 459e12, 2.765e12),
+    ("TPU v6 lite", 918e12, 1.638e12),
+    ("TPU v6e", 918e12, 1.638e12),
+    ("TPU v4", 275e12, 1.2e12),
 )
+#: (substring, peak FLOP/s): the FLOP column of PEAKS, as before.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = tuple((k, f) for k, f, _ in PEAKS)
 
 
-def device_peak_flops(device: jax.Device) -> tuple[float, str]:
+def device_peak_bandwidth(device: Any) -> float | None:
+    """The data-sheet memory bandwidth (bytes/s) of an accelerator, None when its kind is not in PEAKS."""
+    kind = device.device_kind.lower()
+    return next((bw for key, _, bw in PEAKS if key.lower() in kind), None)
+
+
+def device_peak_flops(device: Any) -> tuple[float, str]:
     """(peak FLOP/s, where the figure comes from) for an accelerator; CPUs are measured (see cpu_matmul_peak)."""
     kind = device.device_kind
-    for key, peak in PEAK_BF16_FLOPS:
+    for key, peak, _ in PEAKS:
         if key.lower() in kind.lower():
             return peak, f"data sheet, dense bf16 ({key})"
     if device.platform == "cpu":
         return cpu_matmul_peak(), "measured: best fp32 1024^3 matmul FLOP/s on this CPU (jnp.dot, all cores)"
-    return float("nan"), f"unknown device kind {kind!r}: add it to benchmarks.common.PEAK_BF16_FLOPS"
+    return float("nan"), f"unknown device kind {kind!r}: add it to benchmarks.common.PEAKS"
+
+
+def missing(*packages: str) -> str | None:
+    """None when every package imports here, else the reason a section that needs them is skipped."""
+    absent = [p for p in packages if not _importable(p)]
+    return f"needs {', '.join(absent)}, not installed here" if absent else None
+
+
+def _importable(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a stub or a module whose __spec__ is None
+        return False
 
 
 def cpu_matmul_peak(n: int = 1024, repeats: int = 10) -> float:

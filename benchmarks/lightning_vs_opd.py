@@ -24,12 +24,14 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.train_step import compile_step, make_opd_step, make_state
-from lopd_jax import sampling, trainer_opd, update
+from lopd_jax import sampling, update
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 
 
 def _online(student: Qwen3Config, teacher: Qwen3Config, prompts, batch_size: int, seq_len: int, max_new: int):
+    from lopd_jax import trainer_opd  # imports lopd_jax.eval (math-verify): only this section needs it
+
     teacher_params = jax.jit(qwen3.init_params, static_argnums=0)(teacher, jax.random.key(7))
     return trainer_opd.OnlineOPD(
         prompts=prompts,
@@ -52,6 +54,8 @@ def _precompute(online, params, steps: int) -> tuple[list[Any], float]:
     """The one-off precompute, batched as the precompute tools batch it: every step's prompts sampled from
     ``params`` (pi_ref) in one ``sampling.generate`` call, all rows scored by the teacher in one call, then split
     into the steps' batches and kept on the host (as a store would). Returns (batches, seconds)."""
+    from lopd_jax import trainer_opd
+
     start = time.perf_counter()
     B = online.batch_size
     prompts = [online.prompts[i] for s in range(steps) for i in online.stream.indices(s)]

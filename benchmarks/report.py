@@ -1,8 +1,12 @@
-"""Render a benchmark results document as JSON, a Markdown report and a PNG bar chart of the speed ratios."""
+"""Render a benchmark results document as JSON, a Markdown report and a PNG bar chart of the speed ratios, and
+merge one section's outcome into the document on disk as soon as that section ends (so a timeout loses only the
+unfinished section). Imports neither jax nor torch: the GPU driver (benchmarks.gpu_suite) records skips with it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,8 @@ def _gib(b: float) -> str:
 
 
 def _machine(doc: dict) -> list[str]:
+    if "machine" not in doc:
+        return ["- machine: not recorded (no section has run yet)"]
     m = doc["machine"]
     v = m["versions"]
     lines = [
@@ -26,6 +32,12 @@ def _machine(doc: dict) -> list[str]:
         + (f", vllm {v['vllm']}" if v.get("vllm") else ""),
         f"- peak FLOP/s for MFU: {doc['peak_flops'] / 1e12:.3g} TFLOP/s ({doc['peak_flops_source']})",
     ]
+    if doc.get("peak_bandwidth"):
+        lines.append(f"- peak memory bandwidth (data sheet): {doc['peak_bandwidth'] / 1e12:.3g} TB/s")
+    if doc.get("budget_s"):
+        lines.append(f"- time budget: {doc['budget_s']:.0f} s for all sections, compiles included")
+    if doc.get("policy"):
+        lines.append(f"- train-step dtype policy (every card): {doc['policy']}")
     if m.get("xla_flags"):
         lines.append(f"- XLA_FLAGS: `{m['xla_flags']}`")
     if doc.get("note"):
@@ -56,16 +68,16 @@ def _train_table(rows: list[dict]) -> list[str]:
 
 def ratios(doc: dict) -> list[tuple[str, dict, float | None]]:
     """(label, ratio dict with median/low/high, goal) for every side-by-side comparison present."""
-    res, goals, out = doc["results"], doc["goals"], []
+    res, goals, out = doc.get("results", {}), doc.get("goals", {}), []
     if "vs_torch" in res:
-        out.append(("OPD step: JAX jit vs torch eager", res["vs_torch"]["speedup"], goals["vs_torch"]))
-    if "precompute" in res:
-        out.append(("teacher scoring: JAX vs transformers", res["precompute"]["speedup"], goals["precompute"]))
+        out.append(("OPD step: JAX jit vs torch eager", res["vs_torch"]["speedup"], goals.get("vs_torch")))
+    if "precompute" in res and "speedup" in res["precompute"]:
+        out.append(("teacher scoring: JAX vs transformers", res["precompute"]["speedup"], goals.get("precompute")))
         if "speedup_vs_vllm" in res["precompute"]:
             out.append(("teacher scoring: JAX vs vLLM", res["precompute"]["speedup_vs_vllm"], None))
     if "lightning_vs_opd" in res:
         r = res["lightning_vs_opd"]
-        out.append(("step: Lightning vs standard OPD", r["step_speedup"], goals["lightning_vs_opd"]))
+        out.append(("step: Lightning vs standard OPD", r["step_speedup"], goals.get("lightning_vs_opd")))
         total = {"median": r["total_speedup"], "low": r["total_speedup"], "high": r["total_speedup"]}
         out.append((f"total to {r['steps']} steps incl. precompute", total, None))
     return out
@@ -93,11 +105,17 @@ def _details(res: dict) -> list[str]:
         )
     if "precompute" in res:
         r = res["precompute"]
+        torch_side = (
+            f"transformers ({r['torch_threads']} thread(s)) {r['torch_tokens_per_s']:,.0f} tokens/s"
+            if "torch_tokens_per_s" in r
+            else f"transformers skipped: {r.get('torch', {}).get('skipped', '?')}"
+        )
+        diff = r.get("max_abs_logprob_diff")
         out.append(
             f"- Teacher scoring, {r['params'] / 1e6:.2f}M params ({r['dtype']}), {r['sequences']} sequences / "
             f"{r['tokens']:,} tokens in {r['batches']} batches: JAX {r['jax_tokens_per_s']:,.0f} tokens/s, "
-            f"transformers ({r['torch_threads']} thread(s)) {r['torch_tokens_per_s']:,.0f} tokens/s; first JAX pass "
-            f"(compiles) {r['jax_first_pass_s']:.1f} s; max |log-prob difference| {r['max_abs_logprob_diff']:.2e}."
+            f"{torch_side}; first JAX pass (compiles) {r['jax_first_pass_s']:.1f} s"
+            + (f"; max |log-prob difference| {diff:.2e}." if diff is not None else ".")
         )
         if "vllm" in r:
             v = r["vllm"]
@@ -122,7 +140,7 @@ def _details(res: dict) -> list[str]:
 def markdown(doc: dict) -> str:
     title = f"# Benchmarks: {doc['suite']} suite" + (" (--tiny shapes)" if doc["tiny"] else "")
     lines = [title, "", *_machine(doc), ""]
-    res = doc["results"]
+    res = doc.get("results", {})
     if doc.get("attention_check"):
         c = doc["attention_check"]
         verdict = (
@@ -136,15 +154,22 @@ def markdown(doc: dict) -> str:
         lines += ["## Training step (jitted OPD update)", "", *_train_table(res["train_step"]), ""]
     if ratios(doc):
         lines += ["## Side by side", "", *_ratio_table(doc), "", *_details(res), ""]
-    if doc["errors"]:
+    elif "precompute" in res:
+        lines += ["## Teacher scoring", "", *_details({"precompute": res["precompute"]}), ""]
+    if doc.get("skipped"):
+        lines += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in doc["skipped"].items()] + [""]
+    if doc.get("errors"):
         lines += ["## Errors", ""] + [f"- {k}: `{v.splitlines()[0][:300]}`" for k, v in doc["errors"].items()] + [""]
+    if doc.get("section_seconds"):
+        secs = ", ".join(f"{k} {v:.0f} s" for k, v in doc["section_seconds"].items())
+        lines += ["## Wall-clock per section", "", f"- {secs}", ""]
     return "\n".join(lines)
 
 
 def plot(doc: dict, path: Path) -> Path | None:
     """Bar chart of the side-by-side ratios (median, whiskers low-high) with the goals as ticks."""
     rows = ratios(doc)
-    if not rows:
+    if not rows or importlib.util.find_spec("matplotlib") is None:  # the GPU image may lack it: no PNG then
         return None
     import matplotlib
 
@@ -171,11 +196,52 @@ def plot(doc: dict, path: Path) -> Path | None:
     return path
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    """Write then rename: a reader (or a kill mid-write) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write(doc: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     """Write ``stem``.json, ``stem``.md and ``stem``_ratios.png under ``out_dir``; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(doc, indent=1, default=float) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(doc), encoding="utf-8")
+    _atomic_write(paths[0], json.dumps(doc, indent=1, default=float) + "\n")
+    _atomic_write(paths[1], markdown(doc))
     png = plot(doc, out_dir / f"{stem}_ratios.png")
     return paths + ([png] if png else [])
+
+
+def load_run(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The document of run ``header["run_id"]`` at ``path``, or a fresh one from ``header`` (another run's file,
+    or none yet). Every section process of one gpu.sh run adds to the same document."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = None
+    if not doc or doc.get("run_id") != header.get("run_id"):
+        doc = {"results": {}, "errors": {}, "skipped": {}, "section_seconds": {}}
+    for key, value in header.items():  # the driver's header lacks what only the section processes know
+        if doc.get(key) is None:
+            doc[key] = value
+    return doc
+
+
+def merge(doc: dict[str, Any], section: str, result: Any = None, error=None, skipped=None, seconds=None) -> None:
+    """Record one section's outcome in ``doc``. A section ``train_step/<model>`` is one row of the train table
+    (replacing an earlier row of the same name), any other section its own entry under ``results``."""
+    for key in ("results", "errors", "skipped", "section_seconds"):
+        doc.setdefault(key, {})
+    if result is not None:
+        if section.startswith("train_step/"):
+            rows = [r for r in doc["results"].get("train_step", []) if r["name"] != result["name"]]
+            doc["results"]["train_step"] = rows + [result]
+        else:
+            doc["results"][section] = result
+    if error is not None:
+        doc["errors"][section] = error
+    if skipped is not None:
+        doc["skipped"][section] = skipped
+    if seconds is not None:
+        doc["section_seconds"][section] = seconds

@@ -5,18 +5,22 @@
 
 cpu: training step (demo-sized student, ~50M config), jitted OPD step vs PyTorch eager, teacher scoring JAX vs
 transformers, Lightning vs standard OPD on the demo models.
-gpu: teacher scoring (Qwen3-0.6B shape, bf16; JAX vs transformers on the GPU, vs vLLM if it imports), then the
-training step of Qwen3-0.6B/1.7B/4B/8B-shaped random weights (bf16, T = 4096, full remat, largest batch that
-fits; sizes that fit no batch are skipped and say so). ``benchmarks/gpu.sh`` runs it with the XLA flags set.
-``--tiny`` swaps every shape for test-sized ones (runs anywhere in about a minute; the tests use it).
+gpu: teacher scoring (Qwen3-0.6B shape, bf16; JAX vs transformers on the GPU, vs vLLM if it imports), and one
+section per model, ``train_step/<preset>``: the training step of Qwen3-0.6B/1.7B/4B/8B-shaped random weights
+(train_step.GPU_POLICY, T = 4096, the largest batch that fits; a model that fits none is skipped and says so).
+``benchmarks/gpu.sh`` runs each GPU section in its own process (``--only SECTION``) within a time budget, so that
+each section's peak memory is its own. ``--tiny`` swaps every shape for test-sized ones (the tests use it).
 
-Each section runs on its own: a failure is recorded under ``errors`` and the others still run.
+Each section's outcome is merged into ``<out>/<suite>.json`` and ``.md`` the moment it ends (a timeout loses only
+the unfinished section); a failure is recorded under ``errors``, a section whose module cannot be imported here
+(torch, math-verify missing) under ``skipped`` with the reason, and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import time
 import traceback
@@ -28,10 +32,8 @@ import jax
 import numpy as np
 
 from benchmarks import common, report
-from benchmarks import lightning_vs_opd as lvo
 from benchmarks import precompute_bench as pre
 from benchmarks import train_step as ts
-from benchmarks import vs_torch as vt
 from lopd_jax.models import presets
 
 GPU_PRESETS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b")
@@ -67,11 +69,14 @@ TINY = Sizes(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CPU suite
+# Sections: name -> (modules it imports, function of those modules). The modules are imported when the section
+# runs, so a missing package (torch, math-verify) skips that section with the reason instead of failing the suite.
 # ----------------------------------------------------------------------------------------------------------------
 
+Section = tuple[tuple[str, ...], Callable[..., Any]]
 
-def cpu_sections(sizes: Sizes, peak: float) -> dict[str, Callable[[], Any]]:
+
+def cpu_sections(sizes: Sizes, peak: float) -> dict[str, Section]:
     def train():
         return [ts.bench_train_step(n, c, b, t, sizes.train_steps, peak) for n, c, b, t in sizes.train]
 
@@ -80,10 +85,13 @@ def cpu_sections(sizes: Sizes, peak: float) -> dict[str, Callable[[], Any]]:
         return pre.bench_scoring(cfg, common.task_sequences(n, seed=2)[1], rounds)
 
     return {
-        "train_step": train,
-        "vs_torch": lambda: vt.bench_vs_torch(*sizes.torch),
-        "precompute": scoring,
-        "lightning_vs_opd": lambda: lvo.bench_lightning_vs_opd(*sizes.lightning),
+        "train_step": ((), train),
+        "vs_torch": (("benchmarks.vs_torch",), lambda vt: vt.bench_vs_torch(*sizes.torch)),
+        "precompute": (("lopd_jax.synthetic",), lambda _: scoring()),  # the demo's task: math-verify via eval
+        "lightning_vs_opd": (
+            ("benchmarks.lightning_vs_opd",),
+            lambda lvo: lvo.bench_lightning_vs_opd(*sizes.lightning),
+        ),
     }
 
 
@@ -92,33 +100,29 @@ def cpu_sections(sizes: Sizes, peak: float) -> dict[str, Callable[[], Any]]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def gpu_train_config(name: str, tiny: bool, attention: str, budget: int) -> Any:
-    """The preset (or its test-sized stand-in) in bf16 with full remat; fp32 master weights and Adam moments when
-    they take under 60% of the memory budget, else bf16 ones (recorded in the result's model.param_dtype)."""
-    base = common.TINY if tiny else presets.get_preset(name)
-    cfg = dataclasses.replace(base, dtype="bfloat16", param_dtype="float32", remat="full", attention=attention)
-    if ts.state_bytes(cfg) > 0.6 * budget:
-        cfg = dataclasses.replace(cfg, param_dtype="bfloat16")
-    return cfg
+def gpu_train_config(name: str, tiny: bool, attention: str) -> Any:
+    """The preset (or its test-sized stand-in) under train_step.GPU_POLICY: bf16 params, full remat."""
+    base = common.TINY if tiny else presets.get_preset(name)  # one tiny shape: one compile, cached across models
+    return dataclasses.replace(base, dtype="bfloat16", param_dtype="bfloat16", remat="full", attention=attention)
 
 
-def gpu_train(names: tuple[str, ...], tiny: bool, attention: str, peak: float, steps: int) -> list[dict]:
-    device = jax.devices()[0]
-    limit = common.device_memory_limit(device)
+def gpu_train(name: str, tiny: bool, attention: str, peak: float) -> dict[str, Any]:
+    """One model's row: the largest batch (<= 16 rows of T = 4096) whose compiled peak fits 92% of the card, then
+    one warm-up and 3 timed steps (2 under --tiny). Skipped, without compiling, when the state alone cannot fit."""
+    limit = common.device_memory_limit(jax.devices()[0])
     budget = int(0.92 * limit) if limit else 256 * 2**20  # CPU (--tiny): a nominal 256 MiB "device"
     seq_len = 64 if tiny else 4096
-    out = []
-    for name in names:
-        cfg = gpu_train_config(name, tiny, attention, budget)
-        start = ts.first_guess_batch(cfg, seq_len, budget, cap=8 if tiny else 64)
-        batch, precompiled, tried = ts.largest_fitting_batch(cfg, seq_len, budget, start)
-        if batch is None:
-            out.append({"name": name, "skipped": f"no batch fits {budget / 2**30:.1f} GiB", "tried": tried})
-            continue
-        label = f"{name} (tiny stand-in)" if tiny else name
-        res = ts.bench_train_step(label, cfg, batch, seq_len, steps, peak, precompiled=precompiled)
-        out.append(res | {"fit_attempts": tried, "memory_budget_bytes": budget})
-    return out
+    cfg = gpu_train_config(name, tiny, attention)
+    label = f"{name} (tiny stand-in)" if tiny else name
+    state = ts.state_bytes(cfg)
+    if state > budget:
+        return {"name": label, "skipped": f"its state alone ({state / 2**30:.0f} GiB) exceeds {budget / 2**30:.0f} GiB"}
+    start = ts.first_guess_batch(cfg, seq_len, budget, cap=8 if tiny else 16)
+    batch, precompiled, tried = ts.largest_fitting_batch(cfg, seq_len, budget, start, max_attempts=8 if tiny else 3)
+    if batch is None:
+        return {"name": label, "skipped": f"no batch fits {budget / 2**30:.1f} GiB", "tried": tried}
+    res = ts.bench_train_step(label, cfg, batch, seq_len, 2 if tiny else 3, peak, precompiled=precompiled)
+    return res | {"fit_attempts": tried, "memory_budget_bytes": budget, "peak_scope": "this model's own process"}
 
 
 def _attention_backend(requested: str, check: dict | None) -> str:
@@ -127,28 +131,36 @@ def _attention_backend(requested: str, check: dict | None) -> str:
     return "cudnn" if check and check.get("ok") else "xla"
 
 
-def gpu_sections(args, sizes: Sizes, peak: float, check: dict | None) -> dict[str, Callable[[], Any]]:
+def scoring_samples(tiny: bool, vocab: int) -> list[np.ndarray]:
+    """Random token sequences (the GPU suite needs no tokenizer): 128 of 512-2048 tokens, or 16 of 16-48."""
+    rng = np.random.default_rng(0)
+    n, lo, hi = (16, 16, 48) if tiny else (128, 512, 2048)
+    return [rng.integers(0, vocab, int(k), dtype=np.int32) for k in rng.integers(lo, hi, n)]
+
+
+def gpu_sections(args, peak: float, check: dict | None) -> dict[str, Section]:
     attention = _attention_backend(args.attention, check)
     names = tuple(args.models.split(",")) if args.models else GPU_PRESETS
 
     def scoring():
         if args.tiny:
-            cfg, n, rounds = dataclasses.replace(common.TINY_TEACHER, dtype="bfloat16"), 16, 1
-            samples = common.task_sequences(n, seed=2)[1]
+            cfg, rounds = dataclasses.replace(common.TINY_TEACHER, dtype="bfloat16"), 1
         else:
             cfg, rounds = presets.get_preset("qwen3-0.6b", dtype="bfloat16"), 2
-            rng = np.random.default_rng(0)
-            samples = [rng.integers(0, cfg.vocab_size, int(n), dtype=np.int32) for n in rng.integers(512, 2048, 256)]
+        left = (args.deadline - time.time() - 30) if args.deadline else 600.0
         device = "cuda" if _torch_cuda() else "cpu"
-        dtype = "bfloat16"
-        return pre.bench_scoring(cfg, samples, rounds, 16384, dtype, device, with_vllm=True)
+        samples = scoring_samples(args.tiny, cfg.vocab_size)
+        return pre.bench_scoring(cfg, samples, rounds, 16384, "bfloat16", device, True, min(600.0, left))
 
-    sections = {"precompute": scoring}
-    sections["train_step"] = lambda: gpu_train(names, args.tiny, attention, peak, 2 if args.tiny else 5)
+    sections: dict[str, Section] = {"precompute": ((), lambda: scoring())}
+    for name in names:
+        sections[f"train_step/{name}"] = ((), lambda n=name: gpu_train(n, args.tiny, attention, peak))
     return sections
 
 
 def _torch_cuda() -> bool:
+    if common.missing("torch"):
+        return False
     import torch
 
     return torch.cuda.is_available()
@@ -159,19 +171,33 @@ def _torch_cuda() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_sections(sections: dict[str, Callable[[], Any]]) -> tuple[dict, dict, dict]:
-    results, errors, seconds = {}, {}, {}
-    for name, fn in sections.items():
-        start = time.perf_counter()
+def run_section(name: str, section: Section) -> dict[str, Any]:
+    """Import the section's modules and run it: {"result": ...}, {"skipped": reason} or {"error": text}."""
+    modules, fn = section
+    try:
+        imported = [importlib.import_module(m) for m in modules]
+    except ImportError as e:
+        return {"skipped": f"{', '.join(modules)} cannot be imported here ({type(e).__name__}: {e})"}
+    try:
+        return {"result": fn(*imported)}
+    except Exception as e:  # one broken section must not lose the others' numbers
+        return {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
+
+
+def run_sections(sections: dict[str, Section], path: Path, header: dict, machine: dict) -> None:
+    """Run each section and merge its outcome into the document at ``path`` as soon as it ends."""
+    for name, section in sections.items():
         print(f"[benchmarks] {name} ...", flush=True)
-        try:
-            results[name] = fn()
-        except Exception as e:  # one broken section must not lose the others' numbers
-            errors[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
-            print(f"[benchmarks] {name} FAILED: {type(e).__name__}: {e}", flush=True)
-        seconds[name] = time.perf_counter() - start
-        print(f"[benchmarks] {name} done in {seconds[name]:.1f} s", flush=True)
-    return results, errors, seconds
+        start = time.perf_counter()
+        out = run_section(name, section)
+        seconds = time.perf_counter() - start
+        row = out.get("result")
+        skipped = out.get("skipped") or (row.get("skipped") if isinstance(row, dict) else None)
+        doc = report.load_run(path, header) | machine
+        report.merge(doc, name, row, out.get("error"), skipped, seconds)
+        report.write(doc, path.parent, path.stem)
+        verdict = "FAILED" if "error" in out else ("skipped" if skipped else "done")
+        print(f"[benchmarks] {name} {verdict} in {seconds:.1f} s" + (f": {skipped}" if skipped else ""), flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -184,37 +210,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto", help="gpu: attention backend")
     p.add_argument("--attention-check", default=None, help="gpu: JSON written by benchmarks.attention_check")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    p.add_argument("--run-id", default=None, help="add to this run's document (gpu.sh: one per script run)")
+    p.add_argument("--budget-s", type=float, default=None, help="the script's time budget (recorded)")
+    p.add_argument("--deadline", type=float, default=None, help="epoch seconds this section must end by")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = jax.devices()[0]
-    peak, peak_source = common.device_peak_flops(device)
-    check = json.loads(Path(args.attention_check).read_text()) if args.attention_check else None
-    sizes = TINY if args.tiny else CPU
-    sections = cpu_sections(sizes, peak) if args.suite == "cpu" else gpu_sections(args, sizes, peak, check)
-    if args.only:
-        sections = {k: v for k, v in sections.items() if k in args.only.split(",")}
-    start = time.perf_counter()
-    results, errors, seconds = run_sections(sections)
-    doc = {
+def header(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-level fields every section process writes identically (benchmarks.gpu_suite writes them too)."""
+    return {
         "suite": args.suite,
         "tiny": args.tiny,
-        "machine": common.describe_machine(),
-        "peak_flops": peak,
-        "peak_flops_source": peak_source,
+        "run_id": args.run_id or f"{args.suite}-{time.time():.0f}",
         "goals": GOALS,
         "note": args.note,
-        "attention_check": check,
-        "results": results,
-        "errors": errors,
-        "section_seconds": seconds,
-        "total_seconds": time.perf_counter() - start,
+        "budget_s": args.budget_s,
+        "policy": ts.GPU_POLICY if args.suite == "gpu" else None,
     }
-    paths = report.write(doc, Path(args.out), f"{args.suite}{'_tiny' if args.tiny else ''}")
-    print("[benchmarks] wrote " + ", ".join(str(p) for p in paths), flush=True)
-    return doc
+
+
+def machine_fields(check: dict | None) -> dict[str, Any]:
+    device = jax.devices()[0]
+    peak, source = common.device_peak_flops(device)
+    return {
+        "machine": common.describe_machine(),
+        "peak_flops": peak,
+        "peak_flops_source": source,
+        "peak_bandwidth": common.device_peak_bandwidth(device),
+        **({"attention_check": check} if check is not None else {}),
+    }
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    check = json.loads(Path(args.attention_check).read_text()) if args.attention_check else None
+    machine = machine_fields(check)
+    if args.suite == "cpu":
+        sections = cpu_sections(TINY if args.tiny else CPU, machine["peak_flops"])
+    else:
+        sections = gpu_sections(args, machine["peak_flops"], check)
+    if args.only:
+        wanted = args.only.split(",")
+        sections = {k: v for k, v in sections.items() if k in wanted or k.split("/")[0] in wanted}
+    path = Path(args.out) / f"{args.suite}{'_tiny' if args.tiny else ''}.json"
+    run_sections(sections, path, header(args), machine)
+    print(f"[benchmarks] wrote {path} and {path.with_suffix('.md')}", flush=True)
+    return path
 
 
 if __name__ == "__main__":

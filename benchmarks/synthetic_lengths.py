@@ -15,8 +15,6 @@ import time
 
 import numpy as np
 
-from lopd_jax import synthetic as syn
-
 
 def _stats(lengths: list[int]) -> str:
     a = np.asarray(lengths)
@@ -24,6 +22,8 @@ def _stats(lengths: list[int]) -> str:
 
 
 def measure(tokenizer, difficulty: str, n: int, seed: int) -> None:
+    from lopd_jax import synthetic as syn  # imported here: it pulls in math-verify, which not every image has
+
     rng = np.random.default_rng(seed)
     problems = [syn.make_problem(rng, difficulty) for _ in range(n)]
     start = time.perf_counter()
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    from lopd_jax import synthetic as syn
+
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         tokenizer = syn.build_tokenizer(tmp)

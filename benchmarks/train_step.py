@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
@@ -17,10 +18,28 @@ from lopd_jax.models import presets, qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 from lopd_jax.plan import memory_figures
 
+#: The GPU train table's one dtype policy, the same on every card (an 80 GB H100 and a 141 GB H200 alike): bf16
+#: parameters and gradients, fp32 AdamW moments (12 bytes per parameter: the Qwen3-4B state is 48 GB, which leaves
+#: an 80 GB card room for activations at T = 4096), bf16 matmul operands with fp32 accumulation, fp32 softmax
+#: statistics and loss, full remat. A model whose state does not fit the card is skipped, not run in another dtype.
+GPU_POLICY = (
+    "bf16 params and grads, fp32 AdamW moments (12 bytes/param), bf16 matmuls with fp32 accumulation, "
+    "fp32 softmax and loss, full remat"
+)
+
+
+def make_optimizer(cfg: Qwen3Config, lr: float = 1e-5):
+    """The project's AdamW; with bf16 params its moments are stored in fp32 (optax would otherwise keep them in
+    the params' dtype), which is GPU_POLICY."""
+    optimizer = update.make_optimizer(update.OptimizerConfig(lr=lr))
+    if np.dtype(cfg.param_dtype) == np.float32:
+        return optimizer
+    return update.store_state_in(optimizer, jnp.float32)
+
 
 def make_state(cfg: Qwen3Config, seed: int = 0, lr: float = 1e-5) -> tuple[update.TrainState, Any]:
     """A fresh TrainState of random weights created on the default device, and its optimizer."""
-    optimizer = update.make_optimizer(update.OptimizerConfig(lr=lr))
+    optimizer = make_optimizer(cfg, lr)
     params = jax.jit(qwen3.init_params, static_argnums=0)(cfg, jax.random.key(seed))
     return update.init_train_state(params, optimizer, jax.random.key(seed + 1)), optimizer
 
@@ -120,8 +139,8 @@ def _shape(cfg: Qwen3Config) -> dict[str, Any]:
 
 
 def state_bytes(cfg: Qwen3Config) -> int:
-    """Params, the two AdamW moments (optax keeps them in the params' dtype) and one gradient copy."""
-    return 4 * np.dtype(cfg.param_dtype).itemsize * presets.param_count(cfg)
+    """Params and one gradient copy in the params' dtype, the two AdamW moments in fp32 (make_optimizer)."""
+    return (2 * np.dtype(cfg.param_dtype).itemsize + 2 * 4) * presets.param_count(cfg)
 
 
 def row_activation_bytes(cfg: Qwen3Config, seq_len: int) -> int:
@@ -150,27 +169,39 @@ def _abstract(tree: Any) -> Any:
 
 
 def largest_fitting_batch(
-    cfg: Qwen3Config, seq_len: int, budget_bytes: int, start: int
+    cfg: Qwen3Config, seq_len: int, budget_bytes: int, start: int, max_attempts: int = 8
 ) -> tuple[int | None, tuple[Any, float, dict[str, int]] | None, list[dict[str, Any]]]:
-    """Halve the batch from ``start`` until XLA's compiled peak estimate fits ``budget_bytes``; no weights built.
+    """Shrink the batch from ``start`` until XLA's compiled peak estimate fits ``budget_bytes``; no weights built.
 
-    Compiles on abstract shapes (``jax.eval_shape``), so a size that does not fit never allocates. Returns
+    After a compile that does not fit, the next size is the smaller of half and the power of two that the measured
+    per-row cost says fits (next_batch), so a bad first guess costs one compile, not log2(start). Compiles on
+    abstract shapes (``jax.eval_shape``), so a size that does not fit never allocates. Returns
     (batch or None when even 1 does not fit, its (compiled, compile seconds, memory figures) to run on real
-    arrays of the same shapes, the attempts with their estimates)."""
-    optimizer = update.make_optimizer(update.OptimizerConfig(lr=1e-5))
+    arrays of the same shapes, the attempts with their estimates). At most ``max_attempts`` compiles."""
+    optimizer = make_optimizer(cfg)
     abstract = jax.eval_shape(
         lambda k: update.init_train_state(qwen3.init_params(cfg, k), optimizer, k), jax.random.key(0)
     )
     step = make_opd_step(cfg, optimizer)
     tried, b = [], start
-    while b >= 1:
+    while b >= 1 and len(tried) < max_attempts:  # each attempt is a full compile: on a GPU, tens of seconds
         batch = _abstract(common.synthetic_batch(cfg, b, seq_len))
         try:
             compiled, compile_s, mem = compile_step(step, abstract, batch)
             tried.append({"batch_size": b, "xla_peak_bytes": mem["peak"], "compile_s": compile_s})
             if mem["peak"] <= budget_bytes:
                 return b, (compiled, compile_s, mem), tried
+            b = next_batch(b, mem["peak"], state_bytes(cfg), budget_bytes)
         except Exception as e:  # some backends refuse, at compile time, buffers larger than the device
             tried.append({"batch_size": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        b //= 2
+            b //= 2
     return None, None, tried
+
+
+def next_batch(batch: int, peak_bytes: int, fixed_bytes: int, budget_bytes: int) -> int:
+    """The next batch to try after ``batch`` rows compiled to ``peak_bytes``: at most half, and the largest power
+    of two whose rows fit beside ``fixed_bytes`` (the train state) at the measured per-row cost; 0 when none can."""
+    per_row = max(peak_bytes - fixed_bytes, 1) / batch
+    rows = int((budget_bytes - fixed_bytes) / per_row)
+    fit = 1 << (rows.bit_length() - 1) if rows >= 1 else 0
+    return min(batch // 2, fit)

@@ -3,7 +3,8 @@
 The reference is what a PyTorch user would write: transformers' ``Qwen3ForCausalLM`` (loaded from our weights
 saved with ``qwen3.save_hf``), the same OPD loss in torch (full fp32 log-softmax, PPO-clip with the advantage
 detached, per-sequence mean), ``clip_grad_norm_`` and ``torch.optim.AdamW`` with the same hyper-parameters.
-Runs alternate (jax, torch, jax, torch, ...) so both sides see the same machine load.
+Runs alternate (jax, torch, jax, torch, ...) so both sides see the same machine load. torch is imported inside the
+functions that use it: this module imports where torch is not installed (benchmarks.run then skips the section).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import torch
 
 from benchmarks import common
 from benchmarks.train_step import compile_step, make_opd_step, make_state, run_steps
@@ -25,6 +25,7 @@ from lopd_jax.models.qwen3 import Qwen3Config
 
 def torch_model(cfg: Qwen3Config, params: Any, tmp: str):
     """transformers' Qwen3ForCausalLM holding exactly ``params`` (fp32, eval-free: no dropout in Qwen3)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     qwen3.save_hf(tmp, cfg, params)
@@ -37,6 +38,8 @@ def torch_opd_loss(model, batch: dict, loss_cfg: losses.LossConfig):
 
     logp = log_softmax(logits)[targets]; A = (teacher - logp.detach()) * mask; ratio = exp(logp - logp.detach());
     per-token loss max(-ratio A, -clip(ratio) A); mean over each row's response tokens, averaged over rows."""
+    import torch
+
     logits = model(input_ids=batch["inputs"], position_ids=batch["positions"]).logits.float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"][..., None])[..., 0]
     old = logp.detach()
@@ -53,6 +56,7 @@ class TorchStep:
     """One eager training step: forward, loss, backward, grad-norm clip, AdamW (update.OptimizerConfig's values)."""
 
     def __init__(self, model, opt_cfg: update.OptimizerConfig, loss_cfg: losses.LossConfig):
+        import torch
 
         self.model, self.opt_cfg, self.loss_cfg = model, opt_cfg, loss_cfg
         self.opt = torch.optim.AdamW(
@@ -64,6 +68,7 @@ class TorchStep:
         )
 
     def __call__(self, batch: dict) -> tuple[float, float]:
+        import torch
 
         self.opt.zero_grad(set_to_none=True)
         loss = torch_opd_loss(self.model, batch, self.loss_cfg)
@@ -74,6 +79,8 @@ class TorchStep:
 
 
 def torch_batch(batch: Batch) -> dict:
+    import torch
+
     return {
         "inputs": torch.from_numpy(np.asarray(batch.inputs, np.int64)),
         "targets": torch.from_numpy(np.asarray(batch.targets, np.int64)),

@@ -1,5 +1,6 @@
 """The benchmark harness: the FLOP formula against XLA's own count, the peak table, and both suites end to end with
-test-sized shapes (the GPU one through benchmarks/gpu.sh, on CPU), checking the JSON they write."""
+test-sized shapes (the GPU one through benchmarks/gpu.sh, on CPU, where torch, grain, vllm, math-verify and
+tensorboardX cannot be imported, as on the GPU image), checking the JSON they write."""
 
 import json
 import os
@@ -19,9 +20,22 @@ from lopd_jax.models import presets, qwen3
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict:
-    """Child processes: one CPU device (not the 8 fake ones of conftest) and this suite's compile cache."""
+#: Run first in a child (PYTHONPATH): the packages the GPU image lacks (and torch) cannot be imported, as if absent
+#: (importlib.util.find_spec returns None for them, which is how transformers probes for torch).
+BLOCKER = """import sys
+for _name in ("torch", "grain", "vllm", "math_verify", "tensorboardX"):
+    sys.modules[_name] = None
+"""
+
+
+def _env(blocked_dir: Path | None = None) -> dict:
+    """Child processes: one CPU device (not the 8 fake ones of conftest) and this suite's compile cache; with
+    ``blocked_dir``, a sitecustomize there that makes the GPU image's missing packages unimportable."""
     env = dict(os.environ)
+    if blocked_dir is not None:
+        blocked_dir.mkdir(exist_ok=True)
+        (blocked_dir / "sitecustomize.py").write_text(BLOCKER)
+        env["PYTHONPATH"] = os.pathsep.join([str(blocked_dir), str(ROOT), env.get("PYTHONPATH", "")])
     env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(os.environ.get("LOPD_JAX_CACHE", ROOT / ".jax_cache"))
@@ -61,19 +75,30 @@ def test_matmul_params_of_published_shapes():
 
 
 @pytest.mark.parametrize(
-    "kind, peak",
+    "kind, peak, bandwidth",
     [
-        ("NVIDIA H100 80GB HBM3", 989e12),
-        ("NVIDIA H100 PCIe", 756e12),
-        ("NVIDIA H200", 989e12),
-        ("NVIDIA A100-SXM4-80GB", 312e12),
-        ("TPU v5 lite", 197e12),
-        ("TPU v5p", 459e12),
-        ("TPU v4", 275e12),
+        ("NVIDIA H100 80GB HBM3", 989e12, 3.35e12),
+        ("NVIDIA H100 PCIe", 756e12, 2.0e12),
+        ("NVIDIA H100 NVL", 835e12, 3.9e12),
+        ("NVIDIA H200", 989e12, 4.8e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12, 2.039e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12, 1.555e12),
+        ("TPU v4", 275e12, 1.2e12),
+        ("TPU v5 lite", 197e12, 0.819e12),
+        ("TPU v5p", 459e12, 2.765e12),
+        ("TPU v5", 459e12, 2.765e12),
+        ("TPU v6 lite", 918e12, 1.638e12),
     ],
 )
-def test_peak_table(kind, peak):
-    assert common.device_peak_flops(SimpleNamespace(device_kind=kind, platform="gpu"))[0] == peak
+def test_peak_table(kind, peak, bandwidth):
+    device = SimpleNamespace(device_kind=kind, platform="gpu")
+    assert common.device_peak_flops(device)[0] == peak
+    assert common.device_peak_bandwidth(device) == bandwidth
+
+
+def test_peak_table_unknown_kind_is_nan_not_a_guess():
+    flops, source = common.device_peak_flops(SimpleNamespace(device_kind="NVIDIA B300", platform="gpu"))
+    assert np.isnan(flops) and "PEAKS" in source
 
 
 def _positive(x) -> bool:
@@ -118,21 +143,142 @@ def test_cpu_suite_tiny(tmp_path):
     )
 
 
-def test_gpu_script_tiny_on_cpu(tmp_path):
+def test_gpu_script_tiny_without_torch_grain_vllm(tmp_path):
+    # The whole script on CPU, as the GPU image would run it but with torch also gone: every section in its own
+    # process, each merged into gpu_tiny.json as it ends; torch's and vLLM's sides skipped with the reason.
+    out = tmp_path / "out"
     proc = subprocess.run(
-        ["bash", "benchmarks/gpu.sh", "--tiny", "--out", str(tmp_path), "--models", "qwen3-0.6b,qwen3-8b"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+        ["bash", "benchmarks/gpu.sh", "--tiny", "--out", str(out), "--models", "qwen3-0.6b,qwen3-4b"],
+        cwd=ROOT, env=_env(tmp_path / "blocked"), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    check = json.loads((tmp_path / "attention_check_tiny.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = json.loads((out / "attention_check_tiny.json").read_text())
     assert check["ok"] is False and "GPU" in check["error"]  # recorded, not fatal, on a CPU
-    doc = json.loads((tmp_path / "gpu_tiny.json").read_text())
-    assert doc["errors"] == {}
+    doc = json.loads((out / "gpu_tiny.json").read_text())
+    assert doc["errors"] == {} and doc["skipped"] == {}
+    assert doc["machine"]["versions"]["torch"] is not None  # installed, yet unimportable in the child
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in doc["machine"]["xla_flags"]
     assert doc["attention_check"] == check
+    # Running order: the attention check, the goal model, scoring, the rest; each section timed on its own.
+    assert list(doc["section_seconds"]) == [
+        "attention_check", "train_step/qwen3-4b", "precompute", "train_step/qwen3-0.6b"
+    ]  # fmt: skip
     rows = doc["results"]["train_step"]
-    assert [r["name"] for r in rows] == ["qwen3-0.6b (tiny stand-in)", "qwen3-8b (tiny stand-in)"]
+    assert [r["name"] for r in rows] == ["qwen3-4b (tiny stand-in)", "qwen3-0.6b (tiny stand-in)"]
     _check_train_rows(rows, "full")
-    assert all(r["model"]["attention"] == "xla" and r["batch_size"] >= 1 for r in rows)
-    assert all(r["fit_attempts"][-1]["xla_peak_bytes"] <= r["memory_budget_bytes"] for r in rows)
-    assert doc["results"]["precompute"]["vllm"]["skipped"]
+    for r in rows:  # one dtype policy for every row: bf16 params (fp32 moments: test_state_bytes_policy)
+        assert (r["model"]["dtype"], r["model"]["param_dtype"], r["model"]["attention"]) == ("bfloat16",) * 2 + ("xla",)
+        assert r["peak_scope"] == "this model's own process"
+        assert r["fit_attempts"][-1]["xla_peak_bytes"] <= r["memory_budget_bytes"]
+    assert doc["policy"].startswith("bf16 params and grads, fp32 AdamW moments")
+    pre = doc["results"]["precompute"]
+    assert "torch" in pre["torch"]["skipped"] and pre["vllm"]["skipped"] == "vllm is not installed"
+    assert _positive(pre["jax_tokens_per_s"])
+    md = (out / "gpu_tiny.md").read_text()
+    assert "transformers skipped" in md and "qwen3-4b (tiny stand-in)" in md
+
+
+def test_gpu_script_without_gpu_refuses_in_one_line(tmp_path):
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no GPU" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_gpu_suite_budget_skips_and_kills_saying_so(tmp_path):
+    # Budget 1.5 s: the attention check starts (it needs ~1 s under --tiny) and is killed at the budget; every later
+    # section is not started. All of it is in the report; the exit code says the run was not clean.
+    from benchmarks import gpu_suite
+
+    out = tmp_path / "out"
+    args = ["--tiny", "--out", str(out), "--budget-s", "1.5", "--models", "qwen3-0.6b,qwen3-4b"]
+    env = _env(tmp_path / "blocked")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    doc = json.loads((out / "gpu_tiny.json").read_text())
+    assert doc["attention_check"] == {
+        "ok": False,
+        "error": "attention_check process killed at the end of the time budget",
+    }
+    assert set(doc["skipped"]) == set(gpu_suite.plan(["qwen3-0.6b", "qwen3-4b"])[1:])
+    assert all(v.startswith("not started: needs ~1 s") for v in doc["skipped"].values())
+    assert [r["name"] for r in doc["results"]["train_step"]] == ["qwen3-4b", "qwen3-0.6b"]  # listed as skipped rows
+    assert "## Skipped" in (out / "gpu_tiny.md").read_text()
+
+
+def test_gpu_suite_plan_puts_the_goal_first_and_estimates_fit_the_budget():
+    from benchmarks import gpu_suite
+
+    sections = gpu_suite.plan(list(gpu_suite.DEFAULT_MODELS))
+    assert sections[:3] == ["attention_check", "train_step/qwen3-4b", "precompute"]
+    assert sorted(sections) == sorted(gpu_suite.ESTIMATE_S)
+    # The attention check, the goal row and scoring fit the default budget with room; the rest as it allows.
+    assert sum(gpu_suite.ESTIMATE_S[s] for s in sections[:3]) < 0.75 * 420
+
+
+def test_every_benchmarks_module_imports_without_torch_grain_vllm(tmp_path):
+    modules = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+    code = "import importlib\n" + "".join(f"importlib.import_module('benchmarks.{m}')\n" for m in modules)
+    code += "import sys; assert all(sys.modules[m] is None for m in ('torch', 'grain', 'vllm'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(tmp_path / "blocked"), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"run", "gpu_suite", "vs_torch", "lightning_vs_opd", "precompute_bench"} <= set(modules)
+
+
+def test_vllm_model_dir_holds_a_tokenizer_covering_the_vocabulary(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from benchmarks import precompute_bench
+
+    cfg = common.TINY
+    params = jax.jit(qwen3.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    precompute_bench.save_model_dir(str(tmp_path), cfg, params)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == cfg.vocab_size and tok.convert_tokens_to_ids(f"<{cfg.vocab_size - 1}>") == cfg.vocab_size - 1
+    assert AutoConfig.from_pretrained(tmp_path).vocab_size == cfg.vocab_size
+    assert list(tmp_path.glob("*.safetensors"))
+
+
+def test_state_bytes_policy_and_fp32_moments():
+    from benchmarks import run, train_step
+
+    cfg = run.gpu_train_config("qwen3-4b", tiny=False, attention="xla")
+    assert (cfg.dtype, cfg.param_dtype, cfg.remat) == ("bfloat16", "bfloat16", "full")
+    assert train_step.state_bytes(cfg) == 12 * presets.param_count(cfg)  # 2 params + 2 grads + 4 + 4 moments
+    assert train_step.state_bytes(cfg) < 0.92 * 0.95 * 80e9 - 10e9  # fits an 80 GB H100 with 10 GB to spare
+    small = run.gpu_train_config("qwen3-0.6b", tiny=True, attention="xla")
+    optimizer = train_step.make_optimizer(small)
+    params = jax.eval_shape(lambda: qwen3.init_params(small, jax.random.key(0)))
+    state = jax.eval_shape(optimizer.init, params)
+    dtypes = {x.dtype for x in jax.tree.leaves(state) if x.ndim}
+    assert dtypes == {jnp.dtype("float32")} and {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+
+
+def test_report_merge_replaces_a_models_row_and_keeps_other_sections(tmp_path):
+    from benchmarks import report
+
+    header = {"suite": "gpu", "tiny": True, "run_id": "r1"}
+    doc = report.load_run(tmp_path / "gpu.json", header)
+    report.merge(doc, "train_step/a", {"name": "a", "skipped": "no batch fits"}, skipped="no batch fits")
+    report.merge(doc, "extra", {"x": 1}, seconds=2.0)
+    report.write(doc, tmp_path, "gpu")
+    again = report.load_run(tmp_path / "gpu.json", header)
+    report.merge(again, "train_step/a", {"name": "a", "tokens_per_s": 5})
+    assert again["results"] == {"train_step": [{"name": "a", "tokens_per_s": 5}], "extra": {"x": 1}}
+    assert report.load_run(tmp_path / "gpu.json", {**header, "run_id": "r2"})["results"] == {}  # another run
+    assert not list(tmp_path.glob(".*tmp*"))  # written via rename, no leftovers
+
+
+def test_next_batch_jumps_to_what_the_measured_row_cost_allows():
+    from benchmarks.train_step import next_batch
+
+    gib = 2**30
+    # 16 rows compiled to 48 + 16 x 4 GiB = 112 GiB against a 70 GiB budget: 22 GiB / 4 GiB = 5 rows -> 4, not 8.
+    assert next_batch(16, 112 * gib, 48 * gib, 70 * gib) == 4
+    assert next_batch(16, 17 * gib, 1 * gib, 16 * gib) == 8  # just over: halving is the cap
+    assert next_batch(4, 80 * gib, 60 * gib, 62 * gib) == 0  # not even one row: stop, do not compile 2 and 1
