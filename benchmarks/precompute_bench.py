@@ -111,7 +111,10 @@ def _vllm_child(model_dir: str, samples_file: str, rounds: int) -> None:
     with np.load(samples_file) as f:
         samples = [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
     # Half the card: the parent process (JAX engine, torch model) holds some of it.
-    llm = vllm_engine.make_llm(model_dir, vllm_engine.VllmOptions(dtype="bfloat16", gpu_memory_utilization=0.5))
+    # The scorer's own options (prefix caching off, room for the longest sample), as precompute.teacher_logprobs uses.
+    longest = max(len(s) for s in samples)
+    options = vllm_engine.scoring_options(model_dir, longest, top_k=0, dtype="bfloat16", gpu_memory_utilization=0.5)
+    llm = vllm_engine.make_llm(model_dir, options)
     vllm_engine.score_sequences(llm, samples)
     times = [common.timed(lambda: vllm_engine.score_sequences(llm, samples)) for _ in range(rounds)]
     print(json.dumps({"s": common.spread(times), "version": common.describe_machine()["versions"]["vllm"]}))
