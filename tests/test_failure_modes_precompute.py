@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import read_only_view
 from test_precompute_cli import assert_same_store, build_model, killed_subprocess
 
 from lopd_jax import provenance
@@ -202,28 +203,11 @@ def test_bad_prompt_files_and_non_qwen3_models_are_one_line(env, tmp_path, capsy
 # ------------------------------------------------------------------------------------------------ 5: read-only
 
 
-def _read_only_view(src: Path, where: Path):
-    """``where``: ``src`` read-only. Not root: chmod. Root (ignores modes): a read-only bind mount, else None."""
-    if os.geteuid() != 0:
-        shutil.copytree(src, where)
-        for p in [where, *where.rglob("*")]:
-            p.chmod(0o555 if p.is_dir() else 0o444)
-        return lambda: [p.chmod(0o755 if p.is_dir() else 0o644) for p in [where, *where.rglob("*")]]
-    where.mkdir()
-    mount = subprocess.run(["mount", "--bind", str(src), str(where)], capture_output=True)
-    if mount.returncode != 0:
-        return None
-    if subprocess.run(["mount", "-o", "remount,bind,ro", str(where)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", str(where)])
-        return None
-    return lambda: subprocess.run(["umount", str(where)], check=True)
-
-
 def test_a_read_only_store_is_refused_for_in_place_scoring(env, store, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(store, src)
     target = tmp_path / "read_only"
-    undo = _read_only_view(src, target)
+    undo = read_only_view(src, target)
     if undo is None:
         pytest.skip("root without mount privileges: no read-only directory can be made")
     try:
