@@ -104,7 +104,7 @@ class RolloutDataset:
             raise StoreError(f"{self.path}: no shard-XXXXX-of-YYYYY stores inside (not a sharded dataset)")
         self.count = _check_names(self.path, names)
         self.names = [shard_name(i, self.count) for i in range(self.count)]
-        self.stores = [RolloutStore(_child(self.spec, n)) for n in self.names]
+        self.stores = [RolloutStore(child_spec(self.spec, n)) for n in self.names]
         _check_shards(self.path, self.names, [s.manifest for s in self.stores], self.count)
         self._index()
 
@@ -188,7 +188,7 @@ class RolloutDataset:
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
-def _child(spec: dict, name: str) -> dict:
+def child_spec(spec: dict, name: str) -> dict:
     return {**spec, "path": spec["path"] + name + "/"}
 
 
