@@ -192,7 +192,7 @@ def _train_config(env, store: Path, run_dir: Path) -> Path:
         "allow_teacher_inconsistency": True,  # the tiny policy was not SFT'd on this teacher
         "model": {"init": str(env["policy"])},
         "data": {"store": str(store), "seed": 3},
-        "train": {"steps": 3, "batch_size": 4, "seq_len": 48, "seed": 0},
+        "train": {"steps": 3, "batch_size": 8, "seq_len": 48, "seed": 0},
         "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
         "checkpoint": {"every_steps": 100},
         "logging": {"run_dir": str(run_dir), "progress": False, "tensorboard": False},
