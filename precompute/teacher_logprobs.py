@@ -232,12 +232,12 @@ def run(args: argparse.Namespace) -> str:
     if isinstance(source, RolloutDataset) and not args.out:  # one teacher per dataset, not only per shard
         check_teacher(args.store, source.manifest, teacher, args.top_k, source.topk, run_args)
     scorer = _LazyScorer(args, int(source.lengths.max()) if len(source) else 1)
-    progress = common.Progress(0, 0, "teacher")
+    progress = None  # the bar starts after the first store is opened: a refusal before it stays one line
     for target, copy_from, part, base in units:
         if copy_from is not None:
             one = shard.record() if part is not None else None
             copy_store(copy_from, target, args.top_k, part, one)
-        score_store(args, target, teacher, run_args, scorer, progress, base)
+        progress = score_store(args, target, teacher, run_args, scorer, progress, base)
     targets = units[0][0] if len(units) == 1 else f"{len(units)} shards"
     return progress.summary("teacher_logprobs", store=targets, teacher=teacher["weights"][:19])
 
@@ -254,9 +254,10 @@ class _LazyScorer:
         return self.made
 
 
-def score_store(args, target: str, teacher: dict, run_args: dict, scorer: _LazyScorer, progress, base: int) -> None:
+def score_store(args, target: str, teacher: dict, run_args: dict, scorer: _LazyScorer, progress, base: int):
     """Score the samples of one store ``target`` not yet scored, window by window, each window one commit;
-    ``base``: the dataset index of its first sample (windows are cut in dataset coordinates)."""
+    ``base``: the dataset index of its first sample (windows are cut in dataset coordinates). Returns ``progress``
+    (created here when None)."""
     writer = RolloutStore.open_for_append(target, flush_tokens=NO_AUTO_FLUSH)
     try:
         check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk, run_args)
@@ -265,6 +266,7 @@ def score_store(args, target: str, teacher: dict, run_args: dict, scorer: _LazyS
         raise
     reader = RolloutStore(target)
     done, total = writer.teacher_committed, len(reader)
+    progress = progress or common.Progress(0, 0, "teacher")
     progress.bar.total = (progress.bar.total or 0) + total
     progress.bar.update(done)
     if done < total:
@@ -283,6 +285,7 @@ def score_store(args, target: str, teacher: dict, run_args: dict, scorer: _LazyS
             progress.update(b - a, sum(len(t) for t in tokens))  # scoring cost: every token is a prefill token
             common.maybe_kill(commits)
     writer.close()
+    return progress
 
 
 def main(argv: list[str] | None = None) -> int:
