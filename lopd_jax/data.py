@@ -1,4 +1,8 @@
-"""The Grain pipeline that builds training batches (``lopd_jax.batch.Batch``) from a RolloutStore."""
+"""The Grain pipeline that builds training batches (``lopd_jax.batch.Batch``) from a RolloutStore.
+
+``data.store`` may also be a sharded dataset directory (``RolloutStore.open`` returns a ``RolloutDataset``): its
+samples are indexed 0..N-1 in shard order, so the pipeline, its shuffling and its checkpoints are the same as for
+one store holding the same samples."""
 
 from __future__ import annotations
 

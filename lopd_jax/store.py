@@ -57,6 +57,7 @@ import numpy as np
 import tensorstore as ts
 
 if TYPE_CHECKING:
+    from lopd_jax.store_dataset import RolloutDataset
     from lopd_jax.store_writer import RolloutWriter
 
 FORMAT = "lopd_jax.rollout_store"
@@ -314,9 +315,17 @@ class RolloutStore:
         self.refresh()
 
     @classmethod
-    def open(cls, path: str | os.PathLike | dict) -> RolloutStore:
-        """Open a store for reading; StoreError naming the path for a missing manifest or an inconsistent store."""
-        return cls(path)
+    def open(cls, path: str | os.PathLike | dict) -> RolloutStore | RolloutDataset:
+        """Open a store for reading; StoreError naming the path for a missing manifest or an inconsistent store.
+
+        A dataset directory of shard stores (``precompute`` with ``--num-shards``) opens as a
+        ``lopd_jax.store_dataset.RolloutDataset``: the same reader API over all its shards, in shard order."""
+        from lopd_jax.store_dataset import RolloutDataset, is_dataset
+
+        spec = kvstore_spec(path)
+        if _kvstore(spec).read(MANIFEST).result().state != "value" and is_dataset(spec):
+            return RolloutDataset(spec)
+        return cls(spec)
 
     @classmethod
     def create(cls, path, manifest: dict, topk: int = 0, **kwargs) -> RolloutWriter:

@@ -146,9 +146,11 @@ def _max_token_id(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int]:
 
 def _check_store(cfg: TrainConfig, setup: Setup) -> None:
     try:
-        store = RolloutStore.open(cfg.data.store)
+        store = RolloutStore.open(cfg.data.store)  # a store, or a sharded dataset (lopd_jax.store_dataset)
     except StoreError as e:
         raise StoreError(f"data.store: {e}") from None
+    if (problem := getattr(store, "incomplete", lambda: None)()) is not None:  # a shard still being written
+        raise StoreError(f"data.store: {problem}")
     m = store.manifest
     if len(store) == 0:
         raise StoreError(f"data.store: {store.path} has no committed samples")

@@ -8,6 +8,11 @@ included), finish reason, behaviour log-probs (raw model log-probs of the sample
 the manifest gets the policy / tokenizer / chat-template fingerprints, the sampling parameters, the engine and
 versions, and with ``--sft-teacher`` the policy's fingerprint as ``sft_teacher`` (the output is SFT data of it).
 
+Sharded (``--num-shards N --shard-index i``, or the launcher's variables: ``precompute.shards``): the batches of
+the global prompt order are split into N contiguous parts and shard i samples part i (batch b keeps its key
+fold_in(key(seed), b); vLLM's seeds depend on the prompt index only) into ``--out/shard-0000i-of-0000N``, so the N
+shards read as one dataset (``lopd_jax.store_dataset``) are the samples of one process, in its order.
+
 Resumable: the work is cut into a fixed sequence of batches (``--batch-size`` prompts, all their samples), each
 sampled (JAX: with the key fold_in(key(seed), b) for batch b; vLLM: in one ``generate`` call of thousands of prompts,
 each with its own seed from (seed, prompt index)) and committed on its own, so rerunning the same command after a
@@ -25,7 +30,7 @@ from typing import Any
 
 from lopd_jax import provenance
 from lopd_jax.store import RolloutStore
-from precompute import common
+from precompute import common, shards
 from precompute.common import PrecomputeError
 
 NO_AUTO_FLUSH = common.NO_AUTO_FLUSH
@@ -58,14 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM only")
+    shards.add_shard_args(p)
     args = p.parse_args(argv)
     vllm = args.engine == "vllm"
     if args.dtype == "auto" and not vllm:
         p.error("--dtype auto is for --engine vllm; the JAX engine takes float32, bfloat16 or float16")
     args.dtype = args.dtype or ("auto" if vllm else "float32")
-    args.batch_size = args.batch_size or (max(1, VLLM_WINDOW_SAMPLES // args.n) if vllm else 32)
     for name in ("n", "max_new_tokens", "max_prompt_len", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
@@ -112,6 +117,27 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
         },
     }
     return fields
+
+
+def default_batch_size(args: argparse.Namespace, kept: int, count: int) -> int:
+    """--batch-size when not given: 32 prompts (JAX); vLLM: its window, but small enough that every one of the
+    ``count`` shards gets a batch (its samples do not depend on the batching, only its commit points do)."""
+    if args.engine != "vllm":
+        return 32
+    if count == 1:
+        return max(1, VLLM_WINDOW_SAMPLES // args.n)
+    return max(1, min(VLLM_WINDOW_SAMPLES // args.n, -(-kept // count)))
+
+
+def shard_plan(args: argparse.Namespace, shard: shards.Shard, num_batches: int) -> tuple[int, int]:
+    """The global batches [lo, hi) of this shard; refuses a shard with none (more shards than batches)."""
+    lo, hi = shards.split(num_batches, shard)
+    if lo == hi:
+        raise PrecomputeError(
+            f"--num-shards {shard.count}: only {num_batches} batches of --batch-size {args.batch_size} prompts, so "
+            f"shard {shard.index} would be empty; use a smaller --batch-size or fewer shards (nothing was written)"
+        )
+    return lo, hi
 
 
 def open_store(out: str, fields: dict, extra: dict):
@@ -187,6 +213,7 @@ def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
 
 def run(args: argparse.Namespace) -> str:
     """Sample every batch not yet committed; returns the summary line."""
+    shard = shards.resolve(args.num_shards, args.shard_index)
     common.check_engine(args.engine)
     if args.engine == "vllm":  # refuse an unchecked vLLM before anything is written
         from precompute.engines import vllm_engine
@@ -201,26 +228,32 @@ def run(args: argparse.Namespace) -> str:
             f"{args.prompts}: all {skipped} prompts are longer than --max-prompt-len {args.max_prompt_len} tokens "
             "(after the chat template): nothing to sample, no store written"
         )
-    fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped)
-    extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy)}
-    writer = open_store(args.out, fields, extra)
-    bs, done = args.batch_size, writer.committed
-    if done % args.n or (done // args.n) % bs and done != len(prompts) * args.n:
-        raise PrecomputeError(f"{args.out}: {done} committed samples is not a whole number of batches")
-    first = done // args.n // bs
+    bs = args.batch_size = args.batch_size or default_batch_size(args, len(prompts), shard.count)
     batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
-    progress = common.Progress(len(prompts) * args.n, done, "rollouts")
-    if first < len(batches):
+    lo, hi = shard_plan(args, shard, len(batches))
+    out = shards.shard_store(args.out, shard)
+    mine = sum(len(b) for b in batches[lo:hi]) * args.n  # the samples this shard writes
+    fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped)
+    if shard.count > 1:
+        fields["shard"] = {**shard.record(), "batches": [lo, hi], "expected": mine}
+    extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy), "args": vars(args)}
+    writer = open_store(out, fields, extra)
+    done = writer.committed
+    if done % args.n or (done // args.n) % bs and done != mine:
+        raise PrecomputeError(f"{out}: {done} committed samples is not a whole number of batches")
+    first = lo + done // args.n // bs
+    progress = common.Progress(mine, done, "rollouts")
+    if first < hi:
         generate, info = make_generator(args, stops)
         writer.update_manifest(engine=info, versions=common.versions(args.engine))
-        for b in range(first, len(batches)):
+        for b in range(first, hi):
             rows = generate(b, batches[b])
             writer.append(rows)
             writer.flush()
             progress.update(len(rows), sum(len(r["tokens"]) - r["prompt_length"] for r in rows))
             common.maybe_kill(b - first + 1)
     writer.close()
-    return progress.summary("rollouts", skipped=skipped, store=args.out, committed=writer.committed)
+    return progress.summary("rollouts", skipped=skipped, store=out, committed=writer.committed)
 
 
 def _vocab_size(model_dir: str) -> int:

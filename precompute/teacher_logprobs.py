@@ -8,6 +8,12 @@ tokenizer differs from the store's is refused (token ids would mean different te
 teachers can score the same rollouts; without it the store is scored in place (its top-k width is fixed when it is
 created, so in-place scoring needs ``--top-k`` equal to the store's).
 
+A sharded dataset (``precompute.rollouts --num-shards``) is scored shard by shard, each in place (or into
+``--out/shard-...``); with ``--num-shards M --shard-index i`` (or the launcher's variables, ``precompute.shards``)
+this process scores the dataset's shards k with k % M == i, so M scoring processes (e.g. one per group of
+tensor-parallel GPUs) share the shards of N rollout processes. A single store scored by M > 1 processes needs
+``--out DATASET``: process i copies its contiguous part of the samples into ``DATASET/shard-i-of-M`` and scores it.
+
 Resumable: samples are scored in fixed windows of ``--window`` samples, each committed on its own; rerunning the
 same command after a crash continues at the first uncommitted window (the copy resumes too).
 """
@@ -22,7 +28,8 @@ import numpy as np
 
 from lopd_jax import provenance
 from lopd_jax.store import RESERVED_KEYS, RolloutStore
-from precompute import common
+from lopd_jax.store_dataset import RolloutDataset
+from precompute import common, shards
 from precompute.common import PrecomputeError
 from precompute.engines.jax_engine import Scored
 
@@ -48,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM only")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM only")
+    shards.add_shard_args(p)
     args = p.parse_args(argv)
     if args.dtype == "auto" and args.engine != "vllm":
         p.error("--dtype auto is for --engine vllm; the JAX engine takes float32, bfloat16 or float16")
@@ -82,19 +90,60 @@ def _as_row(s: dict) -> dict:
     }
 
 
-def copy_store(src: str, dst: str, topk: int) -> None:
-    """Copy the committed samples of ``src`` into ``dst`` (created with ``topk`` teacher columns, or resumed)."""
-    reader = RolloutStore.open(src)
+def copy_store(src: str, dst: str, topk: int, part: tuple[int, int] | None = None, shard: dict | None = None) -> None:
+    """Copy the committed samples of ``src`` (those in ``part`` = [lo, hi) when given, as dataset shard ``shard``)
+    into ``dst`` (created with ``topk`` teacher columns, or resumed)."""
+    reader = RolloutStore(src)
+    lo, hi = part or (0, len(reader))
     fields = {**_copyable_fields(reader.manifest), "copied_from": reader.path}
+    if shard is not None:
+        fields["shard"] = {**shard, "samples": [lo, hi], "expected": hi - lo}
     create = functools.partial(
         RolloutStore.create, dst, fields, topk=topk, flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"]
     )
     refusal = f"exists and is not a copy of {src} with these arguments"
     writer = common.open_or_create(dst, {**fields, "topk": topk}, create, refusal)
-    for start in range(writer.committed, len(reader), COPY_BLOCK):
-        writer.append([_as_row(s) for s in reader.samples(range(start, min(start + COPY_BLOCK, len(reader))))])
+    for start in range(lo + writer.committed, hi, COPY_BLOCK):
+        writer.append([_as_row(s) for s in reader.samples(range(start, min(start + COPY_BLOCK, hi)))])
         writer.flush()
     writer.close()
+
+
+# ------------------------------------------------------------------------------------------------ work plan
+
+
+def plan_units(args: argparse.Namespace, source, shard: shards.Shard) -> list[tuple]:
+    """This process's stores to score: (target store, source to copy from or None, copy part or None, index of its
+    first sample in the whole dataset) each. Windows are cut at multiples of --window of that global index, so a
+    shard that starts on a multiple is scored in exactly the batches one process would use (bit-identical numbers:
+    the JAX engine's results depend on the batch shapes, a little)."""
+    if isinstance(source, RolloutDataset):
+        if shard.count > source.count:
+            raise PrecomputeError(
+                f"--num-shards {shard.count}: the dataset {args.store} has only {source.count} shards to score"
+            )
+        mine = [k for k in range(source.count) if k % shard.count == shard.index]
+        srcs = [shards.join(args.store, source.names[k]) for k in mine]
+        bases = [int(source.starts[k]) for k in mine]
+        if not args.out:
+            return [(src, None, None, base) for src, base in zip(srcs, bases)]
+        outs = [shards.shard_store(args.out, shards.Shard(k, source.count)) for k in mine]
+        return [(out, src, None, base) for out, src, base in zip(outs, srcs, bases)]
+    if shard.count == 1:
+        return [(args.out, args.store, None, 0) if args.out else (args.store, None, None, 0)]
+    if not args.out:
+        raise PrecomputeError(
+            f"--store {args.store}: one store scored by {shard.count} processes needs --out DATASET (each process "
+            "copies its part of the samples into its own shard there; a store has one writer)"
+        )
+    windows = -(-len(source) // args.window)  # split on window boundaries: the same batches as one process
+    lo, hi = (min(w * args.window, len(source)) for w in shards.split(windows, shard))
+    if lo == hi:
+        raise PrecomputeError(
+            f"--num-shards {shard.count}: the store {args.store} has only {windows} windows of --window "
+            f"{args.window} samples to share; use a smaller --window or fewer shards (nothing was written)"
+        )
+    return [(shards.shard_store(args.out, shard), args.store, (lo, hi), lo)]
 
 
 # ------------------------------------------------------------------------------------------------ engines
@@ -162,8 +211,8 @@ def _windows(start: int, end: int, size: int):
 
 
 def run(args: argparse.Namespace) -> str:
-    """Score every committed sample not yet scored; returns the summary line."""
-    target = args.out or args.store
+    """Score every committed sample not yet scored (of this process's shards); returns the summary line."""
+    shard = shards.resolve(args.num_shards, args.shard_index)
     common.check_engine(args.engine)
     if args.engine == "vllm":  # refuse an unchecked vLLM before anything is written
         from precompute.engines import vllm_engine
@@ -172,30 +221,62 @@ def run(args: argparse.Namespace) -> str:
     common.check_model_dir(args.teacher, "--teacher")
     teacher = {"weights": provenance.fingerprint_weights(args.teacher)}
     teacher["tokenizer"] = provenance.fingerprint_tokenizer(args.teacher)
+    source = RolloutStore.open(args.store)  # a store or a dataset (its shards checked to agree)
     provenance.check_same_tokenizer(
-        RolloutStore.open(args.store).manifest.get("tokenizer"), teacher["tokenizer"], f"store {args.store}", "teacher"
+        source.manifest.get("tokenizer"), teacher["tokenizer"], f"store {args.store}", "teacher"
     )
-    if args.out:
-        copy_store(args.store, args.out, args.top_k)
-    writer = RolloutStore.open_for_append(target, flush_tokens=NO_AUTO_FLUSH)
+    units = plan_units(args, source, shard)
     run_args = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k}
     if args.head_fp32:  # only when set: stores scored before the option existed still resume
         run_args["head_fp32"] = True
+    if isinstance(source, RolloutDataset) and not args.out:  # one teacher per dataset, not only per shard
+        check_teacher(args.store, source.manifest, teacher, args.top_k, source.topk, run_args)
+    scorer = _LazyScorer(args, int(source.lengths.max()) if len(source) else 1)
+    progress = None  # the bar starts after the first store is opened: a refusal before it stays one line
+    for target, copy_from, part, base in units:
+        if copy_from is not None:
+            one = shard.record() if part is not None else None
+            copy_store(copy_from, target, args.top_k, part, one)
+        progress = score_store(args, target, teacher, run_args, scorer, progress, base)
+    targets = units[0][0] if len(units) == 1 else f"{len(units)} shards"
+    return progress.summary("teacher_logprobs", store=targets, teacher=teacher["weights"][:19])
+
+
+class _LazyScorer:
+    """The engine, loaded on the first store that has samples to score (one load for all of this process's shards)."""
+
+    def __init__(self, args: argparse.Namespace, longest: int):
+        self.args, self.longest, self.made = args, longest, None
+
+    def get(self):
+        if self.made is None:
+            self.made = make_scorer(self.args, self.longest)
+        return self.made
+
+
+def score_store(args, target: str, teacher: dict, run_args: dict, scorer: _LazyScorer, progress, base: int):
+    """Score the samples of one store ``target`` not yet scored, window by window, each window one commit;
+    ``base``: the dataset index of its first sample (windows are cut in dataset coordinates). Returns ``progress``
+    (created here when None)."""
+    writer = RolloutStore.open_for_append(target, flush_tokens=NO_AUTO_FLUSH)
     try:
         check_teacher(target, writer.manifest, teacher, args.top_k, writer.topk, run_args)
     except BaseException:  # refused: give the lock back at once (an in-process caller may go on)
         writer.release()
         raise
-    reader = RolloutStore.open(target)
+    reader = RolloutStore(target)
     done, total = writer.teacher_committed, len(reader)
-    progress = common.Progress(total, done, "teacher")
+    progress = progress or common.Progress(0, 0, "teacher")
+    progress.bar.total = (progress.bar.total or 0) + total
+    progress.bar.update(done)
     if done < total:
-        score, info = make_scorer(args, int(reader.lengths.max()))
+        score, info = scorer.get()
         writer.update_manifest(
             teacher=teacher["weights"], teacher_tokenizer=teacher["tokenizer"], teacher_path=args.teacher,
             teacher_engine=info, teacher_versions=common.versions(args.engine), teacher_args=run_args,
         )  # fmt: skip
-        for commits, (a, b) in enumerate(_windows(done, total, args.window), 1):
+        for commits, (a, b) in enumerate(_windows(base + done, base + total, args.window), 1):
+            a, b = a - base, b - base
             tokens = [s["tokens"] for s in reader.samples(range(a, b))]
             scored = score(tokens)
             topk = ([s.topk_ids for s in scored], [s.topk_logprobs for s in scored]) if args.top_k else None
@@ -204,7 +285,7 @@ def run(args: argparse.Namespace) -> str:
             progress.update(b - a, sum(len(t) for t in tokens))  # scoring cost: every token is a prefill token
             common.maybe_kill(commits)
     writer.close()
-    return progress.summary("teacher_logprobs", store=target, teacher=teacher["weights"][:19])
+    return progress
 
 
 def main(argv: list[str] | None = None) -> int:

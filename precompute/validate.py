@@ -6,6 +6,10 @@ and the per-token data of every committed sample: token ids >= 0 (a lost chunk r
 teacher log-probs NaN on prompt tokens and finite and <= 0 on response tokens, top-k ids valid and log-probs
 sorted. The first problem raises ``StoreError`` naming the store, the array and the sample; the CLI prints it
 and exits 1. ``validate(path)`` is what the trainer calls before it trains.
+
+A sharded dataset directory (``--num-shards``) is validated as one: its shards must make one dataset (all present,
+one count, the same policy, tokenizer, sampling, prompt file and teacher: ``lopd_jax.store_dataset``), every shard
+must hold all the samples its precompute planned, and each shard store is checked as above.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 
 import numpy as np
 
+from lopd_jax import store_dataset
 from lopd_jax.store import (
     StoreError,
     check_lengths,
@@ -38,7 +43,10 @@ BLOCK_TOKENS = 1 << 22  # tokens checked per read: bounded memory on any store s
 
 
 def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> dict:
-    """Check the whole store; returns a summary dict, raises StoreError at the first problem."""
+    """Check the whole store (or every shard of a dataset); returns a summary dict, raises StoreError at the first
+    problem."""
+    if store_dataset.is_dataset(path) and read_manifest_or_none(path) is None:
+        return validate_dataset(path, require_teacher)
     spec = kvstore_spec(path)
     where = spec["path"].rstrip("/") if spec["driver"] == "file" else str(path)
     m = read_manifest(spec)
@@ -70,6 +78,27 @@ def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> d
         "finish_length": int(np.sum(meta["finish_reason"] == 1)),
         "bytes": _local_bytes(spec),
     }
+
+
+def read_manifest_or_none(path) -> dict | None:
+    try:
+        return read_manifest(path)
+    except StoreError:
+        return None
+
+
+def validate_dataset(path: str | os.PathLike | dict, require_teacher: bool = False) -> dict:
+    """Validate a dataset of shard stores: one dataset, complete, every shard valid; the summaries summed."""
+    ds = store_dataset.RolloutDataset.open(path)
+    if (problem := ds.incomplete()) is not None:
+        raise StoreError(problem)
+    total: dict = {}
+    for name in ds.names:
+        one = validate(store_dataset.child_spec(ds.spec, name), require_teacher)
+        for k, v in one.items():
+            total[k] = v if k == "topk" else (None if v is None or total.get(k, 0) is None else total.get(k, 0) + v)
+    total["shards"] = ds.count
+    return total
 
 
 def _check_fields(m: dict, where: str, require_teacher: bool) -> None:
@@ -177,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"INVALID: {e}", file=sys.stderr)
         return 1
     per_token = f", {s['bytes'] / max(1, s['tokens']):.2f} bytes/token on disk" if s["bytes"] is not None else ""
+    shards = f" in {s['shards']} shards" if "shards" in s else ""
     print(
-        f"OK {args.store}: {s['samples']} samples, {s['tokens']} tokens ({s['response_tokens']} response), "
+        f"OK {args.store}: {s['samples']} samples{shards}, {s['tokens']} tokens ({s['response_tokens']} response), "
         f"teacher {s['teacher_committed']}/{s['samples']}, top-k {s['topk']}, "
         f"{s['finish_length']} cut at max length{per_token}"
     )

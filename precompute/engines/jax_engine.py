@@ -137,7 +137,8 @@ class JaxEngine:
     ):
         """dtype: weights and matmul operands ("float32" exact on CPU; "bfloat16" on accelerators).
         logit_tokens: positions per logits chunk across the batch (bounds the [rows, chunk, V] f32 block)."""
-        self.mesh = sharding.make_mesh(mesh_cfg or sharding.MeshConfig())
+        # This host's devices only: a precompute process is one independent shard, also in a multi-process runtime.
+        self.mesh = sharding.make_mesh(mesh_cfg or sharding.MeshConfig(), devices=jax.local_devices())
         cfg, self.params = qwen3.load_hf(model_dir, mesh=self.mesh, dtype=jnp.dtype(dtype))
         self.cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
         self.logit_tokens = logit_tokens
