@@ -34,6 +34,7 @@ from lopd_jax.batch import DataConfig
 from lopd_jax.checkpoint import CheckpointConfig
 from lopd_jax.losses import LossConfig
 from lopd_jax.plan import PlanConfig
+from lopd_jax.prompts import PromptConfig
 from lopd_jax.sampling import SamplingConfig
 from lopd_jax.sharding import MeshConfig
 from lopd_jax.update import OptimizerConfig
@@ -111,6 +112,7 @@ class TrainConfig:
     sampling: SamplingConfig = SamplingConfig()
     train: TrainLoopConfig = TrainLoopConfig()
     eval: EvalConfig = EvalConfig()
+    prompt: PromptConfig = PromptConfig()  # how online OPD's data.prompts and eval.prompts are encoded
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     plan: PlanConfig = PlanConfig()  # --plan only: the per-device memory budget

@@ -7,7 +7,7 @@ Modes (``mode:`` in the config), one jitted update step (``update.make_update_st
   log-probs are ``stop_gradient`` of the current ones). Before step 0 the store's teacher must be the init
   checkpoint's ``sft_teacher`` and the store's rollout policy must be the init weights (``provenance``), unless
   ``allow_teacher_inconsistency: true``, which is then stamped on every metrics record and the progress bar.
-* ``opd``: standard online OPD (``trainer_opd``): sample from the current student, score with a live teacher.
+* ``opd``: standard online OPD (``online_opd``): sample from the current student, score with a live teacher.
 
 Everything is validated before the run directory is created (``train_setup.validated``): a bad config, store,
 provenance or vocabulary exits with status 2 and one ``error: ...`` line, and writes nothing. A config listing
@@ -226,14 +226,12 @@ def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
             return place_local(host, sh, cfg.train.batch_size), stats
 
         return from_store
-    from lopd_jax import trainer_opd
+    from lopd_jax import online_opd
 
     tparams = hf.load_hf(cfg.model.teacher, mesh=setup.mesh)
     tcfg = dataclasses.replace(tparams[0], dtype=setup.model_cfg.dtype)
-    scfg = dataclasses.replace(
-        cfg.sampling, stop_token_ids=trainer_opd.stop_ids(setup.tokenizer, cfg.sampling.stop_token_ids)
-    )
-    online = trainer_opd.OnlineOPD(
+    scfg = online_opd.sampler_config(cfg.sampling, setup.stop_ids)
+    online = online_opd.OnlineOPD(
         prompts=setup.prompts,
         model_cfg=setup.model_cfg,
         teacher_cfg=tcfg,
@@ -254,15 +252,17 @@ def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
 def _evaluator(cfg: TrainConfig, setup: Setup):
     if not cfg.eval.prompts:
         return None
-    from lopd_jax import trainer_opd
+    from lopd_jax import eval as evaluation
 
-    return trainer_opd.Evaluator(
+    return evaluation.Evaluator(
         cfg.eval,
         setup.tokenizer,
         setup.model_cfg,
         mesh=setup.mesh,
         seed=cfg.train.seed,
         batch_size=cfg.train.batch_size,
+        stop_ids=setup.stop_ids,
+        prompt_cfg=cfg.prompt,
     )
 
 

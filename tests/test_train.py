@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 from transformers import Qwen3Config as HFQwen3Config
 
-from lopd_jax import provenance, synthetic, train, trainer_opd
+from lopd_jax import online_opd, prompts, provenance, synthetic, train
 from lopd_jax.metrics import read_metrics
 from lopd_jax.models import qwen3
 from lopd_jax.sampling import SampleOutput
@@ -76,7 +76,7 @@ def world(tmp_path_factory):
     rows = [json.loads(line) for line in paths["sft"].read_text().splitlines()]
     samples = []
     for i, row in enumerate(rows):
-        prompt = trainer_opd.encode_prompt(tok, row)
+        prompt = prompts.encode_prompt(tok, row)
         answer = tok(row["completion"])["input_ids"] + [tok.eos_token_id]
         tokens = np.asarray(prompt + answer, np.int32)
         samples.append(dict(tokens=tokens, prompt_length=len(prompt), finish_reason="stop", prompt_index=i,
@@ -275,14 +275,14 @@ def test_lightning_opd_with_allow_teacher_inconsistency_says_so_on_every_record(
 def test_teacher_scoring_of_online_samples_matches_transformers(world):
     """samples_to_batch + the jitted teacher scorer give torch's teacher log-probs on every response token."""
     tok, teacher = world["tok"], world["teacher"]
-    prompts = [trainer_opd.encode_prompt(tok, {"prompt": p}) for p in ("Add: 1+2", "Add: 33+4+5")]
+    prompt_ids = [prompts.encode_prompt(tok, {"prompt": p}) for p in ("Add: 1+2", "Add: 33+4+5")]
     rng = np.random.default_rng(0)
     lp = [-np.abs(rng.normal(size=n)).astype(np.float32) for n in (7, 12)]  # log-probs: <= 0
     outs = [SampleOutput(rng.integers(4, 100, len(x)).astype(np.int32), x, "length") for x in lp]
-    batch, stats = trainer_opd.samples_to_batch(prompts, outs, seq_len=64)
+    batch, stats = online_opd.samples_to_batch(prompt_ids, outs, seq_len=64)
     tcfg, tparams = qwen3.load_hf(str(world["root"] / "teacher"))
-    got = np.asarray(trainer_opd.make_teacher_scorer(tcfg, chunk_size=16)(tparams, batch))
-    for r, (p, o) in enumerate(zip(prompts, outs)):
+    got = np.asarray(online_opd.make_teacher_scorer(tcfg, chunk_size=16)(tparams, batch))
+    for r, (p, o) in enumerate(zip(prompt_ids, outs)):
         tokens = np.concatenate([p, o.token_ids])
         want = _logprobs(teacher, tokens)[len(p) :]
         n = len(tokens) - 1
@@ -402,10 +402,10 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
 
 
 def test_prompt_stream_visits_every_prompt_once_per_epoch_and_reshuffles():
-    stream = trainer_opd.PromptStream(num_prompts=10, batch_size=4, seed=0)
+    stream = online_opd.PromptStream(num_prompts=10, batch_size=4, seed=0)
     order = [i for s in range(5) for i in stream.indices(s)]  # 20 positions = 2 epochs
     assert sorted(order[:10]) == sorted(order[10:]) == list(range(10)) and order[:10] != order[10:]
-    assert trainer_opd.PromptStream(10, 4, seed=0).indices(3) == stream.indices(3)  # a resumed run: same prompts
+    assert online_opd.PromptStream(10, 4, seed=0).indices(3) == stream.indices(3)  # a resumed run: same prompts
 
 
 def test_a_fresh_run_refuses_a_directory_holding_another_run(world, tmp_path, capsys):
