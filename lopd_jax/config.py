@@ -33,7 +33,6 @@ import yaml
 from lopd_jax.batch import DataConfig
 from lopd_jax.checkpoint import CheckpointConfig
 from lopd_jax.losses import LossConfig
-from lopd_jax.plan import PlanConfig
 from lopd_jax.prompts import PromptConfig
 from lopd_jax.sampling import SamplingConfig
 from lopd_jax.sharding import MeshConfig
@@ -97,6 +96,19 @@ class LoggingConfig:
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True  # tqdm progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """The ``plan`` section (``--plan`` only): the per-device memory budget the compiled step is checked against.
+
+    Owned here, not by plan.py: plan.py reads the whole TrainConfig, so the schema must not import it back."""
+
+    device_memory_gb: float = 80.0  # H100 / A100-80GB
+
+    def __post_init__(self):
+        if self.device_memory_gb <= 0:
+            raise ValueError(f"plan.device_memory_gb must be > 0, got {self.device_memory_gb}")
 
 
 @dataclasses.dataclass(frozen=True)

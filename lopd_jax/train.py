@@ -83,7 +83,7 @@ TIMING_PREFIXES = ("time/", "perf/")
 
 
 def _param_shardings(setup: Setup) -> Any:
-    return sharding.param_shardings(setup.model_cfg, setup.mesh, setup.rules)
+    return qwen3.param_shardings(setup.model_cfg, setup.mesh, setup.rules)
 
 
 def load_params(cfg: TrainConfig, setup: Setup) -> Any:
@@ -98,14 +98,7 @@ def load_params(cfg: TrainConfig, setup: Setup) -> Any:
 
 def abstract_state(cfg: TrainConfig, setup: Setup, optimizer) -> update.TrainState:
     """The TrainState as sharded ShapeDtypeStructs (a restore target; no weights read)."""
-    dtype = qwen3.dtype_of(setup.model_cfg.param_dtype)
-    specs = qwen3.param_specs(setup.model_cfg)
-    params = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
-        specs,
-        _param_shardings(setup),
-        is_leaf=lambda x: isinstance(x, qwen3.ParamSpec),
-    )
+    params = sharding.abstract_arrays(qwen3.param_specs(setup.model_cfg), setup.mesh, setup.rules)
     state = jax.eval_shape(lambda p: update.init_train_state(p, optimizer, jax.random.key(cfg.train.seed)), params)
     shardings = update.state_shardings(state, setup.mesh, param_shardings=_param_shardings(setup))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)

@@ -114,14 +114,14 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, key: 
 
 def state_shardings(state: TrainState, mesh: Mesh, *, cfg: Any = None, param_shardings: Any = None) -> TrainState:
     """A TrainState-shaped tree of NamedSharding: params (and every params-shaped optimizer subtree, i.e. the
-    Adam moments) on ``param_shardings`` (default ``sharding.param_shardings(cfg, mesh)``), the rest replicated.
+    Adam moments) on ``param_shardings`` (default ``qwen3.param_shardings(cfg, mesh)``), the rest replicated.
 
     ``state`` may be abstract (``jax.eval_shape`` output).
     """
     if param_shardings is None:
-        from lopd_jax import sharding
+        from lopd_jax.models import qwen3
 
-        param_shardings = sharding.param_shardings(cfg, mesh)
+        param_shardings = qwen3.param_shardings(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     params_def = jax.tree.structure(state.params)
 

@@ -158,7 +158,7 @@ def test_step_on_8_device_mesh_equals_one_device():
 
     single = fresh_state(opt)
     step1 = update.make_update_step(loss_fn, opt)
-    p_sh = sharding.param_shardings(CFG, mesh)
+    p_sh = qwen3.param_shardings(CFG, mesh)
     sharded = fresh_state(opt, jax.device_put(init_params(), p_sh))
     st_sh = update.state_shardings(sharded, mesh, cfg=CFG)
     b_sh = sharding.batch_sharding(mesh)
