@@ -33,6 +33,7 @@ import yaml
 from lopd_jax.batch import DataConfig
 from lopd_jax.checkpoint import CheckpointConfig
 from lopd_jax.losses import LossConfig
+from lopd_jax.models.qwen3_specs import Attention, Qwen3Config, Remat
 from lopd_jax.prompts import PromptConfig
 from lopd_jax.sampling import SamplingConfig
 from lopd_jax.sharding import MeshConfig
@@ -56,11 +57,12 @@ class ModelConfig:
     config: str | None = None  # HF config.json (or its directory): the architecture when init is "scratch"
     teacher: str | None = None  # HF dir of the live teacher (mode opd only)
     tokenizer: str | None = None  # None: the tokenizer saved with ``init``
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmul operands
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the master weights
-    remat: Literal["none", "full", "dots"] = "none"
-    attention: Literal["xla", "cudnn"] = "xla"
-    scan_layers: bool = True
+    # The runtime knobs of Qwen3Config, defaults read from it (one place); the trainer allows fp32 / bf16 only.
+    dtype: Literal["float32", "bfloat16"] = Qwen3Config.dtype  # compute dtype of matmul operands
+    param_dtype: Literal["float32", "bfloat16"] = Qwen3Config.param_dtype  # storage dtype of the master weights
+    remat: Remat = Qwen3Config.remat
+    attention: Attention = Qwen3Config.attention
+    scan_layers: bool = Qwen3Config.scan_layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,6 @@ The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` + ``tensor
 (orbax: TrainState + the Grain iterator state, every ``checkpoint.every_steps`` and at the end), ``eval.json``,
 ``curves.png`` and ``hf/`` (safetensors, tokenizer files and ``lopd_provenance.json``). ``resume: true``
 continues from the latest checkpoint and reaches the same numbers as an uninterrupted run.
-
-Test hook (documented, used by tests/test_train.py): with ``LOPD_TEST_KILL_AT_STEP=N`` the process SIGKILLs itself
-right after the checkpoint of step N is on disk, so a test can kill a run at a deterministic point.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -61,7 +57,6 @@ from lopd_jax.train_setup import (
     validated,
 )
 
-KILL_ENV = "LOPD_TEST_KILL_AT_STEP"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -179,12 +174,6 @@ def _progress_bar(cfg: TrainConfig, setup: Setup, start: int):
 
     desc = cfg.mode + (" [TEACHER INCONSISTENCY ALLOWED]" if setup.warnings else "")
     return tqdm(total=cfg.train.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-
-
-def _maybe_kill(step: int) -> None:
-    """Test hook (module docstring): SIGKILL after the checkpoint of step $LOPD_TEST_KILL_AT_STEP is on disk."""
-    if os.environ.get(KILL_ENV, "").isdigit() and step == int(os.environ[KILL_ENV]):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,9 +300,6 @@ def train_loop(cfg: TrainConfig, run: Run) -> dict:
             run.logger.flush()  # every metric up to this step is on disk before the checkpoint is
             run.ckpt.save(step, state, run.data_iter, force=final)
             run.logger.last_time = time.perf_counter()  # the next step's time excludes the save
-            if os.environ.get(KILL_ENV):
-                run.ckpt.wait_until_finished()
-                _maybe_kill(step)
     run.logger.flush()
     run.ckpt.wait_until_finished()
     run.state = state
@@ -381,19 +367,12 @@ def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
         if (Path(setup.tokenizer_dir) / name).is_file():
             shutil.copy2(Path(setup.tokenizer_dir) / name, tmp / name)
     provenance.write_provenance(tmp, weights=provenance.fingerprint_weights(tmp), **_lineage(cfg, setup))
-    _maybe_kill_in_export()
     old = run_dir / f".hf.old-{os.getpid()}"
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def _maybe_kill_in_export() -> None:
-    """Test hook: ``LOPD_TEST_KILL_AT_STEP=export`` SIGKILLs the process with the export written but not renamed."""
-    if os.environ.get(KILL_ENV) == "export":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------------------

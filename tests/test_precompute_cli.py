@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_TOKENS, tiny_arch
 
 from lopd_jax import prompts, provenance, synthetic
 from lopd_jax.store import RolloutStore
@@ -34,11 +35,7 @@ def build_model(path: Path, seed: int, eos_bias: float = 0.0) -> transformers.Qw
     ``eos_bias`` shifts the eos row of the lm_head so that some greedy rollouts stop (0.17 with seed 0: the test
     prompts stop after 3 and 8 tokens, or run to the length limit)."""
     torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False,
-        eos_token_id=2, bos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
+    cfg = transformers.Qwen3Config(**tiny_arch(**TINY_TOKENS, max_position_embeddings=256, tie_word_embeddings=False))
     model = transformers.Qwen3ForCausalLM(cfg).float().eval()
     with torch.no_grad():  # peaked distributions: greedy has no near-ties
         for p in model.parameters():

@@ -6,28 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_arch
 from jax.sharding import PartitionSpec as P
 
 from lopd_jax import sharding
 from lopd_jax.models import qwen3
 
-DENSE = qwen3.Qwen3Config(
-    vocab_size=256,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+DENSE = qwen3.Qwen3Config(**tiny_arch(vocab_size=256, head_dim=16))
 MOE = qwen3.Qwen3Config(
-    vocab_size=256,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
+    **tiny_arch(vocab_size=256, head_dim=16),
     num_experts=8,
     num_experts_per_tok=2,
     moe_intermediate_size=32,

@@ -12,20 +12,13 @@ import numpy as np
 import optax
 import pytest
 import torch
+from conftest import tiny_arch
 
 from lopd_jax import losses, sharding, update
 from lopd_jax.batch import Batch
 from lopd_jax.models import qwen3
 
-CFG = qwen3.Qwen3Config(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+CFG = qwen3.Qwen3Config(**tiny_arch(head_dim=16))
 T = 16
 # Sequence lengths per row: rows hold different numbers of sequences, so micro-batches of a split batch hold
 # different sequence (and token) counts and a plain mean over micro-batches would be wrong.

@@ -10,36 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
 from typing import Any, Literal
 
+from lopd_jax.schema import check_choices
 from lopd_jax.sharding import ParamSpec as _ParamSpec
 
 Params = dict[str, Any]
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]  # float64: exact-arithmetic tests
 Remat = Literal["none", "full", "dots"]
 Attention = Literal["xla", "cudnn"]
-
-
-def check_choices(obj: Any) -> None:
-    """ValueError naming the field when a ``Literal``-typed field of dataclass ``obj`` holds another value (the
-    type is the one list of choices; configs built in Python get the check YAML-built ones get from the loader)."""
-    for name, allowed in _choices(type(obj)).items():
-        if getattr(obj, name) not in allowed:
-            raise ValueError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}: expected one of {allowed}")
-
-
-@functools.cache
-def _choices(cls: type) -> dict[str, tuple]:
-    hints = typing.get_type_hints(cls)
-    return {
-        f.name: typing.get_args(hints[f.name])
-        for f in dataclasses.fields(cls)
-        if typing.get_origin(hints[f.name]) is Literal
-    }
-
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
