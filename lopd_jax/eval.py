@@ -1,4 +1,4 @@
-"""Answer extraction, grading and accuracy metrics for held-out evaluation.
+"""Held-out evaluation: answer extraction, grading, accuracy metrics, and the ``Evaluator`` every mode uses.
 
 Math answers are compared with `math-verify` (symbolic equality through sympy: `\\frac{1}{576}` equals
 `1/576`, reordered sets are equal); synthetic tasks use exact string match of the extracted answer.
@@ -6,6 +6,8 @@ Math answers are compared with `math-verify` (symbolic equality through sympy: `
 Metrics take a boolean matrix `correct` of shape [n_prompts, k] (k samples per prompt):
 pass@1 (unbiased estimate from the k samples), avg@k (mean and spread over the k sampling runs) and the
 unbiased pass@k estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code").
+
+Eval sets are read, encoded and sampled to the stop ids of ``lopd_jax.prompts``, like every other prompt set.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class LossConfig:
     compute_entropy: bool = False
 
     def __post_init__(self):
-        check_choices(self)
+        check_choices(self, "loss")
         if self.clip_eps_low < 0 or self.clip_eps_high < 0:
             raise ValueError("loss.clip_eps_low and loss.clip_eps_high must be >= 0")
         if self.tis_cap is not None and self.tis_cap <= 0:

@@ -14,12 +14,14 @@ import typing
 from typing import Any, Literal
 
 
-def check_choices(obj: Any) -> None:
-    """ValueError naming class, field and choices when a ``Literal``-typed field of dataclass ``obj`` holds a value
-    its type does not list."""
+def check_choices(obj: Any, section: str | None = None) -> None:
+    """ValueError naming ``section.field`` (``section`` defaults to the class name, e.g. ``optimizer`` for the
+    config section a class fills), the value and the choices when a ``Literal``-typed field of dataclass ``obj``
+    holds a value its type does not list."""
     for name, allowed in _choices(type(obj)).items():
         if getattr(obj, name) not in allowed:
-            raise ValueError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}: expected one of {list(allowed)}")
+            where = f"{section or type(obj).__name__}.{name}"
+            raise ValueError(f"{where} must be one of {list(allowed)}, got {getattr(obj, name)!r}")
 
 
 @functools.cache

@@ -43,7 +43,7 @@ class OptimizerConfig:
     moments_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
-        check_choices(self)
+        check_choices(self, "optimizer")
         if self.schedule != "constant" and self.total_steps <= max(self.warmup_steps, 0):
             raise ValueError(
                 f"optimizer.total_steps ({self.total_steps}) must exceed optimizer.warmup_steps "
