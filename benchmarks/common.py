@@ -352,7 +352,7 @@ def task_sequences(n: int, seed: int = 0) -> tuple[list[list[int]], list[np.ndar
     import tempfile
 
     from lopd_jax import synthetic as syn
-    from lopd_jax.trainer_opd import encode_prompt
+    from lopd_jax.prompts import encode_prompt
 
     rng = np.random.default_rng(seed)
     difficulty = syn.Difficulty(**DEMO_TASK)

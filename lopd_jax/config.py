@@ -33,7 +33,8 @@ import yaml
 from lopd_jax.batch import DataConfig
 from lopd_jax.checkpoint import CheckpointConfig
 from lopd_jax.losses import LossConfig
-from lopd_jax.plan import PlanConfig
+from lopd_jax.models.qwen3_specs import Attention, Qwen3Config, Remat
+from lopd_jax.prompts import PromptConfig
 from lopd_jax.sampling import SamplingConfig
 from lopd_jax.sharding import MeshConfig
 from lopd_jax.update import OptimizerConfig
@@ -56,11 +57,12 @@ class ModelConfig:
     config: str | None = None  # HF config.json (or its directory): the architecture when init is "scratch"
     teacher: str | None = None  # HF dir of the live teacher (mode opd only)
     tokenizer: str | None = None  # None: the tokenizer saved with ``init``
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmul operands
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the master weights
-    remat: Literal["none", "full", "dots"] = "none"
-    attention: Literal["xla", "cudnn"] = "xla"
-    scan_layers: bool = True
+    # The runtime knobs of Qwen3Config, defaults read from it (one place); the trainer allows fp32 / bf16 only.
+    dtype: Literal["float32", "bfloat16"] = Qwen3Config.dtype  # compute dtype of matmul operands
+    param_dtype: Literal["float32", "bfloat16"] = Qwen3Config.param_dtype  # storage dtype of the master weights
+    remat: Remat = Qwen3Config.remat
+    attention: Attention = Qwen3Config.attention
+    scan_layers: bool = Qwen3Config.scan_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,19 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """The ``plan`` section (``--plan`` only): the per-device memory budget the compiled step is checked against.
+
+    Owned here, not by plan.py: plan.py reads the whole TrainConfig, so the schema must not import it back."""
+
+    device_memory_gb: float = 80.0  # H100 / A100-80GB
+
+    def __post_init__(self):
+        if self.device_memory_gb <= 0:
+            raise ValueError(f"plan.device_memory_gb must be > 0, got {self.device_memory_gb}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The whole run; ``to_dict(cfg)`` is what the run saves as its resolved config."""
 
@@ -111,6 +126,7 @@ class TrainConfig:
     sampling: SamplingConfig = SamplingConfig()
     train: TrainLoopConfig = TrainLoopConfig()
     eval: EvalConfig = EvalConfig()
+    prompt: PromptConfig = PromptConfig()  # how online OPD's data.prompts and eval.prompts are encoded
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     plan: PlanConfig = PlanConfig()  # --plan only: the per-device memory budget

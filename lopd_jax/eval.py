@@ -1,4 +1,4 @@
-"""Answer extraction, grading and accuracy metrics for held-out evaluation.
+"""Held-out evaluation: answer extraction, grading, accuracy metrics, and the ``Evaluator`` every mode uses.
 
 Math answers are compared with `math-verify` (symbolic equality through sympy: `\\frac{1}{576}` equals
 `1/576`, reordered sets are equal); synthetic tasks use exact string match of the extracted answer.
@@ -6,19 +6,24 @@ Math answers are compared with `math-verify` (symbolic equality through sympy: `
 Metrics take a boolean matrix `correct` of shape [n_prompts, k] (k samples per prompt):
 pass@1 (unbiased estimate from the k samples), avg@k (mean and spread over the k sampling runs) and the
 unbiased pass@k estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code").
+
+Eval sets are read, encoded and sampled to the stop ids of ``lopd_jax.prompts``, like every other prompt set.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+from lopd_jax import prompts
+from lopd_jax.prompts import PromptError
 
 GradeKind = Literal["math", "exact"]
 
@@ -184,35 +189,88 @@ def summarize(correct: np.ndarray | Sequence, prefix: str = "eval") -> dict[str,
     }
 
 
-def _eval_row(raw: str, path: Path, lineno: int) -> dict:
-    try:
-        row = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-    if not isinstance(row, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-    prompt = row.get("prompt", row.get("problem"))
-    if not isinstance(prompt, str):
-        raise ValueError(f"{path}:{lineno}: missing string field 'prompt' (or 'problem')")
+def _eval_row(row: dict, where: str) -> dict:
+    if "prompt" not in row and "messages" not in row:
+        if not isinstance(row.get("problem"), str):
+            raise PromptError(f"{where}: missing string field 'prompt' (or 'problem')")
+        row = {**row, "prompt": row["problem"]}
+    prompts.check_row(row, where)
     answer = row.get("answer")
     if answer is None or isinstance(answer, (dict, list, bool)):
-        raise ValueError(f"{path}:{lineno}: missing field 'answer' (a string or a number)")
-    return {**row, "prompt": prompt, "answer": str(answer)}
+        raise PromptError(f"{where}: missing field 'answer' (a string or a number)")
+    return {**row, "answer": str(answer)}
 
 
 def load_eval_set(path: str | Path) -> list[dict]:
-    """Read a JSONL eval set: one object per line with `prompt` (or `problem`) and `answer`.
+    """Read a JSONL eval set: one object per line with `prompt` (or `problem`, or chat `messages`) and `answer`.
 
-    Returns one dict per line with every original field plus `prompt` (str) and `answer` (str; numbers
-    converted). Blank lines are skipped. Raises ValueError naming the file and line of a malformed line or a
-    missing field. Lines are split on '\\n' only: str.splitlines would also break on characters JSON allows raw
-    inside strings (U+2028, form feed), and the line numbers in errors must match an editor's.
+    Returns one dict per line with every original field plus `prompt` (str, unless the row has `messages`),
+    `answer` (str; numbers converted) and `line`. Blank lines are skipped. Lines are read by
+    ``lopd_jax.prompts`` (the prompt-file reader every mode uses); PromptError (a ValueError) names the file and
+    line of a malformed line or a missing field, or the file when it is missing or empty.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval set not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    rows = [_eval_row(raw, path, i) for i, raw in enumerate(text.split("\n"), start=1) if raw.strip()]
+    rows = [_eval_row(row, where) for where, row in prompts.read_objects(path)]
     if not rows:
-        raise ValueError(f"{path}: eval set is empty")
+        raise PromptError(f"{path}: eval set is empty")
     return rows
+
+
+class Evaluator:
+    """``k`` samples per held-out prompt from the current params, graded (math-verify or exact match).
+
+    The prompts are encoded with ``prompt_cfg`` and sampling stops at exactly ``stop_ids`` (both from
+    ``lopd_jax.prompts``), as online OPD and the precompute rollouts do, so every mode evaluates the same tokens.
+    jax and the sampler are imported on use: the grading helpers above stay importable without them.
+    """
+
+    def __init__(
+        self,
+        eval_cfg: Any,
+        tokenizer: Any,
+        model_cfg: Any,
+        *,
+        mesh: Any,
+        seed: int,
+        batch_size: int,
+        stop_ids: Sequence[int],
+        prompt_cfg: prompts.PromptConfig,
+    ):
+        from lopd_jax import sampling
+
+        rows = load_eval_set(eval_cfg.prompts)
+        rows = rows[: eval_cfg.num_prompts] if eval_cfg.num_prompts > 0 else rows
+        self.cfg, self.tokenizer, self.model_cfg, self.mesh = eval_cfg, tokenizer, model_cfg, mesh
+        self.prompts = prompts.encode_prompts(tokenizer, rows, prompt_cfg)
+        self.answers = [r["answer"] for r in rows]
+        self.scfg = sampling.SamplingConfig(
+            temperature=eval_cfg.temperature,
+            top_p=eval_cfg.top_p,
+            max_new_tokens=eval_cfg.max_new_tokens,
+            stop_token_ids=tuple(stop_ids),
+            ignore_eos=True,
+            seed=seed,
+        )
+        self.batch_size = batch_size
+
+    def __call__(self, params: Any, step: int) -> dict[str, float]:
+        """eval/pass@1, eval/avg@k (+ its std), eval/pass@k of ``params``; the key depends only on the step."""
+        import jax
+        from tqdm import tqdm
+
+        from lopd_jax import sampling
+
+        n, k = len(self.prompts), self.cfg.k
+        t0 = time.perf_counter()
+        if jax.process_index() == 0:  # a line a newcomer can read while sampling runs (tqdm.write: bar-safe)
+            tqdm.write(f"eval at step {step}: sampling {n} prompts x {k} (max {self.scfg.max_new_tokens} tokens)")
+        key = jax.random.fold_in(jax.random.key(self.scfg.seed), step)
+        outs = sampling.generate(params, self.model_cfg, self.prompts * k, self.scfg, key, self.mesh, self.batch_size)
+        texts = [self.tokenizer.decode(o.token_ids.tolist(), skip_special_tokens=True) for o in outs]
+        preds = [[texts[j * n + i] for j in range(k)] for i in range(n)]
+        correct = grade_batch(preds, self.answers, self.cfg.grading)
+        metrics = summarize(correct)
+        metrics["eval/avg@k"] = metrics[f"eval/avg@{k}"]
+        if jax.process_index() == 0:
+            seconds = time.perf_counter() - t0
+            tqdm.write(f"eval at step {step}: pass@1 {100 * metrics['eval/pass@1']:.1f}% ({seconds:.1f} s)")
+        return metrics

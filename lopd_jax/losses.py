@@ -11,13 +11,14 @@ Shapes: B batch, T time, D embed, V vocab, C tokens per chunk, J number of chunk
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from lopd_jax.batch import Batch
 from lopd_jax.models import qwen3
+from lopd_jax.schema import check_choices
 
 Metrics = dict[str, jax.Array]
 DEFAULT_CHUNK_SIZE = 512  # tokens per row per chunk: [B, 512, 151936] fp32 is 311 MB per row
@@ -29,19 +30,16 @@ class LossConfig:
 
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
-    normalization: str = "sample_mean"  # "sample_mean" (reference) | "token_mean"
+    normalization: Literal["sample_mean", "token_mean"] = "sample_mean"  # sample_mean: the reference
     tis_cap: float | None = None  # truncated importance sampling cap C; None = off
     # pi_old of the PPO ratio and advantage: "current" = stop_gradient(pi_theta) (the reference: one step per batch,
     # ratio 1); "behavior" = the rollout policy's recorded log-probs, so the clip bounds the drift from it.
-    old_policy: str = "current"
+    old_policy: Literal["current", "behavior"] = "current"
     logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE  # tokens per chunk; 0 = no chunking
     compute_entropy: bool = False
 
     def __post_init__(self):
-        if self.normalization not in ("sample_mean", "token_mean"):
-            raise ValueError(f"loss.normalization must be 'sample_mean' or 'token_mean', got {self.normalization!r}")
-        if self.old_policy not in ("current", "behavior"):
-            raise ValueError(f"loss.old_policy must be 'current' or 'behavior', got {self.old_policy!r}")
+        check_choices(self, "loss")
         if self.clip_eps_low < 0 or self.clip_eps_high < 0:
             raise ValueError("loss.clip_eps_low and loss.clip_eps_high must be >= 0")
         if self.tis_cap is not None and self.tis_cap <= 0:

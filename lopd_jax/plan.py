@@ -47,17 +47,6 @@ _BATCH_FIELDS.update(loss_mask=jnp.float32, teacher_logprobs=jnp.float32, behavi
 
 
 @dataclasses.dataclass(frozen=True)
-class PlanConfig:
-    """The ``plan`` section: the per-device memory budget the compiled step is checked against."""
-
-    device_memory_gb: float = 80.0  # H100 / A100-80GB
-
-    def __post_init__(self):
-        if self.device_memory_gb <= 0:
-            raise ValueError(f"plan.device_memory_gb must be > 0, got {self.device_memory_gb}")
-
-
-@dataclasses.dataclass(frozen=True)
 class TensorPlan:
     name: str
     shape: tuple[int, ...]
@@ -136,10 +125,7 @@ def _with_sharding(abstract: Any, shardings: Any) -> Any:
 
 def abstract_params(model_cfg: qwen3.Qwen3Config, mesh: Mesh, rules: sharding.Rules) -> Any:
     """Params as ``ShapeDtypeStruct`` leaves carrying the trainer's NamedShardings (nothing allocated)."""
-    dtype = jnp.dtype(model_cfg.param_dtype)
-    specs = qwen3.param_specs(model_cfg)
-    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs, is_leaf=sharding._is_spec)
-    return _with_sharding(shapes, sharding.param_shardings(model_cfg, mesh, rules))
+    return sharding.abstract_arrays(qwen3.param_specs(model_cfg), mesh, rules)
 
 
 def abstract_state(params: Any, optimizer: Any, mesh: Mesh, seed: int = 0) -> tuple[Any, Any]:

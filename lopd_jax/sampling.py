@@ -259,8 +259,7 @@ def _place(arrays, mesh: Mesh | None, rules: sharding.Rules):
 def _cache_sharding(cfg: Qwen3Config, mesh: Mesh | None, batch: int, max_len: int, rules: sharding.Rules):
     if mesh is None:
         return None
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # qwen3.init_cache
-    return sharding.logical_sharding(mesh, ("layers", "batch", "kv_heads", "seq", "head_dim"), shape, rules)
+    return sharding.shardings(qwen3.cache_specs(cfg, batch, max_len), mesh, rules)["k"]  # k and v alike
 
 
 def _params_on_mesh(params: Params, cfg: Qwen3Config, mesh: Mesh, rules: sharding.Rules) -> Params:
@@ -268,7 +267,7 @@ def _params_on_mesh(params: Params, cfg: Qwen3Config, mesh: Mesh, rules: shardin
     leaves = jax.tree.leaves(params)
     if all(isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh for x in leaves):
         return params
-    return sharding.shard_params(params, sharding.param_shardings(cfg, mesh, rules))
+    return sharding.shard_params(params, qwen3.param_shardings(cfg, mesh, rules))
 
 
 def generate_batches(
@@ -321,7 +320,7 @@ def generate(
     """Sample a continuation of every prompt (token-id lists); outputs in prompt order.
 
     key: a ``jax.random.key``; defaults to ``key(sampling_cfg.seed)``. Same key -> same tokens.
-    mesh: when given, params not yet on it are placed by ``sharding.param_shardings(cfg, mesh, rules)``, and
+    mesh: when given, params not yet on it are placed by ``qwen3.param_shardings(cfg, mesh, rules)``, and
     the batch and KV cache are split over the ``batch`` rule's mesh axes (batch_size is rounded up to a
     multiple of their size).
     """

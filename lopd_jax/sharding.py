@@ -1,8 +1,10 @@
 """Device mesh and the logical-axis rule table: the ONLY place mesh axes are named.
 
-Model code describes every array with logical axis names (``embed``, ``heads``, ``batch``, ...; see
-``qwen3.param_specs``). This module maps them to the mesh axes ``data``, ``fsdp``, ``tensor``, ``expert``
-through one rule table, and turns that into ``PartitionSpec`` / ``NamedSharding`` objects.
+Model code describes every array it owns once, as a ``ParamSpec`` (shape, dtype, logical axis names such as
+``embed``, ``heads``, ``batch``, initializer; see ``qwen3.param_specs`` / ``qwen3.cache_specs``). This module maps
+the logical names to the mesh axes ``data``, ``fsdp``, ``tensor``, ``expert`` through one rule table, and turns any
+tree of specs into ``PartitionSpec`` / ``NamedSharding`` / abstract-array trees. It knows no model: it imports
+nothing from ``lopd_jax.models``.
 
 Decisions:
   * Two logical axes of one array that map to the same mesh axis raise (``ShardingRuleError``): such a rule
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -42,6 +44,29 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "expert": "expert",
     "layers": None,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One array described once: shape, logical axes (names of the rule table), initializer and dtype.
+
+    A frozen dataclass, not a tuple: jax treats it as a leaf, so a tree of specs maps one-to-one onto the tree
+    of arrays it describes (``is_param_spec`` is still the one test, for readers and for ``is_leaf``).
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: Literal["normal", "ones", "zeros"] = "normal"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(self.axes):
+            raise ValueError(f"ParamSpec: shape {self.shape} and logical axes {self.axes} differ in rank")
+
+
+def is_param_spec(x: Any) -> bool:
+    """Whether ``x`` is a ``ParamSpec`` leaf of a spec tree (the one test every spec-tree walk uses)."""
+    return isinstance(x, ParamSpec)
 
 
 class ShardingRuleError(ValueError):
@@ -171,24 +196,27 @@ def logical_sharding(
     return NamedSharding(mesh, logical_to_spec(logical, rules, shape=shape, mesh=mesh))
 
 
-def _is_spec(x: Any) -> bool:
-    # qwen3.ParamSpec is a NamedTuple (a pytree node to jax), so it must be marked as a leaf.
-    return isinstance(x, tuple) and hasattr(x, "axes") and hasattr(x, "shape")
-
-
-def param_partition_specs(cfg: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """Pytree of ``PartitionSpec`` matching ``qwen3.param_specs(cfg)`` (handy for snapshots)."""
-    from lopd_jax.models import qwen3  # lazy: qwen3 may import this module
-
+def partition_specs(specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Tree of ``PartitionSpec``, one per ``ParamSpec`` leaf of ``specs`` (handy for snapshots)."""
     return jax.tree.map(
-        lambda s: logical_to_spec(s.axes, rules, shape=s.shape, mesh=mesh), qwen3.param_specs(cfg), is_leaf=_is_spec
+        lambda s: logical_to_spec(s.axes, rules, shape=s.shape, mesh=mesh), specs, is_leaf=is_param_spec
     )
 
 
-def param_shardings(cfg: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """Pytree of ``NamedSharding`` with the structure of the params of ``cfg`` (a ``Qwen3Config``)."""
-    specs = param_partition_specs(cfg, mesh, rules)
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+def shardings(specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Tree of ``NamedSharding`` on ``mesh``, one per ``ParamSpec`` leaf of ``specs`` (params, KV cache, ...)."""
+    return jax.tree.map(lambda s: logical_sharding(mesh, s.axes, s.shape, rules), specs, is_leaf=is_param_spec)
+
+
+def abstract_arrays(specs: Any, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Any:
+    """Tree of ``jax.ShapeDtypeStruct`` (sharded on ``mesh`` when given): the arrays ``specs`` describe, none
+    allocated (restore targets, ``jax.jit(...).lower`` arguments)."""
+
+    def abstract(s: ParamSpec) -> jax.ShapeDtypeStruct:
+        sh = logical_sharding(mesh, s.axes, s.shape, rules) if mesh is not None else None
+        return jax.ShapeDtypeStruct(s.shape, jax.numpy.dtype(s.dtype), sharding=sh)
+
+    return jax.tree.map(abstract, specs, is_leaf=is_param_spec)
 
 
 def batch_sharding(mesh: Mesh, rank: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:

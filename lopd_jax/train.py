@@ -7,7 +7,7 @@ Modes (``mode:`` in the config), one jitted update step (``update.make_update_st
   log-probs are ``stop_gradient`` of the current ones). Before step 0 the store's teacher must be the init
   checkpoint's ``sft_teacher`` and the store's rollout policy must be the init weights (``provenance``), unless
   ``allow_teacher_inconsistency: true``, which is then stamped on every metrics record and the progress bar.
-* ``opd``: standard online OPD (``trainer_opd``): sample from the current student, score with a live teacher.
+* ``opd``: standard online OPD (``online_opd``): sample from the current student, score with a live teacher.
 
 Everything is validated before the run directory is created (``train_setup.validated``): a bad config, store,
 provenance or vocabulary exits with status 2 and one ``error: ...`` line, and writes nothing. A config listing
@@ -17,9 +17,6 @@ The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` + ``tensor
 (orbax: TrainState + the Grain iterator state, every ``checkpoint.every_steps`` and at the end), ``eval.json``,
 ``curves.png`` and ``hf/`` (safetensors, tokenizer files and ``lopd_provenance.json``). ``resume: true``
 continues from the latest checkpoint and reaches the same numbers as an uninterrupted run.
-
-Test hook (documented, used by tests/test_train.py): with ``LOPD_TEST_KILL_AT_STEP=N`` the process SIGKILLs itself
-right after the checkpoint of step N is on disk, so a test can kill a run at a deterministic point.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -61,7 +57,6 @@ from lopd_jax.train_setup import (
     validated,
 )
 
-KILL_ENV = "LOPD_TEST_KILL_AT_STEP"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -83,7 +78,7 @@ TIMING_PREFIXES = ("time/", "perf/")
 
 
 def _param_shardings(setup: Setup) -> Any:
-    return sharding.param_shardings(setup.model_cfg, setup.mesh, setup.rules)
+    return qwen3.param_shardings(setup.model_cfg, setup.mesh, setup.rules)
 
 
 def load_params(cfg: TrainConfig, setup: Setup) -> Any:
@@ -98,14 +93,7 @@ def load_params(cfg: TrainConfig, setup: Setup) -> Any:
 
 def abstract_state(cfg: TrainConfig, setup: Setup, optimizer) -> update.TrainState:
     """The TrainState as sharded ShapeDtypeStructs (a restore target; no weights read)."""
-    dtype = qwen3.dtype_of(setup.model_cfg.param_dtype)
-    specs = qwen3.param_specs(setup.model_cfg)
-    params = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
-        specs,
-        _param_shardings(setup),
-        is_leaf=lambda x: isinstance(x, qwen3.ParamSpec),
-    )
+    params = sharding.abstract_arrays(qwen3.param_specs(setup.model_cfg), setup.mesh, setup.rules)
     state = jax.eval_shape(lambda p: update.init_train_state(p, optimizer, jax.random.key(cfg.train.seed)), params)
     shardings = update.state_shardings(state, setup.mesh, param_shardings=_param_shardings(setup))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
@@ -188,12 +176,6 @@ def _progress_bar(cfg: TrainConfig, setup: Setup, start: int):
     return tqdm(total=cfg.train.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
 
-def _maybe_kill(step: int) -> None:
-    """Test hook (module docstring): SIGKILL after the checkpoint of step $LOPD_TEST_KILL_AT_STEP is on disk."""
-    if os.environ.get(KILL_ENV, "").isdigit() and step == int(os.environ[KILL_ENV]):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,14 +208,12 @@ def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
             return place_local(host, sh, cfg.train.batch_size), stats
 
         return from_store
-    from lopd_jax import trainer_opd
+    from lopd_jax import online_opd
 
     tparams = hf.load_hf(cfg.model.teacher, mesh=setup.mesh)
     tcfg = dataclasses.replace(tparams[0], dtype=setup.model_cfg.dtype)
-    scfg = dataclasses.replace(
-        cfg.sampling, stop_token_ids=trainer_opd.stop_ids(setup.tokenizer, cfg.sampling.stop_token_ids)
-    )
-    online = trainer_opd.OnlineOPD(
+    scfg = online_opd.sampler_config(cfg.sampling, setup.stop_ids)
+    online = online_opd.OnlineOPD(
         prompts=setup.prompts,
         model_cfg=setup.model_cfg,
         teacher_cfg=tcfg,
@@ -254,15 +234,17 @@ def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
 def _evaluator(cfg: TrainConfig, setup: Setup):
     if not cfg.eval.prompts:
         return None
-    from lopd_jax import trainer_opd
+    from lopd_jax import eval as evaluation
 
-    return trainer_opd.Evaluator(
+    return evaluation.Evaluator(
         cfg.eval,
         setup.tokenizer,
         setup.model_cfg,
         mesh=setup.mesh,
         seed=cfg.train.seed,
         batch_size=cfg.train.batch_size,
+        stop_ids=setup.stop_ids,
+        prompt_cfg=cfg.prompt,
     )
 
 
@@ -318,9 +300,6 @@ def train_loop(cfg: TrainConfig, run: Run) -> dict:
             run.logger.flush()  # every metric up to this step is on disk before the checkpoint is
             run.ckpt.save(step, state, run.data_iter, force=final)
             run.logger.last_time = time.perf_counter()  # the next step's time excludes the save
-            if os.environ.get(KILL_ENV):
-                run.ckpt.wait_until_finished()
-                _maybe_kill(step)
     run.logger.flush()
     run.ckpt.wait_until_finished()
     run.state = state
@@ -388,19 +367,12 @@ def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
         if (Path(setup.tokenizer_dir) / name).is_file():
             shutil.copy2(Path(setup.tokenizer_dir) / name, tmp / name)
     provenance.write_provenance(tmp, weights=provenance.fingerprint_weights(tmp), **_lineage(cfg, setup))
-    _maybe_kill_in_export()
     old = run_dir / f".hf.old-{os.getpid()}"
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def _maybe_kill_in_export() -> None:
-    """Test hook: ``LOPD_TEST_KILL_AT_STEP=export`` SIGKILLs the process with the export written but not renamed."""
-    if os.environ.get(KILL_ENV) == "export":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------------------

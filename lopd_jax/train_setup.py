@@ -18,11 +18,12 @@ import jax
 import numpy as np
 
 from lopd_jax import config as config_lib
-from lopd_jax import distributed, provenance, sharding
+from lopd_jax import distributed, prompts, provenance, sharding
 from lopd_jax.batch import DataError
 from lopd_jax.checkpoint import CheckpointCorruptError
 from lopd_jax.config import ConfigError, TrainConfig
 from lopd_jax.models import hf, qwen3
+from lopd_jax.prompts import PromptError
 from lopd_jax.provenance import ProvenanceError
 from lopd_jax.store import RolloutStore, StoreError
 
@@ -65,6 +66,7 @@ class Setup:
     warnings: list[str] = dataclasses.field(default_factory=list)
     resume_changes: dict = dataclasses.field(default_factory=dict)  # {dotted key: [saved, now]} allowed on resume
     prompts: list[list[int]] | None = None  # opd
+    stop_ids: tuple[int, ...] = ()  # opd and evaluation: where sampling stops (lopd_jax.prompts.stop_ids)
     _tokenizer: Any = None
 
     @property
@@ -107,13 +109,11 @@ def _tokenizer_dir(cfg: TrainConfig) -> str:
 
 
 def load_tokenizer(tok_dir: str) -> Any:
-    """The HF tokenizer in ``tok_dir`` (never runs repository code)."""
-    from transformers import AutoTokenizer
-
+    """The HF tokenizer in ``tok_dir`` (``prompts.load_tokenizer``: never runs repository code)."""
     try:
-        return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {tok_dir}: {e}") from None
+        return prompts.load_tokenizer(tok_dir)
+    except PromptError as e:
+        raise ConfigError(f"model.tokenizer: {e}") from None
 
 
 def tokenizer_size(tok_dir: str) -> int:
@@ -234,24 +234,38 @@ def _check_weights(path: str, model_cfg: qwen3.Qwen3Config, key: str) -> None:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
-    from lopd_jax import trainer_opd
+def _generation_dir(cfg: TrainConfig, setup: Setup) -> str:
+    """The directory whose generation_config.json / config.json names the student's eos ids (``prompts.stop_ids``):
+    the init checkpoint, or the tokenizer's directory for a student trained from scratch."""
+    return cfg.model.init if cfg.model.init != SCRATCH else setup.tokenizer_dir
 
+
+def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
+    """Online OPD's prompts, encoded with ``lopd_jax.prompts`` (the precompute rollouts' encoder)."""
     try:
-        rows = trainer_opd.read_prompts(cfg.data.prompts)
-        setup.prompts = [trainer_opd.encode_prompt(setup.tokenizer, r) for r in rows]
-    except (OSError, ValueError) as e:
+        rows = prompts.read_prompts(cfg.data.prompts)
+        setup.prompts = prompts.encode_prompts(setup.tokenizer, rows, cfg.prompt)
+    except (OSError, ValueError) as e:  # PromptError, or the chat template's own error
         raise ConfigError(f"data.prompts: {e}") from None
+
+
+def _check_stop_ids(cfg: TrainConfig, setup: Setup) -> None:
+    """Where online OPD and evaluation stop sampling: ``prompts.stop_ids`` plus ``sampling.stop_token_ids``."""
+    try:
+        setup.stop_ids = prompts.stop_ids(_generation_dir(cfg, setup), setup.tokenizer, cfg.sampling.stop_token_ids)
+    except PromptError as e:
+        raise ConfigError(f"model.init: {e}") from None
 
 
 def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
     from lopd_jax import eval as evaluation
 
     try:
-        evaluation.load_eval_set(cfg.eval.prompts)
-    except (OSError, ValueError) as e:
+        rows = evaluation.load_eval_set(cfg.eval.prompts)
+        rows = rows[: cfg.eval.num_prompts] if cfg.eval.num_prompts > 0 else rows
+        prompts.encode_prompts(setup.tokenizer, rows, cfg.prompt)  # a row the tokenizer cannot encode fails now
+    except (OSError, ValueError) as e:  # PromptError, or the chat template's own error
         raise ConfigError(f"eval.prompts: {e}") from None
-    setup.tokenizer  # noqa: B018  (load it now: a broken tokenizer must fail before the run starts)
 
 
 def _check_shapes(cfg: TrainConfig, setup: Setup) -> None:
@@ -437,6 +451,8 @@ def prepare(cfg: TrainConfig) -> Setup:
         _check_prompts(cfg, setup)
     if cfg.eval.prompts:
         _check_eval_set(cfg, setup)
+    if cfg.mode == "opd" or cfg.eval.prompts:
+        _check_stop_ids(cfg, setup)
     return setup
 
 

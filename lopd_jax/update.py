@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lopd_jax.schema import check_choices
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 DENOM_KEY = "data/loss_denominator"
@@ -27,7 +29,7 @@ class OptimizerConfig:
     """AdamW with global-norm clipping; defaults are the reference's (lr 2e-6 constant, betas 0.9/0.98)."""
 
     lr: float = 2e-6
-    schedule: str = "constant"  # "constant" | "cosine" | "warmup_cosine"
+    schedule: Literal["constant", "cosine", "warmup_cosine"] = "constant"
     warmup_steps: int = 0
     total_steps: int = 0  # needed by the cosine schedules
     b1: float = 0.9
@@ -38,13 +40,10 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     # Storage dtype of the Adam moments between steps ("bfloat16" halves their memory, e.g. to fit 30B-A3B on
     # 8 x 80 GB; the update itself is computed in fp32). The reference keeps them in fp32.
-    moments_dtype: str = "float32"
+    moments_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
-        if self.moments_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"optimizer.moments_dtype must be float32|bfloat16, got {self.moments_dtype!r}")
-        if self.schedule not in ("constant", "cosine", "warmup_cosine"):
-            raise ValueError(f"optimizer.schedule must be constant|cosine|warmup_cosine, got {self.schedule!r}")
+        check_choices(self, "optimizer")
         if self.schedule != "constant" and self.total_steps <= max(self.warmup_steps, 0):
             raise ValueError(
                 f"optimizer.total_steps ({self.total_steps}) must exceed optimizer.warmup_steps "
@@ -114,14 +113,14 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, key: 
 
 def state_shardings(state: TrainState, mesh: Mesh, *, cfg: Any = None, param_shardings: Any = None) -> TrainState:
     """A TrainState-shaped tree of NamedSharding: params (and every params-shaped optimizer subtree, i.e. the
-    Adam moments) on ``param_shardings`` (default ``sharding.param_shardings(cfg, mesh)``), the rest replicated.
+    Adam moments) on ``param_shardings`` (default ``qwen3.param_shardings(cfg, mesh)``), the rest replicated.
 
     ``state`` may be abstract (``jax.eval_shape`` output).
     """
     if param_shardings is None:
-        from lopd_jax import sharding
+        from lopd_jax.models import qwen3
 
-        param_shardings = sharding.param_shardings(cfg, mesh)
+        param_shardings = qwen3.param_shardings(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     params_def = jax.tree.structure(state.params)
 

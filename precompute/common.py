@@ -1,4 +1,7 @@
-"""Helpers shared by the precompute command lines: prompt files, tokenizers, stop ids, progress, test hooks."""
+"""Helpers shared by the precompute command lines: model checks, manifests, progress, test hooks.
+
+Prompt files, tokenizers and stop ids come from ``lopd_jax.prompts`` (the one encoder the trainer uses too).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from lopd_jax.prompts import PromptError
 
 # Test hook (documented, used by tests/test_precompute_cli.py): when set to N, a tool SIGKILLs itself right
 # after its N-th commit, so a test can kill it at a deterministic point and check that a rerun resumes exactly.
@@ -37,78 +42,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _check_messages(messages: Any, where: str) -> None:
-    ok = (
-        isinstance(messages, list)
-        and messages
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
-    )
-    if not ok:
-        raise PrecomputeError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
-
-
-def _lines(path: str | os.PathLike) -> list[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file; PrecomputeError naming the file (missing, unreadable) or the line."""
-    try:
-        raw_lines = Path(path).read_bytes().splitlines()
-    except OSError as e:
-        raise PrecomputeError(f"{path}: cannot read ({e.strerror})") from None
-    out = []
-    for lineno, raw in enumerate(raw_lines, 1):
-        try:
-            out.append((lineno, raw.decode("utf-8")))
-        except UnicodeDecodeError as e:
-            raise PrecomputeError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
-    return out
-
-
-def read_jsonl(path: str | os.PathLike, require: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a prompt file: each a JSON object with ``prompt`` (str) or ``messages`` (chat list), optional
-    ``answer``, and the ``require``d keys. PrecomputeError names the file and line of the first bad row."""
-    rows = []
-    for lineno, line in _lines(path):
-        if line.strip():
-            rows.append({**_parse_row(line, f"{path}:{lineno}", require), "line": lineno})
-    if not rows:
-        raise PrecomputeError(f"{path}: no rows")
-    return rows
-
-
-def _parse_row(line: str, where: str, require: tuple[str, ...]) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise PrecomputeError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(row, dict):
-        raise PrecomputeError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if ("prompt" in row) == ("messages" in row):
-        raise PrecomputeError(f"{where}: each row needs exactly one of 'prompt' (str) or 'messages' (list)")
-    if "prompt" in row and not isinstance(row["prompt"], str):
-        raise PrecomputeError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
-    if "messages" in row:
-        _check_messages(row["messages"], where)
-    for key in require:
-        if not isinstance(row.get(key), str):
-            raise PrecomputeError(f"{where}: missing string field {key!r}")
-    return row
-
-
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The HF tokenizer saved in ``model_dir`` (never runs repository code); PrecomputeError when it has none."""
-    from transformers import AutoTokenizer
-
-    if not Path(model_dir).is_dir():
-        raise PrecomputeError(f"{model_dir}: not a directory (expected a Hugging Face model / tokenizer directory)")
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PrecomputeError(f"{model_dir}: cannot load its tokenizer ({reason})") from None
-
-
 def check_model_dir(model_dir: str | os.PathLike, flag: str) -> None:
     """Refuse, before any store is touched, a model the tools cannot run: no readable config.json, or not a
     Qwen3 causal LM (config.json ``model_type`` / ``architectures``; lopd_jax trains Qwen3 dense and MoE)."""
@@ -130,42 +63,6 @@ def check_model_dir(model_dir: str | os.PathLike, flag: str) -> None:
             f"{flag} {model_dir}: config.json has model_type {cfg.get('model_type')!r}, architectures {archs}; "
             f"the precompute tools run {supported} (model_type {sorted(hf._ARCH)}) only"
         )
-
-
-def _ids(encoded: Any) -> list[int]:
-    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x returned a list.
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return [int(i) for i in ids]
-
-
-def encode_prompt(tokenizer, row: dict, chat_template: bool, enable_thinking: bool | None) -> list[int]:
-    """Prompt token ids: the chat template with the generation prompt (the assistant header), or the raw
-    text when ``chat_template`` is off (then the row must have ``prompt``)."""
-    if not chat_template:
-        if "prompt" not in row:
-            raise PrecomputeError(f"line {row['line']}: 'messages' rows need the chat template (--chat-template)")
-        return _ids(tokenizer(row["prompt"])["input_ids"])
-    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **extra))
-
-
-def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> tuple[int, ...]:
-    """The ids generation stops at: the tokenizer's eos plus generation_config.json's eos ids (or, without a
-    generation config, config.json's), as vLLM and ``transformers.generate`` do. Sorted, first = primary."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    d = Path(model_dir)
-    for name in ("generation_config.json", "config.json"):
-        if (d / name).exists():
-            eos = json.loads((d / name).read_text()).get("eos_token_id")
-            if eos is not None:
-                ids += [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-                break
-    if not ids:
-        raise PrecomputeError(f"{model_dir}: no eos token id in the tokenizer, generation_config.json or config.json")
-    return tuple(dict.fromkeys(ids))  # de-duplicated, tokenizer eos first
 
 
 def check_engine(engine: str) -> None:
@@ -272,7 +169,7 @@ def run_cli(parse_args: Any, run: Any, argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (PrecomputeError, StoreError, ProvenanceError) as e:
+    except (PrecomputeError, PromptError, StoreError, ProvenanceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,8 @@ import os
 import re
 import sys
 
-from lopd_jax import provenance
+from lopd_jax import prompts, provenance
+from lopd_jax.prompts import PromptError
 from lopd_jax.store import RolloutStore
 from precompute import common
 from precompute.common import PrecomputeError
@@ -44,10 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_rows(args: argparse.Namespace, tokenizer, eos: int) -> tuple[list[dict], int]:
     """Store rows of the data file (prompt ids + completion ids + eos) and the count skipped by --max-len."""
     rows, skipped = [], 0
-    for index, row in enumerate(common.read_jsonl(args.data, require=("completion",))):
+    for index, row in enumerate(prompts.read_prompts(args.data, require=("completion",))):
         try:
-            prompt = common.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
-        except PrecomputeError as e:
+            prompt = prompts.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
+        except PromptError as e:
             raise PrecomputeError(f"{args.data}: {e}") from None
         if not prompt:
             raise PrecomputeError(f"{args.data}:{row['line']}: the prompt encodes to no tokens")
@@ -86,8 +87,8 @@ def manifest_fields(args: argparse.Namespace, eos: int, n: int, skipped: int) ->
 
 
 def run(args: argparse.Namespace) -> str:
-    tokenizer = common.load_tokenizer(args.tokenizer)
-    eos = common.stop_token_ids(args.tokenizer, tokenizer)[0]
+    tokenizer = prompts.load_tokenizer(args.tokenizer)
+    eos = prompts.stop_ids(args.tokenizer, tokenizer)[0]
     rows, skipped = build_rows(args, tokenizer, eos)
     if not rows:  # an empty store would look like a finished import
         raise PrecomputeError(

@@ -28,7 +28,9 @@ import os
 import sys
 from typing import Any
 
+from lopd_jax import prompts as prompts_lib
 from lopd_jax import provenance
+from lopd_jax.prompts import PromptError
 from lopd_jax.store import RolloutStore
 from precompute import common, shards
 from precompute.common import PrecomputeError
@@ -80,18 +82,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def encode_prompts(args: argparse.Namespace, tokenizer) -> tuple[list[dict], int]:
     """(kept prompts [{index, ids, answer}], skipped count): prompts longer than --max-prompt-len are skipped."""
-    rows = common.read_jsonl(args.prompts)
+    rows = prompts_lib.read_prompts(args.prompts)
     kept, skipped = [], 0
     for index, row in enumerate(rows):
         try:
-            ids = common.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
-        except PrecomputeError as e:
+            ids = prompts_lib.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
+        except PromptError as e:
             raise PrecomputeError(f"{args.prompts}: {e}") from None
         if len(ids) > args.max_prompt_len:
             skipped += 1
             continue
         kept.append({"index": index, "ids": ids, "answer": row.get("answer")})
     return kept, skipped
+
+
+def load_prompts(args: argparse.Namespace) -> tuple[list[dict], int, tuple[int, ...]]:
+    """(kept prompts, skipped count, stop ids) for the policy's tokenizer: what the sampler is given."""
+    tokenizer = prompts_lib.load_tokenizer(args.policy)
+    stops = prompts_lib.stop_ids(args.policy, tokenizer)
+    return *encode_prompts(args, tokenizer), stops
 
 
 def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_prompts: int, skipped: int) -> dict:
@@ -156,14 +165,10 @@ def make_generator(args: argparse.Namespace, stops: tuple[int, ...]):
         return _vllm_generator(args, stops)
     import jax
 
-    from lopd_jax.sampling import SamplingConfig
     from precompute.engines.jax_engine import JaxEngine
 
     engine = JaxEngine(args.policy, dtype=args.dtype)
-    scfg = SamplingConfig(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-        stop_token_ids=stops, ignore_eos=True, seed=args.seed,
-    )  # fmt: skip
+    scfg = sampler_config(args, stops)
     base_key = jax.random.key(args.seed)
 
     def generate(b: int, prompts: list[dict]) -> list[dict]:
@@ -174,6 +179,16 @@ def make_generator(args: argparse.Namespace, stops: tuple[int, ...]):
 
     info = {"name": "jax", "mesh": dict(engine.mesh.shape), "devices": str(jax.devices()[0].platform)}
     return generate, info
+
+
+def sampler_config(args: argparse.Namespace, stops: tuple[int, ...]):
+    """The JAX sampler's settings: stop at exactly ``stops`` (``prompts.stop_ids``), as online OPD does."""
+    from lopd_jax.sampling import SamplingConfig
+
+    return SamplingConfig(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+        stop_token_ids=stops, ignore_eos=True, seed=args.seed,
+    )  # fmt: skip
 
 
 def _vllm_generator(args: argparse.Namespace, stops: tuple[int, ...]):
@@ -220,9 +235,7 @@ def run(args: argparse.Namespace) -> str:
 
         vllm_engine.require_vllm(dtype=args.dtype)
     common.check_model_dir(args.policy, "--policy")
-    tokenizer = common.load_tokenizer(args.policy)
-    stops = common.stop_token_ids(args.policy, tokenizer)
-    prompts, skipped = encode_prompts(args, tokenizer)
+    prompts, skipped, stops = load_prompts(args)
     if not prompts:  # an empty store would look like a finished run
         raise PrecomputeError(
             f"{args.prompts}: all {skipped} prompts are longer than --max-prompt-len {args.max_prompt_len} tokens "

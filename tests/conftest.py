@@ -5,6 +5,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -34,3 +36,29 @@ def read_only_view(src: Path, where: Path):
         subprocess.run(["umount", str(where)])
         return None
     return lambda: subprocess.run(["umount", str(where)], check=True)
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+
+# The tiny Qwen3 architecture the tests share (transformers' and lopd_jax's Qwen3Config take the same keywords).
+# A test that needs another size says only what differs: ``tiny_arch(head_dim=16)``. Importable as
+# ``from conftest import tiny_arch`` (pytest puts tests/ on sys.path).
+TINY_QWEN3 = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8,
+)  # fmt: skip
+# Token ids of the tiny HF checkpoints whose tokenizer is the synthetic task's (<|endoftext|> = 0, <|im_end|> = 2).
+TINY_TOKENS = dict(eos_token_id=2, bos_token_id=None, pad_token_id=0)
+
+
+def tiny_arch(**overrides) -> dict:
+    """``TINY_QWEN3`` with ``overrides``: keyword arguments for either library's Qwen3Config."""
+    return {**TINY_QWEN3, **overrides}
+
+
+@pytest.fixture
+def tiny_cfg():
+    """lopd_jax's Qwen3Config of ``TINY_QWEN3`` (fp32, XLA attention, scanned layers)."""
+    from lopd_jax.models import qwen3
+
+    return qwen3.Qwen3Config(**TINY_QWEN3)

@@ -56,7 +56,7 @@ def step_result(process_index: int, process_count: int) -> dict[str, float]:
 
     cfg = _tiny_cfg()
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=-1))
-    p_sh = sharding.param_shardings(cfg, mesh)
+    p_sh = qwen3.param_shardings(cfg, mesh)
     params = jax.jit(qwen3.init_params, static_argnums=0, out_shardings=p_sh)(cfg, jax.random.key(0))
     opt = update.make_optimizer(update.OptimizerConfig(lr=1e-2))
     state = update.init_train_state(params, opt, jax.random.key(1))

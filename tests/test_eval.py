@@ -210,7 +210,7 @@ def test_load_eval_set_errors_name_file_and_line(tmp_path):
     path.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"set\.jsonl:1: expected a JSON object"):
         ev.load_eval_set(path)
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(ValueError, match="nope.jsonl: cannot read"):
         ev.load_eval_set(tmp_path / "nope.jsonl")
 
 

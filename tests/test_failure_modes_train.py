@@ -312,10 +312,12 @@ def test_export_killed_before_the_rename_leaves_the_old_hf(world, tmp_path, monk
     train.export(cfg, setup, params, run_dir)
     first = provenance.fingerprint_weights(run_dir / "hf")
 
-    def killed():
+    def killed(path, **fields):  # the export is complete in its temporary directory, not yet renamed
+        write_provenance(path, **fields)
         raise KeyboardInterrupt("killed mid-export")
 
-    monkeypatch.setattr(train, "_maybe_kill_in_export", killed)
+    write_provenance = provenance.write_provenance
+    monkeypatch.setattr(train.provenance, "write_provenance", killed)
     with pytest.raises(KeyboardInterrupt):
         train.export(cfg, setup, jax.tree.map(lambda x: x + 1, params), run_dir)
     assert provenance.fingerprint_weights(run_dir / "hf") == first  # the complete old export, untouched

@@ -126,7 +126,7 @@ def test_load_on_8_device_mesh(hf_dir):
     mesh_cfg = sharding.MeshConfig(fsdp=2, expert=4) if cfg.num_experts else sharding.MeshConfig(fsdp=4, tensor=2)
     mesh = sharding.make_mesh(mesh_cfg)
     cfg_m, params_m = qwen3.load_hf(str(root / "sharded"), mesh=mesh)
-    expected = sharding.param_shardings(cfg, mesh)
+    expected = qwen3.param_shardings(cfg, mesh)
     for leaf, want in zip(jax.tree.leaves(params_m), jax.tree.leaves(expected)):
         assert leaf.sharding == want
     if cfg.num_experts:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_TOKENS, tiny_arch
 
 from precompute.engines import jax_engine
 from precompute.engines.jax_engine import JaxEngine
@@ -17,11 +18,7 @@ VOCAB = 128
 def build_tiny_qwen3(path, seed: int = 0, tie: bool = False) -> transformers.Qwen3ForCausalLM:
     """A random 2-layer Qwen3 saved (safetensors) to ``path``; returns the torch model in eval mode."""
     torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=tie,
-        eos_token_id=2, bos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
+    cfg = transformers.Qwen3Config(**tiny_arch(**TINY_TOKENS, max_position_embeddings=256, tie_word_embeddings=tie))
     model = transformers.Qwen3ForCausalLM(cfg).float().eval()
     with torch.no_grad():  # larger weights than the 0.02 init: peaked distributions, distinct top-k values
         for p in model.parameters():

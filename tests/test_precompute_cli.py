@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_TOKENS, tiny_arch
 
-from lopd_jax import provenance, synthetic
+from lopd_jax import prompts, provenance, synthetic
 from lopd_jax.store import RolloutStore
 from precompute import common, import_jsonl, rollouts, teacher_logprobs
 from precompute.validate import validate
@@ -34,11 +35,7 @@ def build_model(path: Path, seed: int, eos_bias: float = 0.0) -> transformers.Qw
     ``eos_bias`` shifts the eos row of the lm_head so that some greedy rollouts stop (0.17 with seed 0: the test
     prompts stop after 3 and 8 tokens, or run to the length limit)."""
     torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False,
-        eos_token_id=2, bos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
+    cfg = transformers.Qwen3Config(**tiny_arch(**TINY_TOKENS, max_position_embeddings=256, tie_word_embeddings=False))
     model = transformers.Qwen3ForCausalLM(cfg).float().eval()
     with torch.no_grad():  # peaked distributions: greedy has no near-ties
         for p in model.parameters():
@@ -112,7 +109,7 @@ def test_greedy_rollouts_equal_transformers_generate(env):
     assert len(store) == 5 and m["prompts"]["skipped"] == 1 and m["prompts"]["kept"] == 5
     assert m["policy"] == provenance.fingerprint_weights(env["policy"]) and m["sft_teacher"] is None
     assert m["tokenizer"] == provenance.fingerprint_tokenizer(env["policy"]) and m["sampling"]["stop_token_ids"] == [2]
-    tok = common.load_tokenizer(env["policy"])
+    tok = prompts.load_tokenizer(env["policy"])
     for i in range(len(store)):
         s = store.sample(i)
         p = s["prompt_length"]
@@ -168,8 +165,8 @@ def test_rollouts_refuse_a_store_made_with_other_arguments(env, capsys):
 def test_bad_prompt_file_names_file_and_line(env, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Add: 1+1"}\n{"answer": "3"}\n')
-    with pytest.raises(common.PrecomputeError, match=r"bad.jsonl:2: .*'prompt'"):
-        common.read_jsonl(bad)
+    with pytest.raises(prompts.PromptError, match=r"bad.jsonl:2: .*'prompt'"):
+        prompts.read_prompts(bad)
 
 
 # ------------------------------------------------------------------------------------------------ teacher
@@ -241,7 +238,7 @@ def test_import_jsonl_builds_sft_data_that_teachers_can_score(env):
     assert import_jsonl.main(argv + ["--sft-teacher", str(env["teacher"])]) == 0
     store = RolloutStore.open(root / "sft")
     assert store.manifest["sft_teacher"] == provenance.fingerprint_weights(env["teacher"])
-    tok = common.load_tokenizer(env["policy"])
+    tok = prompts.load_tokenizer(env["policy"])
     s = store.sample(0)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Add: 1+2"}], add_generation_prompt=True)
     want = [*prompt["input_ids"], *tok("1+2=3\n#### 3", add_special_tokens=False)["input_ids"], 2]

@@ -180,7 +180,7 @@ def test_init_params_follow_param_specs():
     )  # fmt: skip
     params = jax.jit(qwen3.init_params, static_argnums=0)(cfg, jax.random.key(0))
     specs = qwen3.param_specs(cfg)
-    is_spec = lambda x: isinstance(x, qwen3.ParamSpec)  # noqa: E731
+    is_spec = qwen3.is_param_spec
     assert jax.tree.structure(params) == jax.tree.structure(specs, is_leaf=is_spec)
     for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(specs, is_leaf=is_spec)):
         assert p.shape == s.shape and p.dtype == jnp.float32

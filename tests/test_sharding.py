@@ -1,31 +1,20 @@
 """Mesh construction, the logical-axis rule table, and the sharded forward on 8 fake CPU devices."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_arch
 from jax.sharding import PartitionSpec as P
 
 from lopd_jax import sharding
 from lopd_jax.models import qwen3
 
-DENSE = qwen3.Qwen3Config(
-    vocab_size=256,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+DENSE = qwen3.Qwen3Config(**tiny_arch(vocab_size=256, head_dim=16))
 MOE = qwen3.Qwen3Config(
-    vocab_size=256,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
+    **tiny_arch(vocab_size=256, head_dim=16),
     num_experts=8,
     num_experts_per_tok=2,
     moe_intermediate_size=32,
@@ -57,7 +46,7 @@ def test_mesh_bad_sizes_raise(cfg):
 def test_param_spec_snapshot_dense_tensor4():
     """Every param's PartitionSpec on fsdp=2 x tensor=4; kv_heads=2 is not divisible by 4 -> replicated."""
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=4))
-    specs = sharding.param_partition_specs(DENSE, mesh)
+    specs = sharding.partition_specs(qwen3.param_specs(DENSE), mesh)
     expected = {
         "embed": P("tensor", "fsdp"),
         "layers": {
@@ -79,7 +68,7 @@ def test_param_spec_snapshot_dense_tensor4():
 
 def test_param_spec_snapshot_moe_expert4():
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, expert=4))
-    specs = sharding.param_partition_specs(MOE, mesh)
+    specs = sharding.partition_specs(qwen3.param_specs(MOE), mesh)
     assert specs["moe"] == {
         "router": P(None, "fsdp", None),
         "gate": P(None, "expert", "fsdp", "tensor"),
@@ -87,7 +76,7 @@ def test_param_spec_snapshot_moe_expert4():
         "down": P(None, "expert", "tensor", "fsdp"),
     }
     assert specs["mlp"]["gate"] == P(None, "fsdp", "tensor")  # layer 0 is dense (mlp_only_layers)
-    shard = sharding.param_shardings(MOE, mesh)
+    shard = qwen3.param_shardings(MOE, mesh)
     assert jax.tree.structure(shard) == jax.tree.structure(specs)
 
 
@@ -97,7 +86,7 @@ def test_colliding_rules_raise():
         sharding.logical_to_spec(("layers", "embed", "mlp"), rules)
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8))
     with pytest.raises(sharding.ShardingRuleError):
-        sharding.param_shardings(DENSE, mesh, rules)
+        qwen3.param_shardings(DENSE, mesh, rules)
     tuple_rules = dict(sharding.DEFAULT_RULES, heads=("tensor", "fsdp"))  # collides with embed via the tuple
     with pytest.raises(sharding.ShardingRuleError, match="fsdp"):
         sharding.logical_to_spec(("embed", "heads"), tuple_rules)
@@ -139,7 +128,7 @@ def _init(cfg):
             else rng.normal(0, 0.2, spec.shape).astype(np.float32)
         )
 
-    return jax.tree.map(make, qwen3.param_specs(cfg), is_leaf=sharding._is_spec)
+    return jax.tree.map(make, qwen3.param_specs(cfg), is_leaf=sharding.is_param_spec)
 
 
 @pytest.mark.skipif(not _forward_available(), reason="qwen3.forward / init_params not written yet")
@@ -154,7 +143,7 @@ def test_sharded_forward_equals_single_device(cfg, mesh_cfg):
     ref = np.asarray(jax.jit(lambda p, t: qwen3.forward(p, t, cfg=cfg))(params, tokens))
 
     mesh = sharding.make_mesh(mesh_cfg)
-    sharded = sharding.shard_params(params, sharding.param_shardings(cfg, mesh))
+    sharded = sharding.shard_params(params, qwen3.param_shardings(cfg, mesh))
     # The params really are split: every >1-D weight of the dense/attention/expert blocks is sharded.
     assert sharding.is_sharded(sharded["layers"]["q"]) and sharding.is_sharded(sharded["embed"])
     if cfg.num_experts:
@@ -165,3 +154,35 @@ def test_sharded_forward_equals_single_device(cfg, mesh_cfg):
     assert len(out.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
     assert float(jnp.max(jnp.abs(out))) > 1e-3  # a non-trivial output
+
+
+def test_cache_specs_drive_init_cache_and_the_samplers_cache_sharding():
+    """The KV cache is declared once (qwen3.cache_specs): init_cache allocates it and the sampler shards it."""
+    from lopd_jax import sampling
+
+    specs = qwen3.cache_specs(DENSE, 4, 24)
+    cache = qwen3.init_cache(DENSE, 4, 24)
+    want = (DENSE.num_hidden_layers, 4, DENSE.num_key_value_heads, 24, DENSE.head_dim)
+    assert cache["k"].shape == cache["v"].shape == specs["k"].shape == want
+    assert cache["k"].dtype == jnp.dtype(DENSE.dtype) and cache["lengths"].dtype == jnp.int32
+    assert jax.tree.structure(cache) == jax.tree.structure(specs, is_leaf=sharding.is_param_spec)
+    assert not np.asarray(cache["k"]).any() and qwen3.init_cache(DENSE, 4, 24, "bfloat16")["v"].dtype == jnp.bfloat16
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    got = sampling._cache_sharding(DENSE, mesh, 4, 24, sharding.DEFAULT_RULES)
+    assert got.spec == P(None, ("data", "fsdp"), "tensor", None, None)
+
+
+def test_abstract_arrays_carry_shape_dtype_and_sharding():
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=4))
+    cfg = dataclasses.replace(DENSE, param_dtype="bfloat16")
+    abstract = sharding.abstract_arrays(qwen3.param_specs(cfg), mesh)
+    assert abstract["layers"]["q"].shape == qwen3.param_specs(cfg)["layers"]["q"].shape
+    assert abstract["layers"]["q"].dtype == jnp.bfloat16
+    assert abstract["embed"].sharding.spec == P("tensor", "fsdp")
+    assert sharding.abstract_arrays(qwen3.param_specs(cfg))["embed"].sharding is None
+
+
+def test_param_spec_rank_must_match_its_axes():
+    with pytest.raises(ValueError, match="differ in rank"):
+        sharding.ParamSpec((2, 3), ("embed",))
+    assert sharding.is_param_spec(sharding.ParamSpec((2,), ("embed",))) and not sharding.is_param_spec((2,))

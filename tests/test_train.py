@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -19,22 +21,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_TOKENS, tiny_arch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 from transformers import Qwen3Config as HFQwen3Config
 
-from lopd_jax import provenance, synthetic, train, trainer_opd
+from lopd_jax import online_opd, prompts, provenance, synthetic, train
 from lopd_jax.metrics import read_metrics
 from lopd_jax.models import qwen3
 from lopd_jax.sampling import SampleOutput
 from lopd_jax.store import RolloutStore
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, initializer_range=0.1, eos_token_id=2,
-    bos_token_id=None, pad_token_id=0, rope_theta=10_000.0,
-)  # fmt: skip
+ARCH = tiny_arch(**TINY_TOKENS, tie_word_embeddings=False, initializer_range=0.1, rope_theta=10_000.0)
 
 
 def _model(path: Path, seed: int, tok_dir: Path) -> Qwen3ForCausalLM:
@@ -76,7 +75,7 @@ def world(tmp_path_factory):
     rows = [json.loads(line) for line in paths["sft"].read_text().splitlines()]
     samples = []
     for i, row in enumerate(rows):
-        prompt = trainer_opd.encode_prompt(tok, row)
+        prompt = prompts.encode_prompt(tok, row)
         answer = tok(row["completion"])["input_ids"] + [tok.eos_token_id]
         tokens = np.asarray(prompt + answer, np.int32)
         samples.append(dict(tokens=tokens, prompt_length=len(prompt), finish_reason="stop", prompt_index=i,
@@ -125,12 +124,36 @@ def _write(cfg: dict, path: Path) -> Path:
 
 def _cli(cfg_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m lopd_jax.train`` in a subprocess with the test's devices, precision and compile cache."""
-    full = dict(os.environ, **(env or {}))
+    cmd = [sys.executable, "-m", "lopd_jax.train", "--config", str(cfg_path), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=600)
+
+
+def _env(extra: dict | None = None) -> dict:
+    """The child's environment: the test's devices, precision and compile cache."""
+    full = dict(os.environ, **(extra or {}))
     full.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
     full.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     full.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-    cmd = [sys.executable, "-m", "lopd_jax.train", "--config", str(cfg_path), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=600)
+    return full
+
+
+def _kill_when(cfg_path: Path, marker: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the CLI and SIGKILL it from outside as soon as ``marker`` exists (orbax renames a checkpoint's
+    directory to its step number only once the checkpoint is complete), like a preemption right after a save.
+
+    Where exactly the kill lands (still in step 3, or in step 4) varies; the test's claim does not depend on it:
+    a resume from the latest complete checkpoint must reach the uninterrupted run's numbers bit for bit.
+    """
+    cmd = [sys.executable, "-m", "lopd_jax.train", "--config", str(cfg_path)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files: a full pipe would block
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        while not marker.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.kill()
+        proc.wait()
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -201,8 +224,8 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(world, sft_run, tmp_
     run_dir = tmp_path / "run"
     cfg = dict(cfg, logging={**cfg["logging"], "run_dir": str(run_dir)})
     path = _write(cfg, tmp_path / "sft.yaml")
-    killed = _cli(path, env={train.KILL_ENV: "2"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    killed = _kill_when(path, run_dir / "checkpoints" / "2")
+    assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill: {killed.stderr[-2000:]}"
     assert (run_dir / "checkpoints" / "2").is_dir() and not (run_dir / "hf").exists()
     _ok(_cli(path, "resume=true"))
     want, got = load_file(ref_dir / "hf" / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
@@ -275,14 +298,14 @@ def test_lightning_opd_with_allow_teacher_inconsistency_says_so_on_every_record(
 def test_teacher_scoring_of_online_samples_matches_transformers(world):
     """samples_to_batch + the jitted teacher scorer give torch's teacher log-probs on every response token."""
     tok, teacher = world["tok"], world["teacher"]
-    prompts = [trainer_opd.encode_prompt(tok, {"prompt": p}) for p in ("Add: 1+2", "Add: 33+4+5")]
+    prompt_ids = [prompts.encode_prompt(tok, {"prompt": p}) for p in ("Add: 1+2", "Add: 33+4+5")]
     rng = np.random.default_rng(0)
     lp = [-np.abs(rng.normal(size=n)).astype(np.float32) for n in (7, 12)]  # log-probs: <= 0
     outs = [SampleOutput(rng.integers(4, 100, len(x)).astype(np.int32), x, "length") for x in lp]
-    batch, stats = trainer_opd.samples_to_batch(prompts, outs, seq_len=64)
+    batch, stats = online_opd.samples_to_batch(prompt_ids, outs, seq_len=64)
     tcfg, tparams = qwen3.load_hf(str(world["root"] / "teacher"))
-    got = np.asarray(trainer_opd.make_teacher_scorer(tcfg, chunk_size=16)(tparams, batch))
-    for r, (p, o) in enumerate(zip(prompts, outs)):
+    got = np.asarray(online_opd.make_teacher_scorer(tcfg, chunk_size=16)(tparams, batch))
+    for r, (p, o) in enumerate(zip(prompt_ids, outs)):
         tokens = np.concatenate([p, o.token_ids])
         want = _logprobs(teacher, tokens)[len(p) :]
         n = len(tokens) - 1
@@ -402,10 +425,10 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
 
 
 def test_prompt_stream_visits_every_prompt_once_per_epoch_and_reshuffles():
-    stream = trainer_opd.PromptStream(num_prompts=10, batch_size=4, seed=0)
+    stream = online_opd.PromptStream(num_prompts=10, batch_size=4, seed=0)
     order = [i for s in range(5) for i in stream.indices(s)]  # 20 positions = 2 epochs
     assert sorted(order[:10]) == sorted(order[10:]) == list(range(10)) and order[:10] != order[10:]
-    assert trainer_opd.PromptStream(10, 4, seed=0).indices(3) == stream.indices(3)  # a resumed run: same prompts
+    assert online_opd.PromptStream(10, 4, seed=0).indices(3) == stream.indices(3)  # a resumed run: same prompts
 
 
 def test_a_fresh_run_refuses_a_directory_holding_another_run(world, tmp_path, capsys):

@@ -12,20 +12,13 @@ import numpy as np
 import optax
 import pytest
 import torch
+from conftest import tiny_arch
 
 from lopd_jax import losses, sharding, update
 from lopd_jax.batch import Batch
 from lopd_jax.models import qwen3
 
-CFG = qwen3.Qwen3Config(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+CFG = qwen3.Qwen3Config(**tiny_arch(head_dim=16))
 T = 16
 # Sequence lengths per row: rows hold different numbers of sequences, so micro-batches of a split batch hold
 # different sequence (and token) counts and a plain mean over micro-batches would be wrong.
@@ -158,7 +151,7 @@ def test_step_on_8_device_mesh_equals_one_device():
 
     single = fresh_state(opt)
     step1 = update.make_update_step(loss_fn, opt)
-    p_sh = sharding.param_shardings(CFG, mesh)
+    p_sh = qwen3.param_shardings(CFG, mesh)
     sharded = fresh_state(opt, jax.device_put(init_params(), p_sh))
     st_sh = update.state_shardings(sharded, mesh, cfg=CFG)
     b_sh = sharding.batch_sharding(mesh)

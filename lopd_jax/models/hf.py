@@ -23,7 +23,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lopd_jax.models.qwen3 import Params, ParamSpec, Qwen3Config, param_specs
+from lopd_jax import sharding
+from lopd_jax.models.qwen3_specs import Params, Qwen3Config, param_specs
+from lopd_jax.sharding import ParamSpec, is_param_spec
 
 CONFIG_FILE, INDEX_FILE, SINGLE_FILE = "config.json", "model.safetensors.index.json", "model.safetensors"
 _ARCH = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -212,7 +214,7 @@ def _hf_key(cfg: Qwen3Config, group: str, name: str, idx: tuple[int, ...]) -> st
 
 def _leaves(cfg: Qwen3Config) -> Iterator[tuple[str, str, ParamSpec]]:
     for group, sub in param_specs(cfg).items():
-        if isinstance(sub, ParamSpec):
+        if is_param_spec(sub):
             yield "", group, sub
         else:
             for name, spec in sub.items():
@@ -351,11 +353,7 @@ def _check_keys(reader: _Reader, cfg: Qwen3Config) -> None:
 def _default_shardings(cfg: Qwen3Config, mesh: Any) -> Params | None:
     if mesh is None:
         return None
-    try:
-        from lopd_jax import sharding
-    except ImportError as e:
-        raise NotImplementedError("load_hf(mesh=...) needs lopd_jax.sharding.param_shardings") from e
-    return sharding.param_shardings(cfg, mesh)
+    return sharding.shardings(param_specs(cfg), mesh)
 
 
 def load_hf(
@@ -382,14 +380,14 @@ def load_hf(
 
 
 def _load_leaf(reader, cfg, group, name, spec, dtype, shardings) -> jax.Array:
-    sharding = (shardings[group][name] if group else shardings[name]) if shardings is not None else None
+    leaf_sharding = (shardings[group][name] if group else shardings[name]) if shardings is not None else None
     full = (slice(None),) * len(spec.shape)
-    if sharding is None:
+    if leaf_sharding is None:
         return jnp.asarray(_leaf_blocks(reader, cfg, group, name, spec, [full], dtype)[0])
     # Replicated devices share a block: build each distinct block once, then hand them out per device.
-    indices = {_index_key(i): i for i in sharding.addressable_devices_indices_map(spec.shape).values()}
+    indices = {_index_key(i): i for i in leaf_sharding.addressable_devices_indices_map(spec.shape).values()}
     blocks = dict(zip(indices, _leaf_blocks(reader, cfg, group, name, spec, list(indices.values()), dtype)))
-    return jax.make_array_from_callback(spec.shape, sharding, lambda index: blocks[_index_key(index)])
+    return jax.make_array_from_callback(spec.shape, leaf_sharding, lambda index: blocks[_index_key(index)])
 
 
 def _index_key(index: tuple[slice, ...]) -> tuple:

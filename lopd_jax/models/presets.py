@@ -12,7 +12,8 @@ import math
 
 import jax
 
-from lopd_jax.models.qwen3 import Qwen3Config, param_specs
+from lopd_jax.models.qwen3_specs import Qwen3Config, param_specs
+from lopd_jax.sharding import is_param_spec
 
 _COMMON = dict(
     vocab_size=151936,
@@ -74,9 +75,7 @@ def get_preset(name: str, **overrides) -> Qwen3Config:
 
 
 def _sizes(cfg: Qwen3Config) -> dict[str, int]:
-    leaves = jax.tree_util.tree_leaves_with_path(
-        param_specs(cfg), is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "axes")
-    )
+    leaves = jax.tree_util.tree_leaves_with_path(param_specs(cfg), is_leaf=is_param_spec)
     return {jax.tree_util.keystr(path): math.prod(spec.shape) for path, spec in leaves}
 
 

@@ -13,7 +13,6 @@ of consecutive same-kind (dense / MoE) layers.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -21,129 +20,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Params = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Qwen3Config:
-    """Architecture (field names follow transformers' Qwen3Config / Qwen3MoeConfig) plus runtime knobs.
-
-    Frozen and hashable so it passes through ``jit`` as a static argument.
-    """
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 40960
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    # MoE (num_experts == 0 means dense).
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
-    norm_topk_prob: bool = False
-    decoder_sparse_step: int = 1
-    mlp_only_layers: tuple[int, ...] = ()
-    # Token ids (used by sampling / export, not by the math).
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    # Runtime knobs.
-    dtype: str = "float32"  # compute dtype of matmul operands ("bfloat16" on accelerators)
-    param_dtype: str = "float32"  # storage dtype of the (master) weights
-    remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
-    attention: str = "xla"  # "xla" (every backend) | "cudnn" (fused, NVIDIA GPUs)
-    scan_layers: bool = True
-
-    def __post_init__(self) -> None:
-        # Lists from JSON/YAML become tuples so the config stays hashable (a static jit argument).
-        for name in ("mlp_only_layers", "eos_token_id"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        choices = {"attention": ("xla", "cudnn"), "remat": ("none", "full", "dots")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"Qwen3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"Qwen3Config.head_dim={self.head_dim}: RoPE needs an even head_dim")
-        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(
-                f"Qwen3Config.num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}]"
-            )
-
-    def is_moe_layer(self, i: int) -> bool:
-        """Whether layer i uses the sparse MoE block (transformers' rule)."""
-        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(i for i in range(self.num_hidden_layers) if self.is_moe_layer(i))
-
-    @property
-    def dense_layers(self) -> tuple[int, ...]:
-        return tuple(i for i in range(self.num_hidden_layers) if not self.is_moe_layer(i))
-
-
-class ParamSpec(NamedTuple):
-    """One parameter described once: shape, logical axes (see sharding.py) and initializer kind."""
-
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    init: str  # "normal" | "ones"
-
-
-def param_specs(cfg: Qwen3Config) -> Params:
-    """The parameter tree as ParamSpec leaves; init and shardings are both derived from it."""
-    V, D, N, K, H, F = (
-        cfg.vocab_size,
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        cfg.intermediate_size,
-    )
-    L, Ld, Lm = cfg.num_hidden_layers, len(cfg.dense_layers), len(cfg.moe_layers)
-    E, Fm = cfg.num_experts, cfg.moe_intermediate_size
-    specs: Params = {
-        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
-        "layers": {
-            "attn_norm": ParamSpec((L, D), ("layers", None), "ones"),
-            "q": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim"), "normal"),
-            "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
-            "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
-            "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), "normal"),
-            "q_norm": ParamSpec((L, H), ("layers", None), "ones"),
-            "k_norm": ParamSpec((L, H), ("layers", None), "ones"),
-            "mlp_norm": ParamSpec((L, D), ("layers", None), "ones"),
-        },
-        "final_norm": ParamSpec((D,), (None,), "ones"),
-    }
-    if Ld:
-        specs["mlp"] = {
-            "gate": ParamSpec((Ld, D, F), ("layers", "embed", "mlp"), "normal"),
-            "up": ParamSpec((Ld, D, F), ("layers", "embed", "mlp"), "normal"),
-            "down": ParamSpec((Ld, F, D), ("layers", "mlp", "embed"), "normal"),
-        }
-    if Lm:
-        specs["moe"] = {
-            "router": ParamSpec((Lm, D, E), ("layers", "embed", None), "normal"),
-            "gate": ParamSpec((Lm, E, D, Fm), ("layers", "expert", "embed", "mlp"), "normal"),
-            "up": ParamSpec((Lm, E, D, Fm), ("layers", "expert", "embed", "mlp"), "normal"),
-            "down": ParamSpec((Lm, E, Fm, D), ("layers", "expert", "mlp", "embed"), "normal"),
-        }
-    if not cfg.tie_word_embeddings:
-        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
-    return specs
+# The model's declaration (config, params and KV cache as ParamSpecs) lives in qwen3_specs so that hf.py can read
+# it without importing this module (which imports hf.py for load_hf / save_hf); re-exported here.
+from lopd_jax import sharding
+from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
+    Attention,
+    Dtype,
+    Params,
+    Qwen3Config,
+    Remat,
+    cache_specs,
+    param_specs,
+)
+from lopd_jax.sharding import ParamSpec, is_param_spec  # noqa: F401  (re-exported)
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -157,27 +46,30 @@ class _Qwen3Params(nnx.Module):
     """Holds one ``nnx.Param`` per ParamSpec leaf, annotated with its logical axes (sharding metadata)."""
 
     def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
-        dtype = dtype_of(cfg.param_dtype)
-
         def make(spec: ParamSpec) -> nnx.Param:
-            if spec.init == "ones":
-                value = jnp.ones(spec.shape, dtype)
-            else:  # transformers' _init_weights: normal(0, initializer_range)
-                value = (cfg.initializer_range * jax.random.normal(rngs.params(), spec.shape)).astype(dtype)
+            if spec.init == "normal":  # transformers' _init_weights: normal(0, initializer_range)
+                value = (cfg.initializer_range * jax.random.normal(rngs.params(), spec.shape)).astype(spec.dtype)
+            else:
+                value = _filled(spec)
             return nnx.Param(value, out_sharding=spec.axes, eager_sharding=False)
 
         def build(tree: Any) -> Any:
-            if isinstance(tree, ParamSpec):
+            if is_param_spec(tree):
                 return make(tree)
             return nnx.Dict({k: build(v) for k, v in tree.items()})
 
         self.tree = build(param_specs(cfg))
 
 
+def _filled(spec: ParamSpec) -> jax.Array:
+    """The array of a "ones" / "zeros" spec."""
+    return (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, jnp.dtype(spec.dtype))
+
+
 def init_params(cfg: Qwen3Config, key: jax.Array) -> Params:
     """Random params (normal(0, initializer_range), norms at 1) as a nested dict of arrays, layout of param_specs.
 
-    Jit it with ``out_shardings=sharding.param_shardings(cfg, mesh)`` to create the weights already sharded.
+    Jit it with ``out_shardings=param_shardings(cfg, mesh)`` to create the weights already sharded.
     """
     module = _Qwen3Params(cfg, nnx.Rngs(params=key))
     return nnx.to_pure_dict(nnx.state(module))["tree"]
@@ -185,8 +77,13 @@ def init_params(cfg: Qwen3Config, key: jax.Array) -> Params:
 
 def param_count(cfg: Qwen3Config) -> int:
     """Number of parameters (from the spec table, no arrays built)."""
-    leaves = jax.tree.leaves(param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+    leaves = jax.tree.leaves(param_specs(cfg), is_leaf=is_param_spec)
     return sum(math.prod(s.shape) for s in leaves)
+
+
+def param_shardings(cfg: Qwen3Config, mesh: Any, rules: sharding.Rules = sharding.DEFAULT_RULES) -> Params:
+    """``NamedSharding`` per parameter of ``cfg`` on ``mesh``: ``sharding.shardings`` of ``param_specs(cfg)``."""
+    return sharding.shardings(param_specs(cfg), mesh, rules)
 
 
 def lm_head_weight(params: Params, cfg: Qwen3Config) -> jax.Array:
@@ -496,13 +393,8 @@ def forward(
 
 
 def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype: str | None = None) -> Params:
-    """Empty KV cache: {"k", "v": [L, B, K, S, H] (dtype default cfg.dtype), "lengths": [B] int32 zeros}.
-
-    K before S so each decode step reads the cache in the layout attention consumes it (no transposes).
-    """
-    dt = dtype_of(dtype or cfg.dtype)
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "lengths": jnp.zeros((batch,), jnp.int32)}
+    """Empty KV cache, as ``cache_specs`` declares it: {"k", "v": [L, B, K, S, H], "lengths": [B] int32}, zeros."""
+    return jax.tree.map(_filled, cache_specs(cfg, batch, max_len, dtype), is_leaf=is_param_spec)
 
 
 def forward_cached(
