@@ -14,6 +14,7 @@ of consecutive same-kind (dense / MoE) layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -57,15 +58,20 @@ class Qwen3Config:
     dtype: str = "float32"  # compute dtype of matmul operands ("bfloat16" on accelerators)
     param_dtype: str = "float32"  # storage dtype of the (master) weights
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
-    attention: str = "xla"  # "xla" (every backend) | "cudnn" (fused, NVIDIA GPUs)
+    # "xla" (every backend) | "cudnn" (fused, NVIDIA GPUs) | "splash" (Pallas kernel, TPUs) | "auto" (the
+    # backend's default, see default_attention).
+    attention: str = "xla"
     scan_layers: bool = True
+    pallas_interpret: bool = False  # run Pallas kernels (splash) in interpret mode: CPU tests of the TPU kernel
 
     def __post_init__(self) -> None:
         # Lists from JSON/YAML become tuples so the config stays hashable (a static jit argument).
         for name in ("mlp_only_layers", "eos_token_id"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        choices = {"attention": ("xla", "cudnn"), "remat": ("none", "full", "dots")}
+        if self.attention == "auto":
+            object.__setattr__(self, "attention", default_attention(jax.default_backend()))
+        choices = {"attention": ATTENTION_IMPLS, "remat": ("none", "full", "dots")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -92,6 +98,17 @@ class Qwen3Config:
     @property
     def dense_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_hidden_layers) if not self.is_moe_layer(i))
+
+
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+
+
+def default_attention(platform: str) -> str:
+    """The attention "auto" resolves to on ``platform`` (a jax backend name): splash on TPU, else xla.
+
+    Not cudnn on GPU: it needs bf16/fp16 operands, and an fp32 run must not fail for a default it never chose.
+    """
+    return "splash" if platform == "tpu" else "xla"
 
 
 class ParamSpec(NamedTuple):
@@ -267,7 +284,85 @@ def attention_cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mas
     )
 
 
-_ATTENTION = {"xla": attention_xla, "cudnn": attention_cudnn}
+SPLASH_BLOCKS = (512, 256, 128)  # largest first; multiples of 128 (TPU lanes), 512 suits head_dim 128 (as MaxText)
+
+
+def _splash_block(T: int) -> int:
+    return next(b for b in SPLASH_BLOCKS if T % b == 0)
+
+
+def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+    """A causal splash-attention kernel for one row ([N, T, H] queries, [K, T, H] keys/values, GQA natively).
+
+    Built inside each trace (it holds its mask tables as arrays, which must not outlive the trace); the mask
+    processing is numpy work at trace time, never per step.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b = _splash_block(seq_len)
+    blocks = splash.BlockSizes(
+        block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b, block_kv_dkv_compute=b,
+        block_q_dq=b, block_kv_dq=b,
+    )  # fmt: skip
+    mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * num_heads)
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_rows(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, interpret: bool):
+    """Splash over the rows of one device (vmapped kernel); T padded up to a multiple of 128 at the end.
+
+    The padding is exact: padded keys come after every real query, so the causal mask hides them, and the
+    padded queries' outputs are cut off.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    B, T, N, H = q_BTNH.shape
+    pad = -T % SPLASH_BLOCKS[-1]
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q_BNTH = jnp.pad(q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype), widths).transpose(0, 2, 1, 3)
+    k_BKSH = jnp.pad(k_BSKH, widths).transpose(0, 2, 1, 3)
+    v_BKSH = jnp.pad(v_BSKH, widths).transpose(0, 2, 1, 3)
+    seg_BT = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, pad)))
+    kernel = _splash_kernel(N, T + pad, interpret)
+    out_BNTH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(
+        q_BNTH, k_BKSH, v_BKSH, seg_BT
+    )
+    return out_BNTH.transpose(0, 2, 1, 3)[:, :T]
+
+
+def attention_splash(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array, interpret: bool = False
+) -> jax.Array:
+    """Pallas splash attention (TPU): causal, packed rows by segment ids, GQA; never builds [B, N, T, S] scores.
+
+    Softmax statistics are fp32 inside the kernel; its custom VJP recomputes scores blockwise, so it composes with
+    ``jax.checkpoint``. Pallas kernels are not partitioned by XLA, so under a mesh (``jax.sharding.get_abstract_mesh``,
+    set by the update step) the kernel runs per device in a ``shard_map``: rows split as the ``batch`` logical axis
+    and heads as ``kv_heads`` (query heads follow their KV head so GQA groups stay on one device).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    run = functools.partial(_splash_rows, interpret=interpret)
+    if mesh.empty:
+        return run(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    from lopd_jax import sharding
+
+    spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), sharding.DEFAULT_RULES, k_BSKH.shape, mesh)
+    heads = spec[2] if q_BTNH.shape[2] % math.prod(mesh.shape[a] for a in sharding._as_tuple(spec[2])) == 0 else None
+    spec = jax.sharding.PartitionSpec(spec[0], None, heads, None)
+    seg_spec = jax.sharding.PartitionSpec(spec[0], None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)(
+        q_BTNH, k_BSKH, v_BSKH, segment_ids_BT
+    )
+
+
+def _attend(q_BTNH, k_BSKH, v_BSKH, ctx: _Ctx, cfg: Qwen3Config) -> jax.Array:
+    """The attention implementation ``cfg.attention`` names (the one registry of implementations)."""
+    if cfg.attention == "splash":
+        return attention_splash(q_BTNH, k_BSKH, v_BSKH, ctx.segment_ids_BT, interpret=cfg.pallas_interpret)
+    return _ATTENTION[cfg.attention](q_BTNH, k_BSKH, v_BSKH, ctx.mask_BTS)
+
+
+_ATTENTION = {"xla": attention_xla, "cudnn": attention_cudnn}  # mask-based implementations; splash takes segments
 
 
 def dense_mlp(x_BTD: jax.Array, mp: Params) -> jax.Array:
@@ -319,6 +414,7 @@ class _Ctx(NamedTuple):
     cos_BTH: jax.Array
     mask_BTS: jax.Array  # True = query t may attend to key s
     slots_BT: jax.Array | None  # cache slots of the new tokens (cached forward only)
+    segment_ids_BT: jax.Array | None = None  # packed segments (splash takes these instead of the mask)
 
 
 def _project_qkv(h_BTD: jax.Array, lp: Params, ctx: _Ctx, cfg: Qwen3Config):
@@ -347,14 +443,15 @@ def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None):
     """One pre-norm decoder layer; ``cache`` = this layer's (k [B,K,S,H], v) for the cached forward."""
     h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
     q_BTNH, k_BSKH, v_BSKH = _project_qkv(h_BTD, lp, ctx, cfg)
-    attend, k, v = _ATTENTION[cfg.attention], k_BSKH, v_BSKH
-    if cache is not None:
+    if cache is None:
+        o_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, ctx, cfg)
+    else:
         k_BKSH = _write_cache(cache[0], k_BSKH, ctx.slots_BT)
         v_BKSH = _write_cache(cache[1], v_BSKH, ctx.slots_BT)
         cache = (k_BKSH, v_BKSH)
-        # Decode steps are bandwidth-bound: the fused kernel buys nothing there.
-        attend, k, v = attention_cached, k_BKSH.astype(x_BTD.dtype), v_BKSH.astype(x_BTD.dtype)
-    o_BTNH = attend(q_BTNH, k, v, ctx.mask_BTS)
+        # Decode steps are bandwidth-bound: the fused kernels buy nothing there.
+        dt = x_BTD.dtype
+        o_BTNH = attention_cached(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), ctx.mask_BTS)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lp["o"].astype(x_BTD.dtype))
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
     mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp)
@@ -489,8 +586,10 @@ def forward(
     mask_BTS = jnp.broadcast_to(idx_T[:, None] >= idx_T[None, :], (B, T, T))
     if segment_ids is not None:
         mask_BTS = mask_BTS & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+        segment_ids = jnp.ones((B, T), jnp.int32)
     sin_BTH, cos_BTH = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, None)
+    ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, None, segment_ids)
     x_BTD = _decoder_stack(params, _embed(params, tokens, cfg), ctx, cfg)
     return _output(params, x_BTD, cfg, return_hidden)
 
