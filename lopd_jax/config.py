@@ -56,7 +56,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmul operands
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the master weights
     remat: Literal["none", "full", "dots"] = "none"
-    attention: Literal["xla", "cudnn"] = "xla"
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"  # auto: splash on TPU, else xla
     scan_layers: bool = True
 
 

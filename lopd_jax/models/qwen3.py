@@ -346,7 +346,8 @@ def attention_splash(
         return run(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     from lopd_jax import sharding
 
-    spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), sharding.DEFAULT_RULES, k_BSKH.shape, mesh)
+    logical = ("batch", None, "kv_heads", None)
+    spec = sharding.logical_to_spec(logical, sharding.DEFAULT_RULES, shape=k_BSKH.shape, mesh=mesh)
     heads = spec[2] if q_BTNH.shape[2] % math.prod(mesh.shape[a] for a in sharding._as_tuple(spec[2])) == 0 else None
     spec = jax.sharding.PartitionSpec(spec[0], None, heads, None)
     seg_spec = jax.sharding.PartitionSpec(spec[0], None)
