@@ -371,8 +371,10 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
     if tgt is not None:
         budget = tgt.chip.hbm_bytes
         notes.append(f"figures from XLA:{platform.upper()} ({tgt.topology}); budget = the chip's HBM, not plan.*")
+        t = cfg.train
+        state_bytes = _device_bytes(state.params) + _device_bytes(state.opt_state)
         roofline = targets.estimate(
-            model_cfg, cfg.train.batch_size, cfg.train.seq_len, tgt.num_chips, tgt.chip, xla_cost(compiled)
+            model_cfg, t.batch_size, t.seq_len, t.grad_accum, tgt.num_chips, tgt.chip, state_bytes
         )
     return Plan(
         model=cfg.model.init,
@@ -390,14 +392,6 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
         target=tgt,
         roofline=roofline,
     )
-
-
-def xla_cost(compiled: Any) -> dict[str, float]:
-    """XLA's cost analysis of a compiled step (per device; a scanned body counted once), or {} when absent."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return {k: float(v) for k, v in (cost or {}).items() if k in ("flops", "bytes accessed")}
 
 
 def _gb(n: int) -> str:
@@ -446,7 +440,7 @@ def format_roofline(r: targets.Roofline, tgt: targets.Target) -> list[str]:
         f"ROOFLINE ESTIMATE (not measured; {c.name}: {c.peak_flops / 1e12:.0f} TFLOP/s bf16, "
         f"{c.hbm_bandwidth / 1e12:.3f} TB/s HBM, {tgt.num_chips} chips):",
         f"  per chip: model {r.model_flops:.3e} FLOPs (6*P*tokens + attention), with remat recompute "
-        f"{r.hardware_flops:.3e}; {r.bytes_accessed / GB:.1f} GB accessed (XLA's, scaled for the scanned layers)",
+        f"{r.hardware_flops:.3e}; {r.bytes_accessed / GB:.1f} GB HBM traffic (targets.hbm_bytes_per_chip model)",
         f"  step >= {r.step_seconds:.3g} s (compute {r.compute_seconds:.3g} s, memory {r.memory_seconds:.3g} s); "
         f"MFU at that time {100 * r.mfu(c):.1f}%",
     ]

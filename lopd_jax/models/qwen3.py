@@ -336,9 +336,10 @@ def attention_splash(
     """Pallas splash attention (TPU): causal, packed rows by segment ids, GQA; never builds [B, N, T, S] scores.
 
     Softmax statistics are fp32 inside the kernel; its custom VJP recomputes scores blockwise, so it composes with
-    ``jax.checkpoint``. Pallas kernels are not partitioned by XLA, so under a mesh (``jax.sharding.get_abstract_mesh``,
-    set by the update step) the kernel runs per device in a ``shard_map``: rows split as the ``batch`` logical axis
-    and heads as ``kv_heads`` (query heads follow their KV head so GQA groups stay on one device).
+    ``jax.checkpoint``. Mosaic rejects bf16 operands under ``jax_default_matmul_precision="highest"`` ("Bad lhs
+    type"), so keep the default precision on TPU. XLA does not partition Pallas kernels: under a mesh
+    (``jax.sharding.get_abstract_mesh``, set by the update step) the kernel runs per device in a ``shard_map``,
+    rows split as the ``batch`` logical axis and heads as ``kv_heads`` (a GQA group stays on one device).
     """
     mesh = jax.sharding.get_abstract_mesh()
     run = functools.partial(_splash_rows, interpret=interpret)
