@@ -59,6 +59,10 @@ class Target:
     def num_chips(self) -> int:
         return math.prod(int(n) for n in self.topology.split(":")[1].split("x"))
 
+    @property
+    def grid(self) -> str:
+        return self.topology.split(":")[1]
+
 
 def _tpu_targets() -> dict[str, Target]:
     out = {}
@@ -69,7 +73,43 @@ def _tpu_targets() -> dict[str, Target]:
     return out
 
 
-TARGETS: dict[str, Target] = _tpu_targets()
+# NVIDIA GPUs: dense bf16 peak and HBM from the data sheets (SXM parts); the per-GPU memory is what CUDA reports
+# (XLA's gpu_specs/h100_sxm.txtpb for the H100; the H200's 141 GB likewise less the driver's reserve).
+GPU_CHIPS = {
+    "h100": Chip("NVIDIA H100 80GB HBM3", 989e12, 3.35 * TB, 84_978_434_048),
+    "h200": Chip("NVIDIA H200", 989e12, 4.8 * TB, 150_754_820_096),
+}
+
+
+def _gpu_targets() -> dict[str, Target]:
+    """``h100`` / ``h200``: one node of 8; ``h100-16`` etc.: whole nodes (topology slices x hosts x GPUs)."""
+    out = {}
+    for gen, chip in GPU_CHIPS.items():
+        for gpus in (8, 16, 32, 64):
+            name = gen if gpus == 8 else f"{gen}-{gpus}"
+            out[name] = Target(name, "gpu", f"{gen}:1x{gpus // 8}x8", chip)
+    return out
+
+
+TARGETS: dict[str, Target] = {**_tpu_targets(), **_gpu_targets()}
+
+
+def gpu_target_config(chip: Chip) -> str:
+    """XLA's GpuTargetConfigProto (text) for an SXM Hopper: the device description a deviceless compile needs.
+
+    Fields as XLA's own gpu_specs/h100_sxm.txtpb; the H200 differs in memory size and bandwidth only.
+    """
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(chip.hbm_bandwidth)} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {int(chip.hbm_bytes)} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+device_description_str: "{chip.name}"
+"""
 
 
 def get_target(name: str) -> Target:
@@ -83,7 +123,17 @@ def get_target(name: str) -> Target:
 
 
 def topology_devices(target: Target) -> list[Any]:
-    """The target's devices (no hardware): libtpu's compiler behind ``get_topology_desc``."""
+    """The target's devices (no hardware): libtpu's or the CUDA plugin's compiler behind ``get_topology_desc``."""
+    if target.platform == "tpu":
+        return _tpu_devices(target)
+    return _gpu_devices(target)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _tpu_devices(target: Target) -> list[Any]:
     if importlib.util.find_spec("libtpu") is None:
         raise TargetError(
             f"--target {target.name} compiles with XLA:TPU, which needs libtpu: pip install -e '.[tpu]' "
@@ -97,8 +147,27 @@ def topology_devices(target: Target) -> list[Any]:
     try:
         return list(topologies.get_topology_desc(topology_name=target.topology, platform="tpu").devices)
     except Exception as e:  # libtpu rejects a topology (e.g. a slice size this version does not know)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TargetError(f"--target {target.name}: libtpu rejects topology {target.topology!r}: {first}") from None
+        raise TargetError(
+            f"--target {target.name}: libtpu rejects topology {target.topology!r}: {_first_line(e)}"
+        ) from None
+
+
+def _gpu_devices(target: Target) -> list[Any]:
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise TargetError(
+            f"--target {target.name} compiles with XLA:GPU, which needs the CUDA plugin (no GPU needed): "
+            "pip install --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (the version of jax)"
+        )
+    from jax.experimental import topologies
+
+    config = gpu_target_config(target.chip)
+    try:
+        desc = topologies.get_topology_desc(target.grid, "cuda", target_config=config, topology=target.grid)
+    except Exception as e:
+        raise TargetError(
+            f"--target {target.name}: the CUDA plugin rejects {target.grid!r}: {_first_line(e)}"
+        ) from None
+    return list(desc.devices)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -263,13 +263,20 @@ def attention_xla(
     return out_BTKGH.reshape(B, T, N, H)
 
 
+def _compile_platform() -> str:
+    """The platform the enclosing computation is compiled for: the mesh's devices (a compile-only topology under
+    ``--plan --target``), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def _check_attention_backend(cfg: Qwen3Config) -> None:
     if cfg.attention != "cudnn":
         return
-    if jax.default_backend() != "gpu":
-        raise ValueError(
-            f"attention='cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); use attention='xla'"
-        )
+    platform = _compile_platform()
+    if platform not in ("gpu", "cuda"):
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (backend is {platform!r}); use attention='xla'")
     if cfg.dtype not in ("bfloat16", "float16"):
         raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={cfg.dtype!r}")
 
