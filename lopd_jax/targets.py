@@ -133,8 +133,19 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` (dotted) can be imported, without importing it (a missing parent is False too)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+CUDA_PLUGIN = "jax_plugins.xla_cuda12"
+
+
 def _tpu_devices(target: Target) -> list[Any]:
-    if importlib.util.find_spec("libtpu") is None:
+    if not installed("libtpu"):
         raise TargetError(
             f"--target {target.name} compiles with XLA:TPU, which needs libtpu: pip install -e '.[tpu]' "
             "(libtpu 0.0.42.* pairs with jax 0.10.2)"
@@ -153,7 +164,7 @@ def _tpu_devices(target: Target) -> list[Any]:
 
 
 def _gpu_devices(target: Target) -> list[Any]:
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not installed(CUDA_PLUGIN):
         raise TargetError(
             f"--target {target.name} compiles with XLA:GPU, which needs the CUDA plugin (no GPU needed): "
             "pip install --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (the version of jax)"

@@ -74,3 +74,23 @@ def test_auto_attention_resolves_per_backend():
     assert _cfg(attention="auto").attention == qwen3.default_attention(jax.default_backend())
     with pytest.raises(ValueError, match="attention"):
         _cfg(attention="flash")
+
+
+def test_splash_under_a_mesh_runs_per_device_and_matches():
+    """The update step traces under its mesh: splash then shard_maps rows over the batch axes (8 fake devices)."""
+    from lopd_jax import sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig())  # fsdp = 8
+    rng = np.random.default_rng(2)
+    B, Tm, N, K, H = 8, 128, 2, 1, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(B, Tm, n, H)), jnp.float32) for n in (N, K, K))
+    seg = jnp.asarray(np.repeat(np.array([[1] * 60 + [2] * 50 + [0] * 18]), B, axis=0))
+
+    def sharded(q, k, v, seg):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return qwen3.attention_splash(q, k, v, seg, interpret=True)
+
+    rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch",)))
+    jitted = jax.jit(sharded, in_shardings=rows, out_shardings=rows)
+    assert "shard_map" in str(jax.make_jaxpr(sharded)(q, k, v, seg))
+    np.testing.assert_allclose(jitted(q, k, v, seg), qwen3.attention_xla(q, k, v, _mask(seg)), atol=1e-5, rtol=0)

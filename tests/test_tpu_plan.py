@@ -16,7 +16,8 @@ from lopd_jax import config as config_lib
 from lopd_jax import plan, targets, train
 from lopd_jax.models import presets
 
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_LIBTPU = targets.installed("libtpu")
+HAS_CUDA_PLUGIN = targets.installed(targets.CUDA_PLUGIN)
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,26 @@ def test_xla_tpu_compiles_the_step_with_splash(tiny_yaml, capsys):
         xla = plan.make_plan(config_lib.load_config(tiny_yaml, ["model.attention=xla"]), target="tpu-v5p-8")
     scores = 1 * 4 * 1024 * 1024 * 2  # one row per chip, 4 heads, bf16
     assert xla.attention == "xla" and xla.memory["temp"] - p.memory["temp"] >= scores
+
+
+def test_gpu_targets_and_missing_plugin(tiny_yaml, capsys):
+    h100 = targets.get_target("h100")
+    assert (h100.platform, h100.num_chips, h100.chip.peak_flops) == ("gpu", 8, 989e12)
+    assert targets.get_target("h200-16").num_chips == 16 and "device_memory_size: 150754820096" in (
+        targets.gpu_target_config(targets.get_target("h200").chip)
+    )
+    if not HAS_CUDA_PLUGIN:
+        status, err = _cli(capsys, "--config", tiny_yaml, "--plan", "--target", "h100")
+        assert status == 2 and len(err.splitlines()) == 1 and "jax-cuda12-plugin==0.10.2" in err
+
+
+@pytest.mark.skipif(
+    not HAS_CUDA_PLUGIN,
+    reason="jax-cuda12-plugin absent: pip install --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2",
+)
+def test_xla_gpu_compiles_the_step_deviceless(tiny_yaml, capsys):
+    with jax.default_matmul_precision("default"):
+        p = plan.run(config_lib.load_config(tiny_yaml, ["model.attention=xla"]), "h100")
+    out = capsys.readouterr().out
+    assert p.attention == "xla" and p.mesh["fsdp"] == 8 and p.budget_bytes == 84_978_434_048
+    assert "XLA:GPU" in out and p.memory["temp"] > 0 and p.memory["argument"] >= sum(p.state_bytes.values())
