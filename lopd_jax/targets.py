@@ -167,7 +167,8 @@ def _gpu_devices(target: Target) -> list[Any]:
     if not installed(CUDA_PLUGIN):
         raise TargetError(
             f"--target {target.name} compiles with XLA:GPU, which needs the CUDA plugin (no GPU needed): "
-            "pip install --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (the version of jax)"
+            "pip install --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (the version of jax; "
+            "attention=cudnn also needs nvidia-cudnn-cu12>=9.8,<10)"
         )
     from jax.experimental import topologies
 

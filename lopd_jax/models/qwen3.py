@@ -281,14 +281,19 @@ def _check_attention_backend(cfg: Qwen3Config) -> None:
         raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={cfg.dtype!r}")
 
 
+def _cudnn_rows(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], is_causal=True, implementation="cudnn"
+    )
+
+
 def attention_cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
     """cuDNN fused attention; the causal+segment mask is passed whole, so packing is honoured, never dropped.
 
     cuDNN needs bf16/fp16 operands (it raises on fp32); the mask costs one [B, 1, T, S] bias, shared by heads.
+    Per device under a mesh (``per_device``).
     """
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], is_causal=True, implementation="cudnn"
-    )
+    return per_device(_cudnn_rows, q_BTNH, k_BSKH, v_BSKH, mask_BTS)
 
 
 SPLASH_BLOCKS = (512, 256, 128)  # largest first; multiples of 128 (TPU lanes), 512 suits head_dim 128 (as MaxText)
@@ -348,19 +353,29 @@ def attention_splash(
     (``jax.sharding.get_abstract_mesh``, set by the update step) the kernel runs per device in a ``shard_map``,
     rows split as the ``batch`` logical axis and heads as ``kv_heads`` (a GQA group stays on one device).
     """
-    mesh = jax.sharding.get_abstract_mesh()
     run = functools.partial(_splash_rows, interpret=interpret)
+    return per_device(run, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+
+
+def per_device(kernel, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, rows: jax.Array) -> jax.Array:
+    """Run a fused attention kernel per device under the enclosing mesh (none: call it directly).
+
+    XLA cannot partition custom kernels well (Pallas not at all; cuDNN's rule wants q, k, v sharded alike, which
+    propagation does not guarantee), so the kernel runs in a ``shard_map``: rows split as the ``batch`` logical
+    axis, heads as ``kv_heads`` (a GQA group stays on one device); ``rows`` is the per-row mask or segment ids.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return run(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+        return kernel(q_BTNH, k_BSKH, v_BSKH, rows)
     from lopd_jax import sharding
 
     logical = ("batch", None, "kv_heads", None)
     spec = sharding.logical_to_spec(logical, sharding.DEFAULT_RULES, shape=k_BSKH.shape, mesh=mesh)
     heads = spec[2] if q_BTNH.shape[2] % math.prod(mesh.shape[a] for a in sharding._as_tuple(spec[2])) == 0 else None
     spec = jax.sharding.PartitionSpec(spec[0], None, heads, None)
-    seg_spec = jax.sharding.PartitionSpec(spec[0], None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)(
-        q_BTNH, k_BSKH, v_BSKH, segment_ids_BT
+    rows_spec = jax.sharding.PartitionSpec(spec[0], *([None] * (rows.ndim - 1)))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, rows_spec), out_specs=spec, check_vma=False)(
+        q_BTNH, k_BSKH, v_BSKH, rows
     )
 
 
