@@ -17,6 +17,11 @@ intermediate -> ``grouped_matmul_scan``. The remaining caveat: XLA:CPU fuses dif
 optimizer update, which it keeps as one param-sized fp32 temporary), so CPU figures lean high; on a GPU host
 ``--plan`` compiles the real ops.
 
+``--target NAME`` (``lopd_jax.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a libtpu
+topology, or XLA:GPU through the CUDA plugin from a device description. Then the figures are that compiler's, the
+real ops compile (splash or cuDNN attention, native ragged_dot), the budget is the chip's HBM, and a roofline
+step-time estimate is added. ``attention: auto`` resolves for the compile platform (``planned_attention``).
+
 The peak is arguments + outputs - donated + temp; mode ``opd`` adds the live teacher's resident weights.
 """
 
