@@ -8,8 +8,8 @@ Shape vocabulary (used in einsum strings and names, e.g. ``x_BTD``):
 The public surface is pure functions over a nested dict of arrays (layout: ``param_specs`` and
 docs/internals.md): ``init_params``, ``forward``, ``forward_cached`` / ``init_cache`` (sampling), ``load_hf`` /
 ``save_hf`` (in ``hf.py``). Attention is ``attention_xla`` or a fused kernel of ``fused_attention.py`` (cuDNN,
-splash), chosen by ``Qwen3Config.attention``. Layers are stacked on a leading axis and run with ``jax.lax.scan``, one scan per run
-of consecutive same-kind (dense / MoE) layers.
+splash), chosen by ``Qwen3Config.attention``. Layers are stacked on a leading axis and run with ``jax.lax.scan``,
+one scan per run of consecutive same-kind (dense / MoE) layers.
 """
 
 from __future__ import annotations
