@@ -61,7 +61,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = Qwen3Config.dtype  # compute dtype of matmul operands
     param_dtype: Literal["float32", "bfloat16"] = Qwen3Config.param_dtype  # storage dtype of the master weights
     remat: Remat = Qwen3Config.remat
-    attention: Attention = Qwen3Config.attention
+    attention: Attention = "auto"  # the trainer's default: the backend's (splash on TPU, xla elsewhere)
     scan_layers: bool = Qwen3Config.scan_layers
 
 

@@ -17,6 +17,11 @@ intermediate -> ``grouped_matmul_scan``. The remaining caveat: XLA:CPU fuses dif
 optimizer update, which it keeps as one param-sized fp32 temporary), so CPU figures lean high; on a GPU host
 ``--plan`` compiles the real ops.
 
+``--target NAME`` (``lopd_jax.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a libtpu
+topology, or XLA:GPU through the CUDA plugin from a device description. Then the figures are that compiler's, the
+real ops compile (splash or cuDNN attention, native ragged_dot), the budget is the chip's HBM, and a roofline
+step-time estimate is added. ``attention: auto`` resolves for the compile platform (``planned_attention``).
+
 The peak is arguments + outputs - donated + temp; mode ``opd`` adds the live teacher's resident weights.
 """
 
@@ -34,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from lopd_jax import losses, sharding, update
+from lopd_jax import losses, sharding, targets, update
 from lopd_jax.batch import Batch
 from lopd_jax.models import presets, qwen3
 
@@ -70,6 +75,9 @@ class Plan:
     budget_bytes: int
     compile_seconds: float
     notes: list[str]
+    attention: str = ""  # the implementation compiled (see planned_attention)
+    target: targets.Target | None = None  # --target: compiled by that accelerator's XLA (no hardware)
+    roofline: targets.Roofline | None = None  # --target: a step-time ESTIMATE from FLOPs and bytes
 
     @property
     def total_bytes(self) -> int:
@@ -238,13 +246,13 @@ def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: ja
 
 
 @contextlib.contextmanager
-def _planning_ragged_dot(model_cfg: qwen3.Qwen3Config, notes: list[str]):
-    """Swap ``jax.lax.ragged_dot`` for ``grouped_matmul_scan`` while lowering MoE models off GPU."""
-    if not model_cfg.num_experts or jax.default_backend() == "gpu":
+def _planning_ragged_dot(model_cfg: qwen3.Qwen3Config, platform: str, notes: list[str]):
+    """Swap ``jax.lax.ragged_dot`` for ``grouped_matmul_scan`` while lowering MoE models for XLA:CPU."""
+    if not model_cfg.num_experts or platform != "cpu":
         yield
         return
     notes.append(
-        f"MoE: XLA:{jax.default_backend().upper()} expands ragged_dot densely; planned with an equivalent "
+        f"MoE: XLA:{platform.upper()} expands ragged_dot densely; planned with an equivalent "
         "scan over experts (grouped-GEMM buffers)"
     )
     original = jax.lax.ragged_dot
@@ -274,21 +282,33 @@ def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 ATTN_BLOCK = 512
 
 
-def _fused_attention_offline(cfg: TrainConfig) -> bool:
-    return cfg.model.attention == "cudnn" and jax.default_backend() != "gpu"
+def planned_attention(attention: str, platform: str) -> tuple[str, str | None]:
+    """(the attention to compile for ``platform``, a note when it differs from the config's).
+
+    "auto" resolves as the model does on that backend. A fused kernel the platform cannot compile is planned with
+    its counterpart: cuDNN on TPU -> splash (both fused, no [B, N, T, S] scores); cuDNN or splash on CPU ->
+    "blockwise" (``_planning_attention``: exact, with a fused kernel's memory profile).
+    """
+    if attention == "auto":
+        return qwen3.default_attention(platform), None
+    if attention == "cudnn" and platform == "tpu":
+        return "splash", "attention=cudnn is GPU-only: planned for TPU with splash attention (its TPU default)"
+    native = {"cudnn": "gpu", "splash": "tpu"}.get(attention, platform)
+    if native != platform:
+        return "blockwise", (
+            f"attention={attention} cannot compile on {platform}: planned with an exact blockwise attention "
+            f"({ATTN_BLOCK} queries at a time, rematerialised) with a fused kernel's memory profile"
+        )
+    return attention, None
 
 
 @contextlib.contextmanager
-def _planning_attention(cfg: TrainConfig, notes: list[str]):
-    """Off GPU, a cudnn config is compiled as attention="xla" with the xla entry of the model's attention table
-    swapped for ``blockwise_attention`` (the model refuses cudnn off GPU)."""
-    if not _fused_attention_offline(cfg):
+def _planning_attention(attention: str):
+    """For "blockwise", compile the model with attention="xla" whose table entry is ``blockwise_attention``
+    (the model refuses cudnn off GPU, and splash off TPU needs interpret mode: far too slow to compile)."""
+    if attention != "blockwise":
         yield
         return
-    notes.append(
-        f"attention=cudnn cannot compile on {jax.default_backend()}: planned with an exact blockwise attention "
-        f"({ATTN_BLOCK} queries at a time, rematerialised) with a fused kernel's memory profile"
-    )
     original = qwen3._ATTENTION["xla"]
     qwen3._ATTENTION["xla"] = blockwise_attention
     try:
@@ -302,10 +322,19 @@ def _planning_attention(cfg: TrainConfig, notes: list[str]):
 _FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None) -> Plan:
-    """Compile ``cfg``'s update step on abstract sharded shapes and collect the figures (see module doc)."""
+def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> Plan:
+    """Compile ``cfg``'s update step on abstract sharded shapes and collect the figures (see module doc).
+
+    ``target`` (a ``targets.TARGETS`` name) compiles with that accelerator's XLA over its topology's devices.
+    """
     notes: list[str] = []
-    model_cfg = model_config(cfg, attention="xla" if _fused_attention_offline(cfg) else None)
+    tgt = targets.get_target(target) if target else None
+    if tgt is not None:
+        devices = targets.topology_devices(tgt)
+    platform = tgt.platform if tgt else jax.default_backend()
+    attention, note = planned_attention(cfg.model.attention, platform)
+    notes += [note] if note else []
+    model_cfg = model_config(cfg, attention="xla" if attention == "blockwise" else attention)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.logical_rules()
     optimizer = update.make_optimizer(cfg.optimizer)
@@ -322,12 +351,22 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None) -> Plan
         batch_sharding=batch_sh,
     )
     t0 = time.perf_counter()
-    with _planning_ragged_dot(model_cfg, notes), _planning_attention(cfg, notes):
+    with _planning_ragged_dot(model_cfg, platform, notes), _planning_attention(attention):
         lowered = step.lower(state, batch)
-    compiled = lowered.compile(compiler_options=_FAST_CPU_COMPILE if jax.default_backend() == "cpu" else None)
+    compiled = lowered.compile(compiler_options=_FAST_CPU_COMPILE if platform == "cpu" else None)
     seconds = time.perf_counter() - t0
-    if jax.default_backend() == "cpu":
+    if platform == "cpu":
         notes.append("figures from XLA:CPU buffer assignment; a GPU compile fuses differently (run --plan there)")
+    budget = cfg.plan.device_memory_gb * GB
+    roofline = None
+    if tgt is not None:
+        budget = tgt.chip.hbm_bytes
+        notes.append(f"figures from XLA:{platform.upper()} ({tgt.topology}); budget = the chip's HBM, not plan.*")
+        t = cfg.train
+        state_bytes = _device_bytes(state.params) + _device_bytes(state.opt_state)
+        roofline = targets.estimate(
+            model_cfg, t.batch_size, t.seq_len, t.grad_accum, tgt.num_chips, tgt.chip, state_bytes
+        )
     return Plan(
         model=cfg.model.init,
         mesh=dict(mesh.shape),
@@ -337,9 +376,12 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None) -> Plan
         state_bytes={"params": _device_bytes(state.params), "optimizer": _device_bytes(state.opt_state)},
         memory=memory_figures(compiled),
         extra_bytes=teacher_bytes(cfg, mesh, rules),
-        budget_bytes=int(cfg.plan.device_memory_gb * GB),
+        budget_bytes=int(budget),
         compile_seconds=seconds,
         notes=notes,
+        attention=attention,
+        target=tgt,
+        roofline=roofline,
     )
 
 
@@ -350,11 +392,12 @@ def _gb(n: int) -> str:
 def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     """The human-readable plan (what ``main`` prints)."""
     t = cfg.train
+    where = f"target={plan.target.name} ({plan.target.topology}) " if plan.target else ""
     lines = [
-        f"plan: mode={cfg.mode} model={plan.model} mesh={plan.mesh} devices={math.prod(plan.mesh.values())}",
+        f"plan: {where}mode={cfg.mode} model={plan.model} mesh={plan.mesh} devices={math.prod(plan.mesh.values())}",
         f"  batch {t.batch_size} rows x {t.seq_len} tokens, grad_accum {t.grad_accum} "
         f"(micro-batch {t.batch_size // t.grad_accum} rows), remat={cfg.model.remat}, "
-        f"dtype={cfg.model.dtype}, param_dtype={cfg.model.param_dtype}",
+        f"dtype={cfg.model.dtype}, param_dtype={cfg.model.param_dtype}, attention={plan.attention}",
         f"parameters: total {plan.params_total:,} ({plan.params_total / 1e9:.3f} B)",
     ]
     if plan.params_active != plan.params_total:
@@ -375,28 +418,45 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     lines.append(
         f"total per device: {plan.total_bytes / GB:.2f} GB of {plan.budget_bytes / GB:.0f} GB budget: {verdict}"
     )
+    if plan.roofline is not None:
+        lines += format_roofline(plan.roofline, plan.target)
     lines.append(f"compile: {plan.compile_seconds:.1f} s")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
-def run(cfg: TrainConfig) -> Plan:
-    """Make, print and return the plan of ``cfg``."""
-    plan = make_plan(cfg)
+def format_roofline(r: targets.Roofline, tgt: targets.Target) -> list[str]:
+    c = tgt.chip
+    return [
+        f"ROOFLINE ESTIMATE (not measured; {c.name}: {c.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+        f"{c.hbm_bandwidth / 1e12:.3f} TB/s HBM, {tgt.num_chips} chips):",
+        f"  per chip: model {r.model_flops:.3e} FLOPs (6*P*tokens + attention), with remat recompute "
+        f"{r.hardware_flops:.3e}; {r.bytes_accessed / GB:.1f} GB HBM traffic (targets.hbm_bytes_per_chip model)",
+        f"  step >= {r.step_seconds:.3g} s (compute {r.compute_seconds:.3g} s, memory {r.memory_seconds:.3g} s); "
+        f"MFU at that time {100 * r.mfu(c):.1f}%",
+    ]
+
+
+def run(cfg: TrainConfig, target: str | None = None) -> Plan:
+    """Make, print and return the plan of ``cfg`` (for ``target`` when given)."""
+    plan = make_plan(cfg, target=target)
     print(format_plan(plan, cfg), flush=True)
     return plan
 
 
-def check_inputs(cfg: TrainConfig) -> None:
+def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
     """The plan's inputs, checked before anything compiles: an unknown preset, an unreadable config.json, a mesh
     the devices cannot form or a batch that does not split over it is a ConfigError naming the key (one line,
-    exit 2), not a traceback from deep inside tracing."""
+    exit 2), not a traceback from deep inside tracing. With a target the mesh is built over the target's devices
+    (targets.py checks it there), not over this machine's."""
     from lopd_jax.config import ConfigError
 
     try:
         model_config(cfg)
     except (ValueError, OSError, KeyError, TypeError) as e:
         raise ConfigError(f"model.init: {e}") from None
+    if target is not None:
+        return
     try:
         mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:
@@ -410,8 +470,9 @@ def check_inputs(cfg: TrainConfig) -> None:
         )
 
 
-def main(cfg: TrainConfig) -> int:
-    """``--plan``: print the plan of ``cfg`` (see module doc); exit status 0 (the plan says whether it fits)."""
-    check_inputs(cfg)
-    run(cfg)
+def main(cfg: TrainConfig, target: str | None = None) -> int:
+    """``--plan [--target NAME]``: print the plan of ``cfg`` (see module doc); exit status 0 (the plan says
+    whether it fits)."""
+    check_inputs(cfg, target)
+    run(cfg, target)
     return 0

@@ -479,18 +479,22 @@ def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
     return 0
 
 
-def _plan(cfg: TrainConfig) -> int:
+def _plan(cfg: TrainConfig, target: str | None = None) -> int:
     if importlib.util.find_spec("lopd_jax.plan") is None:
         raise ConfigError("--plan needs lopd_jax/plan.py, which this checkout lacks")
-    from lopd_jax import plan
+    from lopd_jax import plan, targets
 
-    return plan.main(cfg)
+    try:
+        return plan.main(cfg, target)
+    except targets.TargetError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lopd_jax.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML training config (or a pipeline config with stages)")
     p.add_argument("--plan", action="store_true", help="compile the step on abstract shapes and print memory")
+    p.add_argument("--target", help="with --plan: compile for an accelerator absent here, e.g. tpu-v5p-8")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-5 train.steps=10")
     return p.parse_args(argv)
 
@@ -503,8 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         if config_lib.is_pipeline(raw):
             return _run_pipeline(raw, args.config, args.overrides)
         cfg = config_lib.load_config(args.config, args.overrides)
+        if args.target and not args.plan:
+            raise ConfigError(f"--target {args.target} needs --plan (it only compiles; nothing runs there)")
         if args.plan:
-            return _plan(cfg)
+            return _plan(cfg, args.target)
         distributed.initialize()  # several processes (LOPD_* / JAX_* variables, SLURM, MPI): one runtime
         setup = validated(cfg)
         final = train(cfg, setup)

@@ -241,8 +241,14 @@ def make_update_step(
     if state_shardings is None or batch_sharding is None:
         raise ValueError("make_update_step: with a mesh, pass state_shardings and batch_sharding")
     replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step_in_mesh(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        # Kernels XLA cannot partition (splash attention) shard_map over the mesh they find here.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch)
+
     return jax.jit(
-        step,
+        step_in_mesh,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnames="state",

@@ -11,7 +11,8 @@ only when XLA partitions, after lowering. MoE lowers ``lax.ragged_dot`` as ``chl
 (a grouped GEMM, not a dense expansion).
 
 Off GPU two probes refuse the cuDNN path, and the tests fake them while tracing, never in the product: the
-backend check in ``qwen3`` (``jax.default_backend()``) and jax's cuDNN version probe.
+backend check in ``qwen3`` (``_compile_platform``: the mesh's devices, else ``jax.default_backend()``) and jax's
+cuDNN version probe.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def fake_gpu_probes(monkeypatch) -> Iterator[None]:
     """Let the cuDNN path trace on CPU: the project's backend check and jax's cuDNN version probe say "GPU"."""
     with monkeypatch.context() as m:
         m.setattr(jax, "default_backend", lambda: "gpu")
+        m.setattr(qwen3, "_compile_platform", lambda: "gpu")  # the mesh's devices are CPUs here
         m.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: CUDNN_VERSION)
         yield
 

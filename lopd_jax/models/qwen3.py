@@ -7,8 +7,9 @@ Shape vocabulary (used in einsum strings and names, e.g. ``x_BTD``):
 
 The public surface is pure functions over a nested dict of arrays (layout: ``param_specs`` and
 docs/internals.md): ``init_params``, ``forward``, ``forward_cached`` / ``init_cache`` (sampling), ``load_hf`` /
-``save_hf`` (in ``hf.py``). Layers are stacked on a leading axis and run with ``jax.lax.scan``, one scan per run
-of consecutive same-kind (dense / MoE) layers.
+``save_hf`` (in ``hf.py``). Attention is ``attention_xla`` or a fused kernel of ``fused_attention.py`` (cuDNN,
+splash), chosen by ``Qwen3Config.attention``. Layers are stacked on a leading axis and run with ``jax.lax.scan``,
+one scan per run of consecutive same-kind (dense / MoE) layers.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from flax import nnx
 # The model's declaration (config, params and KV cache as ParamSpecs) lives in qwen3_specs so that hf.py can read
 # it without importing this module (which imports hf.py for load_hf / save_hf); re-exported here.
 from lopd_jax import sharding
+from lopd_jax.models.fused_attention import attention_cudnn, attention_splash
 from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
+    ATTENTION_IMPLS,
     Attention,
     Dtype,
     Params,
     Qwen3Config,
     Remat,
     cache_specs,
+    default_attention,
     param_specs,
 )
 from lopd_jax.sharding import ParamSpec, is_param_spec  # noqa: F401  (re-exported)
@@ -143,28 +147,32 @@ def attention_xla(
     return out_BTKGH.reshape(B, T, N, H)
 
 
+def _compile_platform() -> str:
+    """The platform the enclosing computation is compiled for: the mesh's devices (a compile-only topology under
+    ``--plan --target``), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def _check_attention_backend(cfg: Qwen3Config) -> None:
     if cfg.attention != "cudnn":
         return
-    if jax.default_backend() != "gpu":
-        raise ValueError(
-            f"attention='cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); use attention='xla'"
-        )
+    platform = _compile_platform()
+    if platform not in ("gpu", "cuda"):
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (backend is {platform!r}); use attention='xla'")
     if cfg.dtype not in ("bfloat16", "float16"):
         raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={cfg.dtype!r}")
 
 
-def attention_cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """cuDNN fused attention; the causal+segment mask is passed whole, so packing is honoured, never dropped.
-
-    cuDNN needs bf16/fp16 operands (it raises on fp32); the mask costs one [B, 1, T, S] bias, shared by heads.
-    """
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], is_causal=True, implementation="cudnn"
-    )
+def _attend(q_BTNH, k_BSKH, v_BSKH, ctx: _Ctx, cfg: Qwen3Config) -> jax.Array:
+    """The attention implementation ``cfg.attention`` names (the one registry of implementations)."""
+    if cfg.attention == "splash":
+        return attention_splash(q_BTNH, k_BSKH, v_BSKH, ctx.segment_ids_BT, interpret=cfg.pallas_interpret)
+    return _ATTENTION[cfg.attention](q_BTNH, k_BSKH, v_BSKH, ctx.mask_BTS)
 
 
-_ATTENTION = {"xla": attention_xla, "cudnn": attention_cudnn}
+_ATTENTION = {"xla": attention_xla, "cudnn": attention_cudnn}  # mask-based implementations; splash takes segments
 
 
 def dense_mlp(x_BTD: jax.Array, mp: Params) -> jax.Array:
@@ -216,6 +224,7 @@ class _Ctx(NamedTuple):
     cos_BTH: jax.Array
     mask_BTS: jax.Array  # True = query t may attend to key s
     slots_BT: jax.Array | None  # cache slots of the new tokens (cached forward only)
+    segment_ids_BT: jax.Array | None = None  # packed segments (splash takes these instead of the mask)
 
 
 def _project_qkv(h_BTD: jax.Array, lp: Params, ctx: _Ctx, cfg: Qwen3Config):
@@ -244,14 +253,15 @@ def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None):
     """One pre-norm decoder layer; ``cache`` = this layer's (k [B,K,S,H], v) for the cached forward."""
     h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
     q_BTNH, k_BSKH, v_BSKH = _project_qkv(h_BTD, lp, ctx, cfg)
-    attend, k, v = _ATTENTION[cfg.attention], k_BSKH, v_BSKH
-    if cache is not None:
+    if cache is None:
+        o_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, ctx, cfg)
+    else:
         k_BKSH = _write_cache(cache[0], k_BSKH, ctx.slots_BT)
         v_BKSH = _write_cache(cache[1], v_BSKH, ctx.slots_BT)
         cache = (k_BKSH, v_BKSH)
-        # Decode steps are bandwidth-bound: the fused kernel buys nothing there.
-        attend, k, v = attention_cached, k_BKSH.astype(x_BTD.dtype), v_BKSH.astype(x_BTD.dtype)
-    o_BTNH = attend(q_BTNH, k, v, ctx.mask_BTS)
+        # Decode steps are bandwidth-bound: the fused kernels buy nothing there.
+        dt = x_BTD.dtype
+        o_BTNH = attention_cached(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), ctx.mask_BTS)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lp["o"].astype(x_BTD.dtype))
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
     mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp)
@@ -386,8 +396,10 @@ def forward(
     mask_BTS = jnp.broadcast_to(idx_T[:, None] >= idx_T[None, :], (B, T, T))
     if segment_ids is not None:
         mask_BTS = mask_BTS & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+        segment_ids = jnp.ones((B, T), jnp.int32)
     sin_BTH, cos_BTH = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, None)
+    ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, None, segment_ids)
     x_BTD = _decoder_stack(params, _embed(params, tokens, cfg), ctx, cfg)
     return _output(params, x_BTD, cfg, return_hidden)
 

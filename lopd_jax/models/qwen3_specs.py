@@ -18,7 +18,8 @@ from lopd_jax.sharding import ParamSpec as _ParamSpec
 Params = dict[str, Any]
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]  # float64: exact-arithmetic tests
 Remat = Literal["none", "full", "dots"]
-Attention = Literal["xla", "cudnn"]
+Attention = Literal["auto", "xla", "cudnn", "splash"]
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # what "auto" resolves to, per backend: default_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,12 @@ class Qwen3Config:
     dtype: Dtype = "float32"  # compute dtype of matmul operands ("bfloat16" on accelerators)
     param_dtype: Dtype = "float32"  # storage dtype of the (master) weights
     remat: Remat = "none"  # "full": save nothing; "dots": save the weight matmuls' outputs
-    attention: Attention = "xla"  # "xla" (every backend) | "cudnn" (fused, NVIDIA GPUs)
+    # "xla" (every backend) | "cudnn" (fused, NVIDIA GPUs) | "splash" (Pallas kernel, TPUs) | "auto" (the
+    # backend's default, see default_attention; resolved when the config is made). The library default is "xla",
+    # which needs no backend at construction; the trainer's model.attention defaults to "auto".
+    attention: Attention = "xla"
     scan_layers: bool = True
+    pallas_interpret: bool = False  # run Pallas kernels (splash) in interpret mode: CPU tests of the TPU kernel
 
     def __post_init__(self) -> None:
         # Lists from JSON/YAML become tuples so the config stays hashable (a static jit argument).
@@ -63,6 +68,10 @@ class Qwen3Config:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         check_choices(self)
+        if self.attention == "auto":
+            import jax  # here only: the declaration needs no backend unless "auto" asks which one this is
+
+            object.__setattr__(self, "attention", default_attention(jax.default_backend()))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"Qwen3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -86,6 +95,14 @@ class Qwen3Config:
     @property
     def dense_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_hidden_layers) if not self.is_moe_layer(i))
+
+
+def default_attention(platform: str) -> str:
+    """The attention "auto" resolves to on ``platform`` (a jax backend name): splash on TPU, else xla.
+
+    Not cudnn on GPU: it needs bf16/fp16 operands, and an fp32 run must not fail for a default it never chose.
+    """
+    return "splash" if platform == "tpu" else "xla"
 
 
 def param_specs(cfg: Qwen3Config) -> Params:
