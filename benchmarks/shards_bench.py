@@ -149,13 +149,16 @@ def score_launch(paths: dict[str, Path], out: Path, sizes: ShardSizes, pins: lis
         with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall a child that the parent is not reading
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=child_env(i, len(pins)), stdout=f, stderr=f))
         logs.append(log)
-    codes = [p.wait() for p in procs]
+    waited = [os.wait4(p.pid, 0) for p in procs]  # (pid, status, rusage): the CPU time each child got
     wall = time.perf_counter() - start
-    for code, log in zip(codes, logs):
-        if code != 0:
-            raise RuntimeError(f"teacher_logprobs exited {code}: {log.read_text()[-2000:]}")
+    for p, (_, status, _) in zip(procs, waited):
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    for p, log in zip(procs, logs):
+        if p.returncode != 0:
+            raise RuntimeError(f"teacher_logprobs exited {p.returncode}: {log.read_text()[-2000:]}")
+    cpu = [r.ru_utime + r.ru_stime for _, _, r in waited]
     summaries = [tool_summary(log.read_text()) for log in logs]
-    return {"wall_s": wall, "pins": [c or "all" for c in pins], "tool": summaries}
+    return {"wall_s": wall, "cpu_s": cpu, "pins": [c or "all" for c in pins], "tool": summaries}
 
 
 def tool_summary(text: str) -> dict[str, Any]:
@@ -171,7 +174,8 @@ def same_teacher_values(single: Path, dataset: Path) -> dict[str, Any]:
 
     a, b = RolloutStore.open(single), RolloutStore.open(dataset)
     x, y = (s.read_array("teacher_logprobs", 0, s.num_tokens) for s in (a, b))
-    tokens_equal = bool(np.array_equal(a.read_array("tokens", 0, a.num_tokens), b.read_array("tokens", 0, b.num_tokens)))
+    tokens = [s.read_array("tokens", 0, s.num_tokens) for s in (a, b)]
+    tokens_equal = bool(np.array_equal(*tokens))
     both = np.isfinite(x) & np.isfinite(y)
     return {
         "samples": [len(a), len(b)],
@@ -205,6 +209,8 @@ def bench_scoring(paths: dict[str, Path], root: Path, sizes: ShardSizes) -> dict
     walls = {k: common.spread([r["wall_s"] for r in rs]) for k, rs in runs.items()}
     res["speedup_two_vs_one_pinned"] = common.ratio(walls["one_pinned"], walls["two_pinned"])
     res["speedup_two_pinned_vs_one_unpinned"] = common.ratio(walls["one_unpinned"], walls["two_pinned"])
+    cpu = {k: common.spread([sum(r["cpu_s"]) for r in rs]) for k, rs in runs.items()}
+    res["cpu_s_two_over_one_pinned"] = cpu["two_pinned"]["median"] / cpu["one_pinned"]["median"]  # 1.0: no overhead
     res["equal"] = same_teacher_values(root / "one_pinned.0", root / "two_pinned.0")
     return res
 
@@ -217,6 +223,8 @@ def _setup_fields(rs: list[dict], tokens: int) -> dict[str, Any]:
         "wall_s": wall,
         "tokens_per_s": tokens / wall["median"],
         "tool_tokens_per_s": common.spread(tool_rate),
+        "cpu_s": [r["cpu_s"] for r in rs],  # per round, per process: user + system
+        "cpu_share": [[c / r["wall_s"] for c in r["cpu_s"]] for r in rs],  # of one core, per process
         "tool_seconds": [[t["seconds"] for t in r["tool"]] for r in rs],
         "tool_tokens": [[int(t["tokens"]) for t in r["tool"]] for r in rs],
     }
@@ -325,22 +333,26 @@ def _scoring_lines(r: dict) -> list[str]:
         f"{r['samples']:,} samples / {r['tokens']:,} tokens, teacher {r['params'] / 1e6:.2f}M params "
         f"({r['model']['layers']} x {r['model']['hidden_size']}), --window {r['window']}, JAX engine fp32.",
         "",
-        "| launch | cores | wall s, median [min-max] | tokens/s (wall) | tokens/s (tools' summaries, summed) |",
-        "|---|---|---|---|---|",
+        "| launch | cores | wall s, median [min-max] | CPU s per process | share of a core per process | "
+        "tokens/s (wall) | tokens/s (tools' summaries, summed) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, label in (("one_pinned", "1 process"), ("two_pinned", "2 processes (shards)"),
                         ("one_unpinned", "1 process, unpinned")):  # fmt: skip
         s = r[name]
         w, t = s["wall_s"], s["tool_tokens_per_s"]
+        cpu = "; ".join(", ".join(f"{c:.1f}" for c in row) for row in s["cpu_s"])  # rounds; processes
+        share = "; ".join(", ".join(f"{c:.2f}" for c in row) for row in s["cpu_share"])
         out.append(
-            f"| {label} | {s['pins']} | {w['median']:.1f} [{w['min']:.1f}-{w['max']:.1f}] | "
+            f"| {label} | {s['pins']} | {w['median']:.1f} [{w['min']:.1f}-{w['max']:.1f}] | {cpu} | {share} | "
             f"{s['tokens_per_s']:,.0f} | {t['median']:,.0f} |"
         )
     e = r["equal"]
     out += [
         "",
         f"- 2 processes vs 1 pinned process: **{_rate(r['speedup_two_vs_one_pinned'])}** (goal ~2x); vs the "
-        f"unpinned process: {_rate(r['speedup_two_pinned_vs_one_unpinned'])}.",
+        f"unpinned process: {_rate(r['speedup_two_pinned_vs_one_unpinned'])}. CPU seconds of the 2 processes "
+        f"together / the pinned process's: {r['cpu_s_two_over_one_pinned']:.2f} (1.0: sharding adds no work).",
         f"- 2-shard dataset vs the single store: tokens equal {e['tokens_equal']}, teacher log-probs bit-identical "
         f"{e['bitwise_equal']} (max |diff| {e['max_abs_diff']:.2e}), scored {e['scored']}.",
     ]
