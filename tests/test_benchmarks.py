@@ -165,6 +165,8 @@ def test_shards_bench_tiny(tmp_path):
         assert s["tokens_per_s"] == pytest.approx(sc["tokens"] / s["wall_s"]["median"])
     r = sc["speedup_two_vs_one_pinned"]
     assert r["median"] == pytest.approx(one["wall_s"]["median"] / two["wall_s"]["median"]) and r["median"] > 0
+    busier = max(two["cpu_s"][0])  # one round: the CPU-time ratio is the pinned process's over the busier shard's
+    assert sc["cpu_time_speedup_two_vs_one"]["median"] == pytest.approx(one["cpu_s"][0][0] / busier)
     assert rd["same_batches"] and rd["same_tokens_read"] and rd["shards"] == 8
     for name in ("one_store", "dataset"):
         assert rd[name]["batches_per_s"] == pytest.approx(rd["batches"] / rd[name]["s"]["median"])
