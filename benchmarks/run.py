@@ -92,6 +92,11 @@ def cpu_sections(sizes: Sizes, peak: float) -> dict[str, Section]:
             ("benchmarks.lightning_vs_opd",),
             lambda lvo: lvo.bench_lightning_vs_opd(*sizes.lightning),
         ),
+        # Sharded precompute: 1 vs 2 pinned scoring processes, the trainer's reader on 8 shards vs one store.
+        "shards": (
+            ("benchmarks.shards_bench", "grain"),
+            lambda sb, _: sb.bench_shards(sb.TINY if sizes is TINY else sb.CPU),
+        ),
     }
 
 

@@ -143,6 +143,36 @@ def test_cpu_suite_tiny(tmp_path):
     )
 
 
+def test_shards_bench_tiny(tmp_path):
+    # Sharded precompute, side by side: 1 process pinned to one core, 2 pinned processes (one shard each), 1 unpinned;
+    # then the trainer's reader over 8 shards vs one store. The numbers are noise at this size; what must hold is
+    # the bookkeeping (every token scored once, pins obeyed) and that the shards give the same data.
+    cmd = [sys.executable, "-m", "benchmarks.shards_bench", "--tiny", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "cpu_shards_tiny.json").read_text())
+    assert (tmp_path / "cpu_shards_tiny.md").read_text().startswith("# Benchmarks: sharded precompute, cpu")
+    sc, rd = doc["results"]["scoring"], doc["results"]["reader"]
+    assert sc["equal"] == {"samples": [256, 256], "scored": [256, 256], "tokens_equal": True, "nan_equal": True,
+                           "bitwise_equal": True, "max_abs_diff": 0.0}  # fmt: skip
+    one, two, free = sc["one_pinned"], sc["two_pinned"], sc["one_unpinned"]
+    assert len(one["pins"]) == 1 and len(one["pins"][0]) == 1 and free["pins"] == ["all"]
+    assert len(two["pins"]) == 2 and all(len(c) == 1 for c in two["pins"]) and two["pins"][0] != two["pins"][1]
+    for s in (one, two):  # a process pinned to one core gets at most that core's time
+        assert all(0 < share <= 1.02 for row in s["cpu_share"] for share in row), s["cpu_share"]
+    for s in (one, two, free):  # the shards split the samples: every token scored exactly once per launch
+        assert [sum(row) for row in s["tool_tokens"]] == [sc["tokens"]] * len(s["tool_tokens"])
+        assert s["tokens_per_s"] == pytest.approx(sc["tokens"] / s["wall_s"]["median"])
+    r = sc["speedup_two_vs_one_pinned"]
+    assert r["median"] == pytest.approx(one["wall_s"]["median"] / two["wall_s"]["median"]) and r["median"] > 0
+    busier = max(two["cpu_s"][0])  # one round: the CPU-time ratio is the pinned process's over the busier shard's
+    assert sc["cpu_time_speedup_two_vs_one"]["median"] == pytest.approx(one["cpu_s"][0][0] / busier)
+    assert rd["same_batches"] and rd["same_tokens_read"] and rd["shards"] == 8
+    for name in ("one_store", "dataset"):
+        assert rd[name]["batches_per_s"] == pytest.approx(rd["batches"] / rd[name]["s"]["median"])
+    assert rd["speed_dataset_vs_store"]["low"] <= rd["speed_dataset_vs_store"]["median"]
+
+
 def test_gpu_script_tiny_without_torch_grain_vllm(tmp_path):
     # The whole script on CPU, as the GPU image would run it but with torch also gone: every section in its own
     # process, each merged into gpu_tiny.json as it ends; torch's and vLLM's sides skipped with the reason.
