@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from lopd_jax.store import MANIFEST, RolloutStore, StoreError, _describe, _kvstore, _local_dir, kvstore_spec
+from lopd_jax.store_layout import MANIFEST, StoreError, child_spec, describe, kvstore_spec, local_dir, open_kvstore
+from lopd_jax.store_reader import StoreReader
 
 SHARD_DIR = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
 # Manifest fields every shard must agree on (what the samples mean), and those of the teacher, among scored shards.
@@ -56,13 +57,13 @@ def shard_name(index: int, count: int) -> str:
 def shard_dirs(path: str | os.PathLike | dict) -> list[str]:
     """Names of the shard directories (``shard-XXXXX-of-YYYYY``) directly inside ``path``, sorted; [] if none."""
     spec = kvstore_spec(path)
-    local = _local_dir(spec)
+    local = local_dir(spec)
     if local is not None:
         if not os.path.isdir(local):
             return []
         return sorted(n for n in os.listdir(local) if SHARD_DIR.match(n) and os.path.isdir(os.path.join(local, n)))
     names = set()
-    for key in _kvstore(spec).list().result():
+    for key in open_kvstore(spec).list().result():
         head, _, rest = bytes(key).decode("utf-8", "replace").partition("/")
         if rest == MANIFEST and SHARD_DIR.match(head):
             names.add(head)
@@ -89,7 +90,7 @@ class RolloutDataset:
 
     def __init__(self, path: str | os.PathLike | dict):
         self.spec = kvstore_spec(path)
-        self.path = _describe(self.spec)
+        self.path = describe(self.spec)
         self.refresh()
 
     @classmethod
@@ -104,7 +105,7 @@ class RolloutDataset:
             raise StoreError(f"{self.path}: no shard-XXXXX-of-YYYYY stores inside (not a sharded dataset)")
         self.count = _check_names(self.path, names)
         self.names = [shard_name(i, self.count) for i in range(self.count)]
-        self.stores = [RolloutStore(child_spec(self.spec, n)) for n in self.names]
+        self.stores = [StoreReader(child_spec(self.spec, n)) for n in self.names]
         _check_shards(self.path, self.names, [s.manifest for s in self.stores], self.count)
         self._index()
 
@@ -126,7 +127,7 @@ class RolloutDataset:
         return {"spec": self.spec, "count": self.count, "stores": self.stores}
 
     def __setstate__(self, state: dict) -> None:
-        self.spec, self.path, self.count = state["spec"], _describe(state["spec"]), state["count"]
+        self.spec, self.path, self.count = state["spec"], describe(state["spec"]), state["count"]
         self.names, self.stores = [shard_name(i, self.count) for i in range(self.count)], state["stores"]
         self._index()
 
@@ -188,10 +189,6 @@ class RolloutDataset:
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
-def child_spec(spec: dict, name: str) -> dict:
-    return {**spec, "path": spec["path"] + name + "/"}
-
-
 def _check_names(where: str, names: list[str]) -> int:
     """The one shard count of the directory names; StoreError naming a shard of another count or a missing one."""
     parsed = [(n, *map(int, SHARD_DIR.match(n).groups())) for n in names]
@@ -237,7 +234,7 @@ def _check_shards(where: str, names: list[str], manifests: list[dict], count: in
                 raise StoreError(f"{where}: {name} is scored by another teacher than {scored[0][0]}: {d}")
 
 
-def _merged_manifest(stores: list[RolloutStore], count: int) -> dict:
+def _merged_manifest(stores: list[StoreReader], count: int) -> dict:
     """Shard 0's manifest with the counts of the whole dataset and the teacher fields of a scored shard."""
     manifests = [s.manifest for s in stores]
     m = dict(manifests[0])
@@ -253,9 +250,4 @@ def _merged_manifest(stores: list[RolloutStore], count: int) -> dict:
     return m
 
 
-def open_rollouts(path: str | os.PathLike | dict) -> RolloutStore | RolloutDataset:
-    """A store or a dataset directory, whichever ``path`` is (what ``RolloutStore.open`` does)."""
-    return RolloutDataset(path) if is_dataset(path) else RolloutStore(path)
-
-
-__all__ = ["RolloutDataset", "is_dataset", "open_rollouts", "shard_dirs", "shard_name"]
+__all__ = ["RolloutDataset", "is_dataset", "shard_dirs", "shard_name"]

@@ -1,7 +1,8 @@
-"""RolloutWriter: appends samples and teacher columns to a RolloutStore and commits them (lopd_jax.store).
+"""RolloutWriter: appends samples and teacher columns to a RolloutStore and commits them (the writer layer).
 
-The on-disk layout and the commit protocol are described in ``lopd_jax.store``; writers are obtained with
-``RolloutStore.create`` / ``RolloutStore.open_for_append``.
+It imports the format (``lopd_jax.store_layout``, where the layout and the commit protocol are described) and the
+writer lock (``lopd_jax.store_lock``), never the reader: a writer checks what it resumes with the layout's own
+checks. Writers are obtained with ``RolloutStore.create`` / ``RolloutStore.open_for_append`` (``lopd_jax.store``).
 """
 
 from __future__ import annotations
@@ -16,33 +17,34 @@ from collections.abc import Sequence
 import numpy as np
 import tensorstore as ts
 
-from lopd_jax.store import (
-    _OFFSET_ARRAYS,
-    _SAMPLE_ARRAYS,
-    _TEACHER_ARRAYS,
-    _TOKEN_ARRAYS,
-    _TOPK_ARRAYS,
+from lopd_jax.store_layout import (
     FINISH_REASONS,
     FORMAT,
     MANIFEST,
-    RESERVED_KEYS,
+    OFFSET_ARRAYS,
+    SAMPLE_ARRAYS,
     SCHEMA_VERSION,
+    TEACHER_ARRAYS,
+    TOKEN_ARRAYS,
+    TOPK_ARRAYS,
     StoreError,
-    _array_metadata,
-    _array_names,
-    _describe,
-    _kvstore,
-    _local_dir,
-    _open_array,
-    _write_manifest,
+    array_metadata,
+    array_names,
     check_lengths,
     check_manifest,
     check_metadata,
+    check_user_keys,
+    delete_manifest,
+    describe,
+    has_manifest,
     kvstore_spec,
+    local_dir,
+    open_array,
     open_arrays,
     read_manifest,
     read_sample_metadata,
     required_lengths,
+    write_manifest,
 )
 from lopd_jax.store_lock import StoreLock
 
@@ -130,7 +132,7 @@ class RolloutWriter:
         flush_tokens: int | None,
         lock: StoreLock | None = None,
     ):
-        self.spec, self.path, self._manifest, self._lock = spec, _describe(spec), manifest, lock
+        self.spec, self.path, self._manifest, self._lock = spec, describe(spec), manifest, lock
         self.topk = manifest["topk"]
         n, tc = manifest["committed"], manifest["teacher_committed"]
         layout = manifest["layout"]
@@ -140,9 +142,9 @@ class RolloutWriter:
         check_lengths(spec, arrays, required_lengths(manifest, answer_bytes, teacher_tokens))
         args = (meta["sample_offsets"], meta["prompt_lengths"], meta["finish_reason"], manifest["committed_tokens"])
         check_metadata(self.path, *args)  # never append to a store that is already inconsistent
-        ends = {k: manifest["committed_tokens"] for k in _TOKEN_ARRAYS} | {k: n for k in _SAMPLE_ARRAYS}
-        ends |= {k: n + 1 for k in _OFFSET_ARRAYS} | {"answers": answer_bytes}
-        ends |= {k: teacher_tokens for k in arrays if k in _TEACHER_ARRAYS or k in _TOPK_ARRAYS}
+        ends = {k: manifest["committed_tokens"] for k in TOKEN_ARRAYS} | {k: n for k in SAMPLE_ARRAYS}
+        ends |= {k: n + 1 for k in OFFSET_ARRAYS} | {"answers": answer_bytes}
+        ends |= {k: teacher_tokens for k in arrays if k in TEACHER_ARRAYS or k in TOPK_ARRAYS}
         self._cols = {k: _Column(arrays[k], e) for k, e in ends.items()}
         self._pending: list[dict] = []
         self._pending_teacher: list[tuple] = []
@@ -169,26 +171,24 @@ class RolloutWriter:
         existing directory that is not empty is refused before anything is written. ``overwrite`` (non-local
         stores only) replaces a store. Flushes every ``flush_tokens`` appended tokens (default: one shard)."""
         spec = kvstore_spec(path)
-        clash = sorted(set(manifest) & set(RESERVED_KEYS))
-        if clash:
-            raise StoreError(f"{_describe(spec)}: manifest keys {clash} are reserved for the store")
+        check_user_keys(manifest, describe(spec))
         layout = {"chunk_tokens": chunk_tokens, "chunk_samples": chunk_samples, "shard_chunks": shard_chunks}
         layout["zstd_level"] = zstd_level
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         full = {**manifest, "format": FORMAT, "schema_version": SCHEMA_VERSION, "topk": topk, "layout": layout}
         full.update(committed=0, committed_tokens=0, teacher_committed=0, created_at=now)
-        if _local_dir(spec) is not None:
+        if local_dir(spec) is not None:
             return cls._create_local(spec, full, flush_tokens, overwrite)
-        if not overwrite and _kvstore(spec).read(MANIFEST).result().state == "value":
-            raise StoreError(f"{_describe(spec)}: a store already exists (open_for_append to resume)")
+        if not overwrite and has_manifest(spec):
+            raise StoreError(f"{describe(spec)}: a store already exists (open_for_append to resume)")
         if overwrite:  # uncommit first: a crash while the arrays are recreated leaves no store, not a broken one
-            _kvstore(spec).write(MANIFEST, None).result()
+            delete_manifest(spec)
         arrays = _create_arrays(spec, full)
         return cls(spec, full, arrays, flush_tokens)
 
     @classmethod
     def _create_local(cls, spec: dict, full: dict, flush_tokens: int | None, overwrite: bool) -> RolloutWriter:
-        final = _local_dir(spec).rstrip("/")
+        final = local_dir(spec).rstrip("/")
         old_lock = None  # overwrite: the old store's lock, so that no writer of it is running while it is replaced
         if overwrite and os.path.exists(os.path.join(final, MANIFEST)):
             old_lock = StoreLock.acquire(final, final)
@@ -217,11 +217,11 @@ class RolloutWriter:
     def open(cls, path: str | os.PathLike | dict, flush_tokens: int | None = None) -> RolloutWriter:
         """Reopen a store for appending (taking its writer lock); continues exactly where the last commit ended."""
         spec = kvstore_spec(path)
-        check_manifest(read_manifest(spec), _describe(spec))  # a directory that is no store gets no lock file
-        lock = StoreLock.acquire(_local_dir(spec), _describe(spec)) if _local_dir(spec) is not None else None
+        check_manifest(read_manifest(spec), describe(spec))  # a directory that is no store gets no lock file
+        lock = StoreLock.acquire(local_dir(spec), describe(spec)) if local_dir(spec) is not None else None
         try:
             manifest = read_manifest(spec)  # again, under the lock: the last writer may have committed meanwhile
-            check_manifest(manifest, _describe(spec))
+            check_manifest(manifest, describe(spec))
             return cls(spec, manifest, open_arrays(spec, manifest), flush_tokens, lock)
         except BaseException:
             if lock is not None:
@@ -241,9 +241,9 @@ class RolloutWriter:
         on_disk = read_manifest(self.spec)
         if self.committed or self._pending or on_disk.get("committed") or on_disk.get("teacher_committed"):
             raise StoreError(f"{self.path}: has committed samples; refusing to delete it")
-        local = _local_dir(self.spec)
+        local = local_dir(self.spec)
         if local is None:
-            _kvstore(self.spec).write(MANIFEST, None).result()
+            delete_manifest(self.spec)
         else:
             parent, name = os.path.split(local.rstrip("/"))
             trash = tempfile.mkdtemp(prefix=f".{name}.discarded-", dir=parent)
@@ -271,9 +271,7 @@ class RolloutWriter:
 
     def update_manifest(self, **fields) -> None:
         """Set user manifest fields (e.g. teacher=fingerprint); written with the next commit."""
-        clash = sorted(set(fields) & set(RESERVED_KEYS))
-        if clash:
-            raise StoreError(f"{self.path}: manifest keys {clash} are reserved for the store")
+        check_user_keys(fields, self.path)
         self._manifest.update(fields)
         self._dirty = True
 
@@ -332,7 +330,7 @@ class RolloutWriter:
         m["committed_tokens"] = self._cols["tokens"].end
         m["teacher_committed"] += len(self._pending_teacher)
         m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        _write_manifest(self.spec, m)
+        write_manifest(self.spec, m)
         self._pending, self._pending_teacher, self._dirty = [], [], False
 
     def _write_samples(self) -> list:
@@ -398,13 +396,13 @@ def check_new_store_dir(path: str) -> None:
 def _create_arrays(spec: dict, full: dict) -> dict[str, ts.TensorStore]:
     """The empty arrays of a new store, then its first (empty) commit."""
     arrays = {
-        name: _open_array(spec, name, create_meta=_array_metadata(name, dtype, fill, full["layout"], full["topk"]))
-        for name, (dtype, fill) in _array_names(full["topk"]).items()
+        name: open_array(spec, name, create_meta=array_metadata(name, dtype, fill, full["layout"], full["topk"]))
+        for name, (dtype, fill) in array_names(full["topk"]).items()
     }
-    for name in _OFFSET_ARRAYS:
+    for name in OFFSET_ARRAYS:
         arrays[name] = arrays[name].resize(exclusive_max=[1], resize_metadata_only=True).result()
         arrays[name][0:1].write(np.zeros(1, np.int64)).result()
-    _write_manifest(spec, full)
+    write_manifest(spec, full)
     return arrays
 
 

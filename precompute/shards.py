@@ -120,8 +120,8 @@ def shard_store(out: str, shard: Shard) -> str:
     """Where this shard's store goes: ``out`` itself for one shard (a plain store, as without sharding), else
     ``out/shard-XXXXX-of-YYYYY``. Refuses (naming ``out``) a plain store or other files at ``out`` for a sharded
     run, a dataset at ``out`` for a one-shard run, and shards of another count: nothing is written then."""
-    from lopd_jax.store import MANIFEST, _kvstore, kvstore_spec
     from lopd_jax.store_dataset import shard_dirs, shard_name
+    from lopd_jax.store_layout import has_manifest, kvstore_spec
 
     present = shard_dirs(out)
     counts = sorted({int(n.rsplit("-", 1)[1]) for n in present})
@@ -132,7 +132,7 @@ def shard_store(out: str, shard: Shard) -> str:
                 f"(give --num-shards {counts[0]} --shard-index i to add to it, or a new --out)"
             )
         return out
-    if _kvstore(kvstore_spec(out)).read(MANIFEST).result().state == "value":
+    if has_manifest(kvstore_spec(out)):
         raise PrecomputeError(
             f"--out {out}: is a single store; a sharded run (--num-shards {shard.count}) needs a "
             "dataset directory (a new path)"

@@ -23,11 +23,12 @@ import sys
 import numpy as np
 
 from lopd_jax import store_dataset
-from lopd_jax.store import (
+from lopd_jax.store_layout import (
     StoreError,
     check_lengths,
     check_manifest,
     check_metadata,
+    child_spec,
     kvstore_spec,
     open_arrays,
     read_checked,
@@ -94,7 +95,7 @@ def validate_dataset(path: str | os.PathLike | dict, require_teacher: bool = Fal
         raise StoreError(problem)
     total: dict = {}
     for name in ds.names:
-        one = validate(store_dataset.child_spec(ds.spec, name), require_teacher)
+        one = validate(child_spec(ds.spec, name), require_teacher)
         for k, v in one.items():
             total[k] = v if k == "topk" else (None if v is None or total.get(k, 0) is None else total.get(k, 0) + v)
     total["shards"] = ds.count

@@ -90,19 +90,6 @@ def test_the_filtered_site_hides_torch_and_keeps_the_rest(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ import graph
 
-# Cycles that are known and owned by another change: a cycle whose modules all start with the prefix is excused,
-# and the entry says which issue removes it. The test fails when an entry excuses nothing any more (delete it with
-# the cycle) and when any other cycle appears.
-KNOWN_CYCLES = {
-    # issue 13 item 4 (the store in layers): store_writer imports the reader's private names and the reader imports
-    # the writer for open_for_append; the layout module both will import is another branch's work.
-    "lopd_jax.store": "issue 13 item 4",
-}
-
-
-def _excused(component: set[str]) -> str | None:
-    return next((p for p in KNOWN_CYCLES if all(m.startswith(p) for m in component)), None)
-
 
 def _module_files() -> dict[str, Path]:
     out = {}
@@ -201,11 +188,8 @@ def test_the_import_graph_has_no_cycles():
     """Dependencies point one way (STYLE.md habit 12): a cycle, even through a function-level import, means two
     modules own one concept between them. The failure prints each cycle as a -> b -> a."""
     graph = import_graph()
-    components = _components(graph)
-    unexpected = [_one_cycle(graph, c) for c in components if _excused(c) is None]
-    assert not unexpected, "import cycles:\n" + "\n".join(" -> ".join(c) for c in unexpected)
-    gone = set(KNOWN_CYCLES) - {_excused(c) for c in components}
-    assert not gone, f"known cycles no longer present (delete them from KNOWN_CYCLES): {gone}"
+    cycles = [_one_cycle(graph, c) for c in _components(graph)]
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
 def test_the_cycle_finder_finds_a_cycle_and_the_graph_sees_function_level_imports():
@@ -215,3 +199,66 @@ def test_the_cycle_finder_finds_a_cycle_and_the_graph_sees_function_level_import
     assert "lopd_jax.models.hf" in graph["lopd_jax.models.qwen3"]  # qwen3.load_hf imports hf inside the function
     assert "lopd_jax.online_opd" in graph["lopd_jax.train"]  # a function-level import
     assert not any(m.startswith("lopd_jax.models") for m in graph["lopd_jax.sharding"])  # sharding knows no model
+
+
+# ------------------------------------------------------------------------------------------------ the store layers
+
+# Each store module's imports among the store modules (issue 13 item 4): the format at the bottom, the reader and
+# the writer on it, the dataset on the reader, the entry point on top; the lock beside the format (its StoreError).
+STORE_LAYERS = {
+    "lopd_jax.store_layout": set(),
+    "lopd_jax.store_lock": {"lopd_jax.store_layout"},
+    "lopd_jax.store_reader": {"lopd_jax.store_layout"},
+    "lopd_jax.store_writer": {"lopd_jax.store_layout", "lopd_jax.store_lock"},
+    "lopd_jax.store_dataset": {"lopd_jax.store_layout", "lopd_jax.store_reader"},
+    "lopd_jax.store": {
+        "lopd_jax.store_layout",
+        "lopd_jax.store_reader",
+        "lopd_jax.store_writer",
+        "lopd_jax.store_dataset",
+    },
+    "precompute.validate": {"lopd_jax.store_layout", "lopd_jax.store_dataset"},
+}
+
+
+def test_the_store_is_in_layers():
+    graph = import_graph()
+    store_modules = {m for m in graph if m.startswith("lopd_jax.store")}
+    assert store_modules == set(STORE_LAYERS) - {"precompute.validate"}, "a new store module: give it its layer"
+    for module, allowed in STORE_LAYERS.items():
+        assert graph[module] & store_modules == allowed, module
+    assert not graph["lopd_jax.store_layout"], "the format imports nothing of the project"
+
+
+def private_uses(module: str, path: Path, source: str, modules: dict[str, Path]) -> set[tuple[str, str]]:
+    """(module, name) of every private name of another project module that ``source`` imports or reads as an
+    attribute (``from m import _x``; ``import m as a`` / ``from pkg import m`` then ``a._x``)."""
+    tree, bound, found = ast.parse(source), {}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound |= {a.asname: a.name for a in node.names if a.asname and a.name in modules}
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(module, path, node)
+            for a in node.names:
+                if f"{base}.{a.name}" in modules:
+                    bound[a.asname or a.name] = f"{base}.{a.name}"
+                elif base in modules and base != module and a.name.startswith("_"):
+                    found.add((base, a.name))
+    attrs = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)]
+    private = [n for n in attrs if n.attr.startswith("_") and not n.attr.startswith("__")]
+    return found | {(bound[n.value.id], n.attr) for n in private if n.value.id in bound}
+
+
+def test_no_private_name_of_the_store_crosses_a_module():
+    """The store's layers talk through public names only; the finder must see both ways of reaching in."""
+    modules = _module_files()
+    toy = "from lopd_jax.store_layout import _x, y\nfrom lopd_jax import store_reader as r\nr._z, r.w, r.__doc__\n"
+    got = private_uses("precompute.toy", ROOT / "precompute" / "toy.py", toy, modules)
+    assert got == {("lopd_jax.store_layout", "_x"), ("lopd_jax.store_reader", "_z")}
+    leaks = {
+        (m, used)
+        for m, p in modules.items()
+        for used in private_uses(m, p, p.read_text(encoding="utf-8"), modules)
+        if used[0].startswith("lopd_jax.store")
+    }
+    assert not leaks, sorted(leaks)
