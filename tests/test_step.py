@@ -137,7 +137,8 @@ def _module_patches(path: Path) -> list[str]:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
             targets = node.args[:1]
         for t in targets:
-            if isinstance(t, ast.Attribute | ast.Subscript) and root(t) in modules:
+            patched = isinstance(t, ast.Attribute | ast.Subscript) or isinstance(node, ast.Call)  # setattr(m, ...)
+            if patched and root(t) in modules:
                 found.append(f"{path.name}:{node.lineno}")
     return found
 
