@@ -15,12 +15,10 @@ from benchmarks import common
 from lopd_jax import losses, sharding, update
 from lopd_jax import step as step_lib
 from lopd_jax.batch import Batch
-from lopd_jax.config import ModelConfig, TrainConfig
 from lopd_jax.models import presets, qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 from lopd_jax.plan import memory_figures
 from lopd_jax.sharding import MeshConfig
-from lopd_jax.train_setup import Setup
 
 #: The GPU train table's one dtype policy, the same on every card (an 80 GB H100 and a 141 GB H200 alike): bf16
 #: parameters and gradients, fp32 AdamW moments (12 bytes per parameter: the Qwen3-4B state is 48 GB, which leaves
@@ -32,27 +30,23 @@ GPU_POLICY = (
 )
 
 
-def train_config(lr: float = 1e-5, loss_cfg: losses.LossConfig | None = None) -> TrainConfig:
-    """The benchmarked run: mode lightning_opd (the OPD loss every OPD mode trains), one micro-batch per step, the
-    project's AdamW with fp32 moments (GPU_POLICY) and no weight decay changes from the reference's."""
-    return TrainConfig(
-        mode="lightning_opd",
-        model=ModelConfig(init="scratch"),
-        optimizer=update.OptimizerConfig(lr=lr, moments_dtype="float32"),
-        loss=loss_cfg or losses.LossConfig(),
-    )
+def optimizer_config(lr: float = 1e-5) -> update.OptimizerConfig:
+    """The benchmarked step's AdamW: the project's, with the moments stored in fp32 even for bf16 params."""
+    return update.OptimizerConfig(lr=lr, moments_dtype="float32")
 
 
 def make_optimizer(cfg: Qwen3Config, lr: float = 1e-5):
-    """The benchmarked step's AdamW (``train_config``): moments stored in fp32 even for bf16 params (GPU_POLICY)."""
-    return update.make_optimizer(train_config(lr).optimizer)
+    """The benchmarked step's optimizer (GPU_POLICY: fp32 moments)."""
+    return update.make_optimizer(optimizer_config(lr))
 
 
 def build_step(cfg: Qwen3Config, loss_cfg: losses.LossConfig | None = None, lr: float = 1e-5) -> step_lib.TrainStep:
-    """The trainer's own step (``lopd_jax.step.build``) for model ``cfg`` on a one-device mesh."""
+    """The trainer's own step (``lopd_jax.step``) for model ``cfg`` on a one-device mesh: mode lightning_opd (the
+    OPD loss every OPD mode trains), one micro-batch per step."""
     mesh_cfg = MeshConfig()
-    setup = Setup(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:1]), mesh_cfg.logical_rules())
-    return step_lib.build(train_config(lr, loss_cfg), setup)
+    setup = step_lib.StepSetup(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:1]), mesh_cfg.logical_rules())
+    loss = loss_cfg or losses.LossConfig()
+    return step_lib.make(setup, mode="lightning_opd", optimizer=optimizer_config(lr), loss=loss)
 
 
 def make_state(built: step_lib.TrainStep, cfg: Qwen3Config, seed: int = 0) -> update.TrainState:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lopd_jax import sharding, targets, train_setup
+from lopd_jax import sharding, targets
 from lopd_jax import step as step_lib
 from lopd_jax.models import presets, qwen3
 
@@ -139,6 +139,8 @@ def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[s
     """Mode opd keeps the live teacher resident (TEACHER_DTYPE, student's mesh): its per-device weight bytes."""
     if cfg.mode != "opd" or not cfg.model.teacher:
         return {}
+    from lopd_jax import train_setup
+
     knobs = train_setup.runtime_knobs(cfg.model, attention="xla", param_dtype=TEACHER_DTYPE)
     tcfg = train_setup.architecture(cfg.model.teacher, **knobs)
     return {"teacher_weights": _device_bytes(sharding.abstract_arrays(qwen3.param_specs(tcfg), mesh, rules))}
@@ -178,7 +180,7 @@ _FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expe
 class PlannedStep:
     """The step ``--plan`` compiles: ``step.build(cfg, setup)``, the trainer's builder, for the compile platform."""
 
-    setup: train_setup.Setup  # model_cfg: the config's, with the planned attention / MoE implementation
+    setup: step_lib.StepSetup  # model_cfg: the config's, with the planned attention / MoE implementation
     built: step_lib.TrainStep
     platform: str
     target: targets.Target | None
@@ -193,6 +195,8 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
 
     The attention is ``planned_attention``'s; on XLA:CPU an MoE model runs ``moe_impl="scan"`` (XLA:CPU expands
     ragged_dot densely; the scan has a grouped GEMM's buffers). Both are model-config values, never patches."""
+    from lopd_jax import train_setup  # not at module level: benchmarks import this module where grain is absent
+
     attention, note = planned_attention(cfg.model.attention, platform)
     notes = [note] if note else []
     model_cfg = train_setup.model_config(cfg, attention=attention)
@@ -213,7 +217,7 @@ def planned_step(cfg: TrainConfig, devices: list[jax.Device] | None = None, targ
         devices = targets.topology_devices(tgt)
     platform = tgt.platform if tgt else jax.default_backend()
     model_cfg, notes = planned_model(cfg, platform)
-    setup = train_setup.Setup(model_cfg, sharding.make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules())
+    setup = step_lib.StepSetup(model_cfg, sharding.make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules())
     return PlannedStep(setup, step_lib.build(cfg, setup), platform, tgt, tuple(notes))
 
 
@@ -322,6 +326,7 @@ def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
     the devices cannot form or a batch that does not split over it is a ConfigError naming the key (one line,
     exit 2), not a traceback from deep inside tracing. With a target the mesh is built over the target's devices
     (targets.py checks it there), not over this machine's."""
+    from lopd_jax import train_setup
     from lopd_jax.config import ConfigError
 
     try:

@@ -5,8 +5,8 @@ get their update step here, so what ``--plan`` compiles and what a benchmark tim
 They differ only in the ``setup`` they pass: its model config (``--plan`` may choose another attention or MoE
 implementation for a backend that cannot compile the configured one, and says so) and its mesh.
 
-``setup`` is anything with ``model_cfg`` (Qwen3Config), ``mesh`` and ``rules`` (the logical-axis rules):
-``train_setup.Setup``.
+``setup`` is anything with ``model_cfg`` (Qwen3Config), ``mesh`` and ``rules`` (the logical-axis rules): the
+trainer's ``train_setup.Setup``, or a ``StepSetup``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,17 @@ BATCH_DTYPES = {f.name: jnp.int32 for f in dataclasses.fields(Batch)}
 BATCH_DTYPES.update(loss_mask=jnp.float32, teacher_logprobs=jnp.float32, behavior_logprobs=jnp.float32)
 
 
-class StepSetup(Protocol):
-    """What the step needs of a run's setup (``train_setup.Setup`` has it)."""
+class HasStepSetup(Protocol):
+    """What the step needs of a run's setup: ``train_setup.Setup`` (the trainer) or ``StepSetup``."""
+
+    model_cfg: qwen3.Qwen3Config
+    mesh: Mesh
+    rules: sharding.Rules
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """The step's setup where there is no run to validate (``--plan``, the benchmarks)."""
 
     model_cfg: qwen3.Qwen3Config
     mesh: Mesh
@@ -77,7 +86,7 @@ def loss_fn(mode: str, model_cfg: qwen3.Qwen3Config, loss_cfg: losses.LossConfig
     return functools.partial(fn, cfg=model_cfg, loss_cfg=loss_cfg)
 
 
-def abstract_state(setup: StepSetup, optimizer: optax.GradientTransformation, seed: int) -> update.TrainState:
+def abstract_state(setup: HasStepSetup, optimizer: optax.GradientTransformation, seed: int) -> update.TrainState:
     """The TrainState as sharded ShapeDtypeStructs; the optimizer moments follow the params' shardings."""
     params = sharding.abstract_arrays(qwen3.param_specs(setup.model_cfg), setup.mesh, setup.rules)
     param_sh = jax.tree.map(lambda p: p.sharding, params)
@@ -86,19 +95,34 @@ def abstract_state(setup: StepSetup, optimizer: optax.GradientTransformation, se
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
-def build(cfg: TrainConfig, setup: StepSetup) -> TrainStep:
+def build(cfg: TrainConfig, setup: HasStepSetup) -> TrainStep:
     """The run's update step: ``cfg.mode``'s loss, ``cfg.optimizer``, ``cfg.train.grad_accum`` micro-batches,
-    jitted over ``setup.mesh`` with explicit state / batch shardings and the state donated."""
-    optimizer = update.make_optimizer(cfg.optimizer)
-    abstract = abstract_state(setup, optimizer, cfg.train.seed)
+    jitted over ``setup.mesh`` with explicit state / batch shardings and the state donated (``make``)."""
+    t = cfg.train
+    return make(setup, mode=cfg.mode, optimizer=cfg.optimizer, loss=cfg.loss, grad_accum=t.grad_accum, seed=t.seed)
+
+
+def make(
+    setup: HasStepSetup,
+    *,
+    mode: str,
+    optimizer: update.OptimizerConfig,
+    loss: losses.LossConfig,
+    grad_accum: int = 1,
+    seed: int = 0,
+) -> TrainStep:
+    """``build`` with the config's sections passed one by one: for callers that cannot import ``lopd_jax.config``
+    (the benchmarks run where grain, which the full config schema imports, is absent)."""
+    opt = update.make_optimizer(optimizer)
+    abstract = abstract_state(setup, opt, seed)
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
     batch_sh = sharding.batch_sharding(setup.mesh, 2, setup.rules)
     step = update.make_update_step(
-        loss_fn(cfg.mode, setup.model_cfg, cfg.loss),
-        optimizer,
-        grad_accum=cfg.train.grad_accum,
+        loss_fn(mode, setup.model_cfg, loss),
+        opt,
+        grad_accum=grad_accum,
         mesh=setup.mesh,
         state_shardings=state_sh,
         batch_sharding=batch_sh,
     )
-    return TrainStep(abstract, step, state_sh, batch_sh, optimizer)
+    return TrainStep(abstract, step, state_sh, batch_sh, opt)

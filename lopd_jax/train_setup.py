@@ -53,13 +53,12 @@ USER_ERRORS = (
 
 @dataclasses.dataclass
 class Setup:
-    """What ``prepare`` found; nothing here has touched the run directory. The first three fields are all the step
-    builder (``lopd_jax.step.build``) reads: ``--plan`` and the benchmarks make a Setup of just those."""
+    """What ``prepare`` found; nothing here has touched the run directory."""
 
     model_cfg: qwen3.Qwen3Config
     mesh: Any
     rules: dict
-    tokenizer_dir: str = ""  # "" only where no tokenizer is used (--plan, benchmarks)
+    tokenizer_dir: str
     store: RolloutStore | None = None
     manifest: dict = dataclasses.field(default_factory=dict)
     init_fingerprint: str | None = None
