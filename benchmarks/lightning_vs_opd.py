@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from benchmarks.train_step import compile_step, make_opd_step, make_state
-from lopd_jax import sampling, update
+from benchmarks.train_step import build_step, compile_step, make_state
+from lopd_jax import sampling
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 
@@ -106,19 +106,20 @@ def bench_lightning_vs_opd(
     """``rounds`` alternating runs of ``steps`` optimizer steps per mode, each run from the same initial student."""
     prompts, _ = common.task_sequences(batch_size * steps, seed=1)
     online = _online(student, teacher, prompts, batch_size, seq_len, max_new_tokens)
-    state0, optimizer = make_state(student)
+    built = build_step(student)  # the trainer's own step (lopd_jax.step.build) on one device
+    state0 = make_state(built, student)
     init_params = jax.device_get(state0.params)
     _, first_s = _precompute(online, state0.params, steps)  # compiles the precompute's sampling and scoring
     batches, pre_s = _precompute(online, state0.params, steps)
     for s in range(steps):  # compiles the per-step sampling (each prompt bucket) and scoring of standard OPD
         online.next_batch(s, state0.params)
-    compiled, compile_s, _ = compile_step(make_opd_step(student, optimizer), state0, jax.device_put(batches[0]))
+    compiled, compile_s, _ = compile_step(built.step, state0, jax.device_put(batches[0]))
     light, std, parts = [], [], {"sample_s": [], "teacher_s": [], "update_s": []}
     for _ in range(rounds):
-        state = make_state_from(init_params, optimizer)
+        state = built.init_state(jax.device_put(init_params), 1)
         _, t = _lightning_steps(compiled, state, batches)
         light += t
-        state = make_state_from(init_params, optimizer)
+        state = built.init_state(jax.device_put(init_params), 1)
         _, t, p = _standard_steps(compiled, state, online, steps)
         std += t
         for k in parts:
@@ -145,8 +146,3 @@ def bench_lightning_vs_opd(
         "standard_total_s": steps * std_s["median"],
         "total_speedup": steps * std_s["median"] / (pre_s + steps * light_s["median"]),
     }
-
-
-def make_state_from(host_params: Any, optimizer):
-    """A fresh TrainState (zero moments, step 0) from host params: every run starts from the same student."""
-    return update.init_train_state(jax.device_put(host_params), optimizer, jax.random.key(1))

@@ -3,18 +3,17 @@
     python -m benchmarks.profile_step [--model demo-student|cpu-50m|tiny] [--batch 16] [--seq 128] [--repeats 5]
                                       [--trace DIR]
 
-Times, each jitted on its own and run ``repeats`` times after a warm-up (medians): the full step; the loss and
-its gradient; the forward + loss alone; the optimizer update alone; the gradient with attention swapped for a
-pass-through (attention's share); and the gradient with the lm_head / log-prob part only (the output layer's
-share). The differences say which part to optimise. ``--trace DIR`` also records a JAX profiler trace of the
-gradient and sums the compiled program's op time by kind (matmuls, layout copies/transposes, elementwise,
-scan stacking), read back with ``jax.profiler.ProfileData``.
+Times, each jitted on its own and run ``repeats`` times after a warm-up (medians): the full step (the trainer's,
+``lopd_jax.step.build``); the loss and its gradient; the forward + loss alone; the optimizer update alone; the
+gradient with ``attention="ablated"`` in the model config, a pass-through (attention's share); and the gradient
+with the lm_head / log-prob part only (the output layer's share). The differences say which part to optimise.
+``--trace DIR`` also records a JAX profiler trace of the gradient and sums the compiled program's op time by kind
+(matmuls, layout copies/transposes, elementwise, scan stacking), read back with ``jax.profiler.ProfileData``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -25,7 +24,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from benchmarks.train_step import make_opd_step, make_state
+from benchmarks.train_step import build_step, make_state, place_batch
 from lopd_jax import losses
 from lopd_jax.models import qwen3
 
@@ -42,25 +41,11 @@ def _median_ms(fn, *args, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-@contextlib.contextmanager
-def attention_ablated():
-    """Attention replaced by a pass-through of v (same shapes, no scores): the rest of the layer is unchanged."""
-    saved = qwen3._ATTENTION["xla"]
-
-    def passthrough(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-        return jax.numpy.repeat(v_BSKH, q_BTNH.shape[2] // v_BSKH.shape[2], axis=2)
-
-    qwen3._ATTENTION["xla"] = passthrough
-    try:
-        yield
-    finally:
-        qwen3._ATTENTION["xla"] = saved
-
-
 def profile(cfg, batch_size: int, seq_len: int, repeats: int) -> dict[str, float]:
     """Median milliseconds of each piece (see the module docstring)."""
-    state, optimizer = make_state(cfg)
-    batch = jax.device_put(common.synthetic_batch(cfg, batch_size, seq_len))
+    built = build_step(cfg)  # the trainer's own step (lopd_jax.step.build)
+    state, optimizer = make_state(built, cfg), built.optimizer
+    batch = place_batch(built, common.synthetic_batch(cfg, batch_size, seq_len))
     loss_cfg = losses.LossConfig()
     loss = functools.partial(losses.opd_loss, cfg=cfg, loss_cfg=loss_cfg)
     grad = jax.jit(jax.grad(lambda p, b: loss(p, b)[0]))
@@ -76,10 +61,11 @@ def profile(cfg, batch_size: int, seq_len: int, repeats: int) -> dict[str, float
     out["optimizer update"] = _median_ms(
         jax.jit(optimizer.update), grads, state.opt_state, state.params, repeats=repeats
     )
-    with attention_ablated():
-        out["loss+grad, attention ablated"] = _median_ms(
-            jax.jit(jax.grad(lambda p, b: loss(p, b)[0])), state.params, batch, repeats=repeats
-        )
+    # Attention's share: the same model with attention="ablated" (v passed through, no scores), a config value.
+    ablated = functools.partial(losses.opd_loss, cfg=dataclasses.replace(cfg, attention="ablated"), loss_cfg=loss_cfg)
+    out["loss+grad, attention ablated"] = _median_ms(
+        jax.jit(jax.grad(lambda p, b: ablated(p, b)[0])), state.params, batch, repeats=repeats
+    )
     no_layers = dataclasses.replace(cfg, num_hidden_layers=0)
     out["loss+grad, no decoder layers"] = _median_ms(
         jax.jit(jax.grad(lambda p, b: losses.opd_loss(p, b, cfg=no_layers, loss_cfg=loss_cfg)[0])),
@@ -87,8 +73,7 @@ def profile(cfg, batch_size: int, seq_len: int, repeats: int) -> dict[str, float
         batch,
         repeats=repeats,
     )
-    step = make_opd_step(cfg, optimizer)
-    compiled = step.lower(state, batch).compile()
+    compiled = built.step.lower(state, batch).compile()
 
     def run(s):
         s, m = compiled(s, batch)
@@ -162,8 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, ms in res.items():
         print(f"{name:<{width}}  {ms:9.1f} ms  ({ms / res['full update step']:5.0%} of the step)")
     if args.trace:
-        state, _ = make_state(cfg)
-        batch = jax.device_put(common.synthetic_batch(cfg, args.batch, args.seq))
+        built = build_step(cfg)
+        state = make_state(built, cfg)
+        batch = place_batch(built, common.synthetic_batch(cfg, args.batch, args.seq))
         loss_cfg = losses.LossConfig()
         grad = jax.jit(jax.grad(lambda p, b: losses.opd_loss(p, b, cfg=cfg, loss_cfg=loss_cfg)[0]))
         kinds = trace_breakdown(grad, (state.params, batch), args.trace)

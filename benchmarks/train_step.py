@@ -1,22 +1,24 @@
-"""Training-step throughput: tokens/s, model FLOPs per token, MFU, peak memory and compile time of the jitted OPD
-update step (``update.make_update_step`` over ``losses.opd_loss``), on random weights and a synthetic batch."""
+"""Training-step throughput: tokens/s, model FLOPs per token, MFU, peak memory and compile time of the trainer's own
+jitted update step (``lopd_jax.step.build``: ``update.make_update_step`` over ``losses.opd_loss``) on a one-device
+mesh, on random weights and a synthetic batch."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from lopd_jax import losses, update
+from lopd_jax import losses, sharding, update
+from lopd_jax import step as step_lib
+from lopd_jax.batch import Batch
 from lopd_jax.models import presets, qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 from lopd_jax.plan import memory_figures
+from lopd_jax.sharding import MeshConfig
 
 #: The GPU train table's one dtype policy, the same on every card (an 80 GB H100 and a 141 GB H200 alike): bf16
 #: parameters and gradients, fp32 AdamW moments (12 bytes per parameter: the Qwen3-4B state is 48 GB, which leaves
@@ -28,26 +30,34 @@ GPU_POLICY = (
 )
 
 
+def optimizer_config(lr: float = 1e-5) -> update.OptimizerConfig:
+    """The benchmarked step's AdamW: the project's, with the moments stored in fp32 even for bf16 params."""
+    return update.OptimizerConfig(lr=lr, moments_dtype="float32")
+
+
 def make_optimizer(cfg: Qwen3Config, lr: float = 1e-5):
-    """The project's AdamW; with bf16 params its moments are stored in fp32 (optax would otherwise keep them in
-    the params' dtype), which is GPU_POLICY."""
-    optimizer = update.make_optimizer(update.OptimizerConfig(lr=lr))
-    if np.dtype(cfg.param_dtype) == np.float32:
-        return optimizer
-    return update.store_state_in(optimizer, jnp.float32)
+    """The benchmarked step's optimizer (GPU_POLICY: fp32 moments)."""
+    return update.make_optimizer(optimizer_config(lr))
 
 
-def make_state(cfg: Qwen3Config, seed: int = 0, lr: float = 1e-5) -> tuple[update.TrainState, Any]:
-    """A fresh TrainState of random weights created on the default device, and its optimizer."""
-    optimizer = make_optimizer(cfg, lr)
+def build_step(cfg: Qwen3Config, loss_cfg: losses.LossConfig | None = None, lr: float = 1e-5) -> step_lib.TrainStep:
+    """The trainer's own step (``lopd_jax.step``) for model ``cfg`` on a one-device mesh: mode lightning_opd (the
+    OPD loss every OPD mode trains), one micro-batch per step."""
+    mesh_cfg = MeshConfig()
+    setup = step_lib.StepSetup(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:1]), mesh_cfg.logical_rules())
+    loss = loss_cfg or losses.LossConfig()
+    return step_lib.make(setup, mode="lightning_opd", optimizer=optimizer_config(lr), loss=loss)
+
+
+def make_state(built: step_lib.TrainStep, cfg: Qwen3Config, seed: int = 0) -> update.TrainState:
+    """A fresh TrainState of random weights on the step's shardings."""
     params = jax.jit(qwen3.init_params, static_argnums=0)(cfg, jax.random.key(seed))
-    return update.init_train_state(params, optimizer, jax.random.key(seed + 1)), optimizer
+    return built.init_state(params, seed + 1)
 
 
-def make_opd_step(cfg: Qwen3Config, optimizer, loss_cfg: losses.LossConfig | None = None):
-    """The project's jitted update step on the OPD loss (the step every training mode runs)."""
-    loss_fn = functools.partial(losses.opd_loss, cfg=cfg, loss_cfg=loss_cfg or losses.LossConfig())
-    return update.make_update_step(loss_fn, optimizer)
+def place_batch(built: step_lib.TrainStep, batch: Batch) -> Batch:
+    """A host Batch on the step's batch sharding."""
+    return jax.device_put(batch, built.batch_sharding)
 
 
 def compile_step(step, state, batch) -> tuple[Any, float, dict[str, int]]:
@@ -83,9 +93,10 @@ def bench_train_step(
     Returns a JSON-able dict: shapes, params, FLOPs/token (common.train_flops_per_token), step time spread,
     tokens/s and MFU at the median step, compile seconds and peak memory (the allocator's peak on an accelerator,
     XLA's compiled buffer estimate everywhere)."""
-    state, optimizer = make_state(cfg)
-    batch = jax.device_put(common.synthetic_batch(cfg, batch_size, seq_len))
-    compiled, compile_s, mem = precompiled or compile_step(make_opd_step(cfg, optimizer), state, batch)
+    built = build_step(cfg)
+    state = make_state(built, cfg)
+    batch = place_batch(built, common.synthetic_batch(cfg, batch_size, seq_len))
+    compiled, compile_s, mem = precompiled or compile_step(built.step, state, batch)
     state, warm = run_steps(compiled, state, batch, 1)
     state, times = run_steps(compiled, state, batch, steps)
     tokens = batch_size * seq_len
@@ -164,10 +175,6 @@ def first_guess_batch(cfg: Qwen3Config, seq_len: int, budget_bytes: int, cap: in
     return min(cap, 1 << (rows.bit_length() - 1))
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def largest_fitting_batch(
     cfg: Qwen3Config, seq_len: int, budget_bytes: int, start: int, max_attempts: int = 8
 ) -> tuple[int | None, tuple[Any, float, dict[str, int]] | None, list[dict[str, Any]]]:
@@ -178,16 +185,11 @@ def largest_fitting_batch(
     abstract shapes (``jax.eval_shape``), so a size that does not fit never allocates. Returns
     (batch or None when even 1 does not fit, its (compiled, compile seconds, memory figures) to run on real
     arrays of the same shapes, the attempts with their estimates). At most ``max_attempts`` compiles."""
-    optimizer = make_optimizer(cfg)
-    abstract = jax.eval_shape(
-        lambda k: update.init_train_state(qwen3.init_params(cfg, k), optimizer, k), jax.random.key(0)
-    )
-    step = make_opd_step(cfg, optimizer)
+    built = build_step(cfg)
     tried, b = [], start
     while b >= 1 and len(tried) < max_attempts:  # each attempt is a full compile: on a GPU, tens of seconds
-        batch = _abstract(common.synthetic_batch(cfg, b, seq_len))
         try:
-            compiled, compile_s, mem = compile_step(step, abstract, batch)
+            compiled, compile_s, mem = compile_step(built.step, built.abstract_state, built.abstract_batch(b, seq_len))
             tried.append({"batch_size": b, "xla_peak_bytes": mem["peak"], "compile_s": compile_s})
             if mem["peak"] <= budget_bytes:
                 return b, (compiled, compile_s, mem), tried

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from benchmarks.train_step import compile_step, make_opd_step, make_state, run_steps
+from benchmarks.train_step import build_step, compile_step, make_state, run_steps
 from lopd_jax import losses, update
 from lopd_jax.batch import Batch
 from lopd_jax.models import qwen3
@@ -96,13 +96,14 @@ def bench_vs_torch(cfg: Qwen3Config, batch_size: int, seq_len: int, rounds: int,
     Also checks the two sides agree: the first step's loss and pre-clip gradient norm (fp32 both sides)."""
     opt_cfg = update.OptimizerConfig(lr=1e-5)
     loss_cfg = losses.LossConfig()
-    state, optimizer = make_state(cfg)
+    built = build_step(cfg, loss_cfg, lr=opt_cfg.lr)  # the trainer's own step (lopd_jax.step.build)
+    state = make_state(built, cfg)
     host_batch = common.synthetic_batch(cfg, batch_size, seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         tstep = TorchStep(torch_model(cfg, state.params, tmp), opt_cfg, loss_cfg)
     tb = torch_batch(host_batch)
     batch = jax.device_put(host_batch)
-    compiled, compile_s, _ = compile_step(make_opd_step(cfg, optimizer, loss_cfg), state, batch)
+    compiled, compile_s, _ = compile_step(built.step, state, batch)
     state, metrics = compiled(state, batch)
     t_loss, t_norm = tstep(tb)  # step 1 on both sides from identical weights
     check = {

@@ -2,20 +2,22 @@
 
 The plan resolves the config, builds the mesh over ``jax.devices()`` (on a laptop: fake CPU devices via
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``), takes the architecture from the preset name or the HF
-directory's ``config.json`` (never the weights), and lowers and compiles the trainer's own update step
-(``update.make_update_step`` with the loss of ``cfg.mode``) on abstract, sharded shapes. It prints the parameter
-count, the sharding of the largest tensors, and XLA's per-device memory figures of the compiled step.
+directory's ``config.json`` (never the weights; ``train_setup.model_config``, as the trainer), and lowers and
+compiles the trainer's own update step (``lopd_jax.step.build``, the builder the trainer calls) on abstract, sharded
+shapes. It prints the parameter count, the sharding of the largest tensors, and XLA's per-device memory figures of
+the compiled step.
 
 Why compile the real step instead of a formula: the step's temporaries (remat policy, gradient-accumulation
 buffers, the chunked log-prob scan, the optimizer update) are what decide whether a run fits, and only XLA's buffer
 assignment knows them.
 
-Off GPU two ops of a GPU run cannot be compiled faithfully, so the plan swaps in exact equivalents with the same
-memory profile (and says so in its notes): cuDNN fused attention -> ``blockwise_attention`` (rematerialised query
-blocks, never [B, N, T, S] scores), and ``lax.ragged_dot``, which XLA:CPU expands through a dense [A, E, D]
-intermediate -> ``grouped_matmul_scan``. The remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the
-optimizer update, which it keeps as one param-sized fp32 temporary), so CPU figures lean high; on a GPU host
-``--plan`` compiles the real ops.
+Off GPU two ops of a GPU run cannot be compiled faithfully, so the plan compiles the model with other values of two
+model-config fields (and says so in its notes), exact equivalents with the same memory profile: ``attention``
+cudnn (or splash) -> "blockwise" (``qwen3.attention_blockwise``: rematerialised query blocks, never [B, N, T, S]
+scores), and, on XLA:CPU, which expands ``lax.ragged_dot`` through a dense [A, E, D] intermediate, ``moe_impl``
+"scan" (``qwen3.grouped_matmul_scan``). Nothing is patched: the step is ``step.build`` of that model config. The
+remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
+param-sized fp32 temporary), so CPU figures lean high; on a GPU host ``--plan`` compiles the real ops.
 
 ``--target NAME`` (``lopd_jax.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a libtpu
 topology, or XLA:GPU through the CUDA plugin from a device description. Then the figures are that compiler's, the
@@ -27,28 +29,23 @@ The peak is arguments + outputs - donated + temp; mode ``opd`` adds the live tea
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from lopd_jax import losses, sharding, targets, update
-from lopd_jax.batch import Batch
+from lopd_jax import sharding, targets
+from lopd_jax import step as step_lib
 from lopd_jax.models import presets, qwen3
 
 if TYPE_CHECKING:
     from lopd_jax.config import TrainConfig
 
 GB = 1e9
-_BATCH_FIELDS = {f.name: jnp.int32 for f in dataclasses.fields(Batch)}
-_BATCH_FIELDS.update(loss_mask=jnp.float32, teacher_logprobs=jnp.float32, behavior_logprobs=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,75 +83,6 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.total_bytes <= self.budget_bytes
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model config without weights
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _runtime_knobs(model_cfg: Any, attention: str | None = None) -> dict[str, Any]:
-    return dict(
-        dtype=model_cfg.dtype,
-        param_dtype=model_cfg.param_dtype,
-        remat=model_cfg.remat,
-        attention=attention or model_cfg.attention,
-        scan_layers=model_cfg.scan_layers,
-    )
-
-
-def architecture(init: str, **knobs: Any) -> qwen3.Qwen3Config:
-    """A preset name (``qwen3-8b``) or an HF directory (its config.json only) -> Qwen3Config with ``knobs``."""
-    if os.path.isdir(init):
-        from lopd_jax.models import hf
-
-        return hf.load_config(init, **knobs)
-    try:
-        return presets.get_preset(init, **knobs)
-    except KeyError:
-        raise ValueError(
-            f"model.init={init!r} is neither an HF checkpoint directory nor a preset ({sorted(presets.PRESETS)})"
-        ) from None
-
-
-def model_config(cfg: TrainConfig, *, attention: str | None = None) -> qwen3.Qwen3Config:
-    """The student's Qwen3Config from ``cfg.model`` (preset or HF dir) with the config's runtime knobs."""
-    return architecture(cfg.model.init, **_runtime_knobs(cfg.model, attention))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Abstract state and batch
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _with_sharding(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def abstract_params(model_cfg: qwen3.Qwen3Config, mesh: Mesh, rules: sharding.Rules) -> Any:
-    """Params as ``ShapeDtypeStruct`` leaves carrying the trainer's NamedShardings (nothing allocated)."""
-    return sharding.abstract_arrays(qwen3.param_specs(model_cfg), mesh, rules)
-
-
-def abstract_state(params: Any, optimizer: Any, mesh: Mesh, seed: int = 0) -> tuple[Any, Any]:
-    """(abstract TrainState with shardings, its sharding tree); optimizer moments follow the params."""
-    param_sh = jax.tree.map(lambda p: p.sharding, params)
-    state = jax.eval_shape(lambda p: update.init_train_state(p, optimizer, jax.random.key(seed)), params)
-    shardings = update.state_shardings(state, mesh, param_shardings=param_sh)
-    return _with_sharding(state, shardings), shardings
-
-
-def abstract_batch(batch_size: int, seq_len: int, batch_sh: NamedSharding) -> Batch:
-    """A [B, T] Batch of ShapeDtypeStructs on the batch sharding."""
-    return Batch(
-        **{k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=batch_sh) for k, dt in _BATCH_FIELDS.items()}
-    )
-
-
-def loss_for_mode(mode: str, model_cfg: qwen3.Qwen3Config, loss_cfg: losses.LossConfig) -> update.LossFn:
-    """The loss the trainer uses for ``mode``: SFT cross entropy, or the (Lightning / online) OPD objective."""
-    fn = losses.sft_loss if mode == "sft" else losses.opd_loss
-    return functools.partial(fn, cfg=model_cfg, loss_cfg=loss_cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,10 +139,11 @@ def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[s
     """Mode opd keeps the live teacher resident (TEACHER_DTYPE, student's mesh): its per-device weight bytes."""
     if cfg.mode != "opd" or not cfg.model.teacher:
         return {}
-    knobs = _runtime_knobs(cfg.model, "xla")
-    knobs["param_dtype"] = TEACHER_DTYPE
-    tcfg = architecture(cfg.model.teacher, **knobs)
-    return {"teacher_weights": _device_bytes(abstract_params(tcfg, mesh, rules))}
+    from lopd_jax import train_setup
+
+    knobs = train_setup.runtime_knobs(cfg.model, attention="xla", param_dtype=TEACHER_DTYPE)
+    tcfg = train_setup.architecture(cfg.model.teacher, **knobs)
+    return {"teacher_weights": _device_bytes(sharding.abstract_arrays(qwen3.param_specs(tcfg), mesh, rules))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,72 +151,12 @@ def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[s
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array, **_: Any) -> jax.Array:
-    """``lax.ragged_dot`` as a scan over experts with masked rows: same result, and the buffers of a grouped GEMM.
-
-    XLA:CPU lowers ragged_dot densely through an [A, E, D] intermediate (tens of GB for Qwen3-30B-A3B), which
-    says nothing about a GPU run. For the plan on such backends the MoE block is compiled with this stand-in,
-    whose largest temporaries are [A, F] (forward) and one expert's [D, F] gradient per iteration.
-    """
-    ends_E = jnp.cumsum(group_sizes_E)
-    starts_E = ends_E - group_sizes_E
-    rows_A = jnp.arange(lhs_AD.shape[0])
-
-    def body(acc_AF, xs):
-        w_DF, start, end = xs
-        in_group_A = (rows_A >= start) & (rows_A < end)
-        y_AF = jnp.dot(lhs_AD, w_DF.astype(lhs_AD.dtype))
-        return acc_AF + jnp.where(in_group_A[:, None], y_AF, 0).astype(acc_AF.dtype), None
-
-    # Remat keeps the backward from saving a [A, F] mask per expert; the masks are recomputed from two scalars.
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    acc = jnp.zeros((lhs_AD.shape[0], rhs_EDF.shape[-1]), lhs_AD.dtype)
-    return jax.lax.scan(body, acc, (rhs_EDF, starts_E, ends_E))[0]
-
-
-@contextlib.contextmanager
-def _planning_ragged_dot(model_cfg: qwen3.Qwen3Config, platform: str, notes: list[str]):
-    """Swap ``jax.lax.ragged_dot`` for ``grouped_matmul_scan`` while lowering MoE models for XLA:CPU."""
-    if not model_cfg.num_experts or platform != "cpu":
-        yield
-        return
-    notes.append(
-        f"MoE: XLA:{platform.upper()} expands ragged_dot densely; planned with an equivalent "
-        "scan over experts (grouped-GEMM buffers)"
-    )
-    original = jax.lax.ragged_dot
-    jax.lax.ragged_dot = grouped_matmul_scan
-    try:
-        yield
-    finally:
-        jax.lax.ragged_dot = original
-
-
-def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """``qwen3.attention_xla`` one block of queries at a time, rematerialised: a fused kernel's memory profile.
-
-    cuDNN's fused attention cannot compile off GPU; for the plan it is replaced by this exact equivalent, whose
-    scores exist only for ``ATTN_BLOCK`` queries at once and are recomputed in the backward pass, as a flash
-    kernel does. (Compiling ``attention_xla`` instead would count full [B, N, T, S] fp32 scores per layer.)
-    """
-    B, T, N, H = q_BTNH.shape
-    C = math.gcd(T, ATTN_BLOCK)
-    q_JBCNH = q_BTNH.reshape(B, T // C, C, N, H).swapaxes(0, 1)
-    m_JBCS = mask_BTS.reshape(B, T // C, C, -1).swapaxes(0, 1)
-    block = jax.checkpoint(lambda qm: qwen3.attention_xla(qm[0], k_BSKH, v_BSKH, qm[1]))
-    out_JBCNH = jax.lax.map(block, (q_JBCNH, m_JBCS))
-    return out_JBCNH.swapaxes(0, 1).reshape(B, T, N, H)
-
-
-ATTN_BLOCK = 512
-
-
 def planned_attention(attention: str, platform: str) -> tuple[str, str | None]:
     """(the attention to compile for ``platform``, a note when it differs from the config's).
 
     "auto" resolves as the model does on that backend. A fused kernel the platform cannot compile is planned with
     its counterpart: cuDNN on TPU -> splash (both fused, no [B, N, T, S] scores); cuDNN or splash on CPU ->
-    "blockwise" (``_planning_attention``: exact, with a fused kernel's memory profile).
+    "blockwise" (``qwen3.attention_blockwise``: exact, with a fused kernel's memory profile).
     """
     if attention == "auto":
         return qwen3.default_attention(platform), None
@@ -297,24 +166,9 @@ def planned_attention(attention: str, platform: str) -> tuple[str, str | None]:
     if native != platform:
         return "blockwise", (
             f"attention={attention} cannot compile on {platform}: planned with an exact blockwise attention "
-            f"({ATTN_BLOCK} queries at a time, rematerialised) with a fused kernel's memory profile"
+            f"({qwen3.ATTN_BLOCK} queries at a time, rematerialised) with a fused kernel's memory profile"
         )
     return attention, None
-
-
-@contextlib.contextmanager
-def _planning_attention(attention: str):
-    """For "blockwise", compile the model with attention="xla" whose table entry is ``blockwise_attention``
-    (the model refuses cudnn off GPU, and splash off TPU needs interpret mode: far too slow to compile)."""
-    if attention != "blockwise":
-        yield
-        return
-    original = qwen3._ATTENTION["xla"]
-    qwen3._ATTENTION["xla"] = blockwise_attention
-    try:
-        yield
-    finally:
-        qwen3._ATTENTION["xla"] = original
 
 
 # The plan never runs the executable: skipping LLVM's optimisations cuts XLA:CPU compile time ~40% and leaves the
@@ -322,38 +176,61 @@ def _planning_attention(attention: str):
 _FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+@dataclasses.dataclass(frozen=True)
+class PlannedStep:
+    """The step ``--plan`` compiles: ``step.build(cfg, setup)``, the trainer's builder, for the compile platform."""
+
+    setup: step_lib.StepSetup  # model_cfg: the config's, with the planned attention / MoE implementation
+    built: step_lib.TrainStep
+    platform: str
+    target: targets.Target | None
+    notes: tuple[str, ...]
+
+    def lower(self, cfg: TrainConfig) -> jax.stages.Lowered:
+        return self.built.lower(cfg.train.batch_size, cfg.train.seq_len)
+
+
+def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, list[str]]:
+    """(the model config the plan compiles on ``platform``, notes where it differs from what the config says).
+
+    The attention is ``planned_attention``'s; on XLA:CPU an MoE model runs ``moe_impl="scan"`` (XLA:CPU expands
+    ragged_dot densely; the scan has a grouped GEMM's buffers). Both are model-config values, never patches."""
+    from lopd_jax import train_setup  # not at module level: benchmarks import this module where grain is absent
+
+    attention, note = planned_attention(cfg.model.attention, platform)
+    notes = [note] if note else []
+    model_cfg = train_setup.model_config(cfg, attention=attention)
+    if model_cfg.num_experts and platform == "cpu":
+        notes.append(
+            f"MoE: XLA:{platform.upper()} expands ragged_dot densely; planned with moe_impl=scan, an equivalent "
+            "scan over experts (grouped-GEMM buffers)"
+        )
+        model_cfg = dataclasses.replace(model_cfg, moe_impl="scan")
+    return model_cfg, notes
+
+
+def planned_step(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> PlannedStep:
+    """``cfg``'s update step as the trainer builds it (``step.build``) over ``devices`` (default: this machine's,
+    or ``target``'s topology) with ``planned_model``'s config."""
+    tgt = targets.get_target(target) if target else None
+    if tgt is not None:
+        devices = targets.topology_devices(tgt)
+    platform = tgt.platform if tgt else jax.default_backend()
+    model_cfg, notes = planned_model(cfg, platform)
+    setup = step_lib.StepSetup(model_cfg, sharding.make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules())
+    return PlannedStep(setup, step_lib.build(cfg, setup), platform, tgt, tuple(notes))
+
+
 def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> Plan:
     """Compile ``cfg``'s update step on abstract sharded shapes and collect the figures (see module doc).
 
     ``target`` (a ``targets.TARGETS`` name) compiles with that accelerator's XLA over its topology's devices.
     """
-    notes: list[str] = []
-    tgt = targets.get_target(target) if target else None
-    if tgt is not None:
-        devices = targets.topology_devices(tgt)
-    platform = tgt.platform if tgt else jax.default_backend()
-    attention, note = planned_attention(cfg.model.attention, platform)
-    notes += [note] if note else []
-    model_cfg = model_config(cfg, attention="xla" if attention == "blockwise" else attention)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    rules = cfg.mesh.logical_rules()
-    optimizer = update.make_optimizer(cfg.optimizer)
-    params = abstract_params(model_cfg, mesh, rules)
-    state, state_sh = abstract_state(params, optimizer, mesh, cfg.train.seed)
-    batch_sh = sharding.batch_sharding(mesh, 2, rules)
-    batch = abstract_batch(cfg.train.batch_size, cfg.train.seq_len, batch_sh)
-    step = update.make_update_step(
-        loss_for_mode(cfg.mode, model_cfg, cfg.loss),
-        optimizer,
-        grad_accum=cfg.train.grad_accum,
-        mesh=mesh,
-        state_shardings=state_sh,
-        batch_sharding=batch_sh,
-    )
+    planned = planned_step(cfg, devices, target)
+    platform, tgt, model_cfg, mesh = planned.platform, planned.target, planned.setup.model_cfg, planned.setup.mesh
+    state, notes = planned.built.abstract_state, list(planned.notes)
     t0 = time.perf_counter()
-    with _planning_ragged_dot(model_cfg, platform, notes), _planning_attention(attention):
-        lowered = step.lower(state, batch)
-    compiled = lowered.compile(compiler_options=_FAST_CPU_COMPILE if platform == "cpu" else None)
+    compiled = planned.lower(cfg).compile(compiler_options=_FAST_CPU_COMPILE if platform == "cpu" else None)
     seconds = time.perf_counter() - t0
     if platform == "cpu":
         notes.append("figures from XLA:CPU buffer assignment; a GPU compile fuses differently (run --plan there)")
@@ -372,14 +249,14 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
         mesh=dict(mesh.shape),
         params_total=presets.param_count(model_cfg),
         params_active=presets.active_param_count(model_cfg),
-        largest=largest_tensors(params),
+        largest=largest_tensors(state.params),
         state_bytes={"params": _device_bytes(state.params), "optimizer": _device_bytes(state.opt_state)},
         memory=memory_figures(compiled),
-        extra_bytes=teacher_bytes(cfg, mesh, rules),
+        extra_bytes=teacher_bytes(cfg, mesh, planned.setup.rules),
         budget_bytes=int(budget),
         compile_seconds=seconds,
         notes=notes,
-        attention=attention,
+        attention=model_cfg.attention,
         target=tgt,
         roofline=roofline,
     )
@@ -449,11 +326,14 @@ def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
     the devices cannot form or a batch that does not split over it is a ConfigError naming the key (one line,
     exit 2), not a traceback from deep inside tracing. With a target the mesh is built over the target's devices
     (targets.py checks it there), not over this machine's."""
+    from lopd_jax import train_setup
     from lopd_jax.config import ConfigError
 
     try:
-        model_config(cfg)
-    except (ValueError, OSError, KeyError, TypeError) as e:
+        train_setup.model_config(cfg)  # ConfigError naming model.init / model.config itself
+    except ConfigError:
+        raise
+    except (ValueError, OSError, KeyError, TypeError) as e:  # an unreadable or unsupported config.json
         raise ConfigError(f"model.init: {e}") from None
     if target is not None:
         return

@@ -1,6 +1,7 @@
 """The trainer: ``python -m lopd_jax.train --config FILE [key.sub=value ...] [--plan]``.
 
-Modes (``mode:`` in the config), one jitted update step (``update.make_update_step``) with the mode's loss:
+Modes (``mode:`` in the config), one jitted update step (``lopd_jax.step.build``: ``update.make_update_step`` with
+the mode's loss; ``--plan`` and the benchmarks compile the same step):
 
 * ``sft``: cross entropy on a store of teacher answers; the exported model records the store's ``sft_teacher``.
 * ``lightning_opd``: the offline OPD objective on a store with teacher log-probs; one forward per step (the old
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import json
 import math
@@ -39,7 +39,8 @@ import yaml
 from jax.sharding import NamedSharding
 
 from lopd_jax import config as config_lib
-from lopd_jax import distributed, losses, provenance, sharding, update
+from lopd_jax import distributed, provenance, sharding, update
+from lopd_jax import step as step_lib
 from lopd_jax.checkpoint import Checkpointer
 from lopd_jax.config import ConfigError, TrainConfig
 from lopd_jax.data import Batch, make_iterator
@@ -89,27 +90,6 @@ def load_params(cfg: TrainConfig, setup: Setup) -> Any:
         return init(setup.model_cfg, jax.random.key(cfg.train.seed))
     dtype = qwen3.dtype_of(setup.model_cfg.param_dtype)
     return hf.load_hf(cfg.model.init, dtype=dtype, shardings=shardings)[1]
-
-
-def abstract_state(cfg: TrainConfig, setup: Setup, optimizer) -> update.TrainState:
-    """The TrainState as sharded ShapeDtypeStructs (a restore target; no weights read)."""
-    params = sharding.abstract_arrays(qwen3.param_specs(setup.model_cfg), setup.mesh, setup.rules)
-    state = jax.eval_shape(lambda p: update.init_train_state(p, optimizer, jax.random.key(cfg.train.seed)), params)
-    shardings = update.state_shardings(state, setup.mesh, param_shardings=_param_shardings(setup))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-
-
-def make_step(cfg: TrainConfig, setup: Setup, optimizer, abstract: update.TrainState):
-    loss = losses.sft_loss if cfg.mode == "sft" else losses.opd_loss
-    loss_fn = functools.partial(loss, cfg=setup.model_cfg, loss_cfg=cfg.loss)
-    return update.make_update_step(
-        loss_fn,
-        optimizer,
-        grad_accum=cfg.train.grad_accum,
-        mesh=setup.mesh,
-        state_shardings=jax.tree.map(lambda a: a.sharding, abstract),
-        batch_sharding=sharding.batch_sharding(setup.mesh, 2, setup.rules),
-    )
 
 
 def place_local(batch: Batch, sh: NamedSharding, global_rows: int) -> Batch:
@@ -250,19 +230,15 @@ def _evaluator(cfg: TrainConfig, setup: Setup):
 
 def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
     """Builds the state (restored when resuming), the step, the batches, the checkpointer and the logger."""
-    optimizer = update.make_optimizer(cfg.optimizer)
-    abstract = abstract_state(cfg, setup, optimizer)
-    step_fn = make_step(cfg, setup, optimizer, abstract)
+    built = step_lib.build(cfg, setup)  # the one step builder (--plan and the benchmarks compile the same)
+    abstract = built.abstract_state
     data_iter = make_iterator(cfg.data) if cfg.mode != "opd" else None
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint)
     restored = ckpt.restore_latest(abstract, data_iter) if cfg.resume else None
     if restored is not None:
         state, start_step = restored
     else:
-        params = load_params(cfg, setup)
-        state = update.init_train_state(params, optimizer, jax.random.key(cfg.train.seed))
-        state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, abstract))
-        start_step = 0
+        state, start_step = built.init_state(load_params(cfg, setup), cfg.train.seed), 0
     writer = None
     if jax.process_index() == 0:
         header = {"mode": cfg.mode}
@@ -271,7 +247,7 @@ def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
         writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, header=header)
     logger = Logger(cfg, writer, _progress_bar(cfg, setup, start_step), time.perf_counter())
     source = _batch_source(cfg, setup, data_iter)
-    return Run(state, step_fn, data_iter, source, ckpt, logger, _evaluator(cfg, setup), start_step)
+    return Run(state, built.step, data_iter, source, ckpt, logger, _evaluator(cfg, setup), start_step)
 
 
 def _eval_due(cfg: TrainConfig, step: int) -> bool:

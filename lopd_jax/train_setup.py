@@ -22,7 +22,7 @@ from lopd_jax import distributed, prompts, provenance, sharding
 from lopd_jax.batch import DataError
 from lopd_jax.checkpoint import CheckpointCorruptError
 from lopd_jax.config import ConfigError, TrainConfig
-from lopd_jax.models import hf, qwen3
+from lopd_jax.models import hf, presets, qwen3
 from lopd_jax.prompts import PromptError
 from lopd_jax.provenance import ProvenanceError
 from lopd_jax.store import RolloutStore, StoreError
@@ -77,15 +77,34 @@ class Setup:
         return self._tokenizer
 
 
-def _runtime_knobs(m: config_lib.ModelConfig) -> dict[str, Any]:
-    return dict(
+def runtime_knobs(m: config_lib.ModelConfig, **overrides: Any) -> dict[str, Any]:
+    """The Qwen3Config runtime knobs ``model.*`` sets, with ``overrides`` (``--plan``'s attention / MoE choice)."""
+    knobs = dict(
         dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers
     )
+    return {**knobs, **overrides}
 
 
-def model_config(cfg: TrainConfig) -> qwen3.Qwen3Config:
-    """The student's Qwen3Config: ``model.config`` (file or dir) for scratch, else ``model.init``'s config.json."""
+def architecture(init: str, **knobs: Any) -> qwen3.Qwen3Config:
+    """An HF checkpoint directory (its config.json only, never the weights) or a preset name (``qwen3-8b``)
+    -> Qwen3Config with ``knobs``; ConfigError naming ``model.init`` when it is neither."""
+    if (Path(init) / hf.CONFIG_FILE).is_file():
+        return hf.load_config(init, **knobs)
+    try:
+        return presets.get_preset(init, **knobs)
+    except KeyError:
+        raise ConfigError(
+            f"model.init: {init!r} is neither an HF checkpoint directory (no {hf.CONFIG_FILE}) nor a preset "
+            f"({sorted(presets.PRESETS)})"
+        ) from None
+
+
+def model_config(cfg: TrainConfig, **overrides: Any) -> qwen3.Qwen3Config:
+    """The student's Qwen3Config with the config's runtime knobs (and ``overrides``): ``model.config`` (file or
+    dir) for scratch, else ``model.init``'s config.json, or a preset's architecture (``--plan`` only; ``prepare``
+    refuses to train one). The one resolution the trainer, ``--plan`` and the lowering tests share."""
     m = cfg.model
+    knobs = runtime_knobs(m, **overrides)
     if m.init == SCRATCH:
         if not m.config:
             raise ConfigError("model.config: required when model.init is 'scratch' (an HF config.json)")
@@ -93,10 +112,18 @@ def model_config(cfg: TrainConfig) -> qwen3.Qwen3Config:
         file = path / hf.CONFIG_FILE if path.is_dir() else path
         if not file.is_file():
             raise ConfigError(f"model.config: {file} does not exist")
-        return hf.config_from_hf(json.loads(file.read_text()), where=str(file), **_runtime_knobs(m))
-    if not (Path(m.init) / hf.CONFIG_FILE).is_file():
-        raise ConfigError(f"model.init: {m.init} is not an HF checkpoint directory (no {hf.CONFIG_FILE})")
-    return hf.load_config(m.init, **_runtime_knobs(m))
+        return hf.config_from_hf(json.loads(file.read_text()), where=str(file), **knobs)
+    return architecture(m.init, **knobs)
+
+
+def _check_not_preset(cfg: TrainConfig) -> None:
+    """A preset names an architecture without weights: ``--plan`` compiles it, training cannot start from it."""
+    m = cfg.model
+    if m.init != SCRATCH and not (Path(m.init) / hf.CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"model.init: {m.init!r} is a preset (an architecture, no weights), which only --plan takes; train from "
+            "an HF checkpoint directory, or from 'scratch' with model.config"
+        )
 
 
 def _tokenizer_dir(cfg: TrainConfig) -> str:
@@ -419,6 +446,7 @@ def _check_writable(cfg: TrainConfig) -> None:
 def prepare(cfg: TrainConfig) -> Setup:
     """Validates the whole run (config, mesh, model, tokenizer, store, provenance) without writing anything."""
     model_cfg = model_config(cfg)
+    _check_not_preset(cfg)
     try:
         mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:

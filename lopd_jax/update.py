@@ -73,8 +73,9 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     adamw = optax.inject_hyperparams(optax.adamw)(
         learning_rate=make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
-    if cfg.moments_dtype != "float32":
-        adamw = store_state_in(adamw, jnp.dtype(cfg.moments_dtype))
+    # Always, not only for bfloat16: optax keeps the moments in the params' dtype, so bf16 params would otherwise
+    # get bf16 moments whatever moments_dtype says. (fp32 params and moments: the casts are no-ops.)
+    adamw = store_state_in(adamw, jnp.dtype(cfg.moments_dtype))
     if cfg.grad_clip <= 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)

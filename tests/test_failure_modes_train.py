@@ -434,7 +434,7 @@ def test_lock_of_another_host_is_never_broken(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 PLAN_BAD = {
-    "model.init=qwen3-999b": "model.init: model.init='qwen3-999b' is neither an HF checkpoint directory nor a preset",
+    "model.init=qwen3-999b": "model.init: 'qwen3-999b' is neither an HF checkpoint directory",
     "mesh.data=3": "mesh: ",
     "train.batch_size=3": "train.batch_size: 3 rows",
 }

@@ -32,7 +32,8 @@ from jax._src.cudnn import fused_attention_stablehlo
 from jax.extend.mlir import ir
 
 from lopd_jax import config as config_lib
-from lopd_jax import sharding, train, update
+from lopd_jax import sharding
+from lopd_jax import step as step_lib
 from lopd_jax.batch import Batch
 from lopd_jax.models import hf, qwen3
 from lopd_jax.train_setup import Setup, model_config
@@ -79,10 +80,8 @@ def trainer_step(cfg) -> tuple:
     """(jitted update step, abstract sharded state, batch sharding) exactly as ``train.start`` builds them."""
     devices = jax.devices()[: cfg.mesh.fsdp]
     setup = Setup(model_config(cfg), sharding.make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules(), "")
-    optimizer = update.make_optimizer(cfg.optimizer)
-    abstract = train.abstract_state(cfg, setup, optimizer)
-    step = train.make_step(cfg, setup, optimizer, abstract)
-    return step, abstract, setup
+    built = step_lib.build(cfg, setup)  # what train.start calls
+    return built.step, built.abstract_state, setup
 
 
 def packed_batch() -> Batch:

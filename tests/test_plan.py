@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lopd_jax import config as config_lib
-from lopd_jax import plan, sharding
+from lopd_jax import plan, sharding, train_setup
 from lopd_jax.models import presets, qwen3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,11 +93,12 @@ def test_plan_paper_scale(name, capsys):
     for t in p.largest:
         assert math.prod(t.device_shape) * 8 == math.prod(t.shape), t  # the big tensors are 8-way sharded
     if "moe" in out:
-        assert _printed(out, r"parameters: active ([\d,]+)") == presets.active_param_count(plan.model_config(cfg))
+        active = presets.active_param_count(train_setup.model_config(cfg))
+        assert _printed(out, r"parameters: active ([\d,]+)") == active
 
 
 def test_blockwise_attention_equals_attention_xla(monkeypatch):
-    monkeypatch.setattr(plan, "ATTN_BLOCK", 4)
+    monkeypatch.setattr(qwen3, "ATTN_BLOCK", 4)
     k = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(k[0], (2, 16, 4, 8))
     kv = jax.random.normal(k[1], (2, 2, 16, 2, 8))
@@ -105,9 +106,9 @@ def test_blockwise_attention_equals_attention_xla(monkeypatch):
     idx = jnp.arange(16)
     mask = (idx[:, None] >= idx[None]) & (seg[:, :, None] == seg[:, None, :])
     ref = qwen3.attention_xla(q, kv[0], kv[1], mask)
-    np.testing.assert_allclose(plan.blockwise_attention(q, kv[0], kv[1], mask), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(qwen3.attention_blockwise(q, kv[0], kv[1], mask), ref, rtol=1e-6, atol=1e-6)
     grad = jax.grad(lambda f, q: jnp.sum(jnp.sin(f(q, kv[0], kv[1], mask))), argnums=1)
-    np.testing.assert_allclose(grad(plan.blockwise_attention, q), grad(qwen3.attention_xla, q), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad(qwen3.attention_blockwise, q), grad(qwen3.attention_xla, q), rtol=1e-5, atol=1e-6)
 
 
 def test_grouped_matmul_scan_equals_ragged_dot():
@@ -115,9 +116,9 @@ def test_grouped_matmul_scan_equals_ragged_dot():
     x = jax.random.normal(k[0], (50, 8))
     w = jax.random.normal(k[1], (5, 8, 3))
     groups = jnp.array([10, 0, 25, 5, 10], jnp.int32)
-    np.testing.assert_allclose(plan.grouped_matmul_scan(x, w, groups), jax.lax.ragged_dot(x, w, groups), atol=1e-5)
+    np.testing.assert_allclose(qwen3.grouped_matmul_scan(x, w, groups), jax.lax.ragged_dot(x, w, groups), atol=1e-5)
     loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, groups)))  # noqa: E731
-    got = jax.grad(loss(plan.grouped_matmul_scan), argnums=(0, 1))(x, w)
+    got = jax.grad(loss(qwen3.grouped_matmul_scan), argnums=(0, 1))(x, w)
     want = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
@@ -136,8 +137,8 @@ def test_teacher_bytes_and_hf_architecture(tmp_path):
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
     )  # fmt: skip
     hf_cfg.save_pretrained(tmp_path)
-    arch = plan.architecture(str(tmp_path), dtype="bfloat16", remat="full")
+    arch = train_setup.architecture(str(tmp_path), dtype="bfloat16", remat="full")
     assert (arch.vocab_size, arch.hidden_size, arch.num_hidden_layers, arch.head_dim) == (256, 64, 2, 16)
     assert arch.tie_word_embeddings and (arch.dtype, arch.remat) == ("bfloat16", "full")
-    with pytest.raises(ValueError, match="neither an HF checkpoint directory nor a preset"):
-        plan.architecture(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="neither an HF checkpoint directory .* nor a preset"):
+        train_setup.architecture(str(tmp_path / "missing"))

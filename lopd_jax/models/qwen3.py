@@ -172,7 +172,36 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, ctx: _Ctx, cfg: Qwen3Config) -> jax.Array:
     return _ATTENTION[cfg.attention](q_BTNH, k_BSKH, v_BSKH, ctx.mask_BTS)
 
 
-_ATTENTION = {"xla": attention_xla, "cudnn": attention_cudnn}  # mask-based implementations; splash takes segments
+ATTN_BLOCK = 512  # queries per block of attention_blockwise
+
+
+def attention_blockwise(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """``attention_xla`` one block of ``ATTN_BLOCK`` queries at a time, rematerialised: exact, with a fused
+    kernel's memory profile (scores exist for one block only and are recomputed in the backward pass, as a flash
+    kernel does; ``attention_xla`` keeps full [B, N, T, S] fp32 scores per layer). What ``--plan`` compiles for
+    cuDNN or splash on a backend that cannot compile them."""
+    B, T, N, H = q_BTNH.shape
+    C = math.gcd(T, ATTN_BLOCK)
+    q_JBCNH = q_BTNH.reshape(B, T // C, C, N, H).swapaxes(0, 1)
+    m_JBCS = mask_BTS.reshape(B, T // C, C, -1).swapaxes(0, 1)
+    block = jax.checkpoint(lambda qm: attention_xla(qm[0], k_BSKH, v_BSKH, qm[1]))
+    out_JBCNH = jax.lax.map(block, (q_JBCNH, m_JBCS))
+    return out_JBCNH.swapaxes(0, 1).reshape(B, T, N, H)
+
+
+def attention_ablated(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """NOT attention: v repeated over each kv-head's query heads (same shapes, no scores). The rest of the layer
+    is unchanged, so a step with it measures attention's share (``benchmarks.profile_step``)."""
+    return jnp.repeat(v_BSKH, q_BTNH.shape[2] // v_BSKH.shape[2], axis=2)
+
+
+# Mask-based implementations; splash takes segments.
+_ATTENTION = {
+    "xla": attention_xla,
+    "cudnn": attention_cudnn,
+    "blockwise": attention_blockwise,
+    "ablated": attention_ablated,
+}
 
 
 def dense_mlp(x_BTD: jax.Array, mp: Params) -> jax.Array:
@@ -206,12 +235,39 @@ def moe_mlp(x_BTD: jax.Array, mp: Params, cfg: Qwen3Config) -> jax.Array:
     order_A = jnp.argsort(experts_A, stable=True)  # assignment a of the sorted list is order_A[a]
     x_AD = x_XD[order_A // R]
     group_sizes_E = jnp.bincount(experts_A, length=E).astype(jnp.int32)
-    gate_AF = jax.lax.ragged_dot(x_AD, mp["gate"].astype(dt), group_sizes_E)
-    up_AF = jax.lax.ragged_dot(x_AD, mp["up"].astype(dt), group_sizes_E)
-    y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, mp["down"].astype(dt), group_sizes_E)
+    grouped = _GROUPED_MATMUL[cfg.moe_impl]
+    gate_AF = grouped(x_AD, mp["gate"].astype(dt), group_sizes_E)
+    up_AF = grouped(x_AD, mp["up"].astype(dt), group_sizes_E)
+    y_AD = grouped(jax.nn.silu(gate_AF) * up_AF, mp["down"].astype(dt), group_sizes_E)
     y_XRD = jnp.zeros_like(y_AD).at[order_A].set(y_AD).reshape(B * T, R, D)
     out_XD = jnp.einsum("XRD,XR->XD", y_XRD, weights_XR)
     return out_XD.reshape(B, T, D)
+
+
+def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    """``lax.ragged_dot`` as a scan over experts with masked rows: the same result, and a grouped GEMM's buffers.
+
+    XLA:CPU lowers ragged_dot densely through an [A, E, D] intermediate (tens of GB for Qwen3-30B-A3B), which
+    says nothing about a GPU run; ``moe_impl="scan"`` (what ``--plan`` compiles on CPU) has as largest temporaries
+    [A, F] (forward) and one expert's [D, F] gradient per iteration.
+    """
+    ends_E = jnp.cumsum(group_sizes_E)
+    starts_E = ends_E - group_sizes_E
+    rows_A = jnp.arange(lhs_AD.shape[0])
+
+    def body(acc_AF, xs):
+        w_DF, start, end = xs
+        in_group_A = (rows_A >= start) & (rows_A < end)
+        y_AF = jnp.dot(lhs_AD, w_DF.astype(lhs_AD.dtype))
+        return acc_AF + jnp.where(in_group_A[:, None], y_AF, 0).astype(acc_AF.dtype), None
+
+    # Remat keeps the backward from saving a [A, F] mask per expert; the masks are recomputed from two scalars.
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    acc = jnp.zeros((lhs_AD.shape[0], rhs_EDF.shape[-1]), lhs_AD.dtype)
+    return jax.lax.scan(body, acc, (rhs_EDF, starts_E, ends_E))[0]
+
+
+_GROUPED_MATMUL = {"ragged_dot": jax.lax.ragged_dot, "scan": grouped_matmul_scan}  # by Qwen3Config.moe_impl
 
 
 # --------------------------------------------------------------------------- decoder stack

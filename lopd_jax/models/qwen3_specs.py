@@ -18,8 +18,18 @@ from lopd_jax.sharding import ParamSpec as _ParamSpec
 Params = dict[str, Any]
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]  # float64: exact-arithmetic tests
 Remat = Literal["none", "full", "dots"]
-Attention = Literal["auto", "xla", "cudnn", "splash"]
+# The trainer's choices (model.attention). "blockwise": attention_xla one block of queries at a time, rematerialised:
+# exact, with a fused kernel's memory profile on any backend (what --plan compiles for cudnn / splash off their
+# hardware).
+Attention = Literal["auto", "xla", "cudnn", "splash", "blockwise"]
+# The model's: also "ablated" (v passed through, no scores: NOT attention), which benchmarks.profile_step uses to
+# measure attention's share of a step. Never a trainer choice.
+AttentionImpl = Literal[Attention, "ablated"]
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # what "auto" resolves to, per backend: default_attention
+# How the MoE block runs its grouped matmuls: "ragged_dot" (lax.ragged_dot: a grouped GEMM on GPU / TPU) or "scan"
+# (a scan over experts with masked rows: the same result and a grouped GEMM's buffers where XLA lowers ragged_dot
+# densely, i.e. XLA:CPU, which --plan uses there).
+MoeImpl = Literal["ragged_dot", "scan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +68,8 @@ class Qwen3Config:
     # "xla" (every backend) | "cudnn" (fused, NVIDIA GPUs) | "splash" (Pallas kernel, TPUs) | "auto" (the
     # backend's default, see default_attention; resolved when the config is made). The library default is "xla",
     # which needs no backend at construction; the trainer's model.attention defaults to "auto".
-    attention: Attention = "xla"
+    attention: AttentionImpl = "xla"
+    moe_impl: MoeImpl = "ragged_dot"
     scan_layers: bool = True
     pallas_interpret: bool = False  # run Pallas kernels (splash) in interpret mode: CPU tests of the TPU kernel
 
