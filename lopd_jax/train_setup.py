@@ -351,7 +351,15 @@ def _check_resume_config(cfg: TrainConfig, setup: Setup) -> None:
     saved, where = config_lib.flatten(found[0]), found[1]
     now = config_lib.flatten(config_lib.to_dict(cfg))
     allowed = (*RESUME_FREE, *cfg.resume_may_change)
-    differ = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    # A key the saved config lacks (added to the schema after the run started, e.g. the prompt section) that is
+    # at its default now computes what the run computed then: not a difference.
+    defaults = config_lib.flatten(config_lib.to_dict(TrainConfig(mode=cfg.mode, model=cfg.model)))
+    differ = sorted(
+        k
+        for k in set(saved) | set(now)
+        if saved.get(k, "<unset>") != now.get(k, "<unset>")
+        and not (k not in saved and k in defaults and now.get(k) == defaults[k])
+    )
     refused = [k for k in differ if not any(k == a or k.startswith(a + ".") for a in allowed)]
     if refused:
         shown = "; ".join(f"{k}: saved {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in refused)

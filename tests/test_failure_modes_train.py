@@ -251,6 +251,21 @@ def test_resume_may_change_the_listed_keys_and_keeps_the_original_config(world, 
     assert train._lineage(loaded, setup)["resumed_with_changes"] == {"train.steps": [4, 6]}
 
 
+def test_resume_of_a_run_saved_before_a_section_existed(world, tmp_path, capsys):
+    """A saved config without the (later) prompt section resumes when the section is at its defaults, and is
+    refused, naming the key, when it is not."""
+    cfg, run_dir = _started_run(world, tmp_path)
+    record_path = run_dir / "checkpoints" / train_setup.CONFIG_RECORD
+    record = json.loads(record_path.read_text())
+    assert record["config"].pop("prompt") == {"chat_template": True, "enable_thinking": None}
+    record_path.write_text(json.dumps(record))
+    path = _write({**cfg, "resume": True}, tmp_path / "r.yaml")
+    setup = train_setup.validated(config_lib.load_config(path))
+    assert setup.resume_changes == {}
+    err = _main_fails(capsys, path, "prompt.enable_thinking=false")
+    assert "prompt.enable_thinking: saved '<unset>', now False" in err
+
+
 def test_a_fresh_run_keeps_a_users_config_yaml_found_in_its_directory(world, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
