@@ -62,7 +62,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = Qwen3Config.param_dtype  # storage dtype of the master weights
     remat: Remat = Qwen3Config.remat
     attention: Attention = "auto"  # the trainer's default: the backend's (splash on TPU, xla elsewhere)
-    scan_layers: bool = Qwen3Config.scan_layers
+    scan_layers: bool | Literal["auto"] = Qwen3Config.scan_layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,7 +99,10 @@ def _runtime_knobs(model_cfg: Any, attention: str | None = None) -> dict[str, An
         param_dtype=model_cfg.param_dtype,
         remat=model_cfg.remat,
         attention=attention or model_cfg.attention,
-        scan_layers=model_cfg.scan_layers,
+        # The plan sizes the accelerator run: "auto" takes the accelerator's forms (scanned layers, einsum matmuls)
+        # even when compiled on CPU, where a CPU run would unroll the layers and flatten the matmuls.
+        scan_layers=True if model_cfg.scan_layers == "auto" else model_cfg.scan_layers,
+        matmuls="einsum",
     )
 
 

@@ -29,6 +29,7 @@ from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwe
     ATTENTION_IMPLS,
     Attention,
     Dtype,
+    Matmuls,
     Params,
     Qwen3Config,
     Remat,
@@ -165,6 +166,35 @@ def _check_attention_backend(cfg: Qwen3Config) -> None:
         raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={cfg.dtype!r}")
 
 
+def flat_matmuls(cfg: Qwen3Config) -> bool:
+    """Whether the weight matmuls run as 2-D dots (``cfg.matmuls``; "auto" = on CPU only)."""
+    if cfg.matmuls == "auto":
+        return _compile_platform() == "cpu"
+    return cfg.matmuls == "flat"
+
+
+def scan_layers(cfg: Qwen3Config) -> bool:
+    """Whether the layers run as a lax.scan (``cfg.scan_layers``; "auto" = scanned except when compiling for CPU)."""
+    if cfg.scan_layers == "auto":
+        return _compile_platform() != "cpu"
+    return cfg.scan_layers
+
+
+def project(x: jax.Array, w: jax.Array, n_in: int, flat: bool) -> jax.Array:
+    """x [..., *I] times weight w [*I, *O] (I = w's first ``n_in`` axes) -> [..., *O], in x's dtype.
+
+    ``flat``: as one 2-D dot [prod(...), prod(I)] @ [prod(I), prod(O)] (reshapes are free in row-major layouts),
+    whose weight gradient XLA:CPU computes without transposing the activations; else one dot_general.
+    """
+    w = w.astype(x.dtype)
+    lead, in_shape, out_shape = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    if flat:
+        y = jnp.dot(x.reshape(-1, math.prod(in_shape)), w.reshape(math.prod(in_shape), -1))
+        return y.reshape(*lead, *out_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, w, (contract, ((), ())))
+
+
 def _attend(q_BTNH, k_BSKH, v_BSKH, ctx: _Ctx, cfg: Qwen3Config) -> jax.Array:
     """The attention implementation ``cfg.attention`` names (the one registry of implementations)."""
     if cfg.attention == "splash":
@@ -175,12 +205,11 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, ctx: _Ctx, cfg: Qwen3Config) -> jax.Array:
 _ATTENTION = {"xla": attention_xla, "cudnn": attention_cudnn}  # mask-based implementations; splash takes segments
 
 
-def dense_mlp(x_BTD: jax.Array, mp: Params) -> jax.Array:
-    """SwiGLU MLP: down(silu(x gate) * (x up))."""
-    dt = x_BTD.dtype
-    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, mp["gate"].astype(dt))
-    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, mp["up"].astype(dt))
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, mp["down"].astype(dt))
+def dense_mlp(x_BTD: jax.Array, mp: Params, flat: bool = False) -> jax.Array:
+    """SwiGLU MLP: down(silu(x gate) * (x up)); ``flat``: 2-D dots (see ``project``)."""
+    gate_BTF = project(x_BTD, mp["gate"], 1, flat)
+    up_BTF = project(x_BTD, mp["up"], 1, flat)
+    return project(jax.nn.silu(gate_BTF) * up_BTF, mp["down"], 1, flat)
 
 
 def route(x_XD: jax.Array, router_DE: jax.Array, cfg: Qwen3Config) -> tuple[jax.Array, jax.Array]:
@@ -228,10 +257,10 @@ class _Ctx(NamedTuple):
 
 
 def _project_qkv(h_BTD: jax.Array, lp: Params, ctx: _Ctx, cfg: Qwen3Config):
-    dt = h_BTD.dtype
-    q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, lp["q"].astype(dt))
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lp["k"].astype(dt))
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lp["v"].astype(dt))
+    flat = flat_matmuls(cfg)
+    q_BTNH = project(h_BTD, lp["q"], 1, flat)  # BTD,DNH->BTNH
+    k_BTKH = project(h_BTD, lp["k"], 1, flat)  # BTD,DKH->BTKH
+    v_BTKH = project(h_BTD, lp["v"], 1, flat)
     q_BTNH = apply_rope(rms_norm(q_BTNH, lp["q_norm"], cfg.rms_norm_eps), ctx.sin_BTH, ctx.cos_BTH)
     k_BTKH = apply_rope(rms_norm(k_BTKH, lp["k_norm"], cfg.rms_norm_eps), ctx.sin_BTH, ctx.cos_BTH)
     return q_BTNH, k_BTKH, v_BTKH
@@ -262,9 +291,10 @@ def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None):
         # Decode steps are bandwidth-bound: the fused kernels buy nothing there.
         dt = x_BTD.dtype
         o_BTNH = attention_cached(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), ctx.mask_BTS)
-    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lp["o"].astype(x_BTD.dtype))
+    flat = flat_matmuls(cfg)
+    x_BTD = x_BTD + project(o_BTNH, lp["o"], 2, flat)  # BTNH,NHD->BTD
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp)
+    mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp, flat)
     return x_BTD + mlp_out, cache
 
 
@@ -293,7 +323,7 @@ def _scan(body, carry, xs, cfg: Qwen3Config):
     """lax.scan over stacked layers (one compiled body), or an unrolled loop when cfg.scan_layers is off."""
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
-    if cfg.scan_layers:
+    if scan_layers(cfg):
         return jax.lax.scan(body, carry, xs)[0]
     n = jax.tree.leaves(xs)[0].shape[0]
     for j in range(n):
@@ -338,7 +368,7 @@ def _decoder_stack_cached(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Conf
 
 def _scan_ys(body, carry, xs, cfg: Qwen3Config):
     """Like _scan but keeps the stacked per-layer outputs (the updated KV cache)."""
-    if cfg.scan_layers:
+    if scan_layers(cfg):
         return jax.lax.scan(body, carry, xs)
     ys = []
     for j in range(jax.tree.leaves(xs)[0].shape[0]):
@@ -351,7 +381,7 @@ def _output(params: Params, x_BTD: jax.Array, cfg: Qwen3Config, return_hidden: b
     h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
     if return_hidden:
         return h_BTD
-    return jnp.einsum("BTD,DV->BTV", h_BTD, lm_head_weight(params, cfg).astype(h_BTD.dtype))
+    return project(h_BTD, lm_head_weight(params, cfg), 1, flat_matmuls(cfg))  # BTD,DV->BTV
 
 
 def _embed(params: Params, tokens_BT: jax.Array, cfg: Qwen3Config) -> jax.Array:

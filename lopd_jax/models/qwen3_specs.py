@@ -19,6 +19,7 @@ Params = dict[str, Any]
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]  # float64: exact-arithmetic tests
 Remat = Literal["none", "full", "dots"]
 Attention = Literal["auto", "xla", "cudnn", "splash"]
+Matmuls = Literal["auto", "einsum", "flat"]
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # what "auto" resolves to, per backend: default_attention
 
 
@@ -59,7 +60,16 @@ class Qwen3Config:
     # backend's default, see default_attention; resolved when the config is made). The library default is "xla",
     # which needs no backend at construction; the trainer's model.attention defaults to "auto".
     attention: Attention = "xla"
-    scan_layers: bool = True
+    # True: lax.scan over the stacked layers (one compiled body: fast compiles, the accelerators' choice); False:
+    # unrolled. "auto" = unrolled when compiling for CPU, where the scan's stacking of per-layer residuals and the
+    # fixed layouts at the loop boundary cost ~25% of the update step (benchmarks/results/cpu_profile.txt).
+    scan_layers: bool | Literal["auto"] = "auto"
+    # How the weight matmuls are written: "einsum" (one einsum over the named axes, e.g. BTD,DNH->BTNH) or "flat"
+    # (activations reshaped to 2-D [B*T, in] @ weight [in, out]; the weights keep their layout). On XLA:CPU the
+    # backward of the einsum form transposes every [B, T, F] cotangent before its weight-gradient dot (40% of the
+    # step); the 2-D form needs none. "auto" = "flat" when compiling for CPU, else "einsum" (resolved at trace time
+    # from the compile platform, so ``--plan --target`` sees the accelerator's form).
+    matmuls: Matmuls = "auto"
     pallas_interpret: bool = False  # run Pallas kernels (splash) in interpret mode: CPU tests of the TPU kernel
 
     def __post_init__(self) -> None:
@@ -72,6 +82,8 @@ class Qwen3Config:
             import jax  # here only: the declaration needs no backend unless "auto" asks which one this is
 
             object.__setattr__(self, "attention", default_attention(jax.default_backend()))
+        if self.scan_layers not in (True, False, "auto"):
+            raise ValueError(f"Qwen3Config.scan_layers must be true, false or 'auto', got {self.scan_layers!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"Qwen3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
