@@ -266,28 +266,44 @@ def _project_qkv(h_BTD: jax.Array, lp: Params, ctx: _Ctx, cfg: Qwen3Config):
     return q_BTNH, k_BTKH, v_BTKH
 
 
-def _write_cache(c_BKSH: jax.Array, new_BTKH: jax.Array, slots_BT: jax.Array) -> jax.Array:
-    # Scatter into this layer's cache; slots past max_len (right padding of a full row) are dropped rather
-    # than clamped onto real entries. (Advanced indices around a slice put (B, T) first: the update is BTKH.)
+def _write_cache(c: jax.Array, new_BTKH: jax.Array, slots_BT: jax.Array, layer: int | None = None) -> jax.Array:
+    # Scatter into this layer's cache c [B,K,S,H] (or into layer ``layer`` of the whole cache [L,B,K,S,H]); slots
+    # past max_len (right padding of a full row) are dropped rather than clamped onto real entries. (Advanced
+    # indices around a slice put (B, T) first: the update is BTKH.)
     b_B1 = jnp.arange(new_BTKH.shape[0])[:, None]
-    return c_BKSH.at[b_B1, :, slots_BT].set(new_BTKH.astype(c_BKSH.dtype), mode="drop")
+    index = (b_B1, slice(None), slots_BT) if layer is None else (layer, b_B1, slice(None), slots_BT)
+    return c.at[index].set(new_BTKH.astype(c.dtype), mode="drop")
 
 
 def attention_cached(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """attention_xla over a cache laid out [B, K, S, H]: the einsums read it without a transpose per step."""
-    return attention_xla(q_BTNH, k_BKSH, v_BKSH, mask_BTS, kv_axes="BKSH")
+    """attention_xla over a cache laid out [B, K, S, H]: the einsums read it without a transpose per step.
+
+    A one-token decode step on CPU contracts with broadcast-multiply-reduce fusions instead: its dots are B*K
+    matrix-vector products of G rows, which XLA:CPU runs one small batched GEMM at a time (half the step).
+    """
+    if q_BTNH.shape[1] != 1 or _compile_platform() != "cpu":
+        return attention_xla(q_BTNH, k_BKSH, v_BKSH, mask_BTS, kv_axes="BKSH")
+    B, _, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    acc = stat_dtype(q_BTNH.dtype)
+    q_BKG1H = q_BTNH.reshape(B, K, N // K, 1, H).astype(acc)
+    logits_BKGS = jnp.sum(q_BKG1H * k_BKSH[:, :, None].astype(acc), axis=-1) * (H**-0.5)
+    logits_BKGS = jnp.where(mask_BTS[:, None], logits_BKGS, jnp.finfo(acc).min)  # mask [B,1,S] -> [B,1,1,S]
+    probs_BKGS1 = jax.nn.softmax(logits_BKGS, axis=-1)[..., None]
+    out_BKGH = jnp.sum(probs_BKGS1 * v_BKSH[:, :, None].astype(acc), axis=-2)
+    return out_BKGH.reshape(B, 1, N, H).astype(v_BKSH.dtype)
 
 
-def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None):
-    """One pre-norm decoder layer; ``cache`` = this layer's (k [B,K,S,H], v) for the cached forward."""
+def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None, layer=None):
+    """One pre-norm decoder layer; ``cache`` = this layer's (k [B,K,S,H], v) for the cached forward, or with
+    ``layer`` the whole (k [L,B,K,S,H], v), updated in place at that layer (the unrolled stack)."""
     h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
     q_BTNH, k_BSKH, v_BSKH = _project_qkv(h_BTD, lp, ctx, cfg)
     if cache is None:
         o_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, ctx, cfg)
     else:
-        k_BKSH = _write_cache(cache[0], k_BSKH, ctx.slots_BT)
-        v_BKSH = _write_cache(cache[1], v_BSKH, ctx.slots_BT)
-        cache = (k_BKSH, v_BKSH)
+        cache = tuple(_write_cache(c, new, ctx.slots_BT, layer) for c, new in zip(cache, (k_BSKH, v_BSKH)))
+        k_BKSH, v_BKSH = cache if layer is None else (cache[0][layer], cache[1][layer])
         # Decode steps are bandwidth-bound: the fused kernels buy nothing there.
         dt = x_BTD.dtype
         o_BTNH = attention_cached(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), ctx.mask_BTS)
@@ -349,6 +365,8 @@ def _decoder_stack(params: Params, x_BTD: jax.Array, ctx: _Ctx, cfg: Qwen3Config
 
 
 def _decoder_stack_cached(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Config):
+    if not scan_layers(cfg):
+        return _decoder_stack_cached_unrolled(params, x_BTD, k_all, v_all, ctx, cfg)
     # Each layer's cache slice is a scanned input and its updated slice a scanned output (not a carry):
     # carrying the whole [L,B,S,K,H] cache made XLA copy it every layer, so a decode step cost O(L^2 S).
     k_runs, v_runs = [], []
@@ -364,6 +382,17 @@ def _decoder_stack_cached(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Conf
         v_runs.append(v_run)
     cat = (lambda xs: xs[0]) if len(k_runs) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
     return x_BTD, cat(k_runs), cat(v_runs)
+
+
+def _decoder_stack_cached_unrolled(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Config):
+    # Each layer scatters into the whole [L,B,K,S,H] cache in place: slicing per-layer caches out and stacking
+    # them back copied the whole cache three times per decode step.
+    for kind, start, stop, offset in layer_runs(cfg):
+        lp, mp = _run_slices(params, kind, start, stop, offset)
+        for j in range(stop - start):
+            lp_j, mp_j = jax.tree.map(lambda a, j=j: a[j], (lp, mp))
+            x_BTD, (k_all, v_all) = _decoder_layer(x_BTD, lp_j, mp_j, kind, ctx, cfg, (k_all, v_all), start + j)
+    return x_BTD, k_all, v_all
 
 
 def _scan_ys(body, carry, xs, cfg: Qwen3Config):
