@@ -189,6 +189,8 @@ CPU_50M = Qwen3Config(
     num_key_value_heads=4,
     **dict(_SMALL, head_dim=64),
 )
+#: Issue 16's realistic CPU shape: ~35M parameters (a 32k vocabulary, 6 x 512, tied), B x T = 4 x 256.
+CPU_35M = dataclasses.replace(CPU_50M, vocab_size=32000, num_hidden_layers=6, tie_word_embeddings=True)
 #: Test-sized shapes for ``--tiny`` (D <= 64, 2 layers, vocab <= 512).
 TINY = Qwen3Config(
     vocab_size=128,

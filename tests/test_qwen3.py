@@ -142,9 +142,11 @@ def test_segment_positions_restart():
 _cached = jax.jit(qwen3.forward_cached, static_argnames=("cfg", "return_hidden"))
 
 
+@pytest.mark.parametrize("scan", [True, "auto"])  # "auto" on CPU: the unrolled stack, in-place cache writes
 @pytest.mark.parametrize("case", ["dense_untied_gqa", "moe_mlp_only_layers"])
-def test_kv_cache_prefill_and_decode_match_full_forward(case, tmp_root):
+def test_kv_cache_prefill_and_decode_match_full_forward(case, scan, tmp_root):
     model, cfg, params = hf_model(case, tmp_root)
+    cfg = dataclasses.replace(cfg, scan_layers=scan)
     max_len = 10
     prompts = [_tokens(3, 11), _tokens(6, 12)]
     seqs = [list(p) for p in prompts]
@@ -209,7 +211,8 @@ def test_remat_and_unscanned_layers_give_same_values_and_grads(tmp_root):
 
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     ref_loss, ref_grads = value_and_grad(params, cfg)
-    for variant in [dict(remat="full"), dict(remat="dots", scan_layers=False)]:
+    variants = [dict(remat="full"), dict(remat="dots", scan_layers=False), dict(scan_layers=True, matmuls="einsum")]
+    for variant in variants + [dict(matmuls="einsum"), dict(scan_layers=True, matmuls="flat")]:
         value, grads = value_and_grad(params, qwen3.Qwen3Config(**{**cfg.__dict__, **variant}))
         np.testing.assert_allclose(value, ref_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
@@ -243,3 +246,23 @@ def test_bad_runtime_fields_are_named():
         qwen3.Qwen3Config(**base, remat="some")
     with pytest.raises(ValueError, match="num_key_value_heads"):
         qwen3.Qwen3Config(**{**base, "num_key_value_heads": 3})
+
+
+def test_auto_knobs_take_the_cpu_forms(tmp_root):
+    """On CPU "auto" unrolls the layers (no scan) and runs the weight matmuls as 2-D dots, whose backward needs
+    no transposes of the activations; the accelerator forms are one scan and einsums."""
+    _, cfg, params = hf_model("dense_untied_gqa", tmp_root)
+    assert (cfg.scan_layers, cfg.matmuls) == ("auto", "auto")
+    assert not qwen3.scan_layers(cfg) and qwen3.flat_matmuls(cfg)
+    tokens = _tokens((2, 6))
+
+    def grad_hlo(cfg):
+        loss = lambda p: jnp.mean(qwen3.forward(p, tokens, cfg=cfg) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+    auto_hlo = grad_hlo(cfg)
+    assert " while(" not in auto_hlo and " while(" in grad_hlo(dataclasses.replace(cfg, scan_layers=True))
+    einsum_hlo = grad_hlo(dataclasses.replace(cfg, matmuls="einsum"))
+    assert auto_hlo.count(" transpose(") < 0.7 * einsum_hlo.count(" transpose(")  # 42 vs 77 when written
+    with pytest.raises(ValueError, match="scan_layers"):
+        dataclasses.replace(cfg, scan_layers="sometimes")
