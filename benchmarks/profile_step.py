@@ -29,7 +29,12 @@ from benchmarks.train_step import make_opd_step, make_state
 from lopd_jax import losses
 from lopd_jax.models import qwen3
 
-MODELS = {"demo-student": common.DEMO_STUDENT, "cpu-50m": common.CPU_50M, "tiny": common.TINY}
+MODELS = {
+    "demo-student": common.DEMO_STUDENT,
+    "cpu-35m": common.CPU_35M,
+    "cpu-50m": common.CPU_50M,
+    "tiny": common.TINY,
+}
 
 
 def _median_ms(fn, *args, repeats: int) -> float:
