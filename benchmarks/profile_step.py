@@ -28,7 +28,12 @@ from benchmarks.train_step import build_step, make_state, place_batch
 from lopd_jax import losses
 from lopd_jax.models import qwen3
 
-MODELS = {"demo-student": common.DEMO_STUDENT, "cpu-50m": common.CPU_50M, "tiny": common.TINY}
+MODELS = {
+    "demo-student": common.DEMO_STUDENT,
+    "cpu-35m": common.CPU_35M,
+    "cpu-50m": common.CPU_50M,
+    "tiny": common.TINY,
+}
 
 
 def _median_ms(fn, *args, repeats: int) -> float:
@@ -140,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--trace", default=None, help="also trace the gradient into DIR and break it down by op kind")
+    p.add_argument("--cpu-forms", action="store_true", help="the opt-in CPU forms (benchmarks.common.CPU_FORMS)")
     args = p.parse_args(argv)
-    cfg = MODELS[args.model]
+    cfg = common.cpu_forms(MODELS[args.model]) if args.cpu_forms else MODELS[args.model]
     res = profile(cfg, args.batch, args.seq, args.repeats)
     width = max(map(len, res))
     for name, ms in res.items():

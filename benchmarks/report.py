@@ -70,7 +70,16 @@ def ratios(doc: dict) -> list[tuple[str, dict, float | None]]:
     """(label, ratio dict with median/low/high, goal) for every side-by-side comparison present."""
     res, goals, out = doc.get("results", {}), doc.get("goals", {}), []
     if "vs_torch" in res:
-        out.append(("OPD step: JAX jit vs torch eager", res["vs_torch"]["speedup"], goals.get("vs_torch")))
+        r = res["vs_torch"]
+        out.append((f"OPD step: JAX jit vs torch eager{_forms(r)}", r["speedup"], goals.get("vs_torch")))
+    if "vs_torch_35m" in res:
+        r = res["vs_torch_35m"]
+        label = f"OPD step, {r['params'] / 1e6:.0f}M: JAX jit vs torch eager{_forms(r)}"
+        out.append((label, r["speedup"], goals.get("vs_torch_35m")))
+    for row in res.get("sampling", {}).get("rows", []):
+        goal = goals.get("sampling") if row["batch"] == 32 else None
+        label = f"sampling, batch {row['batch']}: JAX vs transformers.generate{_forms(res['sampling'])}"
+        out.append((label, row["speedup"], goal))
     if "precompute" in res and "speedup" in res["precompute"]:
         out.append(("teacher scoring: JAX vs transformers", res["precompute"]["speedup"], goals.get("precompute")))
         if "speedup_vs_vllm" in res["precompute"]:
@@ -83,6 +92,11 @@ def ratios(doc: dict) -> list[tuple[str, dict, float | None]]:
     return out
 
 
+def _forms(r: dict) -> str:
+    """The row's model forms (results written before issue 16's merge name none)."""
+    return f" ({r['forms']})" if "forms" in r else ""
+
+
 def _ratio_table(doc: dict) -> list[str]:
     out = ["| comparison | ratio, median [low-high] | goal | met |", "|---|---|---|---|"]
     for label, r, goal in ratios(doc):
@@ -92,17 +106,36 @@ def _ratio_table(doc: dict) -> list[str]:
 
 
 def _details(res: dict) -> list[str]:
-    out = []
-    if "vs_torch" in res:
-        r = res["vs_torch"]
-        a = r["agreement"]
-        out.append(
-            f"- OPD step, {r['params'] / 1e6:.2f}M params, B x T = {r['batch_size']} x {r['seq_len']}, "
-            f"{r['rounds']} alternating rounds of {r['steps_per_round']} steps: JAX {_ms(r['jax_step_s'])} ms, "
-            f"torch ({r['torch_threads']} thread(s), {r['torch_attention']}) {_ms(r['torch_step_s'])} ms. "
-            f"First step agrees: loss {a['jax_loss']:.6f} vs {a['torch_loss']:.6f}, grad norm "
-            f"{a['jax_grad_norm']:.6f} vs {a['torch_grad_norm']:.6f}."
+    out = [_vs_torch_line(res[k]) for k in ("vs_torch", "vs_torch_35m") if k in res]
+    if "sampling" in res:
+        r = res["sampling"]
+        rows = "; ".join(
+            f"batch {x['batch']}: JAX {x['jax_tokens_per_s']:,.0f} vs {x['torch_tokens_per_s']:,.0f} tokens/s "
+            f"({x['torch_threads']} thread(s)), tokens identical: {'yes' if x['identical_tokens'] else 'NO'}"
+            for x in r["rows"]
         )
+        out.append(
+            f"- Greedy sampling{_forms(r)}, {r['params'] / 1e6:.2f}M params, {r['prompt_len']}-token prompts, "
+            f"{r['max_new_tokens']} new tokens, same weights: {rows}."
+        )
+    out += _scoring_lines(res)
+    return out
+
+
+def _vs_torch_line(r: dict) -> str:
+    a = r["agreement"]
+    return (
+        f"- OPD step{_forms(r)}, {r['params'] / 1e6:.2f}M params, B x T = {r['batch_size']} x {r['seq_len']}, "
+        f"{r['rounds']} alternating rounds of {r['steps_per_round']} steps: JAX {_ms(r['jax_step_s'])} ms, "
+        f"torch ({r['torch_threads']} thread(s), {r['torch_attention']}) {_ms(r['torch_step_s'])} ms. "
+        f"First step agrees: loss {a['jax_loss']:.6f} vs {a['torch_loss']:.6f}, grad norm "
+        f"{a['jax_grad_norm']:.6f} vs {a['torch_grad_norm']:.6f}."
+    )
+
+
+def _scoring_lines(res: dict) -> list[str]:
+    """Teacher scoring and Lightning-vs-standard detail lines."""
+    out = []
     if "precompute" in res:
         r = res["precompute"]
         torch_side = (

@@ -128,6 +128,7 @@ def bench_vs_torch(cfg: Qwen3Config, batch_size: int, seq_len: int, rounds: int,
     return {
         "model": {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size},
         "params": qwen3.param_count(cfg),
+        "forms": common.forms_of(cfg),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "rounds": rounds,

@@ -33,7 +33,7 @@ import yaml
 from lopd_jax.batch import DataConfig
 from lopd_jax.checkpoint import CheckpointConfig
 from lopd_jax.losses import LossConfig
-from lopd_jax.models.qwen3_specs import Attention, Qwen3Config, Remat
+from lopd_jax.models.qwen3_specs import Attention, DecodeAttention, Matmuls, Qwen3Config, Remat
 from lopd_jax.prompts import PromptConfig
 from lopd_jax.sampling import SamplingConfig
 from lopd_jax.sharding import MeshConfig
@@ -62,7 +62,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = Qwen3Config.param_dtype  # storage dtype of the master weights
     remat: Remat = Qwen3Config.remat
     attention: Attention = "auto"  # the trainer's default: the backend's (splash on TPU, xla elsewhere)
-    scan_layers: bool = Qwen3Config.scan_layers
+    # The CPU performance forms (Qwen3Config): opt-in, the defaults keep the arithmetic bit-identical.
+    scan_layers: bool | Literal["auto"] = Qwen3Config.scan_layers  # true | false | auto (unrolled on CPU)
+    matmuls: Matmuls = Qwen3Config.matmuls  # einsum | flat | auto (flat on CPU)
+    decode_attention: DecodeAttention = Qwen3Config.decode_attention  # dot | reduce | auto (reduce on CPU)
 
 
 @dataclasses.dataclass(frozen=True)

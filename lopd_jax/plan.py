@@ -190,6 +190,13 @@ class PlannedStep:
         return self.built.lower(cfg.train.batch_size, cfg.train.seq_len)
 
 
+def _accelerator_forms(m: Any) -> dict[str, Any]:
+    """The CPU performance knobs left at "auto", as the accelerator resolves them (scanned layers, einsum matmuls,
+    dot decode attention): the plan sizes the accelerator run even when it compiles on CPU."""
+    forms = {"scan_layers": True, "matmuls": "einsum", "decode_attention": "dot"}
+    return {k: v for k, v in forms.items() if getattr(m, k) == "auto"}
+
+
 def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, list[str]]:
     """(the model config the plan compiles on ``platform``, notes where it differs from what the config says).
 
@@ -199,7 +206,7 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
 
     attention, note = planned_attention(cfg.model.attention, platform)
     notes = [note] if note else []
-    model_cfg = train_setup.model_config(cfg, attention=attention)
+    model_cfg = train_setup.model_config(cfg, attention=attention, **_accelerator_forms(cfg.model))
     if model_cfg.num_experts and platform == "cpu":
         notes.append(
             f"MoE: XLA:{platform.upper()} expands ragged_dot densely; planned with moe_impl=scan, an equivalent "

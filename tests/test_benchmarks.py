@@ -141,6 +141,11 @@ def test_cpu_suite_tiny(tmp_path):
     assert lvo["lightning_total_s"] == pytest.approx(
         lvo["precompute_s"] + lvo["steps"] * lvo["lightning_step_s"]["median"]
     )
+    # Greedy sampling on the same weights: the JAX engine and transformers.generate emit the same tokens.
+    rows = res["sampling"]["rows"]
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["identical_tokens"] for r in rows)
+    assert all(_positive(r["jax_tokens_per_s"]) and _positive(r["torch_tokens_per_s"]) for r in rows)
+    assert "sampling, batch 4: JAX vs transformers.generate" in (tmp_path / "cpu_tiny.md").read_text()
 
 
 def test_shards_bench_tiny(tmp_path):

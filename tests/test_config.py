@@ -47,6 +47,17 @@ def test_fields_are_typed_and_resolved(tmp_path):
     hash(c)  # frozen all the way down (passes through jit as static)
 
 
+def test_cpu_forms_are_opt_in_trainer_keys(tmp_path):
+    """The defaults are main's arithmetic (scanned, einsum, dot); the CPU forms are asked for by key."""
+    c = load_config(write(tmp_path, BASE))
+    assert (c.model.scan_layers, c.model.matmuls, c.model.decode_attention) == (True, "einsum", "dot")
+    c = load_config(
+        write(tmp_path, BASE), ["model.scan_layers=auto", "model.matmuls=flat", "model.decode_attention=auto"]
+    )
+    assert (c.model.scan_layers, c.model.matmuls, c.model.decode_attention) == ("auto", "flat", "auto")
+    assert load_config(write(tmp_path, BASE), ["model.scan_layers=false"]).model.scan_layers is False
+
+
 def test_yaml_round_trip(tmp_path):
     c = load_config(write(tmp_path, BASE), ["train.steps=7", "logging.run_dir=/tmp/r"])
     text = yaml.safe_dump(to_dict(c))
@@ -84,6 +95,9 @@ def test_overrides(tmp_path):
         ("train: {steps: true}", "train.steps", "expected int"),
         ("data: {shuffle: 1}", "data.shuffle", "expected bool"),
         ("model: {init: m, dtype: fp8}", "model.dtype", "expected one of"),
+        ("model: {init: m, scan_layers: sometimes}", "model.scan_layers", "expected"),
+        ("model: {init: m, matmuls: 2d}", "model.matmuls", "expected one of"),
+        ("model: {init: m, decode_attention: fast}", "model.decode_attention", "expected one of"),
         ("mesh: {rules: [[embed]]}", "mesh.rules[0]", "expected 2 items"),
         ("optimizer: {lr: fast}", "optimizer.lr", "expected float"),
         ("optimizer: {schedule: cosine}", "optimizer", "total_steps"),  # the section's own validation

@@ -114,7 +114,9 @@ def fake_gpu_probes(monkeypatch) -> Iterator[None]:
 def lower(fn, args: tuple, platform: str, attention: str, monkeypatch, kwargs=None) -> jax.stages.Lowered:
     """``fn(*args)`` traced (under the fake probes for cuDNN) and lowered for ``platform``; nothing compiled."""
     probes = fake_gpu_probes(monkeypatch) if attention == "cudnn" else contextlib.nullcontext()
-    with probes:
+    with probes, monkeypatch.context() as m:
+        # The model's "auto" knobs (scan_layers, matmuls) take the target's forms, as when tracing on it.
+        m.setattr(qwen3, "_compile_platform", lambda: "gpu" if platform == "cuda" else platform)
         traced = fn.trace(*args, **(kwargs or {}))
     return traced.lower(lowering_platforms=(platform,))
 

@@ -7,6 +7,7 @@ The two big compiles (8B, 30B-A3B) use the configs' real settings: compile time 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -142,3 +143,18 @@ def test_teacher_bytes_and_hf_architecture(tmp_path):
     assert arch.tie_word_embeddings and (arch.dtype, arch.remat) == ("bfloat16", "full")
     with pytest.raises(ValueError, match="neither an HF checkpoint directory .* nor a preset"):
         train_setup.architecture(str(tmp_path / "missing"))
+
+
+def test_plan_takes_the_accelerator_forms_for_auto():
+    """--plan sizes the accelerator run: the CPU performance knobs left at "auto" plan as one scan, einsums and dot
+    decode attention even when compiling on CPU; explicit choices are kept."""
+    raw = {"mode": "sft", "model": {"init": "qwen3-0.6b"}, "data": {"store": "s"}}
+    base = config_lib.build(config_lib.TrainConfig, raw)
+    auto = dataclasses.replace(
+        base, model=dataclasses.replace(base.model, scan_layers="auto", matmuls="auto", decode_attention="auto")
+    )
+    model_cfg, _ = plan.planned_model(auto, "cpu")
+    assert (model_cfg.scan_layers, model_cfg.matmuls, model_cfg.decode_attention) == (True, "einsum", "dot")
+    explicit = dataclasses.replace(base, model=dataclasses.replace(base.model, scan_layers=False, matmuls="flat"))
+    model_cfg, _ = plan.planned_model(explicit, "cpu")
+    assert (model_cfg.scan_layers, model_cfg.matmuls) == (False, "flat")

@@ -1,5 +1,6 @@
 """Qwen3 / Qwen3-MoE forward against transformers (the reference), packing, KV cache, init, remat."""
 
+import dataclasses
 import functools
 
 import jax
@@ -90,6 +91,7 @@ def test_config_fields_read(tmp_root):
 
 def test_moe_uses_grouped_matmul(tmp_root):
     _, cfg, params = hf_model("moe_norm_topk", tmp_root)
+    cfg = dataclasses.replace(cfg, scan_layers=True)  # "auto" unrolls on CPU
     jaxpr = str(jax.make_jaxpr(functools.partial(qwen3.forward, cfg=cfg))(params, _tokens((1, 4))))
     assert jaxpr.count("= ragged_dot_general[") == 3  # gate, up, down inside the one scanned layer body
 
@@ -140,9 +142,12 @@ def test_segment_positions_restart():
 _cached = jax.jit(qwen3.forward_cached, static_argnames=("cfg", "return_hidden"))
 
 
+# "auto" on CPU: the unrolled stack, in-place cache writes, multiply-reduce decode attention
+@pytest.mark.parametrize("scan", [True, "auto"])
 @pytest.mark.parametrize("case", ["dense_untied_gqa", "moe_mlp_only_layers"])
-def test_kv_cache_prefill_and_decode_match_full_forward(case, tmp_root):
+def test_kv_cache_prefill_and_decode_match_full_forward(case, scan, tmp_root):
     model, cfg, params = hf_model(case, tmp_root)
+    cfg = dataclasses.replace(cfg, scan_layers=scan, decode_attention="dot" if scan is True else "auto")
     max_len = 10
     prompts = [_tokens(3, 11), _tokens(6, 12)]
     seqs = [list(p) for p in prompts]
@@ -207,7 +212,8 @@ def test_remat_and_unscanned_layers_give_same_values_and_grads(tmp_root):
 
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     ref_loss, ref_grads = value_and_grad(params, cfg)
-    for variant in [dict(remat="full"), dict(remat="dots", scan_layers=False)]:
+    variants = [dict(remat="full"), dict(remat="dots", scan_layers=False), dict(matmuls="flat")]
+    for variant in variants + [dict(scan_layers="auto", matmuls="auto"), dict(scan_layers=False, matmuls="flat")]:
         value, grads = value_and_grad(params, qwen3.Qwen3Config(**{**cfg.__dict__, **variant}))
         np.testing.assert_allclose(value, ref_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
@@ -241,3 +247,30 @@ def test_bad_runtime_fields_are_named():
         qwen3.Qwen3Config(**base, remat="some")
     with pytest.raises(ValueError, match="num_key_value_heads"):
         qwen3.Qwen3Config(**{**base, "num_key_value_heads": 3})
+
+
+def test_cpu_forms_are_opt_in_and_auto_takes_them(tmp_root):
+    """The defaults are the accelerator forms (one scan, einsums, dot decode attention: main's arithmetic); "auto"
+    on CPU unrolls the layers and runs the weight matmuls as 2-D dots, whose backward needs no transposes of the
+    activations, and a one-token decode step as multiply-reduce."""
+    _, cfg, params = hf_model("dense_untied_gqa", tmp_root)
+    assert (cfg.scan_layers, cfg.matmuls, cfg.decode_attention) == (True, "einsum", "dot")
+    assert qwen3.scan_layers(cfg) and not qwen3.flat_matmuls(cfg) and not qwen3.reduce_decode_attention(cfg)
+    auto = dataclasses.replace(cfg, scan_layers="auto", matmuls="auto", decode_attention="auto")
+    assert not qwen3.scan_layers(auto) and qwen3.flat_matmuls(auto) and qwen3.reduce_decode_attention(auto)
+    tokens = _tokens((2, 6))
+
+    def grad_hlo(cfg):
+        loss = lambda p: jnp.mean(qwen3.forward(p, tokens, cfg=cfg) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+    auto_hlo, default_hlo = grad_hlo(auto), grad_hlo(cfg)
+    assert " while(" not in auto_hlo and " while(" in default_hlo
+    einsum_hlo = grad_hlo(dataclasses.replace(auto, matmuls="einsum"))
+    assert auto_hlo.count(" transpose(") < 0.7 * einsum_hlo.count(" transpose(")  # 42 vs 77 when written
+    with pytest.raises(ValueError, match="scan_layers"):
+        dataclasses.replace(cfg, scan_layers="sometimes")
+    with pytest.raises(ValueError, match="matmuls"):
+        dataclasses.replace(cfg, matmuls="2d")
+    with pytest.raises(ValueError, match="decode_attention"):
+        dataclasses.replace(cfg, decode_attention="fast")

@@ -28,7 +28,9 @@ from lopd_jax.models.fused_attention import attention_cudnn, attention_splash
 from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
     ATTENTION_IMPLS,
     Attention,
+    DecodeAttention,
     Dtype,
+    Matmuls,
     Params,
     Qwen3Config,
     Remat,
@@ -165,6 +167,44 @@ def _check_attention_backend(cfg: Qwen3Config) -> None:
         raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={cfg.dtype!r}")
 
 
+def flat_matmuls(cfg: Qwen3Config) -> bool:
+    """Whether the weight matmuls run as 2-D dots (``cfg.matmuls``; "auto" = on CPU only)."""
+    if cfg.matmuls == "auto":
+        return _compile_platform() == "cpu"
+    return cfg.matmuls == "flat"
+
+
+def reduce_decode_attention(cfg: Qwen3Config) -> bool:
+    """Whether a one-token decode step attends by multiply-reduce (``cfg.decode_attention``; "auto" = on CPU)."""
+    if cfg.decode_attention == "auto":
+        return _compile_platform() == "cpu"
+    return cfg.decode_attention == "reduce"
+
+
+def scan_layers(cfg: Qwen3Config) -> bool:
+    """Whether the layers run as a lax.scan (``cfg.scan_layers``; "auto" = scanned except when compiling for CPU)."""
+    if cfg.scan_layers == "auto":
+        return _compile_platform() != "cpu"
+    return cfg.scan_layers
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, flat: bool) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` in x's dtype, where w's leading axes are the contracted ones (e.g. BTD,DNH->BTNH).
+
+    ``flat``: as one 2-D dot [prod(...), prod(I)] @ [prod(I), prod(O)] (reshapes are free in row-major layouts),
+    whose weight gradient XLA:CPU computes without transposing the activations; else the einsum itself, exactly
+    the arithmetic of the einsum form (the default: bit-identical to it).
+    """
+    w = w.astype(x.dtype)
+    if not flat:
+        return jnp.einsum(spec, x, w)
+    x_axes, w_axes = spec.split("->")[0].split(",")
+    n_in = sum(a in x_axes for a in w_axes)
+    lead, in_shape, out_shape = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    y = jnp.dot(x.reshape(-1, math.prod(in_shape)), w.reshape(math.prod(in_shape), -1))
+    return y.reshape(*lead, *out_shape)
+
+
 def _attend(q_BTNH, k_BSKH, v_BSKH, ctx: _Ctx, cfg: Qwen3Config) -> jax.Array:
     """The attention implementation ``cfg.attention`` names (the one registry of implementations)."""
     if cfg.attention == "splash":
@@ -204,12 +244,11 @@ _ATTENTION = {
 }
 
 
-def dense_mlp(x_BTD: jax.Array, mp: Params) -> jax.Array:
-    """SwiGLU MLP: down(silu(x gate) * (x up))."""
-    dt = x_BTD.dtype
-    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, mp["gate"].astype(dt))
-    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, mp["up"].astype(dt))
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, mp["down"].astype(dt))
+def dense_mlp(x_BTD: jax.Array, mp: Params, flat: bool = False) -> jax.Array:
+    """SwiGLU MLP: down(silu(x gate) * (x up)); ``flat``: 2-D dots (see ``project``)."""
+    gate_BTF = project("BTD,DF->BTF", x_BTD, mp["gate"], flat)
+    up_BTF = project("BTD,DF->BTF", x_BTD, mp["up"], flat)
+    return project("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, mp["down"], flat)
 
 
 def route(x_XD: jax.Array, router_DE: jax.Array, cfg: Qwen3Config) -> tuple[jax.Array, jax.Array]:
@@ -284,43 +323,64 @@ class _Ctx(NamedTuple):
 
 
 def _project_qkv(h_BTD: jax.Array, lp: Params, ctx: _Ctx, cfg: Qwen3Config):
-    dt = h_BTD.dtype
-    q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, lp["q"].astype(dt))
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lp["k"].astype(dt))
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lp["v"].astype(dt))
+    flat = flat_matmuls(cfg)
+    q_BTNH = project("BTD,DNH->BTNH", h_BTD, lp["q"], flat)
+    k_BTKH = project("BTD,DKH->BTKH", h_BTD, lp["k"], flat)
+    v_BTKH = project("BTD,DKH->BTKH", h_BTD, lp["v"], flat)
     q_BTNH = apply_rope(rms_norm(q_BTNH, lp["q_norm"], cfg.rms_norm_eps), ctx.sin_BTH, ctx.cos_BTH)
     k_BTKH = apply_rope(rms_norm(k_BTKH, lp["k_norm"], cfg.rms_norm_eps), ctx.sin_BTH, ctx.cos_BTH)
     return q_BTNH, k_BTKH, v_BTKH
 
 
-def _write_cache(c_BKSH: jax.Array, new_BTKH: jax.Array, slots_BT: jax.Array) -> jax.Array:
-    # Scatter into this layer's cache; slots past max_len (right padding of a full row) are dropped rather
-    # than clamped onto real entries. (Advanced indices around a slice put (B, T) first: the update is BTKH.)
+def _write_cache(c: jax.Array, new_BTKH: jax.Array, slots_BT: jax.Array, layer: int | None = None) -> jax.Array:
+    # Scatter into this layer's cache c [B,K,S,H] (or into layer ``layer`` of the whole cache [L,B,K,S,H]); slots
+    # past max_len (right padding of a full row) are dropped rather than clamped onto real entries. (Advanced
+    # indices around a slice put (B, T) first: the update is BTKH.)
     b_B1 = jnp.arange(new_BTKH.shape[0])[:, None]
-    return c_BKSH.at[b_B1, :, slots_BT].set(new_BTKH.astype(c_BKSH.dtype), mode="drop")
+    index = (b_B1, slice(None), slots_BT) if layer is None else (layer, b_B1, slice(None), slots_BT)
+    return c.at[index].set(new_BTKH.astype(c.dtype), mode="drop")
 
 
-def attention_cached(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """attention_xla over a cache laid out [B, K, S, H]: the einsums read it without a transpose per step."""
-    return attention_xla(q_BTNH, k_BKSH, v_BKSH, mask_BTS, kv_axes="BKSH")
+def attention_cached(
+    q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array, reduce: bool = False
+) -> jax.Array:
+    """attention_xla over a cache laid out [B, K, S, H]: the einsums read it without a transpose per step.
+
+    ``reduce`` (Qwen3Config.decode_attention): a one-token step contracts with broadcast-multiply-reduce fusions
+    instead: its dots are B*K matrix-vector products of G rows, which XLA:CPU runs one small batched GEMM at a time
+    (half the step). Opt-in: the sums associate differently, so the last bits change.
+    """
+    if q_BTNH.shape[1] != 1 or not reduce:
+        return attention_xla(q_BTNH, k_BKSH, v_BKSH, mask_BTS, kv_axes="BKSH")
+    B, _, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    acc = stat_dtype(q_BTNH.dtype)
+    q_BKG1H = q_BTNH.reshape(B, K, N // K, 1, H).astype(acc)
+    logits_BKGS = jnp.sum(q_BKG1H * k_BKSH[:, :, None].astype(acc), axis=-1) * (H**-0.5)
+    logits_BKGS = jnp.where(mask_BTS[:, None], logits_BKGS, jnp.finfo(acc).min)  # mask [B,1,S] -> [B,1,1,S]
+    probs_BKGS1 = jax.nn.softmax(logits_BKGS, axis=-1)[..., None]
+    out_BKGH = jnp.sum(probs_BKGS1 * v_BKSH[:, :, None].astype(acc), axis=-2)
+    return out_BKGH.reshape(B, 1, N, H).astype(v_BKSH.dtype)
 
 
-def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None):
-    """One pre-norm decoder layer; ``cache`` = this layer's (k [B,K,S,H], v) for the cached forward."""
+def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None, layer=None):
+    """One pre-norm decoder layer; ``cache`` = this layer's (k [B,K,S,H], v) for the cached forward, or with
+    ``layer`` the whole (k [L,B,K,S,H], v), updated in place at that layer (the unrolled stack)."""
     h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
     q_BTNH, k_BSKH, v_BSKH = _project_qkv(h_BTD, lp, ctx, cfg)
     if cache is None:
         o_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, ctx, cfg)
     else:
-        k_BKSH = _write_cache(cache[0], k_BSKH, ctx.slots_BT)
-        v_BKSH = _write_cache(cache[1], v_BSKH, ctx.slots_BT)
-        cache = (k_BKSH, v_BKSH)
+        cache = tuple(_write_cache(c, new, ctx.slots_BT, layer) for c, new in zip(cache, (k_BSKH, v_BSKH)))
+        k_BKSH, v_BKSH = cache if layer is None else (cache[0][layer], cache[1][layer])
         # Decode steps are bandwidth-bound: the fused kernels buy nothing there.
         dt = x_BTD.dtype
-        o_BTNH = attention_cached(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), ctx.mask_BTS)
-    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lp["o"].astype(x_BTD.dtype))
+        reduce = reduce_decode_attention(cfg)
+        o_BTNH = attention_cached(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), ctx.mask_BTS, reduce)
+    flat = flat_matmuls(cfg)
+    x_BTD = x_BTD + project("BTNH,NHD->BTD", o_BTNH, lp["o"], flat)
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp)
+    mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp, flat)
     return x_BTD + mlp_out, cache
 
 
@@ -349,7 +409,7 @@ def _scan(body, carry, xs, cfg: Qwen3Config):
     """lax.scan over stacked layers (one compiled body), or an unrolled loop when cfg.scan_layers is off."""
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
-    if cfg.scan_layers:
+    if scan_layers(cfg):
         return jax.lax.scan(body, carry, xs)[0]
     n = jax.tree.leaves(xs)[0].shape[0]
     for j in range(n):
@@ -375,6 +435,8 @@ def _decoder_stack(params: Params, x_BTD: jax.Array, ctx: _Ctx, cfg: Qwen3Config
 
 
 def _decoder_stack_cached(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Config):
+    if not scan_layers(cfg):
+        return _decoder_stack_cached_unrolled(params, x_BTD, k_all, v_all, ctx, cfg)
     # Each layer's cache slice is a scanned input and its updated slice a scanned output (not a carry):
     # carrying the whole [L,B,S,K,H] cache made XLA copy it every layer, so a decode step cost O(L^2 S).
     k_runs, v_runs = [], []
@@ -392,9 +454,20 @@ def _decoder_stack_cached(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Conf
     return x_BTD, cat(k_runs), cat(v_runs)
 
 
+def _decoder_stack_cached_unrolled(params, x_BTD, k_all, v_all, ctx: _Ctx, cfg: Qwen3Config):
+    # Each layer scatters into the whole [L,B,K,S,H] cache in place: slicing per-layer caches out and stacking
+    # them back copied the whole cache three times per decode step.
+    for kind, start, stop, offset in layer_runs(cfg):
+        lp, mp = _run_slices(params, kind, start, stop, offset)
+        for j in range(stop - start):
+            lp_j, mp_j = jax.tree.map(lambda a, j=j: a[j], (lp, mp))
+            x_BTD, (k_all, v_all) = _decoder_layer(x_BTD, lp_j, mp_j, kind, ctx, cfg, (k_all, v_all), start + j)
+    return x_BTD, k_all, v_all
+
+
 def _scan_ys(body, carry, xs, cfg: Qwen3Config):
     """Like _scan but keeps the stacked per-layer outputs (the updated KV cache)."""
-    if cfg.scan_layers:
+    if scan_layers(cfg):
         return jax.lax.scan(body, carry, xs)
     ys = []
     for j in range(jax.tree.leaves(xs)[0].shape[0]):
@@ -407,7 +480,7 @@ def _output(params: Params, x_BTD: jax.Array, cfg: Qwen3Config, return_hidden: b
     h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
     if return_hidden:
         return h_BTD
-    return jnp.einsum("BTD,DV->BTV", h_BTD, lm_head_weight(params, cfg).astype(h_BTD.dtype))
+    return project("BTD,DV->BTV", h_BTD, lm_head_weight(params, cfg), flat_matmuls(cfg))
 
 
 def _embed(params: Params, tokens_BT: jax.Array, cfg: Qwen3Config) -> jax.Array:

@@ -25,6 +25,8 @@ Attention = Literal["auto", "xla", "cudnn", "splash", "blockwise"]
 # The model's: also "ablated" (v passed through, no scores: NOT attention), which benchmarks.profile_step uses to
 # measure attention's share of a step. Never a trainer choice.
 AttentionImpl = Literal[Attention, "ablated"]
+Matmuls = Literal["auto", "einsum", "flat"]
+DecodeAttention = Literal["auto", "dot", "reduce"]
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # what "auto" resolves to, per backend: default_attention
 # How the MoE block runs its grouped matmuls: "ragged_dot" (lax.ragged_dot: a grouped GEMM on GPU / TPU) or "scan"
 # (a scan over experts with masked rows: the same result and a grouped GEMM's buffers where XLA lowers ragged_dot
@@ -70,7 +72,22 @@ class Qwen3Config:
     # which needs no backend at construction; the trainer's model.attention defaults to "auto".
     attention: AttentionImpl = "xla"
     moe_impl: MoeImpl = "ragged_dot"
-    scan_layers: bool = True
+    # The CPU performance forms (issue 16) are opt-in: each changes the last bits of the arithmetic, and a
+    # from-scratch run compounds them (the demo's accuracies move). The defaults compute exactly what they did before.
+    # True: lax.scan over the stacked layers (one compiled body: fast compiles, the accelerators' choice); False:
+    # unrolled. "auto" = unrolled when compiling for CPU, where the scan's stacking of per-layer residuals and the
+    # fixed layouts at the loop boundary cost ~25% of the update step (benchmarks/results/cpu_profile.txt).
+    scan_layers: bool | Literal["auto"] = True
+    # How the weight matmuls are written: "einsum" (one einsum over the named axes, e.g. BTD,DNH->BTNH) or "flat"
+    # (activations reshaped to 2-D [B*T, in] @ weight [in, out]; the weights keep their layout). On XLA:CPU the
+    # backward of the einsum form transposes every [B, T, F] cotangent before its weight-gradient dot (40% of the
+    # step); the 2-D form needs none. "auto" = "flat" when compiling for CPU, else "einsum" (resolved at trace time
+    # from the compile platform, so ``--plan --target`` sees the accelerator's form).
+    matmuls: Matmuls = "einsum"
+    # A one-token cached decode step's attention: "dot" (attention_xla's einsums) or "reduce" (broadcast multiply-
+    # reduce fusions; XLA:CPU runs the dots' B*K matrix-vector products one small GEMM at a time, half the step).
+    # "auto" = "reduce" when compiling for CPU, else "dot".
+    decode_attention: DecodeAttention = "dot"
     pallas_interpret: bool = False  # run Pallas kernels (splash) in interpret mode: CPU tests of the TPU kernel
 
     def __post_init__(self) -> None:
@@ -83,6 +100,8 @@ class Qwen3Config:
             import jax  # here only: the declaration needs no backend unless "auto" asks which one this is
 
             object.__setattr__(self, "attention", default_attention(jax.default_backend()))
+        if self.scan_layers not in (True, False, "auto"):
+            raise ValueError(f"Qwen3Config.scan_layers must be true, false or 'auto', got {self.scan_layers!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"Qwen3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
