@@ -26,46 +26,16 @@ import numpy as np
 
 from lopd_jax.batch import Batch
 from lopd_jax.models import presets
-from lopd_jax.models.qwen3 import Qwen3Config
-
-# ----------------------------------------------------------------------------------------------------------------
-# Peak dense bf16 FLOP/s and memory bandwidth per device kind, from the vendors' figures (no 2:4 sparsity: NVIDIA's
-# data sheets print the sparse figure, twice the dense one). Matched as a case-insensitive substring of
-# ``jax.Device.device_kind``, first match wins, so the specific names ("H100 PCIe", "H100 NVL") precede "H100".
-# Where each figure was checked (via the search tool, 2026-12):
-#   H100 SXM 989 / 3.35 TB/s, H100 PCIe 756 / 2.0 TB/s: NVIDIA H100 data sheet, SXM and PCIe columns (1,979 and
-#     1,513 TFLOPS "shown with sparsity", 3,350 and 2,000 GB/s), as reproduced at archive-lib.hpctech.co.jp/
-#     gpuproduct/nvidia-h100.html; 989.4 dense also at glennklockwood.com/garden/processors/h100.
-#   H100 NVL 835 / 3.9 TB/s: NVIDIA H100 data sheet, NVL column (1,671 TFLOPS with sparsity, 3.9 TB/s); the corpus
-#     held only secondary copies (3.93 TB/s: grokipedia.com/page/210100120).
-#   H200 989 / 4.8 TB/s: same GH100 tensor cores as the H100 SXM, HBM3e (itkb.uw.cz/2026/06/nvidia-h200-vs-b300-
-#     precisions-cores.html: "FP16 / BF16 (dense) ~989 TFLOPS", 4.8 TB/s). H200 NVL: 1,671 sparse -> 835 dense, 4.8
-#     TB/s (NVIDIA H200 page; not found in the corpus, kept so that an NVL card is not credited 989).
-#   A100 312 (all variants); 2.039 TB/s 80GB SXM, 1.935 80GB PCIe, 1.555 40GB: NVIDIA A100 data sheet as cited at
-#     glennklockwood.com/garden/processors/A100 and thundercompute.com/blog/nvidia-a100-specs-full-guide.
-#   TPU v4 275 / 1.2 TB/s: docs.cloud.google.com/tpu/docs/v4 ("275 teraflops (bf16 or int8)", "1200 GBps").
-#   TPU v5e 197 / 0.819 TB/s: docs.cloud.google.com/tpu/docs/v5e ("197 TFLOPs", "819 GBps").
-#   TPU v5p 459 / 2.765 TB/s: cloud.google.com/tpu/docs/v5p-training ("459 TFLOPs", "2765 GBps").
-#   TPU v6e 918 / 1.638 TB/s: docs.cloud.google.com/tpu/docs/v6e ("918 TFLOPs", "1638 GBps").
-# jax names v5e "TPU v5 lite", v5p "TPU v5" (or "TPU v5p"), v6e "TPU v6 lite".
-# ----------------------------------------------------------------------------------------------------------------
-PEAKS: tuple[tuple[str, float, float], ...] = (  # (device_kind substring, dense bf16 FLOP/s, HBM bytes/s)
-    ("H100 PCIe", 756e12, 2.0e12),
-    ("H100 NVL", 835e12, 3.9e12),
-    ("H100", 989e12, 3.35e12),  # H100 SXM5 ("NVIDIA H100 80GB HBM3")
-    ("H200 NVL", 835e12, 4.8e12),
-    ("H200", 989e12, 4.8e12),
-    ("A100-SXM4-80GB", 312e12, 2.039e12),
-    ("A100 80GB PCIe", 312e12, 1.935e12),
-    ("A100", 312e12, 1.555e12),  # the 40 GB parts
-    ("TPU v5 lite", 197e12, 0.819e12),
-    ("TPU v5e", 197e12, 0.819e12),
-    ("TPU v5p", 459e12, 2.765e12),
-    ("TPU v5", 459e12, 2.765e12),
-    ("TPU v6 lite", 918e12, 1.638e12),
-    ("TPU v6e", 918e12, 1.638e12),
-    ("TPU v4", 275e12, 1.2e12),
+from lopd_jax.models.presets import (  # noqa: F401  (re-exported: the model FLOP formulas live with the sizes)
+    forward_flops_per_token,
+    matmul_params,
+    train_flops_per_token,
 )
+from lopd_jax.models.qwen3 import Qwen3Config
+from lopd_jax.targets import PEAKS
+
+# Peak dense bf16 FLOP/s and HBM bandwidth per device kind: lopd_jax.targets.PEAKS (sources cited there), the one
+# table that --plan --target's roofline and the benchmarks' MFU both read.
 #: (substring, peak FLOP/s): the FLOP column of PEAKS, as before.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = tuple((k, f) for k, f, _ in PEAKS)
 
@@ -84,7 +54,7 @@ def device_peak_flops(device: Any) -> tuple[float, str]:
             return peak, f"data sheet, dense bf16 ({key})"
     if device.platform == "cpu":
         return cpu_matmul_peak(), "measured: best fp32 1024^3 matmul FLOP/s on this CPU (jnp.dot, all cores)"
-    return float("nan"), f"unknown device kind {kind!r}: add it to benchmarks.common.PEAKS"
+    return float("nan"), f"unknown device kind {kind!r}: add it to lopd_jax.targets.PEAKS"
 
 
 def missing(*packages: str) -> str | None:
@@ -113,36 +83,6 @@ def cpu_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Model FLOPs
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def matmul_params(cfg: Qwen3Config) -> int:
-    """Weights that multiply every token: the per-token active parameters minus the embedding table (a lookup,
-    no FLOPs) and norms, plus the lm_head ([D, V], counted even when tied: its matmul runs either way)."""
-    active = presets.active_param_count(cfg)
-    norms = cfg.num_hidden_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim) + cfg.hidden_size
-    embed = cfg.vocab_size * cfg.hidden_size
-    tied_head = embed if cfg.tie_word_embeddings else 0  # an untied lm_head is already in ``active``
-    return active - norms - embed + tied_head
-
-
-def train_flops_per_token(cfg: Qwen3Config, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward), the MFU numerator (PaLM appendix B, causal):
-
-        6 * P_matmul  +  6 * L * N * H * T
-
-    P_matmul = matmul_params(cfg): 2 FLOPs per weight per token forward, 4 backward. Attention: per layer and
-    token, QK^T and PV cost 2 * N * H * (context) each forward; a causal row of T tokens has T/2 context on
-    average, so forward 2 * N * H * T per layer and token, x3 with the backward. Rematerialisation is not counted
-    (that would be hardware FLOPs, not model FLOPs); rows here hold one sequence of T tokens, so the causal T is
-    the true context (packing would make it an upper bound).
-    """
-    L, N, H = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
-    return 6.0 * matmul_params(cfg) + 6.0 * L * N * H * seq_len
-
-
-def forward_flops_per_token(cfg: Qwen3Config, seq_len: int) -> float:
-    """Inference (scoring) FLOPs of one token: a third of the training figure, 2 * P_matmul + 2 * L * N * H * T."""
-    return train_flops_per_token(cfg, seq_len) / 3.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,12 +31,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import common, report
+from benchmarks import common, gpu_suite, report
 from benchmarks import precompute_bench as pre
 from benchmarks import train_step as ts
 from lopd_jax.models import presets
 
-GPU_PRESETS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b")
+GPU_PRESETS = gpu_suite.DEFAULT_MODELS  # the driver (gpu.sh) and a direct --suite gpu measure the same models
 # Issue 16's goals: the update step >= 1.0x torch at the demo's shape and >= 1.25x at the 35M one, sampling >= 2x
 # transformers.generate at batch 32, teacher scoring >= 1.5x, a Lightning step >= 2.5x a standard OPD step.
 GOALS = {

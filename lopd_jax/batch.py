@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from flax import struct
 
+from lopd_jax.store_layout import LOGPROB_MAX  # the bound precompute.validate checks too
+
 
 @struct.dataclass
 class Batch:
@@ -71,13 +73,6 @@ class DataConfig:
                 raise DataError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise DataError(f"data.num_epochs must be >= 1 or null (forever), got {self.num_epochs}")
-
-
-# Largest log-probability accepted from a store. A log-prob is <= 0; an engine's fp32 log_softmax of the most likely
-# token, x_max - logsumexp(x), can round a few ulps above 0, and an fp32 ulp at |logsumexp| <= 100 is <= 8e-6, so
-# rounding stays below 1e-4. 1e-3 keeps that margin tenfold (precompute.validate uses the same bound) while any
-# value that is not a log-prob at all (a probability, a logit, +5.0) is refused.
-LOGPROB_MAX = 1e-3
 
 
 def _check_logprobs(values: np.ndarray, on: np.ndarray, *, name: str, sample: Any, required: bool, fix: str) -> None:

@@ -70,6 +70,13 @@ BYTE_ARRAYS: Mapping[str, tuple[str, Any]] = MappingProxyType({"answers": ("uint
 _CONTEXT: ts.Context | None = None
 
 
+# Largest log-probability accepted from a store. A log-prob is <= 0; an engine's fp32 log_softmax of the most likely
+# token, x_max - logsumexp(x), can round a few ulps above 0, and an fp32 ulp at |logsumexp| <= 100 is <= 8e-6, so
+# rounding stays below 1e-4. 1e-3 keeps that margin tenfold while any
+# value that is not a log-prob at all (a probability, a logit, +5.0) is refused.
+LOGPROB_MAX = 1e-3  # read by the trainer (lopd_jax.batch) and precompute.validate alike
+
+
 class StoreError(ValueError):
     """A store that is missing, malformed or inconsistent; the message names the path and array/sample."""
 

@@ -25,6 +25,52 @@ class TargetError(ValueError):
     """An unknown target name, or a target whose compiler backend is not installed (exit 2, one line)."""
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Peak dense bf16 FLOP/s and memory bandwidth per device kind, from the vendors' figures (no 2:4 sparsity: NVIDIA's
+# data sheets print the sparse figure, twice the dense one). Matched as a case-insensitive substring of
+# ``jax.Device.device_kind``, first match wins, so the specific names ("H100 PCIe", "H100 NVL") precede "H100".
+# Where each figure was checked (via the search tool, 2026-12):
+#   H100 SXM 989 / 3.35 TB/s, H100 PCIe 756 / 2.0 TB/s: NVIDIA H100 data sheet, SXM and PCIe columns (1,979 and
+#     1,513 TFLOPS "shown with sparsity", 3,350 and 2,000 GB/s), as reproduced at archive-lib.hpctech.co.jp/
+#     gpuproduct/nvidia-h100.html; 989.4 dense also at glennklockwood.com/garden/processors/h100.
+#   H100 NVL 835 / 3.9 TB/s: NVIDIA H100 data sheet, NVL column (1,671 TFLOPS with sparsity, 3.9 TB/s); the corpus
+#     held only secondary copies (3.93 TB/s: grokipedia.com/page/210100120).
+#   H200 989 / 4.8 TB/s: same GH100 tensor cores as the H100 SXM, HBM3e (itkb.uw.cz/2026/06/nvidia-h200-vs-b300-
+#     precisions-cores.html: "FP16 / BF16 (dense) ~989 TFLOPS", 4.8 TB/s). H200 NVL: 1,671 sparse -> 835 dense, 4.8
+#     TB/s (NVIDIA H200 page; not found in the corpus, kept so that an NVL card is not credited 989).
+#   A100 312 (all variants); 2.039 TB/s 80GB SXM, 1.935 80GB PCIe, 1.555 40GB: NVIDIA A100 data sheet as cited at
+#     glennklockwood.com/garden/processors/A100 and thundercompute.com/blog/nvidia-a100-specs-full-guide.
+#   TPU v4 275 / 1.2 TB/s: docs.cloud.google.com/tpu/docs/v4 ("275 teraflops (bf16 or int8)", "1200 GBps").
+#   TPU v5e 197 / 0.819 TB/s: docs.cloud.google.com/tpu/docs/v5e ("197 TFLOPs", "819 GBps").
+#   TPU v5p 459 / 2.765 TB/s: cloud.google.com/tpu/docs/v5p-training ("459 TFLOPs", "2765 GBps").
+#   TPU v6e 918 / 1.638 TB/s: docs.cloud.google.com/tpu/docs/v6e ("918 TFLOPs", "1638 GBps").
+# jax names v5e "TPU v5 lite", v5p "TPU v5" (or "TPU v5p"), v6e "TPU v6 lite".
+# ----------------------------------------------------------------------------------------------------------------
+PEAKS: tuple[tuple[str, float, float], ...] = (  # (device_kind substring, dense bf16 FLOP/s, HBM bytes/s)
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100 NVL", 835e12, 3.9e12),
+    ("H100", 989e12, 3.35e12),  # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", 835e12, 4.8e12),
+    ("H200", 989e12, 4.8e12),
+    ("A100-SXM4-80GB", 312e12, 2.039e12),
+    ("A100 80GB PCIe", 312e12, 1.935e12),
+    ("A100", 312e12, 1.555e12),  # the 40 GB parts
+    ("TPU v5 lite", 197e12, 0.819e12),
+    ("TPU v5e", 197e12, 0.819e12),
+    ("TPU v5p", 459e12, 2.765e12),
+    ("TPU v5", 459e12, 2.765e12),
+    ("TPU v6 lite", 918e12, 1.638e12),
+    ("TPU v6e", 918e12, 1.638e12),
+    ("TPU v4", 275e12, 1.2e12),
+)
+
+
+def peak_of(device_kind: str) -> tuple[float, float] | None:
+    """(dense bf16 FLOP/s, HBM bytes/s) of a ``jax.Device.device_kind`` from PEAKS (first substring match)."""
+    kind = device_kind.lower()
+    return next(((f, bw) for key, f, bw in PEAKS if key.lower() in kind), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """Published per-chip figures (vendor data sheets): dense bf16 FLOP/s, HBM bytes/s, HBM bytes."""
@@ -35,11 +81,15 @@ class Chip:
     hbm_bytes: float
 
 
+def _chip(kind: str, hbm_bytes: float) -> Chip:
+    return Chip(kind, *peak_of(kind), hbm_bytes)
+
+
 CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 1.2 * TB, 32e9),
-    "v5e": Chip("TPU v5e", 197e12, 0.819 * TB, 16e9),
-    "v5p": Chip("TPU v5p", 459e12, 2.765 * TB, 95e9),
-    "v6e": Chip("TPU v6e", 918e12, 1.64 * TB, 32e9),
+    "v4": _chip("TPU v4", 32e9),
+    "v5e": _chip("TPU v5e", 16e9),
+    "v5p": _chip("TPU v5p", 95e9),
+    "v6e": _chip("TPU v6e", 32e9),
 }
 
 # Slice sizes by the name's count -> the topology libtpu accepts (chips as a 2D/3D grid). v4/v5p names count
@@ -76,8 +126,8 @@ def _tpu_targets() -> dict[str, Target]:
 # NVIDIA GPUs: dense bf16 peak and HBM from the data sheets (SXM parts); the per-GPU memory is what CUDA reports
 # (XLA's gpu_specs/h100_sxm.txtpb for the H100; the H200's 141 GB likewise less the driver's reserve).
 GPU_CHIPS = {
-    "h100": Chip("NVIDIA H100 80GB HBM3", 989e12, 3.35 * TB, 84_978_434_048),
-    "h200": Chip("NVIDIA H200", 989e12, 4.8 * TB, 150_754_820_096),
+    "h100": _chip("NVIDIA H100 80GB HBM3", 84_978_434_048),
+    "h200": _chip("NVIDIA H200", 150_754_820_096),
 }
 
 
@@ -194,10 +244,10 @@ def recompute_flops_per_token(cfg: Any, seq_len: int) -> float:
     L, N, H = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
     attention = 2.0 * L * N * H * seq_len
     if cfg.remat == "full":
-        from benchmarks import common
+        from lopd_jax.models import presets
 
         lm_head = cfg.vocab_size * cfg.hidden_size
-        return 2.0 * (common.matmul_params(cfg) - lm_head) + attention
+        return 2.0 * (presets.matmul_params(cfg) - lm_head) + attention
     return attention if cfg.remat == "dots" else 0.0
 
 
@@ -247,15 +297,15 @@ def estimate(
 ) -> Roofline:
     """The roofline of one optimizer step of ``rows`` x ``seq_len`` tokens on ``num_chips`` chips.
 
-    FLOPs come from the model formula (``benchmarks.common.train_flops_per_token``: 6 * P_matmul + causal
+    FLOPs come from the model formula (``presets.train_flops_per_token``: 6 * P_matmul + causal
     attention, plus ``recompute_flops_per_token``), because XLA's cost analysis counts a scanned layer's body once;
     bytes from ``hbm_bytes_per_chip``. Perfect overlap of compute and memory is assumed: an estimate, not a bound
     a real step reaches.
     """
-    from benchmarks import common
+    from lopd_jax.models import presets
 
     tokens_per_chip = rows * seq_len / num_chips
-    model = common.train_flops_per_token(cfg, seq_len) * tokens_per_chip
+    model = presets.train_flops_per_token(cfg, seq_len) * tokens_per_chip
     hardware = model + recompute_flops_per_token(cfg, seq_len) * tokens_per_chip
     hbm = hbm_bytes_per_chip(cfg, rows, seq_len, grad_accum, num_chips, state_bytes)
     return Roofline(model, hardware, hbm, hardware / chip.peak_flops, hbm / chip.hbm_bandwidth)

@@ -24,6 +24,7 @@ import numpy as np
 
 from lopd_jax import store_dataset
 from lopd_jax.store_layout import (
+    LOGPROB_MAX,
     StoreError,
     check_lengths,
     check_manifest,
@@ -39,7 +40,6 @@ from lopd_jax.store_layout import (
 
 FINGERPRINT_FIELDS = ("policy", "teacher", "sft_teacher", "tokenizer", "chat_template")
 _FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
-LOGPROB_MAX = 1e-3  # a log-probability is <= 0; allow rounding of low-precision engines, nothing more
 BLOCK_TOKENS = 1 << 22  # tokens checked per read: bounded memory on any store size
 
 

@@ -95,3 +95,33 @@ def active_param_count(cfg: Qwen3Config) -> int:
     sizes = _sizes(cfg)
     expert = sum(sizes[f"['moe']['{w}']"] for w in ("gate", "up", "down"))
     return total - expert + expert * cfg.num_experts_per_tok // cfg.num_experts
+
+
+def matmul_params(cfg: Qwen3Config) -> int:
+    """Weights that multiply every token: the per-token active parameters minus the embedding table (a lookup,
+    no FLOPs) and norms, plus the lm_head ([D, V], counted even when tied: its matmul runs either way)."""
+    active = active_param_count(cfg)
+    norms = cfg.num_hidden_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim) + cfg.hidden_size
+    embed = cfg.vocab_size * cfg.hidden_size
+    tied_head = embed if cfg.tie_word_embeddings else 0  # an untied lm_head is already in ``active``
+    return active - norms - embed + tied_head
+
+
+def train_flops_per_token(cfg: Qwen3Config, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward), the MFU numerator (PaLM appendix B, causal):
+
+        6 * P_matmul  +  6 * L * N * H * T
+
+    P_matmul = matmul_params(cfg): 2 FLOPs per weight per token forward, 4 backward. Attention: per layer and
+    token, QK^T and PV cost 2 * N * H * (context) each forward; a causal row of T tokens has T/2 context on
+    average, so forward 2 * N * H * T per layer and token, x3 with the backward. Rematerialisation is not counted
+    (that would be hardware FLOPs, not model FLOPs); rows here hold one sequence of T tokens, so the causal T is
+    the true context (packing would make it an upper bound).
+    """
+    L, N, H = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    return 6.0 * matmul_params(cfg) + 6.0 * L * N * H * seq_len
+
+
+def forward_flops_per_token(cfg: Qwen3Config, seq_len: int) -> float:
+    """Inference (scoring) FLOPs of one token: a third of the training figure, 2 * P_matmul + 2 * L * N * H * T."""
+    return train_flops_per_token(cfg, seq_len) / 3.0
