@@ -47,10 +47,11 @@ def test_fields_are_typed_and_resolved(tmp_path):
     hash(c)  # frozen all the way down (passes through jit as static)
 
 
-def test_cpu_forms_are_opt_in_trainer_keys(tmp_path):
-    """The defaults are main's arithmetic (scanned, einsum, dot); the CPU forms are asked for by key."""
+def test_model_forms_are_trainer_keys(tmp_path):
+    """The defaults are "auto" for the forms that keep the arithmetic (layers, matmuls) and "dot" for the decode
+    attention (reduce changes the last bits); every form can be forced by key."""
     c = load_config(write(tmp_path, BASE))
-    assert (c.model.scan_layers, c.model.matmuls, c.model.decode_attention) == (True, "einsum", "dot")
+    assert (c.model.scan_layers, c.model.matmuls, c.model.decode_attention) == ("auto", "auto", "dot")
     c = load_config(
         write(tmp_path, BASE), ["model.scan_layers=auto", "model.matmuls=flat", "model.decode_attention=auto"]
     )

@@ -167,10 +167,14 @@ def _check_attention_backend(cfg: Qwen3Config) -> None:
         raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={cfg.dtype!r}")
 
 
-def flat_matmuls(cfg: Qwen3Config) -> bool:
-    """Whether the weight matmuls run as 2-D dots (``cfg.matmuls``; "auto" = on CPU only)."""
+def flat_matmuls(cfg: Qwen3Config, weight_ndim: int = 2) -> bool:
+    """Whether a matmul with a ``weight_ndim``-D weight runs as a 2-D dot (``cfg.matmuls``).
+
+    "auto" = the 2-D weights (MLP, lm_head) when compiling for CPU: there the flat form is the einsum's own
+    arithmetic without its transposes (bit-identical, 1.4-1.7x faster steps); the 3-D attention projections'
+    flat form changes the last bits of their gradients and buys nothing measurable, so "auto" leaves them."""
     if cfg.matmuls == "auto":
-        return _compile_platform() == "cpu"
+        return weight_ndim == 2 and _compile_platform() == "cpu"
     return cfg.matmuls == "flat"
 
 
@@ -323,7 +327,7 @@ class _Ctx(NamedTuple):
 
 
 def _project_qkv(h_BTD: jax.Array, lp: Params, ctx: _Ctx, cfg: Qwen3Config):
-    flat = flat_matmuls(cfg)
+    flat = flat_matmuls(cfg, weight_ndim=3)
     q_BTNH = project("BTD,DNH->BTNH", h_BTD, lp["q"], flat)
     k_BTKH = project("BTD,DKH->BTKH", h_BTD, lp["k"], flat)
     v_BTKH = project("BTD,DKH->BTKH", h_BTD, lp["v"], flat)
@@ -377,10 +381,9 @@ def _decoder_layer(x_BTD, lp, mp, kind, ctx, cfg, cache=None, layer=None):
         dt = x_BTD.dtype
         reduce = reduce_decode_attention(cfg)
         o_BTNH = attention_cached(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), ctx.mask_BTS, reduce)
-    flat = flat_matmuls(cfg)
-    x_BTD = x_BTD + project("BTNH,NHD->BTD", o_BTNH, lp["o"], flat)
+    x_BTD = x_BTD + project("BTNH,NHD->BTD", o_BTNH, lp["o"], flat_matmuls(cfg, weight_ndim=3))
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp, flat)
+    mlp_out = moe_mlp(h_BTD, mp, cfg) if kind == "moe" else dense_mlp(h_BTD, mp, flat_matmuls(cfg))
     return x_BTD + mlp_out, cache
 
 

@@ -77,13 +77,13 @@ class Qwen3Config:
     # True: lax.scan over the stacked layers (one compiled body: fast compiles, the accelerators' choice); False:
     # unrolled. "auto" = unrolled when compiling for CPU, where the scan's stacking of per-layer residuals and the
     # fixed layouts at the loop boundary cost ~25% of the update step (benchmarks/results/cpu_profile.txt).
-    scan_layers: bool | Literal["auto"] = True
+    scan_layers: bool | Literal["auto"] = "auto"
     # How the weight matmuls are written: "einsum" (one einsum over the named axes, e.g. BTD,DNH->BTNH) or "flat"
     # (activations reshaped to 2-D [B*T, in] @ weight [in, out]; the weights keep their layout). On XLA:CPU the
     # backward of the einsum form transposes every [B, T, F] cotangent before its weight-gradient dot (40% of the
     # step); the 2-D form needs none. "auto" = "flat" when compiling for CPU, else "einsum" (resolved at trace time
     # from the compile platform, so ``--plan --target`` sees the accelerator's form).
-    matmuls: Matmuls = "einsum"
+    matmuls: Matmuls = "auto"
     # A one-token cached decode step's attention: "dot" (attention_xla's einsums) or "reduce" (broadcast multiply-
     # reduce fusions; XLA:CPU runs the dots' B*K matrix-vector products one small GEMM at a time, half the step).
     # "auto" = "reduce" when compiling for CPU, else "dot".
