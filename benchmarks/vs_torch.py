@@ -40,7 +40,8 @@ def torch_opd_loss(model, batch: dict, loss_cfg: losses.LossConfig):
     per-token loss max(-ratio A, -clip(ratio) A); mean over each row's response tokens, averaged over rows."""
     import torch
 
-    logits = model(input_ids=batch["inputs"], position_ids=batch["positions"]).logits.float()
+    logits = model(input_ids=batch["inputs"], position_ids=batch["positions"]).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 statistics; a float64 model keeps f64
     logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"][..., None])[..., 0]
     old = logp.detach()
     mask = batch["loss_mask"]
