@@ -124,12 +124,14 @@ def _details(res: dict) -> list[str]:
 
 def _vs_torch_line(r: dict) -> str:
     a = r["agreement"]
+    f64 = a.get("torch_grad_norm_f64")  # clip_grad_norm_'s CPU fp32 norm reads low on large tensors (issue 16)
     return (
         f"- OPD step{_forms(r)}, {r['params'] / 1e6:.2f}M params, B x T = {r['batch_size']} x {r['seq_len']}, "
         f"{r['rounds']} alternating rounds of {r['steps_per_round']} steps: JAX {_ms(r['jax_step_s'])} ms, "
         f"torch ({r['torch_threads']} thread(s), {r['torch_attention']}) {_ms(r['torch_step_s'])} ms. "
         f"First step agrees: loss {a['jax_loss']:.6f} vs {a['torch_loss']:.6f}, grad norm "
-        f"{a['jax_grad_norm']:.6f} vs {a['torch_grad_norm']:.6f}."
+        f"{a['jax_grad_norm']:.6f} vs {a['torch_grad_norm']:.6f}"
+        + (f" (torch's gradients summed in float64: {f64:.6f})." if f64 is not None else ".")
     )
 
 

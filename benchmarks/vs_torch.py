@@ -40,7 +40,8 @@ def torch_opd_loss(model, batch: dict, loss_cfg: losses.LossConfig):
     per-token loss max(-ratio A, -clip(ratio) A); mean over each row's response tokens, averaged over rows."""
     import torch
 
-    logits = model(input_ids=batch["inputs"], position_ids=batch["positions"]).logits.float()
+    logits = model(input_ids=batch["inputs"], position_ids=batch["positions"]).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 statistics; a float64 model keeps f64
     logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"][..., None])[..., 0]
     old = logp.detach()
     mask = batch["loss_mask"]
@@ -68,14 +69,40 @@ class TorchStep:
         )
 
     def __call__(self, batch: dict) -> tuple[float, float]:
-        import torch
+        loss = self._backward(batch)
+        return loss, self._clip_and_step()
 
+    def first_step(self, batch: dict) -> tuple[float, float, float]:
+        """A step as ``__call__``, also returning the gradients' float64-summed norm (taken before the clip)."""
+        loss = self._backward(batch)
+        norm_f64 = grads_norm_f64(self.model)
+        return loss, self._clip_and_step(), norm_f64
+
+    def _backward(self, batch: dict) -> float:
         self.opt.zero_grad(set_to_none=True)
         loss = torch_opd_loss(self.model, batch, self.loss_cfg)
         loss.backward()
+        return float(loss.detach())
+
+    def _clip_and_step(self) -> float:
+        """clip_grad_norm_ (returns its pre-clip norm, the figure a PyTorch user logs) and the AdamW step."""
+        import torch
+
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opt_cfg.grad_clip)
         self.opt.step()
-        return float(loss.detach()), float(grad_norm)
+        return float(grad_norm)
+
+
+def grads_norm_f64(model) -> float:
+    """The global norm of ``model``'s current gradients, summed in float64.
+
+    ``clip_grad_norm_``'s own figure is not an accurate fp32 norm on CPU: torch's fp32 ``vector_norm`` sums into plain
+    fp32 accumulators (pytorch/pytorch#68326, #169237), -4e-11 relative per element, so a 32,000 x 512 embedding
+    gradient reads 4e-4 low and the 35M model's norm 1e-4 low while its gradients are right to 1e-7 (issue 16)."""
+    import torch
+
+    sq = sum(torch.sum(p.grad.double() ** 2) for p in model.parameters() if p.grad is not None)
+    return float(torch.sqrt(sq))
 
 
 def torch_batch(batch: Batch) -> dict:
@@ -93,7 +120,8 @@ def torch_batch(batch: Batch) -> dict:
 def bench_vs_torch(cfg: Qwen3Config, batch_size: int, seq_len: int, rounds: int, steps_per_round: int) -> dict:
     """Alternate ``rounds`` x (``steps_per_round`` jax steps, then as many torch steps) from the same weights.
 
-    Also checks the two sides agree: the first step's loss and pre-clip gradient norm (fp32 both sides)."""
+    Also checks the two sides agree: the first step's loss and pre-clip gradient norm (fp32 both sides; torch's also
+    summed in float64, see grads_norm_f64)."""
     opt_cfg = update.OptimizerConfig(lr=1e-5)
     loss_cfg = losses.LossConfig()
     built = build_step(cfg, loss_cfg, lr=opt_cfg.lr)  # the trainer's own step (lopd_jax.step.build)
@@ -105,12 +133,13 @@ def bench_vs_torch(cfg: Qwen3Config, batch_size: int, seq_len: int, rounds: int,
     batch = jax.device_put(host_batch)
     compiled, compile_s, _ = compile_step(built.step, state, batch)
     state, metrics = compiled(state, batch)
-    t_loss, t_norm = tstep(tb)  # step 1 on both sides from identical weights
+    t_loss, t_norm, t_norm_f64 = tstep.first_step(tb)  # step 1 on both sides from identical weights
     check = {
         "jax_loss": float(metrics["train/loss"]),
         "torch_loss": t_loss,
         "jax_grad_norm": float(metrics["train/grad_norm"]),
-        "torch_grad_norm": t_norm,
+        "torch_grad_norm": t_norm,  # what clip_grad_norm_ returned (and clipped with)
+        "torch_grad_norm_f64": t_norm_f64,  # the same gradients' norm, summed in float64
     }
     threads = common.torch_thread_counts()
     jax_t, torch_t = [], {n: [] for n in threads}

@@ -134,7 +134,8 @@ def _sequence_weights(batch: Batch, normalization: str) -> tuple[jax.Array, jax.
     token. A sequence is (batch row, segment id > 0): packed sequences never share a row segment.
     token_mean: w_t = mask_t; denominator = response tokens. Returns (w, denominator, number of sequences).
     """
-    mask = batch.loss_mask.astype(jnp.float32) * (batch.segment_ids > 0)
+    # fp32 weights (float64 in the float64 identity tests: an fp32 1 / count would cap them at ~3e-8 relative).
+    mask = batch.loss_mask.astype(qwen3.stat_dtype(batch.loss_mask.dtype)) * (batch.segment_ids > 0)
     B, T = mask.shape
     # Unique id per (row, segment); segment ids are < T + 1 because each segment holds >= 1 token.
     seq_id = (jnp.arange(B, dtype=jnp.int32)[:, None] * (T + 1) + batch.segment_ids).reshape(-1)

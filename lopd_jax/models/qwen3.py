@@ -114,10 +114,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """sin, cos [B, T, H] in fp32 for the rotate-half RoPE convention of transformers."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+def rope_tables(
+    positions_BT: jax.Array, head_dim: int, theta: float, dtype: Any = jnp.float32
+) -> tuple[jax.Array, jax.Array]:
+    """sin, cos [B, T, H] for the rotate-half RoPE convention of transformers, in ``dtype``: fp32 (as transformers)
+    for fp32 / bf16 models, float64 for a float64 model (identity tests; fp32 angles would cap them at ~1e-7)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    angles = positions_BT.astype(dtype)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.sin(angles), jnp.cos(angles)
 
@@ -530,7 +533,7 @@ def forward(
         mask_BTS = mask_BTS & (segment_ids[:, :, None] == segment_ids[:, None, :])
     else:
         segment_ids = jnp.ones((B, T), jnp.int32)
-    sin_BTH, cos_BTH = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    sin_BTH, cos_BTH = rope_tables(positions, cfg.head_dim, cfg.rope_theta, stat_dtype(cfg.dtype))
     ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, None, segment_ids)
     x_BTD = _decoder_stack(params, _embed(params, tokens, cfg), ctx, cfg)
     return _output(params, x_BTD, cfg, return_hidden)
@@ -563,7 +566,7 @@ def forward_cached(
     slots_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
     S = cache["k"].shape[3]
     mask_BTS = jnp.arange(S)[None, None, :] <= slots_BT[:, :, None]
-    sin_BTH, cos_BTH = rope_tables(slots_BT, cfg.head_dim, cfg.rope_theta)
+    sin_BTH, cos_BTH = rope_tables(slots_BT, cfg.head_dim, cfg.rope_theta, stat_dtype(cfg.dtype))
     ctx = _Ctx(sin_BTH, cos_BTH, mask_BTS, slots_BT)
     x_BTD, k_all, v_all = _decoder_stack_cached(params, _embed(params, tokens, cfg), cache["k"], cache["v"], ctx, cfg)
     out = _output(params, x_BTD, cfg, return_hidden)
