@@ -131,19 +131,17 @@ CPU_50M = Qwen3Config(
 )
 #: Issue 16's realistic CPU shape: ~35M parameters (a 32k vocabulary, 6 x 512, tied), B x T = 4 x 256.
 CPU_35M = dataclasses.replace(CPU_50M, vocab_size=32000, num_hidden_layers=6, tie_word_embeddings=True)
-#: The CPU performance forms (issue 16), opt-in in the library (they change the last bits): unrolled layers, 2-D
-#: weight dots, multiply-reduce one-token decode attention. The vs-torch and sampling rows run with them.
-CPU_FORMS = {"scan_layers": False, "matmuls": "flat", "decode_attention": "reduce"}
-
-
-def cpu_forms(cfg: Qwen3Config) -> Qwen3Config:
-    """``cfg`` with the CPU performance forms (``CPU_FORMS``) asked for explicitly."""
-    return dataclasses.replace(cfg, **CPU_FORMS)
+#: The model forms a row can differ in (Qwen3Config fields). Their defaults ("auto"; decode attention "dot") are
+#: what the trainer and the engines run: on CPU unrolled layers and 2-D dots for the MLP and lm_head, the einsum
+#: form's own arithmetic (issue 16). The opt-in forms change the last bits; the sampling rows also time them.
+FORM_FIELDS = ("scan_layers", "matmuls", "decode_attention")
+OPT_IN_FORMS = {"decode_attention=reduce": {"decode_attention": "reduce"}}
 
 
 def forms_of(cfg: Qwen3Config) -> str:
-    """How a result row names the model's forms: "cpu forms" (CPU_FORMS) or "default forms" (the library's)."""
-    return "cpu forms" if all(getattr(cfg, k) == v for k, v in CPU_FORMS.items()) else "default forms"
+    """How a result row names the model's forms: the form fields that differ from the library's defaults."""
+    changed = [f"{k}={getattr(cfg, k)}" for k in FORM_FIELDS if getattr(cfg, k) != getattr(Qwen3Config, k)]
+    return ", ".join(changed) or "default forms"
 
 
 #: Test-sized shapes for ``--tiny`` (D <= 64, 2 layers, vocab <= 512).

@@ -145,9 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--trace", default=None, help="also trace the gradient into DIR and break it down by op kind")
-    p.add_argument("--cpu-forms", action="store_true", help="the opt-in CPU forms (benchmarks.common.CPU_FORMS)")
+    p.add_argument(
+        "--accelerator-forms",
+        action="store_true",
+        help="scanned layers and einsum matmuls (what the defaults resolve to on GPU / TPU) instead of the defaults",
+    )
     args = p.parse_args(argv)
-    cfg = common.cpu_forms(MODELS[args.model]) if args.cpu_forms else MODELS[args.model]
+    cfg = MODELS[args.model]
+    cfg = dataclasses.replace(cfg, scan_layers=True, matmuls="einsum") if args.accelerator_forms else cfg
     res = profile(cfg, args.batch, args.seq, args.repeats)
     width = max(map(len, res))
     for name, ms in res.items():

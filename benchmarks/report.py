@@ -80,6 +80,9 @@ def ratios(doc: dict) -> list[tuple[str, dict, float | None]]:
         goal = goals.get("sampling") if row["batch"] == 32 else None
         label = f"sampling, batch {row['batch']}: JAX vs transformers.generate{_forms(res['sampling'])}"
         out.append((label, row["speedup"], goal))
+        for forms, alt in row.get("other_forms", {}).items():
+            label = f"sampling, batch {row['batch']}: JAX vs transformers.generate ({forms})"
+            out.append((label, alt["speedup"], None))
     if "precompute" in res and "speedup" in res["precompute"]:
         out.append(("teacher scoring: JAX vs transformers", res["precompute"]["speedup"], goals.get("precompute")))
         if "speedup_vs_vllm" in res["precompute"]:
@@ -112,6 +115,11 @@ def _details(res: dict) -> list[str]:
         rows = "; ".join(
             f"batch {x['batch']}: JAX {x['jax_tokens_per_s']:,.0f} vs {x['torch_tokens_per_s']:,.0f} tokens/s "
             f"({x['torch_threads']} thread(s)), tokens identical: {'yes' if x['identical_tokens'] else 'NO'}"
+            + "".join(
+                f" (JAX {k}: {a['jax_tokens_per_s']:,.0f} tokens/s, "
+                f"identical: {'yes' if a['identical_tokens'] else 'NO'})"
+                for k, a in x.get("other_forms", {}).items()
+            )
             for x in r["rows"]
         )
         out.append(

@@ -59,17 +59,18 @@ class Sizes:
     scoring: tuple[Any, int, int]  # (teacher cfg, sequences, rounds)
     lightning: tuple[Any, Any, int, int, int, int, int]  # (student, teacher, B, T, max_new, steps, rounds)
     torch_35m: tuple[Any, int, int, int, int] | None = None  # like torch, at issue 16's 35M shape (cpu only)
-    sampling: tuple[Any, tuple[int, ...], int, int, int] | None = None  # (cfg, batch sizes, prompt, new, rounds)
+    # (cfg, batch sizes, prompt, new, rounds, opt-in forms also timed)
+    sampling: tuple[Any, tuple[int, ...], int, int, int, dict] | None = None
 
 
 CPU = Sizes(
     train=(("demo-student", common.DEMO_STUDENT, 32, 96), ("cpu-50m", common.CPU_50M, 2, 256)),
     train_steps=3,
-    torch=(common.cpu_forms(common.DEMO_STUDENT), 32, 96, 5, 3),  # the side-by-side rows: CPU forms
+    torch=(common.DEMO_STUDENT, 32, 96, 5, 3),  # every row runs the library's default forms
     scoring=(common.DEMO_TEACHER, 256, 3),
     lightning=(common.DEMO_STUDENT, common.DEMO_TEACHER, 32, 96, 40, 5, 2),
-    torch_35m=(common.cpu_forms(common.CPU_35M), 4, 256, 3, 2),
-    sampling=(common.cpu_forms(common.DEMO_STUDENT), (1, 32, 256), 16, 40, 3),
+    torch_35m=(common.CPU_35M, 4, 256, 3, 2),
+    sampling=(common.DEMO_STUDENT, (1, 32, 256), 16, 40, 3, common.OPT_IN_FORMS),
 )
 # Test-sized: the train step, the torch comparison and Lightning share one update-step shape (one compile).
 TINY = Sizes(
@@ -78,7 +79,7 @@ TINY = Sizes(
     torch=(common.TINY, 4, 64, 2, 1),
     scoring=(common.TINY_TEACHER, 16, 1),
     lightning=(common.TINY, common.TINY_TEACHER, 4, 64, 8, 2, 1),
-    sampling=(common.cpu_forms(common.TINY), (1, 4), 8, 4, 1),
+    sampling=(common.TINY, (1, 4), 8, 4, 1, common.OPT_IN_FORMS),
 )
 
 

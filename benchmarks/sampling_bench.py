@@ -12,6 +12,7 @@ both sides see the same machine load. torch is imported inside the functions tha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from typing import Any
@@ -56,42 +57,59 @@ def torch_greedy(model: Any, prompts: np.ndarray, max_new: int) -> np.ndarray:
     return out[:, prompts.shape[1] :].numpy()
 
 
-def bench_batch(params, cfg, model, batch: int, prompt_len: int, max_new: int, rounds: int) -> dict[str, Any]:
-    """One batch size: identical-token check, then ``rounds`` alternating timed calls per side."""
-    prompts = _prompts(cfg, batch, prompt_len)
-    jax_tokens = jax_greedy(params, cfg, prompts, max_new)  # compiles
+def bench_batch(params, cfgs: dict[str, Qwen3Config], model, batch: int, prompt_len: int, max_new: int, rounds: int):
+    """One batch size: identical-token check, then ``rounds`` alternating timed calls per side. ``cfgs`` maps a
+    label to the JAX engine's model forms (the first is the row's; the others are timed in the same rounds)."""
+    prompts = _prompts(next(iter(cfgs.values())), batch, prompt_len)
+    jax_tokens = {k: jax_greedy(params, c, prompts, max_new) for k, c in cfgs.items()}  # compiles
     torch_tokens = torch_greedy(model, prompts, max_new)
-    identical = bool(np.array_equal(jax_tokens, torch_tokens))
-    jax_t, torch_t = [], {n: [] for n in common.torch_thread_counts()}
+    jax_t = {k: [] for k in cfgs}
+    torch_t = {n: [] for n in common.torch_thread_counts()}
     for _ in range(rounds):
-        jax_t.append(common.timed(lambda: jax_greedy(params, cfg, prompts, max_new)))
+        for k, c in cfgs.items():
+            jax_t[k].append(common.timed(lambda c=c: jax_greedy(params, c, prompts, max_new)))
         for n in torch_t:
             with common.torch_threads(n):
                 torch_t[n].append(common.timed(lambda: torch_greedy(model, prompts, max_new)))
     best, by_threads = common.best_of(torch_t)
-    jax_s, torch_s = common.spread(jax_t), by_threads[best]
-    tokens = batch * max_new
+    torch_s, tokens = by_threads[best], batch * max_new
+    forms = {}
+    for k in cfgs:
+        jax_s = common.spread(jax_t[k])
+        forms[k] = {
+            "identical_tokens": bool(np.array_equal(jax_tokens[k], torch_tokens)),
+            "mismatched_rows": int(np.sum(np.any(jax_tokens[k] != torch_tokens, axis=1))),
+            "jax_s": jax_s,
+            "jax_tokens_per_s": tokens / jax_s["median"],
+            "speedup": common.ratio(torch_s, jax_s),
+        }
+    first = next(iter(cfgs))
     return {
         "batch": batch,
-        "identical_tokens": identical,
-        "mismatched_rows": int(np.sum(np.any(jax_tokens != torch_tokens, axis=1))),
-        "jax_s": jax_s,
+        **forms[first],
         "torch_s": torch_s,
         "torch_threads": int(best),
-        "jax_tokens_per_s": tokens / jax_s["median"],
         "torch_tokens_per_s": tokens / torch_s["median"],
-        "speedup": common.ratio(torch_s, jax_s),
+        "other_forms": {k: v for k, v in forms.items() if k != first},
     }
 
 
 def bench_sampling(
-    cfg: Qwen3Config, batches: tuple[int, ...] = (1, 32, 256), prompt_len: int = 16, max_new: int = 40, rounds: int = 3
+    cfg: Qwen3Config,
+    batches: tuple[int, ...] = (1, 32, 256),
+    prompt_len: int = 16,
+    max_new: int = 40,
+    rounds: int = 3,
+    other_forms: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The sampling rows: per batch size, tokens/s of both engines and their ratio (see the module doc)."""
+    """The sampling rows: per batch size, tokens/s of both engines and their ratio (see the module doc), for
+    ``cfg`` and, timed in the same rounds, for each of ``other_forms`` (label -> Qwen3Config fields)."""
     params = jax.jit(qwen3.init_params, static_argnums=0)(cfg, jax.random.key(0))
     with tempfile.TemporaryDirectory() as tmp:
         model = torch_model(cfg, params, tmp).eval()
-    rows = [bench_batch(params, cfg, model, b, prompt_len, max_new, rounds) for b in batches]
+    cfgs = {common.forms_of(cfg): cfg}
+    cfgs |= {k: dataclasses.replace(cfg, **v) for k, v in (other_forms or {}).items()}
+    rows = [bench_batch(params, cfgs, model, b, prompt_len, max_new, rounds) for b in batches]
     return {
         "params": qwen3.param_count(cfg),
         "forms": common.forms_of(cfg),
@@ -108,7 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    res = bench_sampling(common.cpu_forms(common.DEMO_STUDENT), tuple(args.batches), args.prompt, args.new, args.rounds)
+    res = bench_sampling(
+        common.DEMO_STUDENT, tuple(args.batches), args.prompt, args.new, args.rounds, common.OPT_IN_FORMS
+    )
     for r in res["rows"]:
         print(
             f"batch {r['batch']:4d}: JAX {r['jax_tokens_per_s']:10,.0f} tok/s, transformers "
