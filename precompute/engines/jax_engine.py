@@ -112,6 +112,20 @@ def score_batch(params: Params, tokens_BT: jax.Array, *, cfg: Qwen3Config, k: in
     return _topk_scores(params, h_BTD, tgt_BT, cfg, k, chunk)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk"))
+def score_batch_aligned(params: Params, tokens_BT: jax.Array, *, cfg: Qwen3Config, k: int, chunk: int):
+    """``score_batch`` in the store's alignment: column j scores tokens[b, j] (NaN, or id -1, in column 0), so the
+    host only slices each row's first L entries instead of shifting every sample."""
+
+    def shift(x, fill):
+        return jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+
+    lp, tv, ti = score_batch(params, tokens_BT, cfg=cfg, k=k, chunk=chunk)
+    if k == 0:
+        return shift(lp, jnp.nan), None, None
+    return shift(lp, jnp.nan), shift(tv, jnp.nan), shift(ti, -1)
+
+
 def _chunk_len(bucket: int, rows: int, logit_tokens: int) -> int:
     """Positions per logits chunk: the largest power-of-two divisor of the bucket with rows * chunk <= logit_tokens."""
     c = bucket & -bucket  # largest power of two dividing the bucket
@@ -145,37 +159,42 @@ class JaxEngine:
         self.rows_multiple = sharding.batch_shard_count(self.mesh)
 
     def score(self, samples: Sequence[np.ndarray], topk: int = 0, batch_tokens: int = 16384) -> list[Scored]:
-        """Score token sequences [L_i] under this model; returns one ``Scored`` per sample, in input order."""
+        """Score token sequences [L_i] under this model; returns one ``Scored`` per sample, in input order.
+
+        Pipelined: batch i + 1 is padded and dispatched (asynchronously) before batch i's results are read back,
+        so the host's padding, copies and unpacking overlap the device's forward instead of idling it."""
         lengths = [len(s) for s in samples]
         if min(lengths, default=2) < 2:
             raise ValueError("JaxEngine.score: every sample needs at least 2 tokens (a prompt and a response)")
         out: list[Scored | None] = [None] * len(samples)
+        pending = None
         for rows, bucket, idx in plan_batches(lengths, batch_tokens, self.rows_multiple):
-            for i, scored in zip(idx, self._score_padded([samples[i] for i in idx], rows, bucket, topk)):
-                out[i] = scored
+            launched = (idx, self._dispatch([samples[i] for i in idx], rows, bucket, topk))
+            if pending is not None:
+                self._collect(*pending, lengths, out)
+            pending = launched
+        if pending is not None:
+            self._collect(*pending, lengths, out)
         return out  # type: ignore[return-value]
 
-    def _score_padded(self, seqs: list[np.ndarray], rows: int, bucket: int, topk: int) -> list[Scored]:
+    def _dispatch(self, seqs: list[np.ndarray], rows: int, bucket: int, topk: int) -> tuple:
+        """Pad one batch and launch its scoring; returns the (not yet ready) device results."""
         tokens = np.zeros((rows, bucket), np.int32)
         for r, s in enumerate(seqs):
             tokens[r, : len(s)] = s
         tokens_dev = jax.device_put(tokens, sharding.batch_sharding(self.mesh, 2))
         chunk = _chunk_len(bucket, rows, self.logit_tokens)
-        lp, tv, ti = score_batch(self.params, tokens_dev, cfg=self.cfg, k=topk, chunk=chunk)
-        lp = np.asarray(lp)
-        tv, ti = (np.asarray(tv), np.asarray(ti)) if topk else (None, None)
-        return [self._unpack(r, len(s), lp, tv, ti) for r, s in enumerate(seqs)]
+        return score_batch_aligned(self.params, tokens_dev, cfg=self.cfg, k=topk, chunk=chunk)
 
     @staticmethod
-    def _unpack(r: int, n: int, lp, tv, ti) -> Scored:
-        # Shift by one: position t's distribution scores token t + 1 (store entry j comes from position j - 1).
-        logprobs = np.concatenate([[np.nan], lp[r, : n - 1]]).astype(np.float32)
-        if tv is None:
-            return Scored(logprobs)
-        k = tv.shape[-1]
-        ids = np.concatenate([np.full((1, k), -1, np.int32), ti[r, : n - 1]])
-        vals = np.concatenate([np.full((1, k), np.nan, np.float32), tv[r, : n - 1]])
-        return Scored(logprobs, ids, vals)
+    def _collect(idx: list[int], results: tuple, lengths: list[int], out: list) -> None:
+        """Read one batch back and store each sample's first L entries (copies: no sample keeps the batch alive)."""
+        lp, tv, ti = (None if x is None else np.asarray(x) for x in results)
+        for r, i in enumerate(idx):
+            n = lengths[i]
+            out[i] = (
+                Scored(lp[r, :n].copy()) if tv is None else Scored(lp[r, :n].copy(), ti[r, :n].copy(), tv[r, :n].copy())
+            )
 
     def generate(
         self,
