@@ -166,7 +166,7 @@ class JaxEngine:
 
     def batch_tokens(self, requested: int) -> int:
         """Padded tokens per batch this engine uses for a requested ``batch_tokens``: capped on CPU (see
-        CPU_BATCH_TOKENS), as asked elsewhere."""
+        CPU_BATCH_TOKENS), the request itself on an accelerator."""
         return requested if self.max_batch_tokens is None else min(requested, self.max_batch_tokens)
 
     def score(self, samples: Sequence[np.ndarray], topk: int = 0, batch_tokens: int = 16384) -> list[Scored]:
