@@ -2,9 +2,10 @@
 also vLLM when it imports.
 
 Both sides get the same work plan: ``jax_engine.plan_batches`` (sorted by length, right-padded to the same
-buckets, the same rows per batch), so the comparison is the model execution, not the batching policy. The torch
-side is the plain transformers recipe: ``model(input_ids, attention_mask).logits`` -> fp32 log_softmax -> gather,
-under ``torch.inference_mode``. Tokens/s counts real (unpadded) tokens.
+buckets, the same rows per batch) at the JAX engine's batch size (``JaxEngine.batch_tokens``: capped on CPU), so
+the comparison is the model execution, not the batching policy. The torch side is the plain transformers recipe:
+``model(input_ids, attention_mask).logits`` -> fp32 log_softmax -> gather, under ``torch.inference_mode``.
+Tokens/s counts real (unpadded) tokens.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def bench_scoring(
         engine = jax_engine.JaxEngine(tmp, dtype=dtype)
         scorer = None if no_torch else TorchScorer(tmp, torch_device, dtype)
         vllm_res = _vllm_side(tmp, samples, rounds, vllm_timeout_s) if with_vllm else None
+    batch_tokens = engine.batch_tokens(batch_tokens)  # the plan the engine runs, for the torch side too
     first_s = common.timed(lambda: engine.score(samples, batch_tokens=batch_tokens))
     jax_out = [s.logprobs for s in engine.score(samples, batch_tokens=batch_tokens)]
     torch_out = scorer.score(samples, batch_tokens) if scorer is not None else None  # warm-up + the numbers compared

@@ -80,3 +80,19 @@ def test_bucket_ladder_and_batch_plan():
         assert all(jax_engine.bucket_length(lengths[i]) == bucket for i in idx)
     # Fewer distinct shapes than samples: the compile count stays small.
     assert len({(r, b) for r, b, _ in plan}) == 3
+
+
+def test_cpu_caps_the_batch_and_pipelined_batches_keep_sample_order(tiny):
+    """On CPU a 16384-token request runs 4096-token batches (activations stay in cache, ~1.2x per token), and the
+    pipelined score (batch i + 1 dispatched before batch i is read) returns every sample at its own index."""
+    path, model, engine = tiny
+    assert engine.max_batch_tokens == jax_engine.CPU_BATCH_TOKENS == 4096
+    assert engine.batch_tokens(16384) == 4096 and engine.batch_tokens(96) == 96
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, VOCAB, n).astype(np.int32) for n in rng.integers(2, 90, 40)]
+    many = engine.score(seqs, batch_tokens=64)  # several batches of several shapes, in flight one ahead
+    assert len(jax_engine.plan_batches([len(s) for s in seqs], 64)) > 10
+    for seq, s in zip(seqs, many):
+        ref = torch_logprobs(model, seq)
+        assert s.logprobs.shape == (len(seq),) and s.logprobs.dtype == np.float32 and np.isnan(s.logprobs[0])
+        np.testing.assert_allclose(s.logprobs[1:], ref[np.arange(len(seq) - 1), seq[1:]], atol=1e-4, rtol=0)
