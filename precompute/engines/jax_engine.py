@@ -159,6 +159,10 @@ class JaxEngine:
         self.mesh = sharding.make_mesh(mesh_cfg or sharding.MeshConfig(), devices=jax.local_devices())
         cfg, self.params = qwen3.load_hf(model_dir, mesh=self.mesh, dtype=jnp.dtype(dtype))
         self.cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
+        # Scoring is a forward pass only: scanned layers, whose forward XLA:CPU runs ~10% faster than the unrolled
+        # one "auto" picks on CPU for training and sampling (benchmarks/results/cpu_profile.txt, section 4).
+        auto_scan = self.cfg.scan_layers == "auto"
+        self.score_cfg = dataclasses.replace(self.cfg, scan_layers=True) if auto_scan else self.cfg
         self.logit_tokens = logit_tokens
         self.rows_multiple = sharding.batch_shard_count(self.mesh)
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
@@ -197,7 +201,7 @@ class JaxEngine:
             tokens[r, : len(s)] = s
         tokens_dev = jax.device_put(tokens, sharding.batch_sharding(self.mesh, 2))
         chunk = _chunk_len(bucket, rows, self.logit_tokens)
-        return score_batch_aligned(self.params, tokens_dev, cfg=self.cfg, k=topk, chunk=chunk)
+        return score_batch_aligned(self.params, tokens_dev, cfg=self.score_cfg, k=topk, chunk=chunk)
 
     @staticmethod
     def _collect(idx: list[int], results: tuple, lengths: list[int], out: list) -> None:
