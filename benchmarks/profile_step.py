@@ -30,6 +30,7 @@ from lopd_jax.models import qwen3
 
 MODELS = {
     "demo-student": common.DEMO_STUDENT,
+    "demo-teacher": common.DEMO_TEACHER,
     "cpu-35m": common.CPU_35M,
     "cpu-50m": common.CPU_50M,
     "tiny": common.TINY,

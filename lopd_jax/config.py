@@ -62,9 +62,9 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = Qwen3Config.param_dtype  # storage dtype of the master weights
     remat: Remat = Qwen3Config.remat
     attention: Attention = "auto"  # the trainer's default: the backend's (splash on TPU, xla elsewhere)
-    # The CPU performance forms (Qwen3Config): opt-in, the defaults keep the arithmetic bit-identical.
+    # The model's forms (Qwen3Config): "auto" keeps the arithmetic bit-identical; flat / reduce change last bits.
     scan_layers: bool | Literal["auto"] = Qwen3Config.scan_layers  # true | false | auto (unrolled on CPU)
-    matmuls: Matmuls = Qwen3Config.matmuls  # einsum | flat | auto (flat on CPU)
+    matmuls: Matmuls = Qwen3Config.matmuls  # einsum | flat | auto (2-D weights flat on CPU)
     decode_attention: DecodeAttention = Qwen3Config.decode_attention  # dot | reduce | auto (reduce on CPU)
 
 

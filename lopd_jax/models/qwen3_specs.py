@@ -72,21 +72,24 @@ class Qwen3Config:
     # which needs no backend at construction; the trainer's model.attention defaults to "auto".
     attention: AttentionImpl = "xla"
     moe_impl: MoeImpl = "ragged_dot"
-    # The CPU performance forms (issue 16) are opt-in: each changes the last bits of the arithmetic, and a
-    # from-scratch run compounds them (the demo's accuracies move). The defaults compute exactly what they did before.
+    # How the layers and matmuls are written (issue 16). "auto" (the default) resolves at trace time from the
+    # compile platform, so ``--plan --target`` sees the accelerator's forms. The "auto" forms keep the einsum +
+    # scan arithmetic on CPU (the demo's weights and accuracies are bit-identical); the opt-in ones change the
+    # last bits, which a from-scratch run compounds until its accuracies move.
     # True: lax.scan over the stacked layers (one compiled body: fast compiles, the accelerators' choice); False:
     # unrolled. "auto" = unrolled when compiling for CPU, where the scan's stacking of per-layer residuals and the
     # fixed layouts at the loop boundary cost ~25% of the update step (benchmarks/results/cpu_profile.txt).
     scan_layers: bool | Literal["auto"] = "auto"
-    # How the weight matmuls are written: "einsum" (one einsum over the named axes, e.g. BTD,DNH->BTNH) or "flat"
-    # (activations reshaped to 2-D [B*T, in] @ weight [in, out]; the weights keep their layout). On XLA:CPU the
-    # backward of the einsum form transposes every [B, T, F] cotangent before its weight-gradient dot (40% of the
-    # step); the 2-D form needs none. "auto" = "flat" when compiling for CPU, else "einsum" (resolved at trace time
-    # from the compile platform, so ``--plan --target`` sees the accelerator's form).
+    # "einsum": one einsum over the named axes (e.g. BTD,DNH->BTNH); "flat": activations reshaped to 2-D
+    # [B*T, in] @ weight [in, out] (the weights keep their layout). On XLA:CPU the backward of the einsum form
+    # transposes every [B, T, F] cotangent before its weight-gradient dot; the 2-D form needs none. "auto" = flat
+    # for the 2-D weights (MLP, lm_head) when compiling for CPU, where it is the einsum's own GEMM without the
+    # transposes (bit-identical, most of the speed-up); "flat" also flattens the 3-D attention projections (their
+    # weight gradients' last bits change, no measurable gain); einsum elsewhere.
     matmuls: Matmuls = "auto"
     # A one-token cached decode step's attention: "dot" (attention_xla's einsums) or "reduce" (broadcast multiply-
-    # reduce fusions; XLA:CPU runs the dots' B*K matrix-vector products one small GEMM at a time, half the step).
-    # "auto" = "reduce" when compiling for CPU, else "dot".
+    # reduce fusions; XLA:CPU runs the dots' B*K matrix-vector products one small GEMM at a time). Opt-in: the
+    # sampled log-probs' last bits change. "auto" = "reduce" when compiling for CPU, else "dot".
     decode_attention: DecodeAttention = "dot"
     pallas_interpret: bool = False  # run Pallas kernels (splash) in interpret mode: CPU tests of the TPU kernel
 
