@@ -55,7 +55,8 @@ def _trainer_text(cfg: config_lib.TrainConfig) -> str:
 
 
 def test_the_trainer_and_plan_lower_the_same_program(tmp_path):
-    cfg = _sft_config(tmp_path)
+    # The plan compiles the accelerators' forms (scanned, einsum) for "auto"; the trainer asks for them here.
+    cfg = _sft_config(tmp_path, "model.scan_layers=true", "model.matmuls=einsum")
     planned = plan.planned_step(cfg)
     assert planned.platform == "cpu" and planned.notes == () and planned.setup.mesh.shape["fsdp"] == 8
     trainer = _trainer_text(cfg)
@@ -67,7 +68,7 @@ def test_the_trainer_and_plan_lower_the_same_program(tmp_path):
 
 
 def test_plan_of_an_moe_model_on_cpu_differs_only_by_moe_impl(tmp_path):
-    cfg = _sft_config(tmp_path, **MOE)
+    cfg = _sft_config(tmp_path, "model.scan_layers=true", "model.matmuls=einsum", **MOE)  # the plan's forms
     planned = plan.planned_step(cfg)
     assert planned.setup.model_cfg.moe_impl == "scan" and "moe_impl=scan" in planned.notes[0]
     setup = train_setup.validated(cfg)
