@@ -160,7 +160,7 @@ class JaxEngine:
         cfg, self.params = qwen3.load_hf(model_dir, mesh=self.mesh, dtype=jnp.dtype(dtype))
         self.cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
         # Scoring is a forward pass only: scanned layers, whose forward XLA:CPU runs ~10% faster than the unrolled
-        # one "auto" picks on CPU for training and sampling (benchmarks/results/cpu_profile.txt, section 4).
+        # one "auto" picks on CPU for training and sampling (benchmarks/results/cpu_profile.txt, sections A and D).
         auto_scan = self.cfg.scan_layers == "auto"
         self.score_cfg = dataclasses.replace(self.cfg, scan_layers=True) if auto_scan else self.cfg
         self.logit_tokens = logit_tokens
