@@ -157,8 +157,9 @@ def _masked_std(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sqrt(_masked_mean(jnp.square(x - mean), mask))
 
 
-def _policy_logprobs(params, batch: Batch, cfg, loss_cfg: LossConfig):
-    """Current policy log p(targets) [B, T] and entropy [B, T] (zeros unless loss_cfg.compute_entropy)."""
+def batch_logprobs(params, batch: Batch, *, cfg, chunk_size: int | None = None, return_entropy: bool = False):
+    """log p(batch.targets) [B, T] under the model ``params`` (packed segments, positions), fp32; with
+    ``return_entropy`` also the entropy [B, T]. The policy's in the losses, the teacher's in online OPD."""
     hidden = qwen3.forward(
         params,
         batch.inputs,
@@ -167,13 +168,13 @@ def _policy_logprobs(params, batch: Batch, cfg, loss_cfg: LossConfig):
         segment_ids=batch.segment_ids,
         return_hidden=True,
     )
-    out = token_logprobs(
-        params,
-        hidden,
-        batch.targets,
-        cfg=cfg,
-        chunk_size=loss_cfg.logprob_chunk_size,
-        return_entropy=loss_cfg.compute_entropy,
+    return token_logprobs(params, hidden, batch.targets, cfg=cfg, chunk_size=chunk_size, return_entropy=return_entropy)
+
+
+def _policy_logprobs(params, batch: Batch, cfg, loss_cfg: LossConfig):
+    """Current policy log p(targets) [B, T] and entropy [B, T] (None unless loss_cfg.compute_entropy)."""
+    out = batch_logprobs(
+        params, batch, cfg=cfg, chunk_size=loss_cfg.logprob_chunk_size, return_entropy=loss_cfg.compute_entropy
     )
     return out if loss_cfg.compute_entropy else (out, None)
 

@@ -111,15 +111,7 @@ def make_teacher_scorer(teacher_cfg: qwen3.Qwen3Config, chunk_size: int | None):
     """Jitted ``(teacher_params, batch) -> [B, T]`` fp32 log p_T(targets), 0 where loss_mask is 0."""
 
     def score(tparams, batch: Batch) -> jax.Array:
-        hidden = qwen3.forward(
-            tparams,
-            batch.inputs,
-            cfg=teacher_cfg,
-            positions=batch.positions,
-            segment_ids=batch.segment_ids,
-            return_hidden=True,
-        )
-        lp = losses.token_logprobs(tparams, hidden, batch.targets, cfg=teacher_cfg, chunk_size=chunk_size)
+        lp = losses.batch_logprobs(tparams, batch, cfg=teacher_cfg, chunk_size=chunk_size)
         return jnp.where(batch.loss_mask > 0, lp, 0.0)
 
     return jax.jit(score)
