@@ -335,17 +335,21 @@ RESUME_FREE = (
 def saved_config(cfg: TrainConfig) -> tuple[dict, Path] | None:
     """The config the run being resumed was started with: ``CONFIG_RECORD`` beside its checkpoints, else (runs
     from before the record) its ``config.yaml``; None when neither exists."""
-    record, yaml_file = checkpoint_dir(cfg) / CONFIG_RECORD, Path(cfg.logging.run_dir) / "config.yaml"
-    try:
-        if record.is_file():
-            return json.loads(record.read_text(encoding="utf-8"))["config"], record
-        if yaml_file.is_file():
-            import yaml
+    import yaml
 
-            return yaml.safe_load(yaml_file.read_text(encoding="utf-8")), yaml_file
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"resume: cannot read the saved config {record}: {e}") from None
-    return None
+    record, yaml_file = checkpoint_dir(cfg) / CONFIG_RECORD, Path(cfg.logging.run_dir) / "config.yaml"
+    where = record if record.is_file() else yaml_file if yaml_file.is_file() else None
+    if where is None:
+        return None
+    try:
+        text = where.read_text(encoding="utf-8")
+        saved = json.loads(text)["config"] if where == record else yaml.safe_load(text)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"resume: cannot read the saved config {where}: {reason}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"resume: the saved config {where} is not a mapping of keys")
+    return saved, where
 
 
 def _check_resume_config(cfg: TrainConfig, setup: Setup) -> None:

@@ -251,6 +251,19 @@ def test_resume_may_change_the_listed_keys_and_keeps_the_original_config(world, 
     assert train._lineage(loaded, setup)["resumed_with_changes"] == {"train.steps": [4, 6]}
 
 
+def test_resume_over_an_unreadable_saved_config_is_one_line_naming_it(world, tmp_path, capsys):
+    """A run from before the config record has only config.yaml; broken YAML or a file that is not a mapping is one
+    line naming that file, and the file is left as it is."""
+    cfg, run_dir = _started_run(world, tmp_path)
+    (run_dir / "checkpoints" / train_setup.CONFIG_RECORD).unlink()
+    path = _write({**cfg, "resume": True}, tmp_path / "r.yaml")
+    for text, want in (("a: [1,\n", "cannot read the saved config"), ("- 1\n- 2\n", "is not a mapping")):
+        (run_dir / "config.yaml").write_text(text)
+        err = _main_fails(capsys, path)
+        assert want in err and str(run_dir / "config.yaml") in err, err
+        assert (run_dir / "config.yaml").read_text() == text
+
+
 def test_resume_of_a_run_saved_before_a_section_existed(world, tmp_path, capsys):
     """A saved config without the (later) prompt section resumes when the section is at its defaults, and is
     refused, naming the key, when it is not."""
@@ -464,3 +477,14 @@ def test_plan_with_bad_inputs_is_one_line(world, tmp_path, capsys, override):
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert PLAN_BAD[override] in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_garbled_single_file_checkpoint_is_one_line(world, tmp_path, capsys):
+    """A model.safetensors that is not one (a truncated download, a wrong file) fails in safetensors' own error type
+    when its header is read: still one line naming the file."""
+    model = tmp_path / "m"
+    shutil.copytree(world["root"] / "student", model)
+    (model / hf.SINGLE_FILE).write_bytes(b"\xff" * 64)
+    cfg = _config(world, tmp_path / "run", model={"init": str(model)})
+    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    assert "model.init" in err and hf.SINGLE_FILE in err and "unreadable" in err
