@@ -43,8 +43,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def check_model_dir(model_dir: str | os.PathLike, flag: str) -> None:
-    """Refuse, before any store is touched, a model the tools cannot run: no readable config.json, or not a
-    Qwen3 causal LM (config.json ``model_type`` / ``architectures``; lopd_jax trains Qwen3 dense and MoE)."""
+    """Refuse, before any store is touched, a model the tools cannot run: no readable config.json, not a Qwen3
+    causal LM (config.json ``model_type`` / ``architectures``; lopd_jax trains Qwen3 dense and MoE), or weights
+    that cannot hold that config (``hf.check_checkpoint``: a missing shard or tensor, a wrong shape, a garbled
+    safetensors header)."""
     from lopd_jax.models import hf
 
     path = Path(model_dir) / hf.CONFIG_FILE
@@ -63,6 +65,10 @@ def check_model_dir(model_dir: str | os.PathLike, flag: str) -> None:
             f"{flag} {model_dir}: config.json has model_type {cfg.get('model_type')!r}, architectures {archs}; "
             f"the precompute tools run {supported} (model_type {sorted(hf._ARCH)}) only"
         )
+    try:
+        hf.check_checkpoint(str(model_dir), hf.config_from_hf(cfg, str(path)))
+    except (hf.CheckpointError, ValueError) as e:
+        raise PrecomputeError(f"{flag} {model_dir}: {e}") from None
 
 
 def check_engine(engine: str) -> None:

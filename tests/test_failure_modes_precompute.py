@@ -21,6 +21,7 @@ from conftest import read_only_view
 from test_precompute_cli import assert_same_store, build_model, killed_subprocess
 
 from lopd_jax import provenance
+from lopd_jax.models import hf
 from lopd_jax.store import RolloutStore, StoreError
 from lopd_jax.store_lock import LOCK_FILE
 from precompute import common, import_jsonl, rollouts, teacher_logprobs
@@ -192,10 +193,17 @@ def test_bad_prompt_files_and_non_qwen3_models_are_one_line(env, tmp_path, capsy
     argv[argv.index("--policy") + 1] = str(llama)
     cases.append((argv, "model_type 'llama'"))
     cases.append((["--engine", "vllm", *rollouts_argv(env, tmp_path / "d")], "vllm is not installed"))
+    garbled = tmp_path / "garbled"  # a Qwen3 config.json over weights that are not safetensors
+    shutil.copytree(env["policy"], garbled)
+    for f in garbled.glob("*.safetensors"):
+        f.write_bytes(b"\xff" * 64)
+    argv = rollouts_argv(env, tmp_path / "e")
+    argv[argv.index("--policy") + 1] = str(garbled)
+    cases.append((argv, f"unreadable safetensors file {hf.SINGLE_FILE}"))
     for argv, want in cases:
         assert rollouts.main(argv) == 2
         assert want in one_error_line(capsys.readouterr().err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl", "llama"]  # no store was made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbled", "latin1.jsonl", "llama"]  # no store was made
     assert teacher_logprobs.main(["--teacher", str(llama), "--store", str(env["root"] / "store")]) == 2
     assert "LlamaForCausalLM" in one_error_line(capsys.readouterr().err)
 

@@ -256,6 +256,8 @@ def check_checkpoint(path: str, cfg: Qwen3Config) -> None:
         reader = _Reader(path)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot read the safetensors index ({e})") from None
+    except Exception as e:  # a single-file checkpoint: safetensors' own error types for a garbled header
+        raise CheckpointError(f"{path}: unreadable safetensors file {SINGLE_FILE} ({e})") from None
     reader.close()
     headers = {}
     for file in sorted(set(reader.weight_map.values())):
