@@ -3,7 +3,7 @@
 Both modes run the project's own code at the same batch (B prompts, one answer each, rows of T tokens) and the
 same jitted update step (``update.make_update_step`` over ``losses.opd_loss``):
 
-* standard OPD step = ``trainer_opd.OnlineOPD.next_batch`` (sample from the *current* student with
+* standard OPD step = ``online_opd.OnlineOPD.next_batch`` (sample from the *current* student with
   ``lopd_jax.sampling``, then score with the in-process teacher) + the update;
 * Lightning OPD step = the update on a batch that was precomputed once (host -> device copy included);
 * the one-off precompute = the same sampling + scoring, once, from the initial student (pi_ref), for every step's
@@ -30,10 +30,10 @@ from lopd_jax.models.qwen3 import Qwen3Config
 
 
 def _online(student: Qwen3Config, teacher: Qwen3Config, prompts, batch_size: int, seq_len: int, max_new: int):
-    from lopd_jax import trainer_opd  # imports lopd_jax.eval (math-verify): only this section needs it
+    from lopd_jax import online_opd
 
     teacher_params = jax.jit(qwen3.init_params, static_argnums=0)(teacher, jax.random.key(7))
-    return trainer_opd.OnlineOPD(
+    return online_opd.OnlineOPD(
         prompts=prompts,
         model_cfg=student,
         teacher_cfg=teacher,
@@ -54,13 +54,13 @@ def _precompute(online, params, steps: int) -> tuple[list[Any], float]:
     """The one-off precompute, batched as the precompute tools batch it: every step's prompts sampled from
     ``params`` (pi_ref) in one ``sampling.generate`` call, all rows scored by the teacher in one call, then split
     into the steps' batches and kept on the host (as a store would). Returns (batches, seconds)."""
-    from lopd_jax import trainer_opd
+    from lopd_jax import online_opd
 
     start = time.perf_counter()
     B = online.batch_size
     prompts = [online.prompts[i] for s in range(steps) for i in online.stream.indices(s)]
     outs = sampling.generate(params, online.model_cfg, prompts, online.scfg, online.key, None, len(prompts))
-    host, _ = trainer_opd.samples_to_batch(
+    host, _ = online_opd.samples_to_batch(
         prompts, outs, seq_len=online.seq_len, max_response_len=online.max_response_len
     )
     batch = jax.device_put(host)

@@ -28,7 +28,8 @@ class LockError(StoreError):
     """The store is locked by another writer or cannot be written; the message names the store and the holder."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,7 +59,7 @@ def describe_holder(record: dict | None) -> str:
 def _stale_note(record: dict) -> str:
     """Why a leftover record's holder no longer holds the lock (what a crash leaves behind)."""
     if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
-        return "is no longer running" if not _pid_alive(record["pid"]) else "no longer holds it (exited uncleanly)"
+        return "is no longer running" if not pid_alive(record["pid"]) else "no longer holds it (exited uncleanly)"
     return "no longer holds it"
 
 
@@ -129,4 +130,4 @@ class StoreLock:
         self.release()
 
 
-__all__ = ["LOCK_FILE", "LockError", "StoreLock", "describe_holder"]
+__all__ = ["LOCK_FILE", "LockError", "StoreLock", "describe_holder", "pid_alive"]

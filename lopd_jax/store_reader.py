@@ -70,6 +70,11 @@ class StoreReader:
     def __len__(self) -> int:
         return self._manifest["committed"]
 
+    def incomplete(self) -> str | None:
+        """What keeps this from being a finished input (None: a store's committed samples are always whole; a
+        dataset's shards may still be written, ``RolloutDataset.incomplete``)."""
+        return None
+
     @property
     def manifest(self) -> dict:
         """A copy of the manifest dict."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -434,7 +433,7 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path) -> dict:
     export(cfg, setup, run.state.params, run_dir)
     if jax.process_index() == 0:
         if last_eval:
-            (run_dir / "eval.json").write_text(json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
+            _write_atomic(run_dir / "eval.json", json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
         if cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
     return {**run.logger.last, **last_eval}
@@ -456,8 +455,6 @@ def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
 
 
 def _plan(cfg: TrainConfig, target: str | None = None) -> int:
-    if importlib.util.find_spec("lopd_jax.plan") is None:
-        raise ConfigError("--plan needs lopd_jax/plan.py, which this checkout lacks")
     from lopd_jax import plan, targets
 
     try:

@@ -26,6 +26,7 @@ from lopd_jax.models import hf, presets, qwen3
 from lopd_jax.prompts import PromptError
 from lopd_jax.provenance import ProvenanceError
 from lopd_jax.store import RolloutStore, StoreError
+from lopd_jax.store_lock import pid_alive
 
 SCRATCH = "scratch"  # model.init value: random weights of model.config
 
@@ -182,7 +183,7 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
         store = RolloutStore.open(cfg.data.store)  # a store, or a sharded dataset (lopd_jax.store_dataset)
     except StoreError as e:
         raise StoreError(f"data.store: {e}") from None
-    if (problem := getattr(store, "incomplete", lambda: None)()) is not None:  # a shard still being written
+    if (problem := store.incomplete()) is not None:  # a dataset's shard still being written
         raise StoreError(f"data.store: {problem}")
     m = store.manifest
     if len(store) == 0:
@@ -398,16 +399,6 @@ def _check_run_dir(cfg: TrainConfig) -> None:
 LOCK_FILE = ".lopd_train.lock"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
-
-
 def _read_lock(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -428,7 +419,7 @@ def acquire_run_lock(run_dir: Path) -> Path:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read_lock(lock)
-                if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0)) or -1):
+                if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", 0)) or -1):
                     print(f"WARNING: removing the stale lock {lock} of dead pid {holder['pid']}", file=sys.stderr)
                     lock.unlink(missing_ok=True)
                     continue

@@ -113,14 +113,12 @@ def open_or_create(out: str, fields: dict, create: Any, refusal: str = "the stor
     from ``create()``. An EMPTY store (nothing committed) made by the same kind of run with other arguments is
     what a failed run leaves: it is replaced with a warning rather than blocking the corrected rerun. A store with
     committed samples and other arguments is refused (PrecomputeError naming the first differing field)."""
-    from lopd_jax.store import RolloutStore, StoreError
+    from lopd_jax.store import RolloutStore
+    from lopd_jax.store_layout import has_manifest, kvstore_spec
 
-    try:
-        writer = RolloutStore.open_for_append(out, flush_tokens=NO_AUTO_FLUSH)
-    except StoreError as e:
-        if "no manifest.json" not in str(e):
-            raise
+    if not has_manifest(kvstore_spec(out)):
         return create()
+    writer = RolloutStore.open_for_append(out, flush_tokens=NO_AUTO_FLUSH)
     stored = writer.manifest
     diff = first_difference({k: stored.get(k) for k in fields}, fields)
     if diff is None:
