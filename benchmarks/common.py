@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopd_jax.batch import Batch
+from lopd_jax.data.batch import Batch
 from lopd_jax.models import presets
 from lopd_jax.models.presets import (  # noqa: F401  (re-exported: the model FLOP formulas live with the sizes)
     forward_flops_per_token,
@@ -32,9 +32,9 @@ from lopd_jax.models.presets import (  # noqa: F401  (re-exported: the model FLO
     train_flops_per_token,
 )
 from lopd_jax.models.qwen3 import Qwen3Config
-from lopd_jax.targets import PEAKS
+from lopd_jax.plan.targets import PEAKS
 
-# Peak dense bf16 FLOP/s and HBM bandwidth per device kind: lopd_jax.targets.PEAKS (sources cited there), the one
+# Peak dense bf16 FLOP/s and HBM bandwidth per device kind: lopd_jax.plan.targets.PEAKS (sources cited there), the one
 # table that --plan --target's roofline and the benchmarks' MFU both read.
 #: (substring, peak FLOP/s): the FLOP column of PEAKS, as before.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = tuple((k, f) for k, f, _ in PEAKS)
@@ -54,7 +54,7 @@ def device_peak_flops(device: Any) -> tuple[float, str]:
             return peak, f"data sheet, dense bf16 ({key})"
     if device.platform == "cpu":
         return cpu_matmul_peak(), "measured: best fp32 1024^3 matmul FLOP/s on this CPU (jnp.dot, all cores)"
-    return float("nan"), f"unknown device kind {kind!r}: add it to lopd_jax.targets.PEAKS"
+    return float("nan"), f"unknown device kind {kind!r}: add it to lopd_jax.plan.targets.PEAKS"
 
 
 def missing(*packages: str) -> str | None:
@@ -306,8 +306,8 @@ def task_sequences(n: int, seed: int = 0) -> tuple[list[list[int]], list[np.ndar
     solution + <|im_end|> ids), i.e. what the demo's rollouts and teacher scoring see."""
     import tempfile
 
-    from lopd_jax import synthetic as syn
-    from lopd_jax.prompts import encode_prompt
+    from lopd_jax.data.prompts import encode_prompt
+    from lopd_jax.demo import synthetic as syn
 
     rng = np.random.default_rng(seed)
     difficulty = syn.Difficulty(**DEMO_TASK)

@@ -4,7 +4,7 @@ Both modes run the project's own code at the same batch (B prompts, one answer e
 same jitted update step (``update.make_update_step`` over ``losses.opd_loss``):
 
 * standard OPD step = ``online_opd.OnlineOPD.next_batch`` (sample from the *current* student with
-  ``lopd_jax.sampling``, then score with the in-process teacher) + the update;
+  ``lopd_jax.inference.sampling``, then score with the in-process teacher) + the update;
 * Lightning OPD step = the update on a batch that was precomputed once (host -> device copy included);
 * the one-off precompute = the same sampling + scoring, once, from the initial student (pi_ref), for every step's
   prompts in one batch (as the precompute tools batch a prompt set): reported separately, and added to Lightning's
@@ -24,13 +24,13 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.train_step import build_step, compile_step, make_state
-from lopd_jax import sampling
+from lopd_jax.inference import sampling
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 
 
 def _online(student: Qwen3Config, teacher: Qwen3Config, prompts, batch_size: int, seq_len: int, max_new: int):
-    from lopd_jax import online_opd
+    from lopd_jax.training import online_opd
 
     teacher_params = jax.jit(qwen3.init_params, static_argnums=0)(teacher, jax.random.key(7))
     return online_opd.OnlineOPD(
@@ -54,7 +54,7 @@ def _precompute(online, params, steps: int) -> tuple[list[Any], float]:
     """The one-off precompute, batched as the precompute tools batch it: every step's prompts sampled from
     ``params`` (pi_ref) in one ``sampling.generate`` call, all rows scored by the teacher in one call, then split
     into the steps' batches and kept on the host (as a store would). Returns (batches, seconds)."""
-    from lopd_jax import online_opd
+    from lopd_jax.training import online_opd
 
     start = time.perf_counter()
     B = online.batch_size
@@ -106,7 +106,7 @@ def bench_lightning_vs_opd(
     """``rounds`` alternating runs of ``steps`` optimizer steps per mode, each run from the same initial student."""
     prompts, _ = common.task_sequences(batch_size * steps, seed=1)
     online = _online(student, teacher, prompts, batch_size, seq_len, max_new_tokens)
-    built = build_step(student)  # the trainer's own step (lopd_jax.step.build) on one device
+    built = build_step(student)  # the trainer's own step (lopd_jax.training.step.build) on one device
     state0 = make_state(built, student)
     init_params = jax.device_get(state0.params)
     _, first_s = _precompute(online, state0.params, steps)  # compiles the precompute's sampling and scoring

@@ -4,7 +4,7 @@
                                       [--trace DIR]
 
 Times, each jitted on its own and run ``repeats`` times after a warm-up (medians): the full step (the trainer's,
-``lopd_jax.step.build``); the loss and its gradient; the forward + loss alone; the optimizer update alone; the
+``lopd_jax.training.step.build``); the loss and its gradient; the forward + loss alone; the optimizer update alone; the
 gradient with ``attention="ablated"`` in the model config, a pass-through (attention's share); and the gradient
 with the lm_head / log-prob part only (the output layer's share). The differences say which part to optimise.
 ``--trace DIR`` also records a JAX profiler trace of the gradient and sums the compiled program's op time by kind
@@ -49,7 +49,7 @@ def _median_ms(fn, *args, repeats: int) -> float:
 
 def profile(cfg, batch_size: int, seq_len: int, repeats: int) -> dict[str, float]:
     """Median milliseconds of each piece (see the module docstring)."""
-    built = build_step(cfg)  # the trainer's own step (lopd_jax.step.build)
+    built = build_step(cfg)  # the trainer's own step (lopd_jax.training.step.build)
     state, optimizer = make_state(built, cfg), built.optimizer
     batch = place_batch(built, common.synthetic_batch(cfg, batch_size, seq_len))
     loss_cfg = losses.LossConfig()

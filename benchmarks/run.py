@@ -102,7 +102,7 @@ def cpu_sections(sizes: Sizes, peak: float) -> dict[str, Section]:
     sections: dict[str, Section] = {
         "train_step": ((), train),
         "vs_torch": (("benchmarks.vs_torch",), lambda vt: vt.bench_vs_torch(*sizes.torch)),
-        "precompute": (("lopd_jax.synthetic",), lambda _: scoring()),  # the demo's task: math-verify via eval
+        "precompute": (("lopd_jax.demo.synthetic",), lambda _: scoring()),  # the demo's task: math-verify via eval
         "lightning_vs_opd": (
             ("benchmarks.lightning_vs_opd",),
             lambda lvo: lvo.bench_lightning_vs_opd(*sizes.lightning),

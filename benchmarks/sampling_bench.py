@@ -1,4 +1,4 @@
-"""Rollout sampling side by side: the JAX engine (``lopd_jax.sampling.generate``) vs ``transformers.generate``.
+"""Rollout sampling side by side: the JAX engine (``lopd_jax.inference.sampling.generate``) vs ``transformers.generate``.
 
 Same weights (ours saved with ``qwen3.save_hf`` and loaded by transformers), same prompts (``n`` copies of
 equal-length random prompts, so transformers needs no padding), greedy decoding of ``max_new`` tokens with no
@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.vs_torch import torch_model
-from lopd_jax import sampling
+from lopd_jax.inference import sampling
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 

@@ -10,7 +10,7 @@
    (``tokens_per_s``, from opening the store) are kept beside it. The 2-shard dataset must hold the single
    process's teacher log-probs bit for bit: the split is cut on ``--window`` boundaries (README "Precompute on a
    cluster").
-2. Reader rate. The trainer's Grain pipeline (``lopd_jax.data.make_iterator``, lightning_opd's data config) over
+2. Reader rate. The trainer's Grain pipeline (``lopd_jax.data.loader.make_iterator``, lightning_opd's data config) over
    the same scored samples as a dataset of 8 shards and as one store, in alternating rounds: batches/s and
    tokens/s (non-padding slots); the two pipelines must yield identical batches.
 
@@ -83,10 +83,10 @@ _LAUNCHER_VARS = re.compile(r"^(LOPD_PROCESS_ID|LOPD_NUM_PROCESSES|SLURM_.*|XLA_
 
 
 def build_inputs(root: Path, sizes: ShardSizes) -> dict[str, Path]:
-    """The demo task (``lopd_jax.synthetic``), its worked solutions imported as a store (``precompute.import_jsonl``),
+    """The demo task (``lopd_jax.demo.synthetic``), its worked solutions imported as a store (``precompute.import_jsonl``),
     a second store of the first ``reader_samples`` of them, and a random teacher saved with the task's tokenizer
     (so the stores' tokenizer fingerprint is the teacher's)."""
-    from lopd_jax import synthetic
+    from lopd_jax.demo import synthetic
     from precompute import import_jsonl
 
     task = root / "task"
@@ -94,7 +94,7 @@ def build_inputs(root: Path, sizes: ShardSizes) -> dict[str, Path]:
     flags = ["--min-operands", t["min_operands"], "--max-operands", t["max_operands"]]
     flags += ["--min-digits", t["min_digits"], "--max-digits", t["max_digits"], *(["--chain"] if t["chain"] else [])]
     argv = ["--out", task, "--n-sft", sizes.samples, "--n-opd", 1, "--n-eval", 1, *flags]
-    _check(synthetic.main([str(a) for a in argv]), "lopd_jax.synthetic")
+    _check(synthetic.main([str(a) for a in argv]), "lopd_jax.demo.synthetic")
     lines = (task / "sft.jsonl").read_text().splitlines(keepends=True)
     (root / "reader.jsonl").write_text("".join(lines[: sizes.reader_samples]))
     paths = {"tokenizer": task / "tokenizer", "store": root / "store", "reader_store": root / "reader_store"}
@@ -108,7 +108,7 @@ def build_inputs(root: Path, sizes: ShardSizes) -> dict[str, Path]:
 
 def save_teacher(path: Path, cfg: Qwen3Config) -> None:
     """Random ``cfg`` weights (``qwen3.save_hf``) plus the synthetic task's tokenizer files."""
-    from lopd_jax import synthetic
+    from lopd_jax.demo import synthetic
 
     params = jax.jit(qwen3.init_params, static_argnums=0)(cfg, jax.random.key(3))
     qwen3.save_hf(str(path), cfg, params, dtype=np.float32)
@@ -255,14 +255,14 @@ def build_reader_inputs(paths: dict[str, Path], root: Path, sizes: ShardSizes) -
 
 def reader_config(store: Path, sizes: ShardSizes):
     """The trainer's data config for lightning_opd (teacher log-probs required), packing on, endless."""
-    from lopd_jax.batch import DataConfig
+    from lopd_jax.data.batch import DataConfig
 
     return DataConfig(store=str(store), batch_size=sizes.batch_size, seq_len=sizes.seq_len, require_teacher=True)
 
 
 def read_rate(store: Path, sizes: ShardSizes) -> tuple[float, int]:
     """(seconds, non-padding tokens) of ``batches`` batches after WARMUP_BATCHES, from a fresh iterator."""
-    from lopd_jax import data
+    from lopd_jax.data import loader as data
 
     it = data.make_iterator(reader_config(store, sizes), 0, 1)
     for _ in range(WARMUP_BATCHES):
@@ -275,7 +275,7 @@ def read_rate(store: Path, sizes: ShardSizes) -> tuple[float, int]:
 
 def same_batches(one: Path, many: Path, sizes: ShardSizes) -> bool:
     """Whether the two pipelines yield the same first EQUAL_BATCHES batches, every field bit for bit."""
-    from lopd_jax import data
+    from lopd_jax.data import loader as data
 
     a, b = (data.make_iterator(reader_config(s, sizes), 0, 1) for s in (one, many))
     for _ in range(EQUAL_BATCHES):
@@ -403,7 +403,7 @@ def markdown(doc: dict) -> str:
         "",
         *_scoring_lines(res["scoring"]),
         "",
-        "## Reader rate (`lopd_jax.data.make_iterator`)",
+        "## Reader rate (`lopd_jax.data.loader.make_iterator`)",
         "",
         *_reader_lines(res["reader"]),
         "",

@@ -22,7 +22,7 @@ def _stats(lengths: list[int]) -> str:
 
 
 def measure(tokenizer, difficulty: str, n: int, seed: int) -> None:
-    from lopd_jax import synthetic as syn  # imported here: it pulls in math-verify, which not every image has
+    from lopd_jax.demo import synthetic as syn  # imported here: it pulls in math-verify, which not every image has
 
     rng = np.random.default_rng(seed)
     problems = [syn.make_problem(rng, difficulty) for _ in range(n)]
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from lopd_jax import synthetic as syn
+    from lopd_jax.demo import synthetic as syn
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Training-step throughput: tokens/s, model FLOPs per token, MFU, peak memory and compile time of the trainer's own
-jitted update step (``lopd_jax.step.build``: ``update.make_update_step`` over ``losses.opd_loss``) on a one-device
+jitted update step (``lopd_jax.training.step.build``: ``update.make_update_step`` over ``losses.opd_loss``) on a one-device
 mesh, on random weights and a synthetic batch."""
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from lopd_jax import losses, sharding, update
-from lopd_jax import step as step_lib
-from lopd_jax.batch import Batch
+from lopd_jax import losses, update
+from lopd_jax.data.batch import Batch
 from lopd_jax.models import presets, qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
-from lopd_jax.plan import memory_figures
-from lopd_jax.sharding import MeshConfig
+from lopd_jax.parallel import sharding
+from lopd_jax.parallel.sharding import MeshConfig
+from lopd_jax.plan.planner import memory_figures
+from lopd_jax.training import step as step_lib
 
 #: The GPU train table's one dtype policy, the same on every card (an 80 GB H100 and a 141 GB H200 alike): bf16
 #: parameters and gradients, fp32 AdamW moments (12 bytes per parameter: the Qwen3-4B state is 48 GB, which leaves
@@ -41,7 +42,7 @@ def make_optimizer(cfg: Qwen3Config, lr: float = 1e-5):
 
 
 def build_step(cfg: Qwen3Config, loss_cfg: losses.LossConfig | None = None, lr: float = 1e-5) -> step_lib.TrainStep:
-    """The trainer's own step (``lopd_jax.step``) for model ``cfg`` on a one-device mesh: mode lightning_opd (the
+    """The trainer's own step (``lopd_jax.training.step``) for model ``cfg`` on a one-device mesh: mode lightning_opd (the
     OPD loss every OPD mode trains), one micro-batch per step."""
     mesh_cfg = MeshConfig()
     setup = step_lib.StepSetup(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:1]), mesh_cfg.logical_rules())

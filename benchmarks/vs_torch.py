@@ -18,7 +18,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.train_step import build_step, compile_step, make_state, run_steps
 from lopd_jax import losses, update
-from lopd_jax.batch import Batch
+from lopd_jax.data.batch import Batch
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 
@@ -124,7 +124,7 @@ def bench_vs_torch(cfg: Qwen3Config, batch_size: int, seq_len: int, rounds: int,
     summed in float64, see grads_norm_f64)."""
     opt_cfg = update.OptimizerConfig(lr=1e-5)
     loss_cfg = losses.LossConfig()
-    built = build_step(cfg, loss_cfg, lr=opt_cfg.lr)  # the trainer's own step (lopd_jax.step.build)
+    built = build_step(cfg, loss_cfg, lr=opt_cfg.lr)  # the trainer's own step (lopd_jax.training.step.build)
     state = make_state(built, cfg)
     host_batch = common.synthetic_batch(cfg, batch_size, seq_len)
     with tempfile.TemporaryDirectory() as tmp:

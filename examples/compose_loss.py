@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopd_jax import losses, update
-from lopd_jax.batch import Batch
+from lopd_jax.data.batch import Batch
 from lopd_jax.models import qwen3
 
 STUDENT = qwen3.Qwen3Config(

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from lopd_jax.batch import Batch
+from lopd_jax.config.schema import check_choices
+from lopd_jax.data.batch import Batch
 from lopd_jax.models import qwen3
-from lopd_jax.schema import check_choices
 
 Metrics = dict[str, jax.Array]
 DEFAULT_CHUNK_SIZE = 512  # tokens per row per chunk: [B, 512, 151936] fp32 is 311 MB per row

@@ -1,6 +1,6 @@
 """The trainer: ``python -m lopd_jax.train --config FILE [key.sub=value ...] [--plan]``.
 
-Modes (``mode:`` in the config), one jitted update step (``lopd_jax.step.build``: ``update.make_update_step`` with
+Modes (``mode:`` in the config), one jitted update step (``lopd_jax.training.step.build``: ``update.make_update_step`` with
 the mode's loss; ``--plan`` and the benchmarks compile the same step):
 
 * ``sft``: cross entropy on a store of teacher answers; the exported model records the store's ``sft_teacher``.
@@ -12,7 +12,7 @@ the mode's loss; ``--plan`` and the benchmarks compile the same step):
 
 Everything is validated before the run directory is created (``train_setup.validated``): a bad config, store,
 provenance or vocabulary exits with status 2 and one ``error: ...`` line, and writes nothing. A config listing
-``stages`` is a pipeline (``lopd_jax.pipeline``); ``--plan`` hands the resolved config to ``lopd_jax.plan``.
+``stages`` is a pipeline (``lopd_jax.demo.pipeline``); ``--plan`` hands the resolved config to ``lopd_jax.plan.planner``.
 
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` + ``tensorboard/``, ``checkpoints/``
 (orbax: TrainState + the Grain iterator state, every ``checkpoint.every_steps`` and at the end), ``eval.json``,
@@ -37,15 +37,17 @@ import jax
 import yaml
 from jax.sharding import NamedSharding
 
-from lopd_jax import config as config_lib
-from lopd_jax import distributed, provenance, sharding, update
-from lopd_jax import step as step_lib
-from lopd_jax.checkpoint import Checkpointer
-from lopd_jax.config import ConfigError, TrainConfig
-from lopd_jax.data import Batch, make_iterator
-from lopd_jax.metrics import MetricsWriter, plot_metrics
+from lopd_jax import update
+from lopd_jax.data.loader import Batch, make_iterator
 from lopd_jax.models import hf, qwen3
-from lopd_jax.train_setup import (
+from lopd_jax.parallel import distributed, sharding
+from lopd_jax.store import provenance
+from lopd_jax.training import config as config_lib
+from lopd_jax.training import step as step_lib
+from lopd_jax.training.checkpoint import Checkpointer
+from lopd_jax.training.config import ConfigError, TrainConfig
+from lopd_jax.training.metrics import MetricsWriter, plot_metrics
+from lopd_jax.training.setup import (
     CONFIG_RECORD,
     SCRATCH,
     USER_ERRORS,
@@ -187,7 +189,7 @@ def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
             return place_local(host, sh, cfg.train.batch_size), stats
 
         return from_store
-    from lopd_jax import online_opd
+    from lopd_jax.training import online_opd
 
     tparams = hf.load_hf(cfg.model.teacher, mesh=setup.mesh)
     tcfg = dataclasses.replace(tparams[0], dtype=setup.model_cfg.dtype)
@@ -213,7 +215,7 @@ def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
 def _evaluator(cfg: TrainConfig, setup: Setup):
     if not cfg.eval.prompts:
         return None
-    from lopd_jax import eval as evaluation
+    from lopd_jax.inference import evaluation
 
     return evaluation.Evaluator(
         cfg.eval,
@@ -440,7 +442,7 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path) -> dict:
 
 
 def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
-    from lopd_jax import pipeline
+    from lopd_jax.demo import pipeline
 
     if overrides:
         raise ConfigError(f"{path}: a pipeline config takes no key=value overrides (edit its stages)")
@@ -448,14 +450,15 @@ def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
         records = pipeline.run_pipeline(raw, path)
     except pipeline.PipelineError as e:
         raise TrainError(f"pipeline {path}: {e}") from None
-    from lopd_jax import report  # the table (accuracy, wall-clock per stage) and the PNG plots
+    from lopd_jax.demo import report  # the table (accuracy, wall-clock per stage) and the PNG plots
 
     print(report.report(records, raw, path), flush=True)
     return 0
 
 
 def _plan(cfg: TrainConfig, target: str | None = None) -> int:
-    from lopd_jax import plan, targets
+    from lopd_jax.plan import planner as plan
+    from lopd_jax.plan import targets
 
     try:
         return plan.main(cfg, target)

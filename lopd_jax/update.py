@@ -18,7 +18,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lopd_jax.schema import check_choices
+from lopd_jax.config.schema import check_choices
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 DENOM_KEY = "data/loss_denominator"

@@ -1,6 +1,6 @@
 """Helpers shared by the precompute command lines: model checks, manifests, progress, test hooks.
 
-Prompt files, tokenizers and stop ids come from ``lopd_jax.prompts`` (the one encoder the trainer uses too).
+Prompt files, tokenizers and stop ids come from ``lopd_jax.data.prompts`` (the one encoder the trainer uses too).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lopd_jax.prompts import PromptError
+from lopd_jax.data.prompts import PromptError
 
 # Test hook (documented, used by tests/test_precompute_cli.py): when set to N, a tool SIGKILLs itself right
 # after its N-th commit, so a test can kill it at a deterministic point and check that a rerun resumes exactly.
@@ -114,7 +114,7 @@ def open_or_create(out: str, fields: dict, create: Any, refusal: str = "the stor
     what a failed run leaves: it is replaced with a warning rather than blocking the corrected rerun. A store with
     committed samples and other arguments is refused (PrecomputeError naming the first differing field)."""
     from lopd_jax.store import RolloutStore
-    from lopd_jax.store_layout import has_manifest, kvstore_spec
+    from lopd_jax.store.layout import has_manifest, kvstore_spec
 
     if not has_manifest(kvstore_spec(out)):
         return create()
@@ -167,8 +167,8 @@ def maybe_kill(commits: int) -> None:
 def run_cli(parse_args: Any, run: Any, argv: list[str] | None = None) -> int:
     """The tools' shared ``main``: parse, run, and report an expected failure (bad input, inconsistent store or
     teacher) as one ``error:`` line and exit status 2 instead of a traceback."""
-    from lopd_jax.provenance import ProvenanceError
     from lopd_jax.store import StoreError
+    from lopd_jax.store.provenance import ProvenanceError
 
     args = parse_args(argv)
     try:

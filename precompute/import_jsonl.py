@@ -19,9 +19,9 @@ import os
 import re
 import sys
 
-from lopd_jax import prompts, provenance
-from lopd_jax.prompts import PromptError
-from lopd_jax.store import RolloutStore
+from lopd_jax.data import prompts
+from lopd_jax.data.prompts import PromptError
+from lopd_jax.store import RolloutStore, provenance
 from precompute import common
 from precompute.common import PrecomputeError
 

@@ -11,7 +11,7 @@ versions, and with ``--sft-teacher`` the policy's fingerprint as ``sft_teacher``
 Sharded (``--num-shards N --shard-index i``, or the launcher's variables: ``precompute.shards``): the batches of
 the global prompt order are split into N contiguous parts and shard i samples part i (batch b keeps its key
 fold_in(key(seed), b); vLLM's seeds depend on the prompt index only) into ``--out/shard-0000i-of-0000N``, so the N
-shards read as one dataset (``lopd_jax.store_dataset``) are the samples of one process, in its order.
+shards read as one dataset (``lopd_jax.store.dataset``) are the samples of one process, in its order.
 
 Resumable: the work is cut into a fixed sequence of batches (``--batch-size`` prompts, all their samples), each
 sampled (JAX: with the key fold_in(key(seed), b) for batch b; vLLM: in one ``generate`` call of thousands of prompts,
@@ -28,10 +28,9 @@ import os
 import sys
 from typing import Any
 
-from lopd_jax import prompts as prompts_lib
-from lopd_jax import provenance
-from lopd_jax.prompts import PromptError
-from lopd_jax.store import RolloutStore
+from lopd_jax.data import prompts as prompts_lib
+from lopd_jax.data.prompts import PromptError
+from lopd_jax.store import RolloutStore, provenance
 from precompute import common, shards
 from precompute.common import PrecomputeError
 
@@ -107,7 +106,7 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
     """Manifest fields of this run; every one must match to resume a store (except versions / times)."""
     sampling = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     sampling |= {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "stop_token_ids": list(stops)}
-    sampling["logprobs"] = "raw"  # behaviour log-probs are the unprocessed model's (see lopd_jax.sampling)
+    sampling["logprobs"] = "raw"  # behaviour log-probs are the unprocessed model's (see lopd_jax.inference.sampling)
     fields: dict[str, Any] = {
         "kind": "rollouts",
         "policy": fps["weights"],
@@ -183,7 +182,7 @@ def make_generator(args: argparse.Namespace, stops: tuple[int, ...]):
 
 def sampler_config(args: argparse.Namespace, stops: tuple[int, ...]):
     """The JAX sampler's settings: stop at exactly ``stops`` (``prompts.stop_ids``), as online OPD does."""
-    from lopd_jax.sampling import SamplingConfig
+    from lopd_jax.inference.sampling import SamplingConfig
 
     return SamplingConfig(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,

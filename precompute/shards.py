@@ -4,7 +4,7 @@ The cluster's launcher is the scheduler (DESIGN.md "Scale-out"): N independent p
 flags or by the environment it was started in. Sources, first match wins:
 
   1. the flags ``--num-shards N --shard-index i`` (both or neither);
-  2. ``LOPD_PROCESS_ID`` / ``LOPD_NUM_PROCESSES`` (the trainer's launch variables, ``lopd_jax.distributed``);
+  2. ``LOPD_PROCESS_ID`` / ``LOPD_NUM_PROCESSES`` (the trainer's launch variables, ``lopd_jax.parallel.distributed``);
   3. SLURM: a job array (``SLURM_ARRAY_TASK_ID`` - ``SLURM_ARRAY_TASK_MIN``, divided by ``SLURM_ARRAY_TASK_STEP``,
      of ``SLURM_ARRAY_TASK_COUNT``) and/or the tasks of one ``srun`` (``SLURM_PROCID`` of ``SLURM_NTASKS``); an array
      of multi-task steps gives shard ``array_index * ntasks + procid`` of ``array_count * ntasks``;
@@ -120,8 +120,8 @@ def shard_store(out: str, shard: Shard) -> str:
     """Where this shard's store goes: ``out`` itself for one shard (a plain store, as without sharding), else
     ``out/shard-XXXXX-of-YYYYY``. Refuses (naming ``out``) a plain store or other files at ``out`` for a sharded
     run, a dataset at ``out`` for a one-shard run, and shards of another count: nothing is written then."""
-    from lopd_jax.store_dataset import shard_dirs, shard_name
-    from lopd_jax.store_layout import has_manifest, kvstore_spec
+    from lopd_jax.store.dataset import shard_dirs, shard_name
+    from lopd_jax.store.layout import has_manifest, kvstore_spec
 
     present = shard_dirs(out)
     counts = sorted({int(n.rsplit("-", 1)[1]) for n in present})

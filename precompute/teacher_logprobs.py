@@ -26,9 +26,8 @@ import sys
 
 import numpy as np
 
-from lopd_jax import provenance
-from lopd_jax.store import RESERVED_KEYS, RolloutStore
-from lopd_jax.store_dataset import RolloutDataset
+from lopd_jax.store import RESERVED_KEYS, RolloutStore, provenance
+from lopd_jax.store.dataset import RolloutDataset
 from precompute import common, shards
 from precompute.common import PrecomputeError
 from precompute.engines.jax_engine import Scored

@@ -8,7 +8,7 @@ sorted. The first problem raises ``StoreError`` naming the store, the array and 
 and exits 1. ``validate(path)`` is what the trainer calls before it trains.
 
 A sharded dataset directory (``--num-shards``) is validated as one: its shards must make one dataset (all present,
-one count, the same policy, tokenizer, sampling, prompt file and teacher: ``lopd_jax.store_dataset``), every shard
+one count, the same policy, tokenizer, sampling, prompt file and teacher: ``lopd_jax.store.dataset``), every shard
 must hold all the samples its precompute planned, and each shard store is checked as above.
 """
 
@@ -22,8 +22,8 @@ import sys
 
 import numpy as np
 
-from lopd_jax import store_dataset
-from lopd_jax.store_layout import (
+from lopd_jax.store import dataset as store_dataset
+from lopd_jax.store.layout import (
     LOGPROB_MAX,
     StoreError,
     check_lengths,

@@ -8,8 +8,8 @@ import pytest
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lopd_jax.checkpoint import CheckpointConfig, Checkpointer
-from lopd_jax.data import DataConfig, make_iterator
+from lopd_jax.data.loader import DataConfig, make_iterator
+from lopd_jax.training.checkpoint import CheckpointConfig, Checkpointer
 
 
 @struct.dataclass

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
-from lopd_jax.config import (
+from lopd_jax.training.config import (
     ConfigError,
     TrainConfig,
     build,

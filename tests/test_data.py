@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from lopd_jax.data import Batch, DataConfig, DataError, make_iterator, shift_sample
+from lopd_jax.data.loader import Batch, DataConfig, DataError, make_iterator, shift_sample
 
 
 class FakeStore:

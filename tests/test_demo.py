@@ -57,8 +57,7 @@ def demo(tmp_path_factory):
 
 
 def test_every_stage_ran_and_the_stores_validate_with_their_provenance(demo):
-    from lopd_jax import provenance
-    from lopd_jax.store import RolloutStore
+    from lopd_jax.store import RolloutStore, provenance
     from precompute.validate import validate
 
     run = demo["run"]
@@ -131,7 +130,7 @@ def test_second_run_is_fully_cached(demo):
 def test_the_compare_config_extends_the_demo_stage_for_stage():
     """demo_compare shares run_dir with the demo and repeats each demo stage's command: the demo's stages are
     reused from the cache (a differing command would rerun, and clear, the demo's stage)."""
-    from lopd_jax.pipeline import expand_stages
+    from lopd_jax.demo.pipeline import expand_stages
 
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     compare = yaml.safe_load((ROOT / "configs" / "demo_compare.yaml").read_text())

@@ -1,5 +1,5 @@
 """Multi-process readiness: two CPU processes over loopback form one 8-device mesh and take the same sharded
-update step as one process with 8 devices. Also the launch detection of ``lopd_jax.distributed``.
+update step as one process with 8 devices. Also the launch detection of ``lopd_jax.parallel.distributed``.
 
 Run as a script (``python tests/test_distributed.py worker``) this file is the worker of one process.
 """
@@ -50,9 +50,10 @@ def step_result(process_index: int, process_count: int) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from lopd_jax import distributed, losses, sharding, update
-    from lopd_jax.data import Batch
+    from lopd_jax import losses, update
+    from lopd_jax.data.loader import Batch
     from lopd_jax.models import qwen3
+    from lopd_jax.parallel import distributed, sharding
 
     cfg = _tiny_cfg()
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=-1))
@@ -79,7 +80,7 @@ def step_result(process_index: int, process_count: int) -> dict[str, float]:
 
 
 def _worker() -> None:
-    from lopd_jax import distributed
+    from lopd_jax.parallel import distributed
 
     launch = distributed.initialize()
     import jax
@@ -144,7 +145,7 @@ def test_two_processes_over_loopback_match_one_process():
 
 
 def test_detect_launch_modes():
-    from lopd_jax.distributed import DistributedError, detect_launch
+    from lopd_jax.parallel.distributed import DistributedError, detect_launch
 
     assert detect_launch({}).mode == "single"
     assert detect_launch({"LOPD_NUM_PROCESSES": "1"}).mode == "single"
@@ -175,7 +176,7 @@ def test_detect_launch_modes():
 def test_initialize_is_a_noop_for_one_process():
     import jax
 
-    from lopd_jax.distributed import initialize
+    from lopd_jax.parallel.distributed import initialize
 
     assert initialize({}).mode == "single"
     assert not jax.distributed.is_initialized() and jax.process_count() == 1

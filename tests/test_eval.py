@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lopd_jax import eval as ev
+from lopd_jax.inference import evaluation as ev
 
 EVAL_DIR = Path(__file__).parents[2] / "shared" / "data" / "eval"
 needs_eval_data = pytest.mark.skipif(

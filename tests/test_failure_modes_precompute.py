@@ -20,10 +20,9 @@ import yaml
 from conftest import read_only_view
 from test_precompute_cli import assert_same_store, build_model, killed_subprocess
 
-from lopd_jax import provenance
 from lopd_jax.models import hf
-from lopd_jax.store import RolloutStore, StoreError
-from lopd_jax.store_lock import LOCK_FILE
+from lopd_jax.store import RolloutStore, StoreError, provenance
+from lopd_jax.store.lock import LOCK_FILE
 from precompute import common, import_jsonl, rollouts, teacher_logprobs
 from precompute.validate import validate
 

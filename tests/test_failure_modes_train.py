@@ -18,11 +18,13 @@ import yaml
 from conftest import read_only_view
 from test_train import _config, _write, _write_store
 
-from lopd_jax import config as config_lib
-from lopd_jax import provenance, train, train_setup
-from lopd_jax.batch import LOGPROB_MAX, DataError, shift_sample
-from lopd_jax.checkpoint import CheckpointConfig, Checkpointer
+from lopd_jax import train
+from lopd_jax.data.batch import LOGPROB_MAX, DataError, shift_sample
 from lopd_jax.models import hf, qwen3
+from lopd_jax.store import provenance
+from lopd_jax.training import config as config_lib
+from lopd_jax.training import setup as train_setup
+from lopd_jax.training.checkpoint import CheckpointConfig, Checkpointer
 
 world = test_train.world  # the trainer tests' module fixture: tiny models, tokenizer, stores
 

@@ -36,7 +36,7 @@ pytest.importorskip("transformers")
 
 from benchmarks.vs_torch import torch_opd_loss  # noqa: E402
 from lopd_jax import losses, update  # noqa: E402
-from lopd_jax.batch import Batch  # noqa: E402
+from lopd_jax.data.batch import Batch  # noqa: E402
 from lopd_jax.models import hf, qwen3  # noqa: E402
 
 CFG = qwen3.Qwen3Config(**tiny_arch(vocab_size=4000, hidden_size=64, intermediate_size=128, head_dim=16))

@@ -49,7 +49,7 @@ def test_module_list_covers_the_tree():
     names = module_names()
     files = {p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     assert len(names) == len(files), sorted(set(map(str, files)) ^ set(names))
-    for must in ("lopd_jax.train", "lopd_jax.batch", "precompute.engines.vllm_engine", "benchmarks.run"):
+    for must in ("lopd_jax.train", "lopd_jax.data.batch", "precompute.engines.vllm_engine", "benchmarks.run"):
         assert must in names
 
 
@@ -197,27 +197,89 @@ def test_the_cycle_finder_finds_a_cycle_and_the_graph_sees_function_level_import
     assert _components(toy) == [{"a", "b", "c"}] and _one_cycle(toy, {"a", "b", "c"}) == ["a", "b", "c", "a"]
     graph = import_graph()
     assert "lopd_jax.models.hf" in graph["lopd_jax.models.qwen3"]  # qwen3.load_hf imports hf inside the function
-    assert "lopd_jax.online_opd" in graph["lopd_jax.train"]  # a function-level import
-    assert not any(m.startswith("lopd_jax.models") for m in graph["lopd_jax.sharding"])  # sharding knows no model
+    assert "lopd_jax.training.online_opd" in graph["lopd_jax.train"]  # a function-level import
+    assert not any(
+        m.startswith("lopd_jax.models") for m in graph["lopd_jax.parallel.sharding"]
+    )  # sharding knows no model
+
+
+# ------------------------------------------------------------------------------------------------ the packages
+
+# Which package may import which (the architecture, bottom to top). lopd_jax.losses and lopd_jax.update are the
+# functional API researchers compose; lopd_jax.train is the CLI on top of everything; precompute is a client.
+BASE = {"lopd_jax.config"}
+PACKAGE_LAYERS = {
+    "lopd_jax.config": set(),
+    "lopd_jax.parallel": BASE,
+    "lopd_jax.models": BASE | {"lopd_jax.parallel"},
+    "lopd_jax.store": BASE,
+    "lopd_jax.data": BASE | {"lopd_jax.store"},
+    "lopd_jax.inference": BASE | {"lopd_jax.parallel", "lopd_jax.models", "lopd_jax.data"},
+    "lopd_jax.losses": BASE | {"lopd_jax.parallel", "lopd_jax.models", "lopd_jax.data"},
+    "lopd_jax.update": BASE | {"lopd_jax.parallel", "lopd_jax.models"},
+}
+PACKAGE_LAYERS["lopd_jax.training"] = set().union(*PACKAGE_LAYERS.values()) | set(PACKAGE_LAYERS)
+PACKAGE_LAYERS["lopd_jax.plan"] = PACKAGE_LAYERS["lopd_jax.training"] | {"lopd_jax.training"}
+PACKAGE_LAYERS["lopd_jax.demo"] = PACKAGE_LAYERS["lopd_jax.training"] | {"lopd_jax.training"}
+PACKAGE_LAYERS["lopd_jax.train"] = PACKAGE_LAYERS["lopd_jax.plan"] | {"lopd_jax.plan", "lopd_jax.demo"}
+
+
+def package_of(module: str) -> str:
+    """``lopd_jax.store.layout`` -> ``lopd_jax.store``; ``precompute.x`` -> ``precompute``."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "lopd_jax" and len(parts) > 1 else parts[0]
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        out.setdefault(package_of(module), set()).update(package_of(d) for d in deps)
+    return {p: deps - {p} for p, deps in out.items()}
+
+
+def test_packages_import_only_the_layers_below():
+    """The folder layout is the architecture: a package imports only the ones its layer allows; lopd_jax never
+    imports precompute or benchmarks. The failure names the package and the import it may not make."""
+    graph = package_graph(import_graph())
+    lopd = {p for p in graph if p.startswith("lopd_jax.")}
+    assert lopd == set(PACKAGE_LAYERS), "a new package or top-level module: give it its layer"
+    bad = {p: sorted(graph[p] - PACKAGE_LAYERS[p]) for p in lopd if graph[p] - PACKAGE_LAYERS[p]}
+    assert not bad, bad
+    assert graph["precompute"] <= lopd and "precompute" not in set().union(*(graph[p] for p in lopd))
+
+
+def test_the_package_graph_sees_a_forbidden_import():
+    toy = {"lopd_jax.store.layout": {"lopd_jax.training.step"}, "lopd_jax.training.step": {"lopd_jax.store.reader"}}
+    graph = package_graph(toy)
+    assert graph == {"lopd_jax.store": {"lopd_jax.training"}, "lopd_jax.training": {"lopd_jax.store"}}
+    assert graph["lopd_jax.store"] - PACKAGE_LAYERS["lopd_jax.store"] == {"lopd_jax.training"}
 
 
 # ------------------------------------------------------------------------------------------------ the store layers
 
-# Each store module's imports among the store modules (issue 13 item 4): the format at the bottom, the reader and
+# Each store module's imports among the store modules: the format at the bottom, the reader and
 # the writer on it, the dataset on the reader, the entry point on top; the lock beside the format (its StoreError).
 STORE_LAYERS = {
-    "lopd_jax.store_layout": set(),
-    "lopd_jax.store_lock": {"lopd_jax.store_layout"},
-    "lopd_jax.store_reader": {"lopd_jax.store_layout"},
-    "lopd_jax.store_writer": {"lopd_jax.store_layout", "lopd_jax.store_lock"},
-    "lopd_jax.store_dataset": {"lopd_jax.store_layout", "lopd_jax.store_reader"},
-    "lopd_jax.store": {
-        "lopd_jax.store_layout",
-        "lopd_jax.store_reader",
-        "lopd_jax.store_writer",
-        "lopd_jax.store_dataset",
+    "lopd_jax.store.layout": set(),
+    "lopd_jax.store.lock": {"lopd_jax.store.layout"},
+    "lopd_jax.store.reader": {"lopd_jax.store.layout"},
+    "lopd_jax.store.writer": {"lopd_jax.store.layout", "lopd_jax.store.lock"},
+    "lopd_jax.store.dataset": {"lopd_jax.store.layout", "lopd_jax.store.reader"},
+    "lopd_jax.store.rollout_store": {
+        "lopd_jax.store.layout",
+        "lopd_jax.store.reader",
+        "lopd_jax.store.writer",
+        "lopd_jax.store.dataset",
     },
-    "precompute.validate": {"lopd_jax.store_layout", "lopd_jax.store_dataset"},
+    "lopd_jax.store": {  # the package's public names
+        "lopd_jax.store.layout",
+        "lopd_jax.store.reader",
+        "lopd_jax.store.writer",
+        "lopd_jax.store.dataset",
+        "lopd_jax.store.rollout_store",
+    },
+    "lopd_jax.store.provenance": set(),  # content fingerprints: beside the format, on nothing
+    "precompute.validate": {"lopd_jax.store.layout", "lopd_jax.store.dataset"},
 }
 
 
@@ -227,7 +289,7 @@ def test_the_store_is_in_layers():
     assert store_modules == set(STORE_LAYERS) - {"precompute.validate"}, "a new store module: give it its layer"
     for module, allowed in STORE_LAYERS.items():
         assert graph[module] & store_modules == allowed, module
-    assert not graph["lopd_jax.store_layout"], "the format imports nothing of the project"
+    assert not graph["lopd_jax.store.layout"], "the format imports nothing of the project"
 
 
 def private_uses(module: str, path: Path, source: str, modules: dict[str, Path]) -> set[tuple[str, str]]:
@@ -252,9 +314,9 @@ def private_uses(module: str, path: Path, source: str, modules: dict[str, Path])
 def test_no_private_name_of_the_store_crosses_a_module():
     """The store's layers talk through public names only; the finder must see both ways of reaching in."""
     modules = _module_files()
-    toy = "from lopd_jax.store_layout import _x, y\nfrom lopd_jax import store_reader as r\nr._z, r.w, r.__doc__\n"
+    toy = "from lopd_jax.store.layout import _x, y\nfrom lopd_jax.store import reader as r\nr._z, r.w, r.__doc__\n"
     got = private_uses("precompute.toy", ROOT / "precompute" / "toy.py", toy, modules)
-    assert got == {("lopd_jax.store_layout", "_x"), ("lopd_jax.store_reader", "_z")}
+    assert got == {("lopd_jax.store.layout", "_x"), ("lopd_jax.store.reader", "_z")}
     leaks = {
         (m, used)
         for m, p in modules.items()

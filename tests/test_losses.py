@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from lopd_jax import losses
-from lopd_jax.data import Batch
+from lopd_jax.data.loader import Batch
 from lopd_jax.models import qwen3
 
 V, D, F, L, N, K, H = 128, 32, 64, 2, 4, 2, 16

@@ -31,12 +31,12 @@ import pytest
 from jax._src.cudnn import fused_attention_stablehlo
 from jax.extend.mlir import ir
 
-from lopd_jax import config as config_lib
-from lopd_jax import sharding
-from lopd_jax import step as step_lib
-from lopd_jax.batch import Batch
+from lopd_jax.data.batch import Batch
 from lopd_jax.models import hf, qwen3
-from lopd_jax.train_setup import Setup, model_config
+from lopd_jax.parallel import sharding
+from lopd_jax.training import config as config_lib
+from lopd_jax.training import step as step_lib
+from lopd_jax.training.setup import Setup, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIG = {"dense": "qwen3_8b_lightning_opd.yaml", "moe": "qwen3_30b_a3b_lightning_opd.yaml"}

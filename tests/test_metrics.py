@@ -1,8 +1,8 @@
-"""JSONL records, TensorBoard mirroring and plots of lopd_jax.metrics."""
+"""JSONL records, TensorBoard mirroring and plots of lopd_jax.training.metrics."""
 
 import math
 
-from lopd_jax.metrics import MetricsWriter, plot_metrics, read_metrics
+from lopd_jax.training.metrics import MetricsWriter, plot_metrics, read_metrics
 
 
 def test_records_carry_the_header_and_resumed_steps_merge(tmp_path):

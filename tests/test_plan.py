@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lopd_jax import config as config_lib
-from lopd_jax import plan, sharding, train_setup
 from lopd_jax.models import presets, qwen3
+from lopd_jax.parallel import sharding
+from lopd_jax.plan import planner as plan
+from lopd_jax.training import config as config_lib
+from lopd_jax.training import setup as train_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))

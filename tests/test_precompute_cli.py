@@ -19,8 +19,9 @@ import torch
 import transformers
 from conftest import TINY_TOKENS, tiny_arch
 
-from lopd_jax import prompts, provenance, synthetic
-from lopd_jax.store import RolloutStore
+from lopd_jax.data import prompts
+from lopd_jax.demo import synthetic
+from lopd_jax.store import RolloutStore, provenance
 from precompute import common, import_jsonl, rollouts, teacher_logprobs
 from precompute.validate import validate
 

@@ -1,4 +1,4 @@
-"""lopd_jax.prompts: the one prompt encoder. Lightning OPD's rollouts (precompute), online OPD and evaluation must
+"""lopd_jax.data.prompts: the one prompt encoder. Lightning OPD's rollouts (precompute), online OPD and evaluation must
 see the same prompt ids and stop on the same ids for the same prompt file and model; a second encoder with other
 rules would bias exactly the comparison the project makes."""
 
@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from lopd_jax import config as config_lib
-from lopd_jax import eval as evaluation
-from lopd_jax import online_opd, prompts, sampling, synthetic, train_setup
-from lopd_jax.config import ConfigError, TrainConfig
+from lopd_jax.data import prompts
+from lopd_jax.data.prompts import PromptError
+from lopd_jax.demo import synthetic
+from lopd_jax.inference import evaluation, sampling
 from lopd_jax.models import hf
-from lopd_jax.prompts import PromptError
+from lopd_jax.training import config as config_lib
+from lopd_jax.training import online_opd
+from lopd_jax.training import setup as train_setup
+from lopd_jax.training.config import ConfigError, TrainConfig
 from precompute import rollouts
 from precompute.common import PrecomputeError
 

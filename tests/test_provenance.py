@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lopd_jax import provenance as pv
-from lopd_jax.provenance import ProvenanceError
+from lopd_jax.store import provenance as pv
+from lopd_jax.store.provenance import ProvenanceError
 
 
 @pytest.fixture(autouse=True)

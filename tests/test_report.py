@@ -1,11 +1,11 @@
-"""lopd_jax.report: per-method aggregation over foreach instances, shared stages, teacher compute, tables, plots."""
+"""lopd_jax.demo.report: per-method aggregation over foreach instances, shared stages, teacher compute, tables, plots."""
 
 import json
 
 import numpy as np
 import pytest
 
-from lopd_jax import report
+from lopd_jax.demo import report
 
 
 def _rec(name, seconds, loop=None, result=None, cached=False):

@@ -10,8 +10,9 @@ import torch
 from transformers import Qwen3Config as HFQwen3Config
 from transformers import Qwen3ForCausalLM
 
-from lopd_jax import sampling, sharding
+from lopd_jax.inference import sampling
 from lopd_jax.models import qwen3
+from lopd_jax.parallel import sharding
 
 # initializer_range 0.3 makes the next-token distribution peaked, so greedy argmaxes are far from ties.
 HF_KW = dict(

@@ -9,8 +9,8 @@ import pytest
 from conftest import tiny_arch
 from jax.sharding import PartitionSpec as P
 
-from lopd_jax import sharding
 from lopd_jax.models import qwen3
+from lopd_jax.parallel import sharding
 
 DENSE = qwen3.Qwen3Config(**tiny_arch(vocab_size=256, head_dim=16))
 MOE = qwen3.Qwen3Config(
@@ -158,7 +158,7 @@ def test_sharded_forward_equals_single_device(cfg, mesh_cfg):
 
 def test_cache_specs_drive_init_cache_and_the_samplers_cache_sharding():
     """The KV cache is declared once (qwen3.cache_specs): init_cache allocates it and the sampler shards it."""
-    from lopd_jax import sampling
+    from lopd_jax.inference import sampling
 
     specs = qwen3.cache_specs(DENSE, 4, 24)
     cache = qwen3.init_cache(DENSE, 4, 24)

@@ -1,4 +1,4 @@
-"""Sharded precompute (precompute.shards, lopd_jax.store_dataset): N processes, one dataset, no merge step.
+"""Sharded precompute (precompute.shards, lopd_jax.store.dataset): N processes, one dataset, no merge step.
 
 The reference is one process writing one store (rollouts, then teacher scoring) in-process; the sharded runs are
 real command lines in concurrent subprocesses (JAX engine, the tiny random Qwen3 of test_precompute_cli), and the
@@ -22,7 +22,7 @@ from test_precompute_cli import build_model
 
 from lopd_jax import train
 from lopd_jax.store import RolloutStore, StoreError
-from lopd_jax.store_dataset import RolloutDataset
+from lopd_jax.store.dataset import RolloutDataset
 from precompute import common, rollouts, shards, teacher_logprobs
 from precompute.common import PrecomputeError
 from precompute.validate import validate

@@ -78,7 +78,7 @@ def test_auto_attention_resolves_per_backend():
 
 def test_splash_under_a_mesh_runs_per_device_and_matches():
     """The update step traces under its mesh: splash then shard_maps rows over the batch axes (8 fake devices)."""
-    from lopd_jax import sharding
+    from lopd_jax.parallel import sharding
 
     mesh = sharding.make_mesh(sharding.MeshConfig())  # fsdp = 8
     rng = np.random.default_rng(2)

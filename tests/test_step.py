@@ -1,4 +1,4 @@
-"""lopd_jax.step: the one step builder. The trainer and ``--plan`` lower the same program; the implementations
+"""lopd_jax.training.step: the one step builder. The trainer and ``--plan`` lower the same program; the implementations
 ``--plan`` chooses off GPU are model-config values equal to the ones they stand in for; nothing patches a module.
 """
 
@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from conftest import TINY_QWEN3
 
-from lopd_jax import config as config_lib
-from lopd_jax import plan, provenance, synthetic, train_setup
-from lopd_jax import step as step_lib
+from lopd_jax.demo import synthetic
 from lopd_jax.models import hf, qwen3
-from lopd_jax.store import RolloutStore
+from lopd_jax.plan import planner as plan
+from lopd_jax.store import RolloutStore, provenance
+from lopd_jax.training import config as config_lib
+from lopd_jax.training import setup as train_setup
+from lopd_jax.training import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, T = 16, 32

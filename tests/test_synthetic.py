@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lopd_jax import synthetic as syn
-from lopd_jax.eval import extract_answer, grade
+from lopd_jax.demo import synthetic as syn
+from lopd_jax.inference.evaluation import extract_answer, grade
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,11 @@ import jax
 import pytest
 import transformers
 
-from lopd_jax import config as config_lib
-from lopd_jax import plan, targets, train
+from lopd_jax import train
 from lopd_jax.models import presets
+from lopd_jax.plan import planner as plan
+from lopd_jax.plan import targets
+from lopd_jax.training import config as config_lib
 
 HAS_LIBTPU = targets.installed("libtpu")
 HAS_CUDA_PLUGIN = targets.installed(targets.CUDA_PLUGIN)

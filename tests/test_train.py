@@ -26,11 +26,14 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 from transformers import Qwen3Config as HFQwen3Config
 
-from lopd_jax import online_opd, prompts, provenance, synthetic, train
-from lopd_jax.metrics import read_metrics
+from lopd_jax import train
+from lopd_jax.data import prompts
+from lopd_jax.demo import synthetic
+from lopd_jax.inference.sampling import SampleOutput
 from lopd_jax.models import qwen3
-from lopd_jax.sampling import SampleOutput
-from lopd_jax.store import RolloutStore
+from lopd_jax.store import RolloutStore, provenance
+from lopd_jax.training import online_opd
+from lopd_jax.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = tiny_arch(**TINY_TOKENS, tie_word_embeddings=False, initializer_range=0.1, rope_theta=10_000.0)

@@ -14,9 +14,10 @@ import pytest
 import torch
 from conftest import tiny_arch
 
-from lopd_jax import losses, sharding, update
-from lopd_jax.batch import Batch
+from lopd_jax import losses, update
+from lopd_jax.data.batch import Batch
 from lopd_jax.models import qwen3
+from lopd_jax.parallel import sharding
 
 CFG = qwen3.Qwen3Config(**tiny_arch(head_dim=16))
 T = 16

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from lopd_jax import synthetic
+from lopd_jax.demo import synthetic
 from lopd_jax.store import RolloutStore
 from precompute import rollouts, teacher_logprobs
 from precompute.common import PrecomputeError

@@ -100,7 +100,7 @@ def per_device(kernel, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q_BTNH, k_BSKH, v_BSKH, rows)
-    from lopd_jax import sharding
+    from lopd_jax.parallel import sharding
 
     logical = ("batch", None, "kv_heads", None)
     spec = sharding.logical_to_spec(logical, sharding.DEFAULT_RULES, shape=k_BSKH.shape, mesh=mesh)

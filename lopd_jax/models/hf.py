@@ -23,9 +23,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lopd_jax import sharding
 from lopd_jax.models.qwen3_specs import Params, Qwen3Config, param_specs
-from lopd_jax.sharding import ParamSpec, is_param_spec
+from lopd_jax.parallel import sharding
+from lopd_jax.parallel.sharding import ParamSpec, is_param_spec
 
 CONFIG_FILE, INDEX_FILE, SINGLE_FILE = "config.json", "model.safetensors.index.json", "model.safetensors"
 _ARCH = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}

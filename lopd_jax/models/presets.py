@@ -13,7 +13,7 @@ import math
 import jax
 
 from lopd_jax.models.qwen3_specs import Qwen3Config, param_specs
-from lopd_jax.sharding import is_param_spec
+from lopd_jax.parallel.sharding import is_param_spec
 
 _COMMON = dict(
     vocab_size=151936,

@@ -21,9 +21,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# The model's declaration (config, params and KV cache as ParamSpecs) lives in qwen3_specs so that hf.py can read
-# it without importing this module (which imports hf.py for load_hf / save_hf); re-exported here.
-from lopd_jax import sharding
 from lopd_jax.models.fused_attention import attention_cudnn, attention_splash
 from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
     ATTENTION_IMPLS,
@@ -38,7 +35,11 @@ from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwe
     default_attention,
     param_specs,
 )
-from lopd_jax.sharding import ParamSpec, is_param_spec  # noqa: F401  (re-exported)
+
+# The model's declaration (config, params and KV cache as ParamSpecs) lives in qwen3_specs so that hf.py can read
+# it without importing this module (which imports hf.py for load_hf / save_hf); re-exported here.
+from lopd_jax.parallel import sharding
+from lopd_jax.parallel.sharding import ParamSpec, is_param_spec  # noqa: F401  (re-exported)
 
 
 def dtype_of(name: str) -> jnp.dtype:

@@ -12,8 +12,8 @@ import dataclasses
 import functools
 from typing import Any, Literal
 
-from lopd_jax.schema import check_choices
-from lopd_jax.sharding import ParamSpec as _ParamSpec
+from lopd_jax.config.schema import check_choices
+from lopd_jax.parallel.sharding import ParamSpec as _ParamSpec
 
 Params = dict[str, Any]
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]  # float64: exact-arithmetic tests

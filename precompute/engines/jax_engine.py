@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopd_jax import losses, sampling, sharding
+from lopd_jax import losses
+from lopd_jax.inference import sampling
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Params, Qwen3Config
+from lopd_jax.parallel import sharding
 
 MIN_BUCKET = 32
 # XLA:CPU scores fastest per token with batches of at most this many padded tokens: larger batches' activations
@@ -220,7 +222,7 @@ class JaxEngine:
         key: jax.Array,
         batch_size: int,
     ) -> list[sampling.SampleOutput]:
-        """Sample one continuation per prompt (lopd_jax.sampling on this mesh); outputs in prompt order."""
+        """Sample one continuation per prompt (lopd_jax.inference.sampling on this mesh); outputs in prompt order."""
         return sampling.generate(
             self.params, self.cfg, prompts, sampling_cfg, key=key, mesh=self.mesh, batch_size=batch_size
         )

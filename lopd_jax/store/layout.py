@@ -1,7 +1,7 @@
 """The RolloutStore format: constants, kvstore locations, manifest I/O and checks, array helpers.
 
-The bottom layer of the store (levanter's format/array split): the reader (``lopd_jax.store_reader``), the writer
-(``lopd_jax.store_writer``), sharded datasets (``lopd_jax.store_dataset``) and ``precompute.validate`` all import
+The bottom layer of the store (levanter's format/array split): the reader (``lopd_jax.store.reader``), the writer
+(``lopd_jax.store.writer``), sharded datasets (``lopd_jax.store.dataset``) and ``precompute.validate`` all import
 this module and nothing here imports them, so the format is defined once and every layer checks it the same way.
 
 Layout: one directory (a local path, a ``file://`` / ``memory://`` / ``gs://`` ... TensorStore kvstore URL, or a
@@ -74,7 +74,7 @@ _CONTEXT: ts.Context | None = None
 # token, x_max - logsumexp(x), can round a few ulps above 0, and an fp32 ulp at |logsumexp| <= 100 is <= 8e-6, so
 # rounding stays below 1e-4. 1e-3 keeps that margin tenfold while any
 # value that is not a log-prob at all (a probability, a logit, +5.0) is refused.
-LOGPROB_MAX = 1e-3  # read by the trainer (lopd_jax.batch) and precompute.validate alike
+LOGPROB_MAX = 1e-3  # read by the trainer (lopd_jax.data.batch) and precompute.validate alike
 
 
 class StoreError(ValueError):

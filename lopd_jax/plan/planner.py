@@ -3,7 +3,7 @@
 The plan resolves the config, builds the mesh over ``jax.devices()`` (on a laptop: fake CPU devices via
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``), takes the architecture from the preset name or the HF
 directory's ``config.json`` (never the weights; ``train_setup.model_config``, as the trainer), and lowers and
-compiles the trainer's own update step (``lopd_jax.step.build``, the builder the trainer calls) on abstract, sharded
+compiles the trainer's own update step (``lopd_jax.training.step.build``, the builder the trainer calls) on abstract, sharded
 shapes. It prints the parameter count, the sharding of the largest tensors, and XLA's per-device memory figures of
 the compiled step.
 
@@ -19,7 +19,7 @@ scores), and, on XLA:CPU, which expands ``lax.ragged_dot`` through a dense [A, E
 remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
 param-sized fp32 temporary), so CPU figures lean high; on a GPU host ``--plan`` compiles the real ops.
 
-``--target NAME`` (``lopd_jax.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a libtpu
+``--target NAME`` (``lopd_jax.plan.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a libtpu
 topology, or XLA:GPU through the CUDA plugin from a device description. Then the figures are that compiler's, the
 real ops compile (splash or cuDNN attention, native ragged_dot), the budget is the chip's HBM, and a roofline
 step-time estimate is added. ``attention: auto`` resolves for the compile platform (``planned_attention``).
@@ -38,12 +38,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lopd_jax import sharding, targets
-from lopd_jax import step as step_lib
 from lopd_jax.models import presets, qwen3
+from lopd_jax.parallel import sharding
+from lopd_jax.plan import targets
+from lopd_jax.training import step as step_lib
 
 if TYPE_CHECKING:
-    from lopd_jax.config import TrainConfig
+    from lopd_jax.training.config import TrainConfig
 
 GB = 1e9
 
@@ -139,7 +140,7 @@ def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[s
     """Mode opd keeps the live teacher resident (TEACHER_DTYPE, student's mesh): its per-device weight bytes."""
     if cfg.mode != "opd" or not cfg.model.teacher:
         return {}
-    from lopd_jax import train_setup
+    from lopd_jax.training import setup as train_setup
 
     knobs = train_setup.runtime_knobs(cfg.model, attention="xla", param_dtype=TEACHER_DTYPE)
     tcfg = train_setup.architecture(cfg.model.teacher, **knobs)
@@ -202,7 +203,9 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
 
     The attention is ``planned_attention``'s; on XLA:CPU an MoE model runs ``moe_impl="scan"`` (XLA:CPU expands
     ragged_dot densely; the scan has a grouped GEMM's buffers). Both are model-config values, never patches."""
-    from lopd_jax import train_setup  # not at module level: benchmarks import this module where grain is absent
+    from lopd_jax.training import (
+        setup as train_setup,  # not at module level: benchmarks import this module where grain is absent
+    )
 
     attention, note = planned_attention(cfg.model.attention, platform)
     notes = [note] if note else []
@@ -333,8 +336,8 @@ def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
     the devices cannot form or a batch that does not split over it is a ConfigError naming the key (one line,
     exit 2), not a traceback from deep inside tracing. With a target the mesh is built over the target's devices
     (targets.py checks it there), not over this machine's."""
-    from lopd_jax import train_setup
-    from lopd_jax.config import ConfigError
+    from lopd_jax.training import setup as train_setup
+    from lopd_jax.training.config import ConfigError
 
     try:
         train_setup.model_config(cfg)  # ConfigError naming model.init / model.config itself

@@ -3,11 +3,11 @@ scores the samples.
 
 Each step: draw ``batch_size`` prompts from ``data.prompts`` (a seeded permutation per epoch, so step s always gets
 the same prompts and a resumed run needs nothing but the step), sample one answer per prompt from the *current*
-student with ``lopd_jax.sampling`` (key folded with the step), shift each (prompt + answer) with
+student with ``lopd_jax.inference.sampling`` (key folded with the step), shift each (prompt + answer) with
 ``data.shift_sample`` (the same code path as store samples, one sample per row), score the targets with the
 in-process teacher, and hand the Batch to the same update step as Lightning OPD.
 
-Prompts are encoded and stop ids chosen by ``lopd_jax.prompts`` (the encoder the precompute rollouts use), and the
+Prompts are encoded and stop ids chosen by ``lopd_jax.data.prompts`` (the encoder the precompute rollouts use), and the
 sampler stops at exactly those ids (``ignore_eos``), so both arms of the comparison see the same prompt tokens and
 stop on the same tokens.
 """
@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopd_jax import losses, sampling
-from lopd_jax.batch import Batch, shift_sample
+from lopd_jax import losses
+from lopd_jax.data.batch import Batch, shift_sample
+from lopd_jax.inference import sampling
 from lopd_jax.models import qwen3
 
 

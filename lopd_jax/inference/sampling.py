@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lopd_jax import sharding
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Params, Qwen3Config
+from lopd_jax.parallel import sharding
 
 
 @dataclasses.dataclass(frozen=True)

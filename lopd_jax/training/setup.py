@@ -17,16 +17,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from lopd_jax import config as config_lib
-from lopd_jax import distributed, prompts, provenance, sharding
-from lopd_jax.batch import DataError
-from lopd_jax.checkpoint import CheckpointCorruptError
-from lopd_jax.config import ConfigError, TrainConfig
+from lopd_jax.data import prompts
+from lopd_jax.data.batch import DataError
+from lopd_jax.data.prompts import PromptError
 from lopd_jax.models import hf, presets, qwen3
-from lopd_jax.prompts import PromptError
-from lopd_jax.provenance import ProvenanceError
-from lopd_jax.store import RolloutStore, StoreError
-from lopd_jax.store_lock import pid_alive
+from lopd_jax.parallel import distributed, sharding
+from lopd_jax.store import RolloutStore, StoreError, provenance
+from lopd_jax.store.lock import pid_alive
+from lopd_jax.store.provenance import ProvenanceError
+from lopd_jax.training import config as config_lib
+from lopd_jax.training.checkpoint import CheckpointCorruptError
+from lopd_jax.training.config import ConfigError, TrainConfig
 
 SCRATCH = "scratch"  # model.init value: random weights of model.config
 
@@ -67,7 +68,7 @@ class Setup:
     warnings: list[str] = dataclasses.field(default_factory=list)
     resume_changes: dict = dataclasses.field(default_factory=dict)  # {dotted key: [saved, now]} allowed on resume
     prompts: list[list[int]] | None = None  # opd
-    stop_ids: tuple[int, ...] = ()  # opd and evaluation: where sampling stops (lopd_jax.prompts.stop_ids)
+    stop_ids: tuple[int, ...] = ()  # opd and evaluation: where sampling stops (lopd_jax.data.prompts.stop_ids)
     _tokenizer: Any = None
 
     @property
@@ -180,7 +181,7 @@ def _max_token_id(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int]:
 
 def _check_store(cfg: TrainConfig, setup: Setup) -> None:
     try:
-        store = RolloutStore.open(cfg.data.store)  # a store, or a sharded dataset (lopd_jax.store_dataset)
+        store = RolloutStore.open(cfg.data.store)  # a store, or a sharded dataset (lopd_jax.store.dataset)
     except StoreError as e:
         raise StoreError(f"data.store: {e}") from None
     if (problem := store.incomplete()) is not None:  # a dataset's shard still being written
@@ -275,7 +276,7 @@ def _generation_dir(cfg: TrainConfig, setup: Setup) -> str:
 
 
 def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
-    """Online OPD's prompts, encoded with ``lopd_jax.prompts`` (the precompute rollouts' encoder)."""
+    """Online OPD's prompts, encoded with ``lopd_jax.data.prompts`` (the precompute rollouts' encoder)."""
     try:
         rows = prompts.read_prompts(cfg.data.prompts)
         setup.prompts = prompts.encode_prompts(setup.tokenizer, rows, cfg.prompt)
@@ -292,7 +293,7 @@ def _check_stop_ids(cfg: TrainConfig, setup: Setup) -> None:
 
 
 def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
-    from lopd_jax import eval as evaluation
+    from lopd_jax.inference import evaluation
 
     try:
         rows = evaluation.load_eval_set(cfg.eval.prompts)

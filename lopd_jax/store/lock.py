@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from lopd_jax.store_layout import StoreError
+from lopd_jax.store.layout import StoreError
 
 LOCK_FILE = ".writer.lock"
 

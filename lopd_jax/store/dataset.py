@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from lopd_jax.store_layout import MANIFEST, StoreError, child_spec, describe, kvstore_spec, local_dir, open_kvstore
-from lopd_jax.store_reader import StoreReader
+from lopd_jax.store.layout import MANIFEST, StoreError, child_spec, describe, kvstore_spec, local_dir, open_kvstore
+from lopd_jax.store.reader import StoreReader
 
 SHARD_DIR = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
 # Manifest fields every shard must agree on (what the samples mean), and those of the teacher, among scored shards.

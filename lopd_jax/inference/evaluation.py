@@ -7,7 +7,7 @@ Metrics take a boolean matrix `correct` of shape [n_prompts, k] (k samples per p
 pass@1 (unbiased estimate from the k samples), avg@k (mean and spread over the k sampling runs) and the
 unbiased pass@k estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code").
 
-Eval sets are read, encoded and sampled to the stop ids of ``lopd_jax.prompts``, like every other prompt set.
+Eval sets are read, encoded and sampled to the stop ids of ``lopd_jax.data.prompts``, like every other prompt set.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from lopd_jax import prompts
-from lopd_jax.prompts import PromptError
+from lopd_jax.data import prompts
+from lopd_jax.data.prompts import PromptError
 
 GradeKind = Literal["math", "exact"]
 
@@ -206,7 +206,7 @@ def load_eval_set(path: str | Path) -> list[dict]:
 
     Returns one dict per line with every original field plus `prompt` (str, unless the row has `messages`),
     `answer` (str; numbers converted) and `line`. Blank lines are skipped. Lines are read by
-    ``lopd_jax.prompts`` (the prompt-file reader every mode uses); PromptError (a ValueError) names the file and
+    ``lopd_jax.data.prompts`` (the prompt-file reader every mode uses); PromptError (a ValueError) names the file and
     line of a malformed line or a missing field, or the file when it is missing or empty.
     """
     rows = [_eval_row(row, where) for where, row in prompts.read_objects(path)]
@@ -219,7 +219,7 @@ class Evaluator:
     """``k`` samples per held-out prompt from the current params, graded (math-verify or exact match).
 
     The prompts are encoded with ``prompt_cfg`` and sampling stops at exactly ``stop_ids`` (both from
-    ``lopd_jax.prompts``), as online OPD and the precompute rollouts do, so every mode evaluates the same tokens.
+    ``lopd_jax.data.prompts``), as online OPD and the precompute rollouts do, so every mode evaluates the same tokens.
     jax and the sampler are imported on use: the grading helpers above stay importable without them.
     """
 
@@ -235,7 +235,7 @@ class Evaluator:
         stop_ids: Sequence[int],
         prompt_cfg: prompts.PromptConfig,
     ):
-        from lopd_jax import sampling
+        from lopd_jax.inference import sampling
 
         rows = load_eval_set(eval_cfg.prompts)
         rows = rows[: eval_cfg.num_prompts] if eval_cfg.num_prompts > 0 else rows
@@ -257,7 +257,7 @@ class Evaluator:
         import jax
         from tqdm import tqdm
 
-        from lopd_jax import sampling
+        from lopd_jax.inference import sampling
 
         n, k = len(self.prompts), self.cfg.k
         t0 = time.perf_counter()

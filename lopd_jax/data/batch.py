@@ -1,7 +1,7 @@
 """The training batch contract (DESIGN.md) and the per-sample shift that builds its rows.
 
 Nothing here imports a data-loader package: the loss, the update step, ``--plan`` and the benchmarks import
-``Batch`` from this module, and only the trainer's loader (``lopd_jax.data``) needs Grain.
+``Batch`` from this module, and only the trainer's loader (``lopd_jax.data.loader``) needs Grain.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from lopd_jax.store_layout import LOGPROB_MAX  # the bound precompute.validate checks too
+from lopd_jax.store.layout import LOGPROB_MAX  # the bound precompute.validate checks too
 
 
 @struct.dataclass

@@ -1,4 +1,4 @@
-"""The Grain pipeline that builds training batches (``lopd_jax.batch.Batch``) from a RolloutStore.
+"""The Grain pipeline that builds training batches (``lopd_jax.data.batch.Batch``) from a RolloutStore.
 
 ``data.store`` may also be a sharded dataset directory (``RolloutStore.open`` returns a ``RolloutDataset``): its
 samples are indexed 0..N-1 in shard order, so the pipeline, its shuffling and its checkpoints are the same as for
@@ -14,7 +14,7 @@ import grain
 import jax
 import numpy as np
 
-from lopd_jax.batch import Batch, DataConfig, DataError, shift_sample
+from lopd_jax.data.batch import Batch, DataConfig, DataError, shift_sample
 
 __all__ = ["Batch", "DataConfig", "DataError", "DataIterator", "make_dataset", "make_iterator", "shift_sample"]
 

@@ -1,6 +1,6 @@
 """The one step builder: ``build(cfg, setup) -> TrainStep`` (abstract state, jitted step, shardings).
 
-The trainer (``lopd_jax.train``), ``--plan`` (``lopd_jax.plan``) and the benchmarks (``benchmarks.train_step``) all
+The trainer (``lopd_jax.train``), ``--plan`` (``lopd_jax.plan.planner``) and the benchmarks (``benchmarks.train_step``) all
 get their update step here, so what ``--plan`` compiles and what a benchmark times is the program the trainer runs.
 They differ only in the ``setup`` they pass: its model config (``--plan`` may choose another attention or MoE
 implementation for a backend that cannot compile the configured one, and says so) and its mesh.
@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lopd_jax import losses, sharding, update
-from lopd_jax.batch import Batch
+from lopd_jax import losses, update
+from lopd_jax.data.batch import Batch
 from lopd_jax.models import qwen3
+from lopd_jax.parallel import sharding
 
 if TYPE_CHECKING:
-    from lopd_jax.config import TrainConfig
+    from lopd_jax.training.config import TrainConfig
 
 # The Batch contract's dtypes (DESIGN.md): token ids int32, masks and log-probs float32.
 BATCH_DTYPES = {f.name: jnp.int32 for f in dataclasses.fields(Batch)}
@@ -111,7 +112,7 @@ def make(
     grad_accum: int = 1,
     seed: int = 0,
 ) -> TrainStep:
-    """``build`` with the config's sections passed one by one: for callers that cannot import ``lopd_jax.config``
+    """``build`` with the config's sections passed one by one: for callers that cannot import ``lopd_jax.training.config``
     (the benchmarks run where grain, which the full config schema imports, is absent)."""
     opt = update.make_optimizer(optimizer)
     abstract = abstract_state(setup, opt, seed)

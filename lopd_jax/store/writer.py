@@ -1,7 +1,7 @@
 """RolloutWriter: appends samples and teacher columns to a RolloutStore and commits them (the writer layer).
 
-It imports the format (``lopd_jax.store_layout``, where the layout and the commit protocol are described) and the
-writer lock (``lopd_jax.store_lock``), never the reader: a writer checks what it resumes with the layout's own
+It imports the format (``lopd_jax.store.layout``, where the layout and the commit protocol are described) and the
+writer lock (``lopd_jax.store.lock``), never the reader: a writer checks what it resumes with the layout's own
 checks. Writers are obtained with ``RolloutStore.create`` / ``RolloutStore.open_for_append`` (``lopd_jax.store``).
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorstore as ts
 
-from lopd_jax.store_layout import (
+from lopd_jax.store.layout import (
     FINISH_REASONS,
     FORMAT,
     MANIFEST,
@@ -46,7 +46,7 @@ from lopd_jax.store_layout import (
     required_lengths,
     write_manifest,
 )
-from lopd_jax.store_lock import StoreLock
+from lopd_jax.store.lock import StoreLock
 
 
 class _Column:

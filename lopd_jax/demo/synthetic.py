@@ -34,7 +34,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lopd_jax.eval import grade
+from lopd_jax.inference.evaluation import grade
 
 # Special tokens first so their ids never move: <|endoftext|>=0 (also pad, as in Qwen), <|im_start|>=1,
 # <|im_end|>=2 (eos: the end of an assistant turn), <|unk|>=3.
@@ -234,7 +234,7 @@ def grade_response(response: str, answer: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: `python -m lopd_jax.synthetic --out DIR --seed S ...` (the demo's first stage)
+# Command line: `python -m lopd_jax.demo.synthetic --out DIR --seed S ...` (the demo's first stage)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -242,7 +242,7 @@ def _parse_args(argv: list[str] | None):
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m lopd_jax.synthetic",
+        prog="python -m lopd_jax.demo.synthetic",
         description="Write the column-addition task: DIR/tokenizer/ (transformers tokenizer with chat template) and "
         "the disjoint prompt sets DIR/{teacher,sft,opd,eval}.jsonl.",
     )

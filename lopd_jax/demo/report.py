@@ -1,6 +1,6 @@
 """The report of a multi-stage run (the demo): a printed table and PNG plots from the pipeline's stage records.
 
-``lopd_jax.pipeline.run_pipeline`` returns one record per stage (``name``, ``group``, ``loop`` values,
+``lopd_jax.demo.pipeline.run_pipeline`` returns one record per stage (``name``, ``group``, ``loop`` values,
 ``seconds``, ``cached``, ``result``: the stage's result JSON, e.g. a training run's ``eval.json``). The config's
 optional ``report`` section says which stages are the methods being compared::
 
@@ -127,7 +127,7 @@ def _metric_sum(run_dir: Path, stage: str, key: str) -> float:
     path = run_dir / stage / "metrics.jsonl"
     if not path.exists():
         return 0.0
-    from lopd_jax.metrics import read_metrics
+    from lopd_jax.training.metrics import read_metrics
 
     return float(sum(r.get(key, 0.0) for r in read_metrics(path) if isinstance(r.get(key), (int, float))))
 

@@ -13,7 +13,7 @@ Each module owns the dataclass of its own settings (docs/internals.md); ``TrainC
 overrides (each value parsed by ``yaml.safe_load`` too), and builds the dataclass tree field by field from the
 type hints. An unknown key or a value of the wrong type raises ``ConfigError`` naming the dotted key and where it
 came from (the file or the command line). A file whose top level lists ``stages`` is a pipeline, not a training
-config: callers check ``is_pipeline(read_yaml(path))`` and hand it to ``lopd_jax.pipeline``.
+config: callers check ``is_pipeline(read_yaml(path))`` and hand it to ``lopd_jax.demo.pipeline``.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lopd_jax.batch import DataConfig
-from lopd_jax.checkpoint import CheckpointConfig
+from lopd_jax.data.batch import DataConfig
+from lopd_jax.data.prompts import PromptConfig
+from lopd_jax.inference.sampling import SamplingConfig
 from lopd_jax.losses import LossConfig
 from lopd_jax.models.qwen3_specs import Attention, DecodeAttention, Matmuls, Qwen3Config, Remat
-from lopd_jax.prompts import PromptConfig
-from lopd_jax.sampling import SamplingConfig
-from lopd_jax.sharding import MeshConfig
+from lopd_jax.parallel.sharding import MeshConfig
+from lopd_jax.training.checkpoint import CheckpointConfig
 from lopd_jax.update import OptimizerConfig
 
 
@@ -310,7 +310,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def is_pipeline(raw: Mapping[str, Any]) -> bool:
-    """Whether a config file lists ``stages`` (run by lopd_jax.pipeline) instead of describing one run."""
+    """Whether a config file lists ``stages`` (run by lopd_jax.demo.pipeline) instead of describing one run."""
     return "stages" in raw
 
 
@@ -367,7 +367,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     """
     raw = read_yaml(path)
     if is_pipeline(raw):
-        raise ConfigError(f"{path}: lists 'stages': it is a pipeline config (run it with lopd_jax.pipeline)")
+        raise ConfigError(f"{path}: lists 'stages': it is a pipeline config (run it with lopd_jax.demo.pipeline)")
     raw, origin = apply_overrides(raw, overrides)
     try:
         cfg = from_dict(TrainConfig, raw)

@@ -1,6 +1,6 @@
 """StoreReader: the committed samples of one RolloutStore, read-only (the reader layer of ``lopd_jax.store``).
 
-It imports only the format (``lopd_jax.store_layout``); sharded datasets (``lopd_jax.store_dataset``) are built
+It imports only the format (``lopd_jax.store.layout``); sharded datasets (``lopd_jax.store.dataset``) are built
 from it, and ``lopd_jax.store.RolloutStore`` (the entry point users call) is it plus the ``open`` / ``create`` /
 ``open_for_append`` factories, which need the dataset and the writer above it.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lopd_jax.store_layout import (
+from lopd_jax.store.layout import (
     FINISH_REASONS,
     TOKEN_ARRAYS,
     TOPK_ARRAYS,
@@ -34,7 +34,7 @@ from lopd_jax.store_layout import (
 
 
 class StoreReader:
-    """Read-only view of the committed samples of one store (``lopd_jax.store_layout`` describes the format)."""
+    """Read-only view of the committed samples of one store (``lopd_jax.store.layout`` describes the format)."""
 
     def __init__(self, path: str | os.PathLike | dict):
         self.spec = kvstore_spec(path)
