@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from lopd_jax.atomic import write_atomic
 
 
 def _ms(s: dict[str, float]) -> str:
@@ -239,19 +240,12 @@ def plot(doc: dict, path: Path) -> Path | None:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write then rename: a reader (or a kill mid-write) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write(doc: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     """Write ``stem``.json, ``stem``.md and ``stem``_ratios.png under ``out_dir``; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    _atomic_write(paths[0], json.dumps(doc, indent=1, default=float) + "\n")
-    _atomic_write(paths[1], markdown(doc))
+    write_atomic(paths[0], json.dumps(doc, indent=1, default=float) + "\n")
+    write_atomic(paths[1], markdown(doc))
     png = plot(doc, out_dir / f"{stem}_ratios.png")
     return paths + ([png] if png else [])
 

@@ -1,4 +1,5 @@
-"""Rollout sampling side by side: the JAX engine (``lopd_jax.inference.sampling.generate``) vs ``transformers.generate``.
+"""Rollout sampling side by side: the JAX engine (``lopd_jax.inference.sampling.generate``) vs
+``transformers.generate``.
 
 Same weights (ours saved with ``qwen3.save_hf`` and loaded by transformers), same prompts (``n`` copies of
 equal-length random prompts, so transformers needs no padding), greedy decoding of ``max_new`` tokens with no

@@ -83,7 +83,8 @@ _LAUNCHER_VARS = re.compile(r"^(LOPD_PROCESS_ID|LOPD_NUM_PROCESSES|SLURM_.*|XLA_
 
 
 def build_inputs(root: Path, sizes: ShardSizes) -> dict[str, Path]:
-    """The demo task (``lopd_jax.demo.synthetic``), its worked solutions imported as a store (``precompute.import_jsonl``),
+    """The demo task (``lopd_jax.demo.synthetic``), its worked solutions imported as a store
+    (``precompute.import_jsonl``),
     a second store of the first ``reader_samples`` of them, and a random teacher saved with the task's tokenizer
     (so the stores' tokenizer fingerprint is the teacher's)."""
     from lopd_jax.demo import synthetic

@@ -1,5 +1,6 @@
 """Training-step throughput: tokens/s, model FLOPs per token, MFU, peak memory and compile time of the trainer's own
-jitted update step (``lopd_jax.training.step.build``: ``update.make_update_step`` over ``losses.opd_loss``) on a one-device
+jitted update step (``lopd_jax.training.step.build``: ``update.make_update_step`` over ``losses.opd_loss``) on a
+one-device
 mesh, on random weights and a synthetic batch."""
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def make_optimizer(cfg: Qwen3Config, lr: float = 1e-5):
 
 
 def build_step(cfg: Qwen3Config, loss_cfg: losses.LossConfig | None = None, lr: float = 1e-5) -> step_lib.TrainStep:
-    """The trainer's own step (``lopd_jax.training.step``) for model ``cfg`` on a one-device mesh: mode lightning_opd (the
+    """The trainer's own step (``lopd_jax.training.step``) for model ``cfg`` on a one-device mesh: mode lightning_opd
+    (the
     OPD loss every OPD mode trains), one micro-batch per step."""
     mesh_cfg = MeshConfig()
     setup = step_lib.StepSetup(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:1]), mesh_cfg.logical_rules())

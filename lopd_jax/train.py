@@ -1,6 +1,7 @@
 """The trainer: ``python -m lopd_jax.train --config FILE [key.sub=value ...] [--plan]``.
 
-Modes (``mode:`` in the config), one jitted update step (``lopd_jax.training.step.build``: ``update.make_update_step`` with
+Modes (``mode:`` in the config), one jitted update step (``lopd_jax.training.step.build``:
+``update.make_update_step`` with
 the mode's loss; ``--plan`` and the benchmarks compile the same step):
 
 * ``sft``: cross entropy on a store of teacher answers; the exported model records the store's ``sft_teacher``.
@@ -12,7 +13,8 @@ the mode's loss; ``--plan`` and the benchmarks compile the same step):
 
 Everything is validated before the run directory is created (``train_setup.validated``): a bad config, store,
 provenance or vocabulary exits with status 2 and one ``error: ...`` line, and writes nothing. A config listing
-``stages`` is a pipeline (``lopd_jax.demo.pipeline``); ``--plan`` hands the resolved config to ``lopd_jax.plan.planner``.
+``stages`` is a pipeline (``lopd_jax.demo.pipeline``); ``--plan`` hands the resolved config to
+``lopd_jax.plan.planner``.
 
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` + ``tensorboard/``, ``checkpoints/``
 (orbax: TrainState + the Grain iterator state, every ``checkpoint.every_steps`` and at the end), ``eval.json``,
@@ -38,6 +40,7 @@ import yaml
 from jax.sharding import NamedSharding
 
 from lopd_jax import update
+from lopd_jax.atomic import write_atomic
 from lopd_jax.data.loader import Batch, make_iterator
 from lopd_jax.models import hf, qwen3
 from lopd_jax.parallel import distributed, sharding
@@ -357,12 +360,6 @@ def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _record_config(cfg: TrainConfig, setup: Setup, run_dir: Path) -> None:
     """Saves the resolved config: ``config.yaml`` (for people) and ``CONFIG_RECORD`` with its fingerprint beside
     the checkpoints (what ``resume`` compares). A resume never replaces them (allowed changes,
@@ -373,18 +370,18 @@ def _record_config(cfg: TrainConfig, setup: Setup, run_dir: Path) -> None:
     if yaml_file.exists() and yaml_file.read_text(encoding="utf-8", errors="replace") != text:
         if cfg.resume:
             if setup.resume_changes:
-                _write_atomic(_next_free(run_dir, "config.resume-{}.yaml"), text)
+                write_atomic(_next_free(run_dir, "config.resume-{}.yaml"), text)
         else:
             kept = _next_free(run_dir, "config.prev-{}.yaml")
             yaml_file.rename(kept)
             print(f"note: {yaml_file} held another config; kept as {kept}", file=sys.stderr, flush=True)
     if not yaml_file.exists():
-        _write_atomic(yaml_file, text)
+        write_atomic(yaml_file, text)
     record = checkpoint_dir(cfg) / CONFIG_RECORD
     if not (cfg.resume and record.exists()):
         record.parent.mkdir(parents=True, exist_ok=True)
         body = {"fingerprint": config_lib.config_fingerprint(cfg), "config": config_lib.to_dict(cfg)}
-        _write_atomic(record, json.dumps(body, indent=1))
+        write_atomic(record, json.dumps(body, indent=1))
 
 
 def _next_free(run_dir: Path, pattern: str) -> Path:
@@ -435,7 +432,7 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path) -> dict:
     export(cfg, setup, run.state.params, run_dir)
     if jax.process_index() == 0:
         if last_eval:
-            _write_atomic(run_dir / "eval.json", json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
+            write_atomic(run_dir / "eval.json", json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
         if cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
     return {**run.logger.last, **last_eval}

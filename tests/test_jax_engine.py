@@ -1,6 +1,7 @@
 """precompute.engines.jax_engine: teacher scores against transformers, bucketing plan.
 
-JaxEngine.generate (a thin call of lopd_jax.inference.sampling) is checked against transformers' greedy generate end to end
+JaxEngine.generate (a thin call of lopd_jax.inference.sampling) is checked against transformers' greedy generate end
+to end
 in tests/test_precompute_cli.py."""
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""lopd_jax.demo.report: per-method aggregation over foreach instances, shared stages, teacher compute, tables, plots."""
+"""lopd_jax.demo.report: per-method aggregation over foreach instances, shared stages, teacher compute, tables,
+plots."""
 
 import json
 

@@ -1,7 +1,8 @@
 """Prompt files, chat-template encoding and stop ids: the ONE prompt encoder.
 
 Lightning OPD's rollouts (``precompute.rollouts``, ``precompute.import_jsonl``), the online-OPD baseline
-(``lopd_jax.training.online_opd``) and held-out evaluation (``lopd_jax.inference.evaluation.Evaluator``) all read prompts, encode them and
+(``lopd_jax.training.online_opd``) and held-out evaluation (``lopd_jax.inference.evaluation.Evaluator``) all read
+prompts, encode them and
 choose their stop tokens here. Two encoders with slightly different rules would tokenize the same prompt
 differently (or stop on different tokens) in the two arms of exactly the comparison the project exists to make.
 

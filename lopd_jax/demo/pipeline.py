@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lopd_jax.atomic import write_atomic
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _STAGE_KEYS = {"name", "cmd", "group", "result", "foreach"}
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")  # one path component: never "..", "/" or absolute
@@ -237,9 +239,7 @@ class Pipeline:
         if code != 0:
             raise PipelineError(f"stage {stage.name!r} failed (exit {code}); log: {out / 'stage.log'}")
         rec = {"key": key, "cmd": cmd, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        tmp = out / "stage.json.tmp"
-        tmp.write_text(json.dumps(rec, indent=1))
-        tmp.replace(out / "stage.json")  # the marker appears only once the stage has fully succeeded
+        write_atomic(out / "stage.json", json.dumps(rec, indent=1))  # the marker appears once the stage succeeded
         return rec | {"cached": False}
 
 
@@ -259,7 +259,5 @@ def run_pipeline(raw_config: dict, source: str, *, run_dir: str | None = None, f
     stages = expand_stages(raw_config.get("stages"), source)
     run_dir = run_dir or raw_config.get("run_dir") or os.path.join("runs", Path(source).stem)
     records = Pipeline(stages, run_dir).run(force=force)
-    tmp = Path(run_dir, "pipeline.json.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    tmp.replace(Path(run_dir, "pipeline.json"))
+    write_atomic(Path(run_dir, "pipeline.json"), json.dumps(records, indent=1))
     return records

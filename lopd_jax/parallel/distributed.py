@@ -9,7 +9,8 @@ Call it first thing in a launcher, before anything touches a device. A run is mu
 Otherwise (one process) it does nothing, so the same command runs on a laptop and on a cluster.
 
 After it, ``jax.devices()`` lists every device of every process and one ``Mesh`` spans them all; each process
-feeds its own rows of the global batch (``global_batch``), as ``lopd_jax.data.loader`` reads only its slice of the store.
+feeds its own rows of the global batch (``global_batch``), as ``lopd_jax.data.loader`` reads only its slice of the
+store.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The plan resolves the config, builds the mesh over ``jax.devices()`` (on a laptop: fake CPU devices via
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``), takes the architecture from the preset name or the HF
 directory's ``config.json`` (never the weights; ``train_setup.model_config``, as the trainer), and lowers and
-compiles the trainer's own update step (``lopd_jax.training.step.build``, the builder the trainer calls) on abstract, sharded
+compiles the trainer's own update step (``lopd_jax.training.step.build``, the builder the trainer calls) on abstract,
+sharded
 shapes. It prints the parameter count, the sharding of the largest tensors, and XLA's per-device memory figures of
 the compiled step.
 
@@ -19,7 +20,8 @@ scores), and, on XLA:CPU, which expands ``lax.ragged_dot`` through a dense [A, E
 remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
 param-sized fp32 temporary), so CPU figures lean high; on a GPU host ``--plan`` compiles the real ops.
 
-``--target NAME`` (``lopd_jax.plan.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a libtpu
+``--target NAME`` (``lopd_jax.plan.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a
+libtpu
 topology, or XLA:GPU through the CUDA plugin from a device description. Then the figures are that compiler's, the
 real ops compile (splash or cuDNN attention, native ragged_dot), the budget is the chip's HBM, and a roofline
 step-time estimate is added. ``attention: auto`` resolves for the compile platform (``planned_attention``).

@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
+
+from lopd_jax.atomic import write_atomic
 
 FORMAT = "lopd_jax.rollout_store"
 SCHEMA_VERSION = 1
@@ -155,12 +156,7 @@ def write_manifest(spec: dict, manifest: dict) -> None:
     if local is None:
         open_kvstore(spec).write(MANIFEST, data).result()  # a single-key put is atomic on every kvstore driver
         return
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=local)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(local, MANIFEST))
+    write_atomic(os.path.join(local, MANIFEST), data)
 
 
 def delete_manifest(spec: dict) -> None:

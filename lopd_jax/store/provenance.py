@@ -23,9 +23,10 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import time
 from pathlib import Path
+
+from lopd_jax.atomic import write_atomic
 
 PROVENANCE_FILE = "lopd_provenance.json"
 CACHE_ENV = "LOPD_JAX_FINGERPRINT_CACHE"
@@ -81,10 +82,7 @@ def _save_cache(updates: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         cache = {**_load_cache(), **updates}  # re-read: another process may have added entries meanwhile
-        fd, tmp = tempfile.mkstemp(prefix=".fingerprints.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(cache), durable=False)  # a cache: losing it only costs a recomputation
     except OSError:
         pass  # read-only home: fingerprints stay correct, just not cached
 
@@ -212,10 +210,7 @@ def write_provenance(model_dir: str | os.PathLike, **fields) -> dict:
     """Merge ``fields`` (e.g. sft_teacher=fingerprint) into ``model_dir/lopd_provenance.json``; returns it all."""
     path = Path(model_dir) / PROVENANCE_FILE
     record = {**read_provenance(model_dir), **fields, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    fd, tmp = tempfile.mkstemp(prefix=".provenance.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=1, sort_keys=True))
     return record
 
 

@@ -1,6 +1,7 @@
 """The one step builder: ``build(cfg, setup) -> TrainStep`` (abstract state, jitted step, shardings).
 
-The trainer (``lopd_jax.train``), ``--plan`` (``lopd_jax.plan.planner``) and the benchmarks (``benchmarks.train_step``) all
+The trainer (``lopd_jax.train``), ``--plan`` (``lopd_jax.plan.planner``) and the benchmarks
+(``benchmarks.train_step``) all
 get their update step here, so what ``--plan`` compiles and what a benchmark times is the program the trainer runs.
 They differ only in the ``setup`` they pass: its model config (``--plan`` may choose another attention or MoE
 implementation for a backend that cannot compile the configured one, and says so) and its mesh.
@@ -112,7 +113,8 @@ def make(
     grad_accum: int = 1,
     seed: int = 0,
 ) -> TrainStep:
-    """``build`` with the config's sections passed one by one: for callers that cannot import ``lopd_jax.training.config``
+    """``build`` with the config's sections passed one by one: for callers that cannot import
+    ``lopd_jax.training.config``
     (the benchmarks run where grain, which the full config schema imports, is absent)."""
     opt = update.make_optimizer(optimizer)
     abstract = abstract_state(setup, opt, seed)
