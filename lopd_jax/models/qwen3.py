@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from lopd_jax.models.fused_attention import attention_cudnn, attention_splash
 from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
@@ -49,25 +48,6 @@ def dtype_of(name: str) -> jnp.dtype:
 # --------------------------------------------------------------------------- init
 
 
-class _Qwen3Params(nnx.Module):
-    """Holds one ``nnx.Param`` per ParamSpec leaf, annotated with its logical axes (sharding metadata)."""
-
-    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
-        def make(spec: ParamSpec) -> nnx.Param:
-            if spec.init == "normal":  # transformers' _init_weights: normal(0, initializer_range)
-                value = (cfg.initializer_range * jax.random.normal(rngs.params(), spec.shape)).astype(spec.dtype)
-            else:
-                value = _filled(spec)
-            return nnx.Param(value, out_sharding=spec.axes, eager_sharding=False)
-
-        def build(tree: Any) -> Any:
-            if is_param_spec(tree):
-                return make(tree)
-            return nnx.Dict({k: build(v) for k, v in tree.items()})
-
-        self.tree = build(param_specs(cfg))
-
-
 def _filled(spec: ParamSpec) -> jax.Array:
     """The array of a "ones" / "zeros" spec."""
     return (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, jnp.dtype(spec.dtype))
@@ -76,10 +56,25 @@ def _filled(spec: ParamSpec) -> jax.Array:
 def init_params(cfg: Qwen3Config, key: jax.Array) -> Params:
     """Random params (normal(0, initializer_range), norms at 1) as a nested dict of arrays, layout of param_specs.
 
+    Built from the spec table alone: the i-th "normal" leaf in declaration order draws from ``fold_in(key, i)``.
     Jit it with ``out_shardings=param_shardings(cfg, mesh)`` to create the weights already sharded.
     """
-    module = _Qwen3Params(cfg, nnx.Rngs(params=key))
-    return nnx.to_pure_dict(nnx.state(module))["tree"]
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    drawn = 0
+
+    def make(spec: ParamSpec) -> jax.Array:
+        nonlocal drawn
+        if spec.init != "normal":
+            return _filled(spec)
+        leaf_key = jax.random.fold_in(key, drawn)  # transformers' _init_weights: normal(0, initializer_range)
+        drawn += 1
+        return (cfg.initializer_range * jax.random.normal(leaf_key, spec.shape)).astype(spec.dtype)
+
+    def build(tree: Any) -> Any:  # declaration order (jax.tree.map would visit dict keys sorted)
+        return make(tree) if is_param_spec(tree) else {k: build(v) for k, v in tree.items()}
+
+    return build(param_specs(cfg))
 
 
 def param_count(cfg: Qwen3Config) -> int:
