@@ -129,11 +129,11 @@ CPU_50M = Qwen3Config(
     num_key_value_heads=4,
     **dict(_SMALL, head_dim=64),
 )
-#: Issue 16's realistic CPU shape: ~35M parameters (a 32k vocabulary, 6 x 512, tied), B x T = 4 x 256.
+#: A realistic CPU shape: ~35M parameters (a 32k vocabulary, 6 x 512, tied), B x T = 4 x 256.
 CPU_35M = dataclasses.replace(CPU_50M, vocab_size=32000, num_hidden_layers=6, tie_word_embeddings=True)
 #: The model forms a row can differ in (Qwen3Config fields). Their defaults ("auto"; decode attention "dot") are
 #: what the trainer and the engines run: on CPU unrolled layers and 2-D dots for the MLP and lm_head, the einsum
-#: form's own arithmetic (issue 16). The opt-in forms change the last bits; the sampling rows also time them.
+#: form's own arithmetic. The opt-in forms change the last bits; the sampling rows also time them.
 FORM_FIELDS = ("scan_layers", "matmuls", "decode_attention")
 OPT_IN_FORMS = {"decode_attention=reduce": {"decode_attention": "reduce"}}
 

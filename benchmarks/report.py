@@ -97,7 +97,7 @@ def ratios(doc: dict) -> list[tuple[str, dict, float | None]]:
 
 
 def _forms(r: dict) -> str:
-    """The row's model forms (results written before issue 16's merge name none)."""
+    """The row's model forms (older results name none: einsum everywhere)."""
     return f" ({r['forms']})" if "forms" in r else ""
 
 
@@ -133,7 +133,7 @@ def _details(res: dict) -> list[str]:
 
 def _vs_torch_line(r: dict) -> str:
     a = r["agreement"]
-    f64 = a.get("torch_grad_norm_f64")  # clip_grad_norm_'s CPU fp32 norm reads low on large tensors (issue 16)
+    f64 = a.get("torch_grad_norm_f64")  # clip_grad_norm_'s CPU fp32 norm reads low on large tensors
     return (
         f"- OPD step{_forms(r)}, {r['params'] / 1e6:.2f}M params, B x T = {r['batch_size']} x {r['seq_len']}, "
         f"{r['rounds']} alternating rounds of {r['steps_per_round']} steps: JAX {_ms(r['jax_step_s'])} ms, "

@@ -37,7 +37,7 @@ from benchmarks import train_step as ts
 from lopd_jax.models import presets
 
 GPU_PRESETS = gpu_suite.DEFAULT_MODELS  # the driver (gpu.sh) and a direct --suite gpu measure the same models
-# Issue 16's goals: the update step >= 1.0x torch at the demo's shape and >= 1.25x at the 35M one, sampling >= 2x
+# The CPU goals: the update step >= 1.0x torch at the demo's shape and >= 1.25x at the 35M one, sampling >= 2x
 # transformers.generate at batch 32, teacher scoring >= 1.5x, a Lightning step >= 2.5x a standard OPD step.
 GOALS = {
     "vs_torch": 1.0,
@@ -58,7 +58,7 @@ class Sizes:
     torch: tuple[Any, int, int, int, int]  # (cfg, batch, seq_len, rounds, steps per round)
     scoring: tuple[Any, int, int]  # (teacher cfg, sequences, rounds)
     lightning: tuple[Any, Any, int, int, int, int, int]  # (student, teacher, B, T, max_new, steps, rounds)
-    torch_35m: tuple[Any, int, int, int, int] | None = None  # like torch, at issue 16's 35M shape (cpu only)
+    torch_35m: tuple[Any, int, int, int, int] | None = None  # like torch, at the 35M shape (cpu only)
     # (cfg, batch sizes, prompt, new, rounds, opt-in forms also timed)
     sampling: tuple[Any, tuple[int, ...], int, int, int, dict] | None = None
 

@@ -1,4 +1,4 @@
-"""Throughput honesty of sharded precompute (issue 14, item 5), measured side by side in one run on CPU.
+"""Throughput honesty of sharded precompute , measured side by side in one run on CPU.
 
 1. Scoring scale-out. One store of the demo task's samples is scored by ``python -m precompute.teacher_logprobs``
    (JAX engine, a random teacher of the demo's shape saved with the task's tokenizer) as one process pinned to one

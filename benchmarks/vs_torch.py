@@ -98,7 +98,7 @@ def grads_norm_f64(model) -> float:
 
     ``clip_grad_norm_``'s own figure is not an accurate fp32 norm on CPU: torch's fp32 ``vector_norm`` sums into plain
     fp32 accumulators (pytorch/pytorch#68326, #169237), -4e-11 relative per element, so a 32,000 x 512 embedding
-    gradient reads 4e-4 low and the 35M model's norm 1e-4 low while its gradients are right to 1e-7 (issue 16)."""
+    gradient reads 4e-4 low and the 35M model's norm 1e-4 low while its gradients are right to 1e-7."""
     import torch
 
     sq = sum(torch.sum(p.grad.double() ** 2) for p in model.parameters() if p.grad is not None)

@@ -1,4 +1,4 @@
-"""Adversarial cases of the precompute tools and the store (issue 12; the table is in docs/failure-modes.md).
+"""Adversarial cases of the precompute tools and the store (the table is in docs/failure-modes.md).
 
 Each test is a case that failed before: a user directory written into, two writers on one store, a damaged zarr
 chunk, bad prompt files and models, a read-only store, a failed run blocking its corrected rerun, empty stores,

@@ -89,7 +89,7 @@ def test_run_dir_matches_the_pipeline_default():
 
 def test_cumulative_cost_adds_the_model_a_method_starts_from(tmp_path):
     """Lightning OPD starts from the SFT student: its cumulative cost includes the SFT stage, so the accuracy-vs-time
-    plot can never place it left of SFT (it used to read as 'cheaper than SFT')."""
+    plot can never place it left of SFT (it would read as 'cheaper than SFT')."""
     config = {"run_dir": str(tmp_path), "report": {"methods": [dict(m) for m in CONFIG["report"]["methods"]]}}
     config["report"]["methods"][1]["upstream"] = ["sft"]
     sft, lightning, online = report.aggregate(RECORDS, report.method_specs(config, RECORDS), tmp_path, "eval/pass@1")

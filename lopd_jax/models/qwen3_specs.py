@@ -72,7 +72,7 @@ class Qwen3Config:
     # which needs no backend at construction; the trainer's model.attention defaults to "auto".
     attention: AttentionImpl = "xla"
     moe_impl: MoeImpl = "ragged_dot"
-    # How the layers and matmuls are written (issue 16). "auto" (the default) resolves at trace time from the
+    # How the layers and matmuls are written. "auto" (the default) resolves at trace time from the
     # compile platform, so ``--plan --target`` sees the accelerator's forms. The "auto" forms keep the einsum +
     # scan arithmetic on CPU (the demo's weights and accuracies are bit-identical); the opt-in ones change the
     # last bits, which a from-scratch run compounds until its accuracies move.
