@@ -304,7 +304,7 @@ def _host_params(params: Any) -> Any:
 
 
 def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
-    """Provenance fields of the exported model (DESIGN.md, Provenance)."""
+    """Provenance fields of the exported model (docs/design.md "Provenance")."""
     m = setup.manifest
     fields: dict[str, Any] = {
         "training_mode": cfg.mode,

@@ -1,6 +1,6 @@
 """Which shard of a precompute job this process is: ``--num-shards N --shard-index i``, or the launcher's variables.
 
-The cluster's launcher is the scheduler (DESIGN.md "Scale-out"): N independent processes, each told its index by
+The cluster's launcher is the scheduler (docs/design.md "Scale-out"): N independent processes, each told its index by
 flags or by the environment it was started in. Sources, first match wins:
 
   1. the flags ``--num-shards N --shard-index i`` (both or neither);

@@ -1,4 +1,4 @@
-"""The training batch contract (DESIGN.md) and the per-sample shift that builds its rows.
+"""The training batch contract (docs/design.md) and the per-sample shift that builds its rows.
 
 Nothing here imports a data-loader package: the loss, the update step, ``--plan`` and the benchmarks import
 ``Batch`` from this module, and only the trainer's loader (``lopd_jax.data.loader``) needs Grain.

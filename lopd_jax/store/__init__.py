@@ -1,4 +1,4 @@
-"""RolloutStore: the on-disk contract between precompute/ and the trainer (DESIGN.md "RolloutStore").
+"""RolloutStore: the on-disk contract between precompute/ and the trainer (docs/design.md "The RolloutStore").
 
 The store in layers, each importing only the ones below it (no cycles, no private name crosses a module)::
 

@@ -1,4 +1,4 @@
-"""RolloutDataset: a directory of shard stores read as one sequence of samples (DESIGN.md "Scale-out").
+"""RolloutDataset: a directory of shard stores read as one sequence of samples (docs/design.md "Scale-out").
 
 N precompute processes each write their own RolloutStore (one writer per store, its lock) inside one directory::
 

@@ -10,7 +10,7 @@ Fingerprints are ``"sha256:<hex>"`` strings that identify content, not paths:
   special tokens of ``tokenizer_config.json`` / ``special_tokens_map.json``.
 * chat template: the template text (``chat_template.jinja``, ``tokenizer_config.json`` or ``chat_template.json``).
 
-Who records what (DESIGN.md): SFT data records ``sft_teacher`` in its store manifest; the SFT checkpoint records
+Who records what (docs/design.md): SFT data records ``sft_teacher`` in its store manifest; the SFT checkpoint records
 ``sft_teacher`` in ``lopd_provenance.json`` beside its weights (``write_provenance``); a rollout store records
 ``policy`` (weights fingerprint of the rollout model), ``tokenizer`` and ``chat_template``; teacher columns record
 ``teacher``. The cache lives at ``$LOPD_JAX_FINGERPRINT_CACHE`` or ``$XDG_CACHE_HOME/lopd_jax/fingerprints.json``

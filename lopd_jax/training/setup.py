@@ -232,7 +232,7 @@ def _check_store_tokenizer(store_path: str, manifest: dict, tok_dir: str) -> Non
 
 
 def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
-    """Lightning OPD's rules (DESIGN.md, Provenance): raise ProvenanceError, or collect the allowed warnings."""
+    """Lightning OPD's rules (docs/design.md "Provenance"): raise ProvenanceError, or collect the allowed warnings."""
     allow = cfg.allow_teacher_inconsistency
     for warning in (
         provenance.check_teacher_consistency(setup.manifest, setup.init_provenance, allow),

@@ -30,7 +30,7 @@ from lopd_jax.parallel import sharding
 if TYPE_CHECKING:
     from lopd_jax.training.config import TrainConfig
 
-# The Batch contract's dtypes (DESIGN.md): token ids int32, masks and log-probs float32.
+# The Batch contract's dtypes (docs/design.md): token ids int32, masks and log-probs float32.
 BATCH_DTYPES = {f.name: jnp.int32 for f in dataclasses.fields(Batch)}
 BATCH_DTYPES.update(loss_mask=jnp.float32, teacher_logprobs=jnp.float32, behavior_logprobs=jnp.float32)
 

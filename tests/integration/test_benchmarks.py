@@ -17,7 +17,7 @@ import pytest
 from benchmarks import common
 from lopd_jax.models import presets, qwen3
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 #: Run first in a child (PYTHONPATH): the packages the GPU image lacks (and torch) cannot be imported, as if absent

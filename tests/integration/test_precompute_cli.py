@@ -25,7 +25,7 @@ from lopd_jax.store import RolloutStore, provenance
 from precompute import common, import_jsonl, rollouts, teacher_logprobs
 from precompute.validate import validate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 128
 MAX_NEW = 8
 

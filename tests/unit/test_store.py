@@ -196,7 +196,7 @@ def test_crash_and_resume_equals_uninterrupted(tmp_path):
 _KILLED_WRITER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from tests.test_store import LAYOUT, append_rows, make_samples
+from tests.unit.test_store import LAYOUT, append_rows, make_samples
 from lopd_jax.store import RolloutStore
 samples = append_rows(make_samples(400, seed=5))
 w = RolloutStore.open_for_append({path!r}, flush_tokens=200)

@@ -23,7 +23,7 @@ from lopd_jax.training import config as config_lib
 from lopd_jax.training import setup as train_setup
 from lopd_jax.training import step as step_lib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROWS, T = 16, 32
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 

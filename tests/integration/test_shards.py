@@ -27,7 +27,7 @@ from precompute import common, rollouts, shards, teacher_logprobs
 from precompute.common import PrecomputeError
 from precompute.validate import validate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 7 prompts, 2 per batch, 2 samples each: batches of 4, 4, 4, 2 samples; 2 shards take batches [0, 2) and [2, 4),
 # so shard 1 starts at sample 8, a multiple of the scoring window (4): the same scoring batches as one process.
 ROLL = ("--max-new-tokens", "8", "--temperature", "1.0", "--top-p", "0.95", "--n", "2", "--batch-size", "2")

@@ -26,7 +26,7 @@ from lopd_jax.store.lock import LOCK_FILE
 from precompute import common, import_jsonl, rollouts, teacher_logprobs
 from precompute.validate import validate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

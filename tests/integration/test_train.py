@@ -35,7 +35,7 @@ from lopd_jax.store import RolloutStore, provenance
 from lopd_jax.training import online_opd
 from lopd_jax.training.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCH = tiny_arch(**TINY_TOKENS, tie_word_embeddings=False, initializer_range=0.1, rope_theta=10_000.0)
 
 

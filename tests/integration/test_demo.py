@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("teacher", "student_sft-seed0", "lightning_opd-seed0")
 
 

@@ -10,10 +10,7 @@ import pytest
 
 from lopd_jax.inference import evaluation as ev
 
-EVAL_DIR = Path(__file__).parents[2] / "shared" / "data" / "eval"
-needs_eval_data = pytest.mark.skipif(
-    not EVAL_DIR.is_dir(), reason=f"public eval sets not found at {EVAL_DIR} (shared/ must sit beside the repo)"
-)
+EVAL_DIR = Path(__file__).resolve().parents[1] / "data" / "eval"  # the public math sets (tests/data/eval/README.md)
 
 
 def _answers(name: str) -> list[str]:
@@ -55,7 +52,6 @@ def _perturb_int(answer: str) -> str:
     return str(int(answer) + 1)
 
 
-@needs_eval_data
 @pytest.mark.parametrize("name", ["aime24", "aime25", "amc23"])
 def test_integer_benchmarks_right_and_wrong(name):
     answers = _answers(name)
@@ -67,7 +63,6 @@ def test_integer_benchmarks_right_and_wrong(name):
         assert not ev.grade("I could not solve it.", answer), answer
 
 
-@needs_eval_data
 def test_hmmt_latex_answers_equal_when_written_differently():
     answers = set(_answers("hmmt25"))
     rewrites = {  # reference -> (equal forms, unequal forms)
@@ -89,7 +84,6 @@ def test_hmmt_latex_answers_equal_when_written_differently():
             assert not ev.grade(f"so \\boxed{{{form}}}", reference), (reference, form)
 
 
-@needs_eval_data
 def test_every_hmmt_and_math500_answer_round_trips():
     rows = ev.load_eval_set(EVAL_DIR / "hmmt25.jsonl") + ev.load_eval_set(EVAL_DIR / "math500.jsonl")
     assert len(rows) == 530
@@ -97,7 +91,6 @@ def test_every_hmmt_and_math500_answer_round_trips():
     assert failed == []
 
 
-@needs_eval_data
 def test_math500_answers_graded_wrong_against_another_problem():
     answers = [r["answer"] for r in ev.load_eval_set(EVAL_DIR / "math500.jsonl")][:60]
     # Pair each answer with a different problem's answer that is not the same string.
@@ -179,7 +172,6 @@ def test_pass_and_avg_metrics():
 # --- loading ----------------------------------------------------------------------------------------------
 
 
-@needs_eval_data
 def test_load_all_public_sets_and_aime25_quirks():
     counts = {"aime24": 30, "aime25": 30, "amc23": 40, "hmmt25": 30, "math500": 500}
     for name, n in counts.items():
