@@ -49,7 +49,7 @@ def build_step(cfg: Qwen3Config, loss_cfg: losses.LossConfig | None = None, lr: 
     mesh_cfg = MeshConfig()
     setup = step_lib.StepSetup(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:1]), mesh_cfg.logical_rules())
     loss = loss_cfg or losses.LossConfig()
-    return step_lib.make(setup, mode="lightning_opd", optimizer=optimizer_config(lr), loss=loss)
+    return step_lib.build(setup, mode="lightning_opd", optimizer=optimizer_config(lr), loss=loss)
 
 
 def make_state(built: step_lib.TrainStep, cfg: Qwen3Config, seed: int = 0) -> update.TrainState:

@@ -234,7 +234,7 @@ def _evaluator(cfg: TrainConfig, setup: Setup):
 
 def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
     """Builds the state (restored when resuming), the step, the batches, the checkpointer and the logger."""
-    built = step_lib.build(cfg, setup)  # the one step builder (--plan and the benchmarks compile the same)
+    built = step_lib.build(setup, **step_lib.settings(cfg))  # the one step builder: --plan compiles the same
     abstract = built.abstract_state
     data_iter = make_iterator(cfg.data) if cfg.mode != "opd" else None
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint)

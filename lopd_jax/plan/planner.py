@@ -181,7 +181,7 @@ _FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expe
 
 @dataclasses.dataclass(frozen=True)
 class PlannedStep:
-    """The step ``--plan`` compiles: ``step.build(cfg, setup)``, the trainer's builder, for the compile platform."""
+    """The step ``--plan`` compiles: ``step.build``, the trainer's builder, for the compile platform."""
 
     setup: step_lib.StepSetup  # model_cfg: the config's, with the planned attention / MoE implementation
     built: step_lib.TrainStep
@@ -230,7 +230,7 @@ def planned_step(cfg: TrainConfig, devices: list[jax.Device] | None = None, targ
     platform = tgt.platform if tgt else jax.default_backend()
     model_cfg, notes = planned_model(cfg, platform)
     setup = step_lib.StepSetup(model_cfg, sharding.make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules())
-    return PlannedStep(setup, step_lib.build(cfg, setup), platform, tgt, tuple(notes))
+    return PlannedStep(setup, step_lib.build(setup, **step_lib.settings(cfg)), platform, tgt, tuple(notes))
 
 
 def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> Plan:

@@ -97,14 +97,15 @@ def abstract_state(setup: HasStepSetup, optimizer: optax.GradientTransformation,
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
-def build(cfg: TrainConfig, setup: HasStepSetup) -> TrainStep:
-    """The run's update step: ``cfg.mode``'s loss, ``cfg.optimizer``, ``cfg.train.grad_accum`` micro-batches,
-    jitted over ``setup.mesh`` with explicit state / batch shardings and the state donated (``make``)."""
-    t = cfg.train
-    return make(setup, mode=cfg.mode, optimizer=cfg.optimizer, loss=cfg.loss, grad_accum=t.grad_accum, seed=t.seed)
+def settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The sections of a run's config that ``build`` takes, as keyword arguments: what the trainer runs is what
+    ``--plan`` compiles (both call ``build(setup, **settings(cfg))``)."""
+    return dict(
+        mode=cfg.mode, optimizer=cfg.optimizer, loss=cfg.loss, grad_accum=cfg.train.grad_accum, seed=cfg.train.seed
+    )
 
 
-def make(
+def build(
     setup: HasStepSetup,
     *,
     mode: str,
@@ -113,9 +114,9 @@ def make(
     grad_accum: int = 1,
     seed: int = 0,
 ) -> TrainStep:
-    """``build`` with the config's sections passed one by one: for callers that cannot import
-    ``lopd_jax.training.config``
-    (the benchmarks run where grain, which the full config schema imports, is absent)."""
+    """The update step of a run: ``mode``'s loss, the ``optimizer``, ``grad_accum`` micro-batches per step, jitted
+    over ``setup.mesh`` with explicit state / batch shardings and the state donated. The trainer and ``--plan`` pass
+    their config's sections (``settings``); the benchmarks pass their own."""
     opt = update.make_optimizer(optimizer)
     abstract = abstract_state(setup, opt, seed)
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)

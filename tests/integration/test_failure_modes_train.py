@@ -1,4 +1,4 @@
-"""The trainer side of the adversarial pass: each bad input or crash of the adversarial pass ends as one line (exit 2) or a safe
+"""The trainer side of the adversarial pass: each bad input or crash ends as one line (exit 2) or a safe
 recovery, and nothing a user wrote is lost. Validation failures call ``train.main`` in-process (nothing compiles);
 docs/failure-modes.md lists every case with what the user sees and what is kept.
 """

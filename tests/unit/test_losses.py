@@ -134,8 +134,9 @@ def pack(seqs, per_seq: list[np.ndarray] | None = None) -> Batch | np.ndarray:
 
 
 def torch_opd_loss(model, seqs, normalization: str, old_offsets: bool, eps=(0.2, 0.2)):
-    """The reference objective (docs/design.md) written directly: PPO-clip with A = teacher - old, per-sequence token means summed
-    and divided by the number of sequences (sample_mean), or one mean over all response tokens (token_mean)."""
+    """The reference objective (docs/design.md) written directly: PPO-clip with A = teacher - old, per-sequence token
+    means summed and divided by the number of sequences (sample_mean), or one mean over all response tokens
+    (token_mean)."""
     per_seq, clipped, count = [], 0.0, 0.0
     for s, lp in zip(seqs, torch_seq_logprobs(model, seqs)):
         mask = torch.tensor(np.arange(1, len(s["tokens"])) >= s["prompt"], dtype=torch.float32)

@@ -80,7 +80,7 @@ def trainer_step(cfg) -> tuple:
     """(jitted update step, abstract sharded state, batch sharding) exactly as ``train.start`` builds them."""
     devices = jax.devices()[: cfg.mesh.fsdp]
     setup = Setup(model_config(cfg), sharding.make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules(), "")
-    built = step_lib.build(cfg, setup)  # what train.start calls
+    built = step_lib.build(setup, **step_lib.settings(cfg))  # what train.start calls
     return built.step, built.abstract_state, setup
 
 

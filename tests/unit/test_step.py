@@ -53,7 +53,7 @@ def _sft_config(tmp_path: Path, *overrides: str, **arch) -> config_lib.TrainConf
 def _trainer_text(cfg: config_lib.TrainConfig) -> str:
     """The StableHLO of the step ``train.start`` builds from the validated setup."""
     setup = train_setup.validated(cfg)  # what lopd_jax.train.main hands to train.start
-    return step_lib.build(cfg, setup).lower(cfg.train.batch_size, cfg.train.seq_len).as_text()
+    return step_lib.build(setup, **step_lib.settings(cfg)).lower(cfg.train.batch_size, cfg.train.seq_len).as_text()
 
 
 def test_the_trainer_and_plan_lower_the_same_program(tmp_path):
@@ -76,7 +76,7 @@ def test_plan_of_an_moe_model_on_cpu_differs_only_by_moe_impl(tmp_path):
     setup = train_setup.validated(cfg)
     assert setup.model_cfg.moe_impl == "ragged_dot"
     as_planned = dataclasses.replace(setup, model_cfg=dataclasses.replace(setup.model_cfg, moe_impl="scan"))
-    want = step_lib.build(cfg, as_planned).lower(ROWS, T).as_text()
+    want = step_lib.build(as_planned, **step_lib.settings(cfg)).lower(ROWS, T).as_text()
     assert planned.lower(cfg).as_text() == want
 
 
