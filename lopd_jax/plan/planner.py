@@ -140,9 +140,11 @@ TEACHER_DTYPE = "float32"  # what lopd_jax.train loads the live teacher as (hf.l
 
 def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[str, int]:
     """Mode opd keeps the live teacher resident (TEACHER_DTYPE, student's mesh): its per-device weight bytes."""
-    if cfg.mode != "opd" or not cfg.model.teacher:
-        return {}
+    from lopd_jax.training import modes
     from lopd_jax.training import setup as train_setup
+
+    if not modes.get(cfg.mode).live_teacher or not cfg.model.teacher:
+        return {}
 
     knobs = train_setup.runtime_knobs(cfg.model, attention="xla", param_dtype=TEACHER_DTYPE)
     tcfg = train_setup.architecture(cfg.model.teacher, **knobs)

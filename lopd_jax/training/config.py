@@ -36,7 +36,9 @@ from lopd_jax.inference.sampling import SamplingConfig
 from lopd_jax.losses import LossConfig
 from lopd_jax.models.qwen3_specs import Attention, DecodeAttention, Matmuls, Qwen3Config, Remat
 from lopd_jax.parallel.sharding import MeshConfig
+from lopd_jax.training import modes
 from lopd_jax.training.checkpoint import CheckpointConfig
+from lopd_jax.training.modes import ModeName
 from lopd_jax.update import OptimizerConfig
 
 
@@ -120,7 +122,7 @@ class PlanConfig:
 class TrainConfig:
     """The whole run; ``to_dict(cfg)`` is what the run saves as its resolved config."""
 
-    mode: Literal["sft", "lightning_opd", "opd"]
+    mode: ModeName  # training.modes: the objective, the data source and the teacher of each
     model: ModelConfig
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
@@ -480,9 +482,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if got and got != want:
             raise _KeyError(f"data.{name}", f"{got} contradicts train.{name} = {want}; set it in train only")
         data = dataclasses.replace(data, **{name: want})
-    if cfg.mode == "lightning_opd":
+    mode = modes.get(cfg.mode)
+    if mode.stored_teacher:
         data = dataclasses.replace(data, require_teacher=True)
-    if cfg.mode == "lightning_opd" and cfg.loss.old_policy == "behavior":
+    if mode.stored_teacher and cfg.loss.old_policy == "behavior":
         data = dataclasses.replace(data, require_behavior=True)
     return dataclasses.replace(cfg, data=data)
 
@@ -497,12 +500,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise _KeyError("train.grad_accum", f"{t.grad_accum} does not divide train.batch_size {t.batch_size}")
     if not cfg.model.init:
         raise _KeyError("model.init", "required: an HF checkpoint directory or a preset name")
-    if cfg.mode in ("sft", "lightning_opd") and not cfg.data.store:
-        raise _KeyError("data.store", f"required in mode {cfg.mode!r}: the RolloutStore to train on")
-    if cfg.mode == "opd" and not cfg.model.teacher:
-        raise _KeyError("model.teacher", "required in mode 'opd' (the live teacher)")
-    if cfg.mode == "opd" and not cfg.data.prompts:
-        raise _KeyError("data.prompts", "required in mode 'opd' (the prompts sampled online)")
+    values = flatten(to_dict(cfg))
+    for key, why in modes.get(cfg.mode).requires:
+        if not values.get(key):
+            raise _KeyError(key, f"required in mode {cfg.mode!r}: {why}")
     known = flatten(to_dict(cfg))
     for i, key in enumerate(cfg.resume_may_change):
         if key not in known and not any(k.startswith(key + ".") for k in known):

@@ -26,6 +26,7 @@ from lopd_jax.store import RolloutStore, StoreError, provenance
 from lopd_jax.store.lock import pid_alive
 from lopd_jax.store.provenance import ProvenanceError
 from lopd_jax.training import config as config_lib
+from lopd_jax.training import modes
 from lopd_jax.training.checkpoint import CheckpointCorruptError
 from lopd_jax.training.config import ConfigError, TrainConfig
 
@@ -189,13 +190,14 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
     m = store.manifest
     if len(store) == 0:
         raise StoreError(f"data.store: {store.path} has no committed samples")
-    if cfg.mode == "lightning_opd" and (m.get("teacher") is None or store.teacher_committed < len(store)):
+    mode = modes.get(cfg.mode)
+    if mode.stored_teacher and (m.get("teacher") is None or store.teacher_committed < len(store)):
         raise StoreError(
             f"data.store: {store.path} has no teacher columns for every sample (teacher_committed "
             f"{store.teacher_committed} of {len(store)}, teacher {m.get('teacher')}): mode lightning_opd needs "
             "teacher log-probs; run precompute.teacher_logprobs on it"
         )
-    if cfg.mode == "lightning_opd" and cfg.loss.old_policy == "behavior" and m.get("behavior_logprobs") == "none":
+    if mode.stored_teacher and cfg.loss.old_policy == "behavior" and m.get("behavior_logprobs") == "none":
         raise StoreError(
             f"data.store: {store.path} has no behaviour log-probs (manifest behavior_logprobs: none), but "
             "loss.old_policy: behavior takes the PPO ratio against them; use rollouts with recorded log-probs "
@@ -478,18 +480,20 @@ def prepare(cfg: TrainConfig) -> Setup:
         _check_weights(cfg.model.init, model_cfg, "model.init")
         setup.init_fingerprint = provenance.fingerprint_weights(cfg.model.init)
         setup.init_provenance = provenance.read_provenance(cfg.model.init)
-    if cfg.mode in ("sft", "lightning_opd"):
+    mode = modes.get(cfg.mode)
+    if mode.reads_store:
         _check_store(cfg, setup)
-    if cfg.mode == "lightning_opd":
+    if mode.stored_teacher:
         if setup.init_fingerprint is None:
             raise ConfigError("model.init: lightning_opd starts from the SFT checkpoint, not from scratch")
         _check_teacher_consistency(cfg, setup)
-    if cfg.mode == "opd":
+    if mode.live_teacher:
         _check_teacher_model(cfg, setup)
+    if mode.samples_online:
         _check_prompts(cfg, setup)
     if cfg.eval.prompts:
         _check_eval_set(cfg, setup)
-    if cfg.mode == "opd" or cfg.eval.prompts:
+    if mode.samples_online or cfg.eval.prompts:
         _check_stop_ids(cfg, setup)
     return setup
 

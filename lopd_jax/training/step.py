@@ -26,6 +26,7 @@ from lopd_jax import losses, update
 from lopd_jax.data.batch import Batch
 from lopd_jax.models import qwen3
 from lopd_jax.parallel import sharding
+from lopd_jax.training import modes
 
 if TYPE_CHECKING:
     from lopd_jax.training.config import TrainConfig
@@ -84,8 +85,7 @@ class TrainStep:
 
 def loss_fn(mode: str, model_cfg: qwen3.Qwen3Config, loss_cfg: losses.LossConfig) -> update.LossFn:
     """The loss of ``mode``: SFT cross entropy, or the (Lightning / online) OPD objective."""
-    fn = losses.sft_loss if mode == "sft" else losses.opd_loss
-    return functools.partial(fn, cfg=model_cfg, loss_cfg=loss_cfg)
+    return functools.partial(modes.get(mode).loss, cfg=model_cfg, loss_cfg=loss_cfg)
 
 
 def abstract_state(setup: HasStepSetup, optimizer: optax.GradientTransformation, seed: int) -> update.TrainState:
