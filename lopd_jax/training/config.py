@@ -34,7 +34,7 @@ from lopd_jax.data.batch import DataConfig
 from lopd_jax.data.prompts import PromptConfig
 from lopd_jax.inference.sampling import SamplingConfig
 from lopd_jax.losses import LossConfig
-from lopd_jax.models.qwen3_specs import Attention, DecodeAttention, Matmuls, Qwen3Config, Remat
+from lopd_jax.models.qwen3_specs import Attention, Qwen3Config
 from lopd_jax.parallel.sharding import MeshConfig
 from lopd_jax.training import modes
 from lopd_jax.training.checkpoint import CheckpointConfig
@@ -51,23 +51,45 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The student to start from (and the teacher for online OPD), plus the runtime knobs of Qwen3Config."""
+# The runtime knobs of Qwen3Config that the trainer's ``model`` section sets (model.dtype, model.remat, ...): their
+# types and defaults are read from Qwen3Config's own fields, so a knob is declared once. Two differ on purpose:
+# the trainer trains in fp32 or bf16 only, and its attention is a real kernel (no benchmark ablation) defaulting to
+# the backend's choice ("auto").
+MODEL_KNOBS = ("dtype", "param_dtype", "remat", "attention", "scan_layers", "matmuls", "decode_attention")
+_TRAINER_DTYPE = Literal["float32", "bfloat16"]
+_TRAINER_KNOB_TYPES = {"dtype": _TRAINER_DTYPE, "param_dtype": _TRAINER_DTYPE, "attention": Attention}
+_TRAINER_KNOB_DEFAULTS = {"attention": "auto"}
 
-    init: str = ""  # HF checkpoint dir; "scratch" = random weights of ``config``; a preset name for --plan
-    config: str | None = None  # HF config.json (or its directory): the architecture when init is "scratch"
-    teacher: str | None = None  # HF dir of the live teacher (mode opd only)
-    tokenizer: str | None = None  # None: the tokenizer saved with ``init``
-    # The runtime knobs of Qwen3Config, defaults read from it (one place); the trainer allows fp32 / bf16 only.
-    dtype: Literal["float32", "bfloat16"] = Qwen3Config.dtype  # compute dtype of matmul operands
-    param_dtype: Literal["float32", "bfloat16"] = Qwen3Config.param_dtype  # storage dtype of the master weights
-    remat: Remat = Qwen3Config.remat
-    attention: Attention = "auto"  # the trainer's default: the backend's (splash on TPU, xla elsewhere)
-    # The model's forms (Qwen3Config): "auto" keeps the arithmetic bit-identical; flat / reduce change last bits.
-    scan_layers: bool | Literal["auto"] = Qwen3Config.scan_layers  # true | false | auto (unrolled on CPU)
-    matmuls: Matmuls = Qwen3Config.matmuls  # einsum | flat | auto (2-D weights flat on CPU)
-    decode_attention: DecodeAttention = Qwen3Config.decode_attention  # dot | reduce | auto (reduce on CPU)
+
+def _knob_fields() -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(Qwen3Config)
+    defaults = {f.name: f.default for f in dataclasses.fields(Qwen3Config)}
+    return [
+        (k, _TRAINER_KNOB_TYPES.get(k, hints[k]), dataclasses.field(default=_TRAINER_KNOB_DEFAULTS.get(k, defaults[k])))
+        for k in MODEL_KNOBS
+    ]
+
+
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [
+        ("init", str, dataclasses.field(default="")),  # HF checkpoint dir; "scratch": random weights of ``config``;
+        # a preset name for --plan
+        ("config", str | None, dataclasses.field(default=None)),  # HF config.json (or dir) when init is "scratch"
+        ("teacher", str | None, dataclasses.field(default=None)),  # HF dir of the live teacher (mode opd only)
+        ("tokenizer", str | None, dataclasses.field(default=None)),  # None: the tokenizer saved with ``init``
+        *_knob_fields(),
+    ],
+    frozen=True,
+)
+ModelConfig.__module__ = __name__
+ModelConfig.__doc__ = """The student to start from (and the teacher for online OPD), plus Qwen3Config's runtime knobs
+(``MODEL_KNOBS``, declared by Qwen3Config)."""
+
+
+def model_knobs(m: ModelConfig) -> dict[str, Any]:
+    """The Qwen3Config runtime knobs the ``model`` section sets."""
+    return {k: getattr(m, k) for k in MODEL_KNOBS}
 
 
 @dataclasses.dataclass(frozen=True)

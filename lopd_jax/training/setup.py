@@ -82,16 +82,7 @@ class Setup:
 
 def runtime_knobs(m: config_lib.ModelConfig, **overrides: Any) -> dict[str, Any]:
     """The Qwen3Config runtime knobs ``model.*`` sets, with ``overrides`` (``--plan``'s attention / MoE choice)."""
-    knobs = dict(
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        remat=m.remat,
-        attention=m.attention,
-        scan_layers=m.scan_layers,
-        matmuls=m.matmuls,
-        decode_attention=m.decode_attention,
-    )
-    return {**knobs, **overrides}
+    return {**config_lib.model_knobs(m), **overrides}
 
 
 def architecture(init: str, **knobs: Any) -> qwen3.Qwen3Config:

@@ -163,3 +163,24 @@ def test_every_section_round_trips_through_its_defaults():
 
 def load_defaults():
     return build(TrainConfig, {"mode": "sft", "model": {"init": "m"}})
+
+
+def test_the_model_section_takes_its_knobs_from_qwen3config():
+    """model.* knobs are Qwen3Config's fields (type and default), not a copy: a knob added there with its default
+    appears here; the trainer narrows dtypes to fp32 / bf16 and defaults attention to the backend's choice."""
+    import typing
+
+    from lopd_jax.models.qwen3_specs import Qwen3Config
+    from lopd_jax.training.config import MODEL_KNOBS, ModelConfig, model_knobs
+
+    ours, theirs = typing.get_type_hints(ModelConfig), typing.get_type_hints(Qwen3Config)
+    defaults = {f.name: f.default for f in dataclasses.fields(Qwen3Config)}
+    for k in MODEL_KNOBS:
+        if k not in ("dtype", "param_dtype", "attention"):
+            assert ours[k] == theirs[k] and getattr(ModelConfig(), k) == defaults[k], k
+    assert typing.get_args(ours["dtype"]) == ("float32", "bfloat16") and ModelConfig().attention == "auto"
+    assert "ablated" in typing.get_args(theirs["attention"]) and "ablated" not in typing.get_args(ours["attention"])
+    assert model_knobs(ModelConfig(remat="full")) == {
+        **{k: getattr(ModelConfig(), k) for k in MODEL_KNOBS},
+        "remat": "full",
+    }
