@@ -56,7 +56,7 @@ USER_ERRORS = (
 
 @dataclasses.dataclass
 class Setup:
-    """What ``prepare`` found; nothing here has touched the run directory."""
+    """What ``validated`` found; nothing here has touched the run directory."""
 
     model_cfg: qwen3.Qwen3Config
     mesh: Any
@@ -101,7 +101,7 @@ def architecture(init: str, **knobs: Any) -> qwen3.Qwen3Config:
 
 def model_config(cfg: TrainConfig, **overrides: Any) -> qwen3.Qwen3Config:
     """The student's Qwen3Config with the config's runtime knobs (and ``overrides``): ``model.config`` (file or
-    dir) for scratch, else ``model.init``'s config.json, or a preset's architecture (``--plan`` only; ``prepare``
+    dir) for scratch, else ``model.init``'s config.json, or a preset's architecture (``--plan`` only; ``validated``
     refuses to train one). The one resolution the trainer, ``--plan`` and the lowering tests share."""
     m = cfg.model
     knobs = runtime_knobs(m, **overrides)
@@ -446,7 +446,7 @@ def _check_writable(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: {where} cannot be created or written ({probe} is not a writable directory)")
 
 
-def prepare(cfg: TrainConfig) -> Setup:
+def _prepare(cfg: TrainConfig) -> Setup:
     """Validates the whole run (config, mesh, model, tokenizer, store, provenance) without writing anything."""
     model_cfg = model_config(cfg)
     _check_not_preset(cfg)
@@ -490,10 +490,11 @@ def prepare(cfg: TrainConfig) -> Setup:
 
 
 def validated(cfg: TrainConfig) -> Setup:
-    """``prepare`` with any other ValueError / OSError (an unsupported config.json, an unreadable file) turned
+    """The one entry point: validates the whole run (``_prepare``), with any other ValueError / OSError (an
+    unsupported config.json, an unreadable file) turned
     into a ConfigError, so that every invalid input ends as one ``error:`` line."""
     try:
-        return prepare(cfg)
+        return _prepare(cfg)
     except USER_ERRORS:
         raise
     except (ValueError, OSError) as e:
