@@ -139,3 +139,37 @@ def shift_sample(
         "behavior_logprobs": np.where(on & np.isfinite(behavior), behavior, 0.0).astype(np.float32),
         "dropped": dropped,
     }
+
+
+ROW_FIELDS = ("inputs", "targets", "loss_mask", "teacher_logprobs", "behavior_logprobs")  # what shift_sample gives
+
+
+def rows_to_batch(rows: list[dict[str, np.ndarray]], *, seq_len: int, num_rows: int) -> tuple[Batch, dict[str, int]]:
+    """The one row-to-Batch assembler: rows -> numpy Batch [num_rows, seq_len] and the batch's counts.
+
+    A row is ``shift_sample``'s output (one sequence: segment 1, positions from 0) or a packed row that carries its
+    own ``segment_ids`` and ``positions`` (several sequences). Each row is padded to ``seq_len`` and missing rows
+    are empty (segment 0). Counts: samples (sequence starts), truncated samples and dropped tokens (``dropped``),
+    response tokens, padding tokens.
+    """
+    fields = {name: np.zeros((num_rows, seq_len), np.float32) for name in ROW_FIELDS}
+    for name in ("inputs", "targets", "positions", "segment_ids"):
+        fields[name] = np.zeros((num_rows, seq_len), np.int32)
+    dropped = np.zeros((num_rows, seq_len), np.int32)
+    for i, row in enumerate(rows):
+        n = len(row["inputs"])
+        for name in ROW_FIELDS:
+            fields[name][i, :n] = row[name]
+        fields["positions"][i, :n] = row["positions"] if "positions" in row else np.arange(n)
+        fields["segment_ids"][i, :n] = row.get("segment_ids", 1)
+        dropped[i, :n] = row["dropped"]
+    seg, pos = fields["segment_ids"], fields["positions"]
+    counts = {
+        "samples": int(((seg > 0) & (pos == 0)).sum()),
+        "truncated_samples": int((dropped > 0).sum()),
+        "dropped_tokens": int(dropped.sum()),
+        "response_tokens": int(fields["loss_mask"].sum()),
+        "padding_tokens": int((seg == 0).sum()),
+        "batches": 1,
+    }
+    return Batch(**fields), counts

@@ -14,7 +14,7 @@ import grain
 import jax
 import numpy as np
 
-from lopd_jax.data.batch import Batch, DataConfig, DataError, shift_sample
+from lopd_jax.data.batch import Batch, DataConfig, DataError, rows_to_batch, shift_sample
 
 __all__ = ["Batch", "DataConfig", "DataError", "DataIterator", "make_dataset", "make_iterator", "shift_sample"]
 
@@ -44,39 +44,10 @@ class _StoreSource:
         return dict(self._store.sample(int(i)), index=int(i))
 
 
-def _stack_rows(rows: Sequence[dict[str, np.ndarray]], num_rows: int) -> dict[str, np.ndarray]:
-    """Stacks packed rows into [num_rows, T] arrays; a short final batch is padded with empty rows (segment 0)."""
-    out = {}
-    for k in rows[0]:
-        x = np.stack([r[k] for r in rows])
-        if len(rows) < num_rows:
-            x = np.concatenate([x, np.zeros((num_rows - len(rows), *x.shape[1:]), x.dtype)])
-        out[k] = x
-    return out
-
-
-def _to_batch(x: dict[str, np.ndarray]) -> tuple[Batch, dict[str, int]]:
-    """Packed arrays (grain names: ``inputs_segment_ids`` ...) -> (Batch, per-batch counts)."""
-    batch = Batch(
-        inputs=x["inputs"],
-        targets=x["targets"],
-        positions=x["inputs_positions"],
-        segment_ids=x["inputs_segment_ids"],
-        loss_mask=x["loss_mask"],
-        teacher_logprobs=x["teacher_logprobs"],
-        behavior_logprobs=x["behavior_logprobs"],
-    )
-    seg, dropped = x["inputs_segment_ids"], x["dropped"]
-    starts = (seg > 0) & (x["inputs_positions"] == 0)
-    counts = {
-        "samples": int(starts.sum()),
-        "truncated_samples": int((dropped > 0).sum()),
-        "dropped_tokens": int(dropped.sum()),
-        "response_tokens": int(x["loss_mask"].sum()),
-        "padding_tokens": int((seg == 0).sum()),
-        "batches": 1,
-    }
-    return batch, counts
+def _packed_rows_to_batch(rows: Sequence[dict[str, np.ndarray]], num_rows: int) -> tuple[Batch, dict[str, int]]:
+    """Grain's packed rows (``inputs_segment_ids`` / ``inputs_positions`` name the packing) -> ``rows_to_batch``."""
+    named = [{**r, "segment_ids": r["inputs_segment_ids"], "positions": r["inputs_positions"]} for r in rows]
+    return rows_to_batch(named, seq_len=len(rows[0]["inputs"]), num_rows=num_rows)
 
 
 class DataIterator(grain.DatasetIterator):
@@ -156,7 +127,7 @@ def make_dataset(cfg: DataConfig, store, process_index: int = 0, process_count: 
         shuffle_bins=False,  # rows of one packing group form one batch, so their order does not matter
         max_sequences_per_bin=None if cfg.pack else 1,
     )
-    it = it.batch(rows, batch_fn=functools.partial(_stack_rows, num_rows=rows)).map(_to_batch)
+    it = it.batch(rows, batch_fn=functools.partial(_packed_rows_to_batch, num_rows=rows))
     if cfg.prefetch > 0:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)
     return _WithMetrics(it, rows * cfg.seq_len)

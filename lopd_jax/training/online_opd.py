@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopd_jax import losses
-from lopd_jax.data.batch import Batch, shift_sample
+from lopd_jax.data.batch import Batch, rows_to_batch, shift_sample
 from lopd_jax.inference import sampling
 from lopd_jax.models import qwen3
 
@@ -70,40 +70,18 @@ def samples_to_batch(
 
     Behaviour log-probs are the sampler's raw log-probs; teacher log-probs are left at 0 (scored on device).
     """
-    rows, dropped = [], 0
+    rows = []
     for p, out in zip(prompts, outputs):
         tokens = np.concatenate([np.asarray(p, np.int32), out.token_ids.astype(np.int32)])
         behavior = np.concatenate([np.full(len(p), np.nan, np.float32), out.logprobs.astype(np.float32)])
         sample = {"tokens": tokens, "prompt_length": len(p), "behavior_logprobs": behavior}
         sample["teacher_logprobs"] = np.zeros(len(tokens), np.float32)
         rows.append(shift_sample(sample, seq_len=seq_len, max_response_len=max_response_len))
-        dropped += int(rows[-1]["dropped"].sum())
-    B, T = len(rows), seq_len
-
-    def field(name: str, dtype) -> np.ndarray:
-        x = np.zeros((B, T), dtype)
-        for i, r in enumerate(rows):
-            x[i, : len(r[name])] = r[name]
-        return x
-
-    seg = np.zeros((B, T), np.int32)
-    pos = np.zeros((B, T), np.int32)
-    for i, r in enumerate(rows):
-        seg[i, : len(r["inputs"])] = 1
-        pos[i, : len(r["inputs"])] = np.arange(len(r["inputs"]))
-    batch = Batch(
-        inputs=field("inputs", np.int32),
-        targets=field("targets", np.int32),
-        positions=pos,
-        segment_ids=seg,
-        loss_mask=field("loss_mask", np.float32),
-        teacher_logprobs=np.zeros((B, T), np.float32),
-        behavior_logprobs=field("behavior_logprobs", np.float32),
-    )
+    batch, counts = rows_to_batch(rows, seq_len=seq_len, num_rows=len(rows))
     stats = {
         "opd/response_len_mean": float(np.mean([len(o.token_ids) for o in outputs])),
         "opd/stop_frac": float(np.mean([o.finish_reason == "stop" for o in outputs])),
-        "data/dropped_tokens": float(dropped),
+        "data/dropped_tokens": float(counts["dropped_tokens"]),
     }
     return batch, stats
 
