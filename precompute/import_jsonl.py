@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> str:
     fields = manifest_fields(args, eos, len(rows), skipped, data_sha)
     extra = {"vocab_size": len(tokenizer), "engine": {"name": "import"}, "versions": common.versions("import")}
     extra["data_path"] = os.path.abspath(args.data)
+    extra["tokenizer_path"] = os.path.abspath(args.tokenizer)
     create = functools.partial(RolloutStore.create, args.out, {**fields, **extra}, flush_tokens=common.NO_AUTO_FLUSH)
     writer = common.open_or_create(args.out, fields, create)
     progress = common.Progress(len(rows), writer.committed, "import")
