@@ -158,13 +158,15 @@ def plots(stats: dict) -> dict[str, bytes]:
         ax.stairs(stats["hist"], BINS, fill=True, color="#4477aa")
         ax.axvline(stats["mean"], color="black", lw=1, ls="--", label=f"mean {stats['mean']:+.3f}")
         ax.legend()
+        used = np.flatnonzero(stats["hist"])
+        ax.set_xlim(BINS[max(used[0] - 5, 0)], BINS[min(used[-1] + 6, len(BINS) - 1)])  # zoom onto the data
     else:
         ax.text(0.5, 0.5, "no scored tokens with behaviour log-probs", ha="center", transform=ax.transAxes)
     ax.set(xlabel=f"advantage log p_T - log pi_b (nats; clipped to +-{CLIP:g})", ylabel="response tokens",
            title=f"per-token advantage ({stats['tokens']} tokens of {stats['samples']} samples)")  # fmt: skip
     out["advantages.png"] = _png(fig)
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    ax.hist(stats["lengths"], bins=min(50, max(1, len(np.unique(stats["lengths"])))), color="#228833")
+    ax.hist(stats["lengths"], bins=min(50, max(1, len(np.unique(stats["lengths"])))), color="#4477aa")
     ax.set(xlabel="response tokens", ylabel="samples", title=f"response lengths ({stats['samples']} samples)")
     out["lengths.png"] = _png(fig)
     return out
@@ -235,7 +237,8 @@ def page(reader: Any, views: list[dict], stats: dict, pngs: dict[str, bytes], no
     table = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items() if v is not None)
     note = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
     s = stats["scale"]
-    legend = (f'<p>advantage = log p<sub>T</sub> &minus; log &pi;<sub>b</sub> per response token: {-s:+.1f} '
+    legend = (f"<p class=\"key\">advantage = log p<sub>T</sub> &minus; log &pi;<sub>b</sub> per response token: "
+              f"{-s:+.1f} "
               f'<span class="legend"></span> {s:+.1f} nats (95th percentile of |advantage|; beyond it full colour; '
               f"grey: not scored). Hover a token for its numbers. Over {stats['samples']} samples: mean "
               f"{stats['mean']:+.4f}, std {stats['std']:.4f}.</p>")  # fmt: skip
@@ -244,7 +247,7 @@ def page(reader: Any, views: list[dict], stats: dict, pngs: dict[str, bytes], no
     body = "".join(sample_html(v, s) for v in views)
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>inspect {html.escape(reader.path)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(reader.path)}</h1>{note}<table>{table}</table>"
-            f"{legend}<div>{imgs}</div>{body}</body></html>")  # fmt: skip
+            f'{legend}<div class="charts">{imgs}</div>{body}</body></html>')  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ main
