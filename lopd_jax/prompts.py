@@ -117,11 +117,6 @@ def read_records(
     return PromptSet(mapped, sha or "sha256:" + jsonl.hexdigest())
 
 
-def read_objects(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """("file:line", object) for every non-blank line of a JSONL file; PromptError naming the first bad line."""
-    return list(_jsonl_records(os.fspath(path), hashlib.sha256()))
-
-
 class Keys(NamedTuple):
     """Which columns hold the prompt and the answer (None: the defaults of ``map_row``), and what else is read."""
 
@@ -339,7 +334,9 @@ def _hub_records(name: str, keys: Keys) -> tuple[list[tuple[str, dict]], str]:
     except PromptError:
         raise
     except Exception as e:  # the hub's errors have no common base (ConnectionError, HfHubHTTPError, ValueError...)
-        raise PromptError(f"{name}: cannot load it from the Hugging Face hub ({_first_line(e)})") from None
+        raise PromptError(
+            f"{name}: no such local path, and cannot load it from the Hugging Face hub ({_first_line(e)})"
+        ) from None
     finally:
         hub_logger.setLevel(level)
     h = hashlib.sha256()

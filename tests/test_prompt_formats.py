@@ -192,8 +192,35 @@ def test_an_unreachable_hub_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "precompute.import_jsonl", *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: some-org/some-set:train: cannot load it from the Hugging Face hub (")
+    want = "error: some-org/some-set:train: no such local path, and cannot load it from the Hugging Face hub ("
+    assert proc.stderr.startswith(want)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "s").exists()
     with pytest.raises(PromptError, match="cannot read"):  # a missing path with a file suffix stays a file
         prompts.read_prompts(tmp_path / "some" / "set.jsonl")
+
+
+def test_the_trainer_config_keys_reach_online_opd_and_evaluation(tmp_path):
+    from test_prompts import model_dir
+
+    from lopd_jax import config as config_lib
+    from lopd_jax import train_setup
+    from lopd_jax.config import ConfigError, TrainConfig
+    from lopd_jax.models import hf
+
+    policy = model_dir(tmp_path / "policy", template=True, generation_eos=None)
+    raw_rows = [{"question": "Add: 1+2", "meta": {"final": "3"}}, {"question": "Add: 4+4", "meta": {"final": "8"}}]
+    data = write_parquet(tmp_path / "q.parquet", raw_rows)
+    raw = {"mode": "opd", "model": {"init": str(policy), "teacher": str(policy)},
+           "data": {"prompts": str(data), "prompt_key": "question"},
+           "eval": {"prompts": str(data), "prompt_key": "question", "answer_key": "meta.final"}}  # fmt: skip
+    cfg = config_lib.build(TrainConfig, raw)
+    setup = train_setup.Setup(hf.load_config(str(policy)), None, {}, str(policy))
+    train_setup._check_prompts(cfg, setup)
+    want = prompts.encode_prompts(setup.tokenizer, [{"prompt": r["question"]} for r in raw_rows])
+    assert setup.prompts == want
+    train_setup._check_eval_set(cfg, setup)
+    assert [r["answer"] for r in ev.load_eval_set(data, "question", "meta.final")] == ["3", "8"]
+    bad = config_lib.build(TrainConfig, {**raw, "data": {"prompts": str(data)}})
+    with pytest.raises(ConfigError, match=r"data\.prompts: .*q\.parquet: no column 'prompt' or 'messages'.*'question'"):
+        train_setup._check_prompts(bad, setup)
