@@ -5,7 +5,6 @@ Prompt files, tokenizers and stop ids come from ``lopd_jax.data.prompts`` (the o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -33,13 +32,16 @@ class PrecomputeError(ValueError):
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """ "sha256:<hex>" of a file's bytes (identifies a prompt set across runs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+def add_key_args(p: Any) -> None:
+    """``--prompt-key`` / ``--answer-key``: the columns of a prompt set (``lopd_jax.data.prompts.map_row``)."""
+    p.add_argument("--prompt-key", default=None,
+                   help="column of the prompt: a string or a chat messages list; dotted for a nested field "
+                   "(default: prompt or messages)")  # fmt: skip
+    p.add_argument(
+        "--answer-key",
+        default=None,
+        help="column of the reference answer (default: answer, else verl's reward_model.ground_truth)",
+    )
 
 
 def check_model_dir(model_dir: str | os.PathLike, flag: str) -> None:

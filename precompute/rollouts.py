@@ -1,12 +1,15 @@
 """Sample rollouts into a RolloutStore:
 ``python -m precompute.rollouts --policy HF_DIR --prompts FILE.jsonl --out STORE``.
 
-Each prompt row (``prompt`` text or chat ``messages``, optional ``answer``) is chat-templated with the policy's
-tokenizer (generation prompt added), and ``--n`` continuations are sampled until a stop token (the tokenizer's and
-generation config's eos ids) or ``--max-new-tokens``. The store gets the exact generated ids (the stop token
-included), finish reason, behaviour log-probs (raw model log-probs of the sampled tokens), prompt index and answer;
-the manifest gets the policy / tokenizer / chat-template fingerprints, the sampling parameters, the engine and
-versions, and with ``--sft-teacher`` the policy's fingerprint as ``sft_teacher`` (the output is SFT data of it).
+The prompt set is JSONL, parquet (a file or a directory of shards), a ``datasets`` ``save_to_disk`` directory or a
+hub dataset ``org/name[:split]`` (``lopd_jax.data.prompts``; verl's layout is recognised, ``--prompt-key`` /
+``--answer-key`` name other columns). Each prompt row (``prompt`` text or chat ``messages``, optional ``answer``) is
+chat-templated with the policy's tokenizer (generation prompt added), and ``--n`` continuations are sampled until a
+stop token (the tokenizer's and generation config's eos ids) or ``--max-new-tokens``. The store gets the exact
+generated ids (the stop token included), finish reason, behaviour log-probs (raw model log-probs of the sampled
+tokens), prompt index and answer; the manifest gets the policy / tokenizer / chat-template fingerprints, the
+sampling parameters, the engine and versions, and with ``--sft-teacher`` the policy's fingerprint as ``sft_teacher``
+(the output is SFT data of it).
 
 Sharded (``--num-shards N --shard-index i``, or the launcher's variables: ``precompute.shards``): the batches of
 the global prompt order are split into N contiguous parts and shard i samples part i (batch b keeps its key
@@ -41,7 +44,13 @@ VLLM_WINDOW_SAMPLES = 4096  # vLLM's default batch: samples per generate call (h
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m precompute.rollouts", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="HF model directory of the rollout policy (and tokenizer)")
-    p.add_argument("--prompts", required=True, help="jsonl: {prompt | messages, answer?} per line")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt set: .jsonl, .parquet (file or directory), a datasets "
+        "save_to_disk directory, or a hub dataset org/name[:split]; rows {prompt | messages, answer?}",
+    )
+    common.add_key_args(p)
     p.add_argument("--out", required=True, help="RolloutStore path or TensorStore kvstore URL")
     p.add_argument("--engine", choices=("jax", "vllm"), default="jax")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -79,11 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ work plan
 
 
-def encode_prompts(args: argparse.Namespace, tokenizer) -> tuple[list[dict], int]:
-    """(kept prompts [{index, ids, answer}], skipped count): prompts longer than --max-prompt-len are skipped."""
-    rows = prompts_lib.read_prompts(args.prompts)
+def encode_prompts(args: argparse.Namespace, tokenizer) -> tuple[list[dict], int, str]:
+    """(kept prompts [{index, ids, answer}], skipped count, hash of the prompt set's bytes): prompts longer than
+    --max-prompt-len are skipped."""
+    read = prompts_lib.read_prompt_rows(args.prompts, args.prompt_key, args.answer_key)
     kept, skipped = [], 0
-    for index, row in enumerate(rows):
+    for index, row in enumerate(read.rows):
         try:
             ids = prompts_lib.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
         except PromptError as e:
@@ -92,17 +102,20 @@ def encode_prompts(args: argparse.Namespace, tokenizer) -> tuple[list[dict], int
             skipped += 1
             continue
         kept.append({"index": index, "ids": ids, "answer": row.get("answer")})
-    return kept, skipped
+    return kept, skipped, read.sha256
 
 
-def load_prompts(args: argparse.Namespace) -> tuple[list[dict], int, tuple[int, ...]]:
-    """(kept prompts, skipped count, stop ids) for the policy's tokenizer: what the sampler is given."""
+def load_prompts(args: argparse.Namespace) -> tuple[list[dict], int, tuple[int, ...], str]:
+    """(kept prompts, skipped count, stop ids, prompt set hash) for the policy's tokenizer: what the sampler is
+    given."""
     tokenizer = prompts_lib.load_tokenizer(args.policy)
     stops = prompts_lib.stop_ids(args.policy, tokenizer)
-    return *encode_prompts(args, tokenizer), stops
+    kept, skipped, sha = encode_prompts(args, tokenizer)
+    return kept, skipped, stops, sha
 
 
-def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_prompts: int, skipped: int) -> dict:
+def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_prompts: int, skipped: int,
+               prompts_sha: str) -> dict:  # fmt: skip
     """Manifest fields of this run; every one must match to resume a store (except versions / times)."""
     sampling = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     sampling |= {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "stop_token_ids": list(stops)}
@@ -114,11 +127,13 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
         "chat_template": fps["chat_template"] if args.chat_template else None,
         "sft_teacher": fps["weights"] if args.sft_teacher else None,
         "sampling": sampling,
-        "prompts": {"sha256": common.file_sha256(args.prompts), "kept": n_prompts, "skipped": skipped},
+        "prompts": {"sha256": prompts_sha, "kept": n_prompts, "skipped": skipped},
         "rollout_args": {
             "chat_template": args.chat_template,
             "enable_thinking": args.enable_thinking,
             "max_prompt_len": args.max_prompt_len,
+            "prompt_key": args.prompt_key,
+            "answer_key": args.answer_key,
             "batch_size": args.batch_size,
             "engine": args.engine,
             "dtype": args.dtype,
@@ -234,7 +249,7 @@ def run(args: argparse.Namespace) -> str:
 
         vllm_engine.require_vllm(dtype=args.dtype)
     common.check_model_dir(args.policy, "--policy")
-    prompts, skipped, stops = load_prompts(args)
+    prompts, skipped, stops, prompts_sha = load_prompts(args)
     if not prompts:  # an empty store would look like a finished run
         raise PrecomputeError(
             f"{args.prompts}: all {skipped} prompts are longer than --max-prompt-len {args.max_prompt_len} tokens "
@@ -245,7 +260,7 @@ def run(args: argparse.Namespace) -> str:
     lo, hi = shard_plan(args, shard, len(batches))
     out = shards.shard_store(args.out, shard)
     mine = sum(len(b) for b in batches[lo:hi]) * args.n  # the samples this shard writes
-    fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped)
+    fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped, prompts_sha)
     if shard.count > 1:
         fields["shard"] = {**shard.record(), "batches": [lo, hi], "expected": mine}
     extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy), "args": vars(args)}

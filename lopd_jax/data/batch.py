@@ -54,7 +54,8 @@ class DataConfig:
     """
 
     store: str = ""  # RolloutStore path or TensorStore kvstore URL
-    prompts: str = ""  # mode opd: prompts.jsonl sampled online every step (no store needed)
+    prompts: str = ""  # mode opd: the prompt set sampled online every step (lopd_jax.data.prompts' formats; no store)
+    prompt_key: str | None = None  # column of the prompt in ``prompts`` (None: prompt / messages)
     batch_size: int = 0  # rows per global batch (split evenly over JAX processes)
     seq_len: int = 0  # T, tokens per row (shifted: a sample of L tokens takes L - 1 slots)
     max_response_len: int = 0  # response tokens kept per sample (0: no limit beyond seq_len)

@@ -201,15 +201,18 @@ def _eval_row(row: dict, where: str) -> dict:
     return {**row, "answer": str(answer)}
 
 
-def load_eval_set(path: str | Path) -> list[dict]:
-    """Read a JSONL eval set: one object per line with `prompt` (or `problem`, or chat `messages`) and `answer`.
+def load_eval_set(path: str | Path, prompt_key: str | None = None, answer_key: str | None = None) -> list[dict]:
+    """Read an eval set: rows with `prompt` (or `problem`, or chat `messages`) and `answer`, in any format
+    ``lopd_jax.data.prompts`` reads (JSONL, parquet, a ``datasets`` directory, a hub dataset), columns mapped by
+    ``prompt_key`` / ``answer_key`` (verl's ``reward_model.ground_truth`` is found without one).
 
-    Returns one dict per line with every original field plus `prompt` (str, unless the row has `messages`),
-    `answer` (str; numbers converted) and `line`. Blank lines are skipped. Lines are read by
-    ``lopd_jax.data.prompts`` (the prompt-file reader every mode uses); PromptError (a ValueError) names the file and
-    line of a malformed line or a missing field, or the file when it is missing or empty.
+    Returns one dict per row with `prompt` (str, unless the row has `messages`), `answer` (str; numbers converted),
+    `line` (JSONL; every original field kept) or `row` (Arrow formats: the columns used). Blank lines are skipped.
+    PromptError (a ValueError) names the file and line / row of a malformed row or a missing field, or the file
+    when it is missing or empty.
     """
-    rows = [_eval_row(row, where) for where, row in prompts.read_objects(path)]
+    read = prompts.read_records(path, prompt_key, answer_key, fallback=("problem",))
+    rows = [_eval_row(row, where) for where, row in read.records]
     if not rows:
         raise PromptError(f"{path}: eval set is empty")
     return rows
@@ -237,7 +240,7 @@ class Evaluator:
     ):
         from lopd_jax.inference import sampling
 
-        rows = load_eval_set(eval_cfg.prompts)
+        rows = load_eval_set(eval_cfg.prompts, eval_cfg.prompt_key, eval_cfg.answer_key)
         rows = rows[: eval_cfg.num_prompts] if eval_cfg.num_prompts > 0 else rows
         self.cfg, self.tokenizer, self.model_cfg, self.mesh = eval_cfg, tokenizer, model_cfg, mesh
         self.prompts = prompts.encode_prompts(tokenizer, rows, prompt_cfg)

@@ -110,7 +110,11 @@ class TrainLoopConfig:
 class EvalConfig:
     """Held-out evaluation: sample ``k`` answers per prompt, grade them, report pass@1 and avg@k."""
 
-    prompts: str | None = None  # prompts.jsonl with reference answers; None: no evaluation
+    prompts: str | None = (
+        None  # prompt set with reference answers (lopd_jax.data.prompts' formats); None: no evaluation
+    )
+    prompt_key: str | None = None  # column of the prompt (None: prompt / messages / problem)
+    answer_key: str | None = None  # column of the answer (None: answer, else reward_model.ground_truth)
     k: int = 1
     grading: Literal["math", "exact"] = "math"  # math-verify equivalence | exact string match
     max_new_tokens: int = 256

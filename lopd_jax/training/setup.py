@@ -271,7 +271,7 @@ def _generation_dir(cfg: TrainConfig, setup: Setup) -> str:
 def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
     """Online OPD's prompts, encoded with ``lopd_jax.data.prompts`` (the precompute rollouts' encoder)."""
     try:
-        rows = prompts.read_prompts(cfg.data.prompts)
+        rows = prompts.read_prompts(cfg.data.prompts, prompt_key=cfg.data.prompt_key)
         setup.prompts = prompts.encode_prompts(setup.tokenizer, rows, cfg.prompt)
     except (OSError, ValueError) as e:  # PromptError, or the chat template's own error
         raise ConfigError(f"data.prompts: {e}") from None
@@ -289,7 +289,7 @@ def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
     from lopd_jax.inference import evaluation
 
     try:
-        rows = evaluation.load_eval_set(cfg.eval.prompts)
+        rows = evaluation.load_eval_set(cfg.eval.prompts, cfg.eval.prompt_key, cfg.eval.answer_key)
         rows = rows[: cfg.eval.num_prompts] if cfg.eval.num_prompts > 0 else rows
         prompts.encode_prompts(setup.tokenizer, rows, cfg.prompt)  # a row the tokenizer cannot encode fails now
     except (OSError, ValueError) as e:  # PromptError, or the chat template's own error

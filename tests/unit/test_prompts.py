@@ -65,7 +65,7 @@ def rollouts_path(policy: Path, file: Path, chat: bool, thinking: bool | None):
     flags = ["--chat-template" if chat else "--no-chat-template"]
     flags += [] if thinking is None else ["--enable-thinking" if thinking else "--no-enable-thinking"]
     args = rollouts.parse_args(["--policy", str(policy), "--prompts", str(file), "--out", "unused", *flags])
-    kept, skipped, stops = rollouts.load_prompts(args)
+    kept, skipped, stops, _ = rollouts.load_prompts(args)
     applied = sampling._stop_ids(hf.load_config(str(policy)), rollouts.sampler_config(args, stops))
     return [p["ids"] for p in kept], stops, applied
 
