@@ -7,7 +7,7 @@ They differ only in the ``setup`` they pass: its model config (``--plan`` may ch
 implementation for a backend that cannot compile the configured one, and says so) and its mesh.
 
 ``setup`` is anything with ``model_cfg`` (Qwen3Config), ``mesh`` and ``rules`` (the logical-axis rules): the
-trainer's ``train_setup.Setup``, or a ``StepSetup``.
+trainer's ``training.setup.Setup``, or a ``StepSetup``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ BATCH_DTYPES.update(loss_mask=jnp.float32, teacher_logprobs=jnp.float32, behavio
 
 
 class HasStepSetup(Protocol):
-    """What the step needs of a run's setup: ``train_setup.Setup`` (the trainer) or ``StepSetup``."""
+    """What the step needs of a run's setup: ``training.setup.Setup`` (the trainer) or ``StepSetup``."""
 
     model_cfg: qwen3.Qwen3Config
     mesh: Mesh
