@@ -19,6 +19,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lopd_jax.config.schema import check_choices
+from lopd_jax.models import qwen3
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 DENOM_KEY = "data/loss_denominator"
@@ -119,8 +120,6 @@ def state_shardings(state: TrainState, mesh: Mesh, *, cfg: Any = None, param_sha
     ``state`` may be abstract (``jax.eval_shape`` output).
     """
     if param_shardings is None:
-        from lopd_jax.models import qwen3
-
         param_shardings = qwen3.param_shardings(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     params_def = jax.tree.structure(state.params)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 from typing import Any
@@ -284,7 +285,6 @@ def run(args: argparse.Namespace) -> str:
 
 
 def _vocab_size(model_dir: str) -> int:
-    import json
 
     with open(os.path.join(model_dir, "config.json")) as f:
         return int(json.load(f)["vocab_size"])

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lopd_jax.models import hf
 from lopd_jax.models.fused_attention import attention_cudnn, attention_splash
 from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
     ATTENTION_IMPLS,
@@ -571,13 +572,9 @@ def forward_cached(
 
 def load_hf(path: str, mesh: Any = None, dtype: Any = jnp.float32) -> tuple[Qwen3Config, Params]:
     """HF checkpoint directory -> (Qwen3Config, params); see lopd_jax.models.hf.load_hf."""
-    from lopd_jax.models import hf
-
     return hf.load_hf(path, mesh=mesh, dtype=dtype)
 
 
 def save_hf(path: str, cfg: Qwen3Config, params: Params, **kwargs: Any) -> str:
     """params -> HF checkpoint directory; see lopd_jax.models.hf.save_hf."""
-    from lopd_jax.models import hf
-
     return hf.save_hf(path, cfg, params, **kwargs)

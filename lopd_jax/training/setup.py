@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 
 from lopd_jax.data import prompts
 from lopd_jax.data.batch import DataError
@@ -330,7 +331,6 @@ RESUME_FREE = (
 def saved_config(cfg: TrainConfig) -> tuple[dict, Path] | None:
     """The config the run being resumed was started with: ``CONFIG_RECORD`` beside its checkpoints, else (runs
     from before the record) its ``config.yaml``; None when neither exists."""
-    import yaml
 
     record, yaml_file = checkpoint_dir(cfg) / CONFIG_RECORD, Path(cfg.logging.run_dir) / "config.yaml"
     where = record if record.is_file() else yaml_file if yaml_file.is_file() else None
