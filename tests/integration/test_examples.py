@@ -6,7 +6,7 @@ import importlib.util
 import json
 import os
 
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
 
 def load_example(name: str):

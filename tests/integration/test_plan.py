@@ -24,7 +24,7 @@ from lopd_jax.plan import planner as plan
 from lopd_jax.training import config as config_lib
 from lopd_jax.training import setup as train_setup
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 # Model cards ("Number of Parameters"), in billions.
 PUBLISHED = {"qwen3-4b": 4.0, "qwen3-8b": 8.2, "qwen3-30b-a3b": 30.5}

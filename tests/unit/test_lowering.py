@@ -38,7 +38,7 @@ from lopd_jax.training import config as config_lib
 from lopd_jax.training import step as step_lib
 from lopd_jax.training.setup import Setup, model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER_CONFIG = {"dense": "qwen3_8b_lightning_opd.yaml", "moe": "qwen3_30b_a3b_lightning_opd.yaml"}
 ARCH = dict(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

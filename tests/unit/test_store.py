@@ -17,7 +17,7 @@ from lopd_jax.store import RolloutStore, StoreError
 
 # Tiny chunks so a few hundred tokens span many chunks and shards, and flushes land mid-chunk.
 LAYOUT = dict(chunk_tokens=64, chunk_samples=16, shard_chunks=4)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_samples(n, seed=0, topk=0):

@@ -11,7 +11,7 @@ import tensorstore as ts
 from lopd_jax.store import RolloutStore, StoreError
 from precompute.validate import validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUT = dict(chunk_tokens=64, chunk_samples=16, shard_chunks=4)
 FP = "sha256:" + "ab" * 32
 
