@@ -176,9 +176,9 @@ def param_specs(cfg: Qwen3Config) -> Params:
     if Lm:
         specs["moe"] = {
             "router": spec((Lm, D, E), ("layers", "embed", None), "normal"),
-            "gate": spec((Lm, E, D, Fm), ("layers", "expert", "embed", "mlp"), "normal"),
-            "up": spec((Lm, E, D, Fm), ("layers", "expert", "embed", "mlp"), "normal"),
-            "down": spec((Lm, E, Fm, D), ("layers", "expert", "mlp", "embed"), "normal"),
+            "gate": spec((Lm, E, D, Fm), ("layers", "expert", "expert_embed", "mlp"), "normal"),
+            "up": spec((Lm, E, D, Fm), ("layers", "expert", "expert_embed", "mlp"), "normal"),
+            "down": spec((Lm, E, Fm, D), ("layers", "expert", "mlp", "expert_embed"), "normal"),
         }
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = spec((D, V), ("embed", "vocab"), "normal")
