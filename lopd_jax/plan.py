@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lopd_jax import sharding, targets
+from lopd_jax import collectives, sharding, targets
 from lopd_jax import step as step_lib
 from lopd_jax.models import presets, qwen3
 
@@ -75,6 +75,9 @@ class Plan:
     attention: str = ""  # the implementation compiled (see planned_attention)
     target: targets.Target | None = None  # --target: compiled by that accelerator's XLA (no hardware)
     roofline: targets.Roofline | None = None  # --target: a step-time ESTIMATE from FLOPs and bytes
+    moe: str = ""  # the MoE implementation compiled and its layout (moe_line); "" for a dense model
+    runnable: bool = True  # False: a stand-in compiled for memory only (moe_impl=scan), never a run
+    collectives: collectives.CollectiveBytes | None = None  # per-step bytes per device, from the compiled HLO
 
     @property
     def total_bytes(self) -> int:
@@ -82,6 +85,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """The memory verdict; a plan that is not ``runnable`` fits in memory at most."""
         return self.total_bytes <= self.budget_bytes
 
 
@@ -216,6 +220,27 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
     return model_cfg, notes
 
 
+def moe_line(model_cfg: qwen3.Qwen3Config, mesh: Mesh, platform: str, num_tokens: int) -> tuple[str, bool]:
+    """(what ``--plan`` prints after "moe:", whether the plan is runnable): the grouped-GEMM implementation compiled
+    and the experts' layout. ``scan`` is a memory stand-in: E grouped GEMMs' worth of expert FLOPs, never a run."""
+    from lopd_jax.models import expert_parallel
+
+    E = model_cfg.num_experts
+    impl = model_cfg.moe_impl
+    layout = sharding.expert_layout(mesh.abstract_mesh, E, num_tokens)
+    if layout is None:
+        where = "experts split along D by FSDP (each layer gathers every expert's weights)"
+    else:
+        dispatch = expert_parallel.dispatch_kind(platform)
+        where = (
+            f"expert parallel: {E // layout.num_shards} whole experts per device over mesh axes "
+            f"{layout.expert_axes} ({layout.num_shards}), {dispatch} all-to-all dispatch"
+        )
+    if impl == "scan":
+        return f"{impl} ({where}); a memory stand-in: its expert FLOPs are E = {E} times a grouped GEMM's", False
+    return f"{impl} ({where})", True
+
+
 def planned_step(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> PlannedStep:
     """``cfg``'s update step as the trainer builds it (``step.build``) over ``devices`` (default: this machine's,
     or ``target``'s topology) with ``planned_model``'s config."""
@@ -251,6 +276,8 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
         roofline = targets.estimate(
             model_cfg, t.batch_size, t.seq_len, t.grad_accum, tgt.num_chips, tgt.chip, state_bytes
         )
+    micro_tokens = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len
+    moe, runnable = moe_line(model_cfg, mesh, platform, micro_tokens) if model_cfg.num_experts else ("", True)
     return Plan(
         model=cfg.model.init,
         mesh=dict(mesh.shape),
@@ -266,6 +293,9 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
         attention=model_cfg.attention,
         target=tgt,
         roofline=roofline,
+        moe=moe,
+        runnable=runnable,
+        collectives=collectives.collective_bytes(compiled.as_text()),
     )
 
 
@@ -298,7 +328,13 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
         lines.append(f"  xla:   {'peak (backend figure)':<24}{_gb(plan.memory['xla_peak'])}")
     lines.append(f"  xla:   {'peak estimate':<24}{_gb(plan.memory['peak'])}")
     lines += [f"  extra: {k:<24}{_gb(v)}" for k, v in plan.extra_bytes.items()]
+    if plan.collectives is not None:
+        lines += format_collectives(plan.collectives)
+    if plan.moe:
+        lines.append(f"moe: {plan.moe}")
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    if plan.fits and not plan.runnable:
+        verdict = "fits in memory only: NOT A RUNNABLE PLAN (moe_impl=scan is a stand-in)"
     lines.append(
         f"total per device: {plan.total_bytes / GB:.2f} GB of {plan.budget_bytes / GB:.0f} GB budget: {verdict}"
     )
@@ -307,6 +343,18 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     lines.append(f"compile: {plan.compile_seconds:.1f} s")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def format_collectives(c: collectives.CollectiveBytes) -> list[str]:
+    """The per-step collective bytes per device (``lopd_jax.collectives`` says how each kind is counted)."""
+    main = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+    shown = [k for k in collectives.KINDS if c.by_kind[k] or k in main]
+    parts = ", ".join(f"{k} {c.by_kind[k] / GB:.2f} GB" for k in shown)
+    lines = ["collectives per step, per device (compiled HLO; a loop's body counted x its trip count):"]
+    lines.append(f"  {parts}; total {c.total / GB:.2f} GB")
+    if c.unknown_trip_counts:
+        lines.append(f"  ({c.unknown_trip_counts} loops without a known trip count counted once: a lower bound)")
+    return lines
 
 
 def format_roofline(r: targets.Roofline, tgt: targets.Target) -> list[str]:
@@ -337,17 +385,16 @@ def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
     from lopd_jax.config import ConfigError
 
     try:
-        train_setup.model_config(cfg)  # ConfigError naming model.init / model.config itself
+        model_cfg = train_setup.model_config(cfg)  # ConfigError naming model.init / model.config itself
     except ConfigError:
         raise
     except (ValueError, OSError, KeyError, TypeError) as e:  # an unreadable or unsupported config.json
         raise ConfigError(f"model.init: {e}") from None
+    devices = targets.topology_devices(targets.get_target(target)) if target is not None else jax.devices()
+    train_setup.check_expert_axis(cfg.mesh, model_cfg, len(devices))
     if target is not None:
         return
-    try:
-        mesh = sharding.make_mesh(cfg.mesh)
-    except ValueError as e:
-        raise ConfigError(f"mesh: {e}") from None
+    mesh = sharding.make_mesh(cfg.mesh)
     shards = sharding.batch_shard_count(mesh, cfg.mesh.logical_rules())
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if cfg.train.batch_size % shards or micro % shards:

@@ -179,11 +179,12 @@ def expert_layout(mesh: Any, num_experts: int, num_tokens: int) -> ExpertLayout 
     return ExpertLayout(axes, shards, token_spec, weight_spec)
 
 
-def check_expert_axis(expert_size: int, num_experts: int) -> str | None:
-    """Why a mesh whose expert axis has ``expert_size`` devices cannot hold ``num_experts`` whole experts per
-    device (None when it can, or the model is dense)."""
-    if num_experts and expert_size > 1 and num_experts % expert_size:
-        return f"{expert_size} does not divide the model's {num_experts} experts (each device holds whole experts)"
+def check_expert_axis(mesh_cfg: MeshConfig, num_devices: int, num_experts: int) -> str | None:
+    """Why ``mesh_cfg`` over ``num_devices`` cannot place whole experts per device (None when it can, or the model
+    is dense): its expert axis must divide ``num_experts``. ValueError when the axis sizes do not resolve."""
+    expert = mesh_cfg.axis_sizes(num_devices)[MESH_AXES.index("expert")]
+    if num_experts and expert > 1 and num_experts % expert:
+        return f"{expert} devices do not divide the model's {num_experts} experts (each device holds whole experts)"
     return None
 
 

@@ -302,6 +302,17 @@ def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
         raise ConfigError(f"eval.prompts: {e}") from None
 
 
+def check_expert_axis(mesh_cfg: sharding.MeshConfig, model_cfg: qwen3.Qwen3Config, num_devices: int) -> None:
+    """Expert parallelism places whole experts per device: ConfigError naming mesh.expert when its size does not
+    divide the model's expert count (checked before anything compiles, by the trainer and by --plan)."""
+    try:
+        why = sharding.check_expert_axis(mesh_cfg, num_devices, model_cfg.num_experts)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    if why:
+        raise ConfigError(f"mesh.expert: {why}")
+
+
 def _check_shapes(cfg: TrainConfig, setup: Setup) -> None:
     shards = sharding.batch_shard_count(setup.mesh, setup.rules)
     if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
@@ -460,6 +471,7 @@ def prepare(cfg: TrainConfig) -> Setup:
         mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
+    check_expert_axis(cfg.mesh, model_cfg, mesh.size)
     tok_dir = _tokenizer_dir(cfg)
     setup = Setup(model_cfg, mesh, cfg.mesh.logical_rules(), tok_dir)
     n_tokens = tokenizer_size(tok_dir)

@@ -329,7 +329,8 @@ def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: ja
 
     # Remat keeps the backward from saving a [A, F] mask per expert; the masks are recomputed from two scalars.
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    acc = jnp.zeros((lhs_AD.shape[0], rhs_EDF.shape[-1]), lhs_AD.dtype)
+    # zeros_like: the carry varies over a shard_map's axes as lhs does (expert parallelism runs this per device)
+    acc = jnp.zeros_like(lhs_AD, shape=(lhs_AD.shape[0], rhs_EDF.shape[-1]))
     return jax.lax.scan(body, acc, (rhs_EDF, starts_E, ends_E))[0]
 
 
