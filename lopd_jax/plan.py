@@ -15,8 +15,8 @@ Off GPU two ops of a GPU run cannot be compiled faithfully, so the plan compiles
 model-config fields (and says so in its notes), exact equivalents with the same memory profile: ``attention``
 cudnn (or splash) -> "blockwise" (``qwen3.attention_blockwise``: rematerialised query blocks, never [B, N, T, S]
 scores), and, on XLA:CPU, which expands ``lax.ragged_dot`` through a dense [A, E, D] intermediate, ``moe_impl``
-"scan" (``qwen3.grouped_matmul_scan``). Nothing is patched: the step is ``step.build`` of that model config. The
-remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
+"scan" (``grouped_matmul.grouped_matmul_scan``). Nothing is patched: the step is ``step.build`` of that model config.
+The remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
 param-sized fp32 temporary), so CPU figures lean high; on a GPU host ``--plan`` compiles the real ops.
 
 ``--target NAME`` (``lopd_jax.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a libtpu

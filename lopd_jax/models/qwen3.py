@@ -14,6 +14,7 @@ one scan per run of consecutive same-kind (dense / MoE) layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ from flax import nnx
 # it without importing this module (which imports hf.py for load_hf / save_hf); re-exported here.
 from lopd_jax import sharding
 from lopd_jax.models.fused_attention import attention_cudnn, attention_splash
+from lopd_jax.models.grouped_matmul import grouped_matmul, resolve_moe_impl
 from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
     ATTENTION_IMPLS,
     Attention,
@@ -272,7 +274,8 @@ def route(x_XD: jax.Array, router_DE: jax.Array, cfg: Qwen3Config) -> tuple[jax.
 
 
 def moe_mlp(x_BTD: jax.Array, mp: Params, cfg: Qwen3Config) -> jax.Array:
-    """Sparse MoE block: the X*R (token, expert) assignments are sorted by expert and run as grouped matmuls."""
+    """Sparse MoE block: the X*R (token, expert) assignments are sorted by expert and run as grouped matmuls
+    (``cfg.moe_impl``, resolved for the compile platform by ``grouped_matmul.resolve_moe_impl``)."""
     B, T, D = x_BTD.shape
     dt, E, R = x_BTD.dtype, cfg.num_experts, cfg.num_experts_per_tok
     x_XD = x_BTD.reshape(B * T, D)
@@ -281,39 +284,14 @@ def moe_mlp(x_BTD: jax.Array, mp: Params, cfg: Qwen3Config) -> jax.Array:
     order_A = jnp.argsort(experts_A, stable=True)  # assignment a of the sorted list is order_A[a]
     x_AD = x_XD[order_A // R]
     group_sizes_E = jnp.bincount(experts_A, length=E).astype(jnp.int32)
-    grouped = _GROUPED_MATMUL[cfg.moe_impl]
+    impl = resolve_moe_impl(cfg.moe_impl, _compile_platform(), cfg.pallas_interpret)
+    grouped = functools.partial(grouped_matmul, impl=impl, interpret=cfg.pallas_interpret)
     gate_AF = grouped(x_AD, mp["gate"].astype(dt), group_sizes_E)
     up_AF = grouped(x_AD, mp["up"].astype(dt), group_sizes_E)
     y_AD = grouped(jax.nn.silu(gate_AF) * up_AF, mp["down"].astype(dt), group_sizes_E)
     y_XRD = jnp.zeros_like(y_AD).at[order_A].set(y_AD).reshape(B * T, R, D)
     out_XD = jnp.einsum("XRD,XR->XD", y_XRD, weights_XR)
     return out_XD.reshape(B, T, D)
-
-
-def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    """``lax.ragged_dot`` as a scan over experts with masked rows: the same result, and a grouped GEMM's buffers.
-
-    XLA:CPU lowers ragged_dot densely through an [A, E, D] intermediate (tens of GB for Qwen3-30B-A3B), which
-    says nothing about a GPU run; ``moe_impl="scan"`` (what ``--plan`` compiles on CPU) has as largest temporaries
-    [A, F] (forward) and one expert's [D, F] gradient per iteration.
-    """
-    ends_E = jnp.cumsum(group_sizes_E)
-    starts_E = ends_E - group_sizes_E
-    rows_A = jnp.arange(lhs_AD.shape[0])
-
-    def body(acc_AF, xs):
-        w_DF, start, end = xs
-        in_group_A = (rows_A >= start) & (rows_A < end)
-        y_AF = jnp.dot(lhs_AD, w_DF.astype(lhs_AD.dtype))
-        return acc_AF + jnp.where(in_group_A[:, None], y_AF, 0).astype(acc_AF.dtype), None
-
-    # Remat keeps the backward from saving a [A, F] mask per expert; the masks are recomputed from two scalars.
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    acc = jnp.zeros((lhs_AD.shape[0], rhs_EDF.shape[-1]), lhs_AD.dtype)
-    return jax.lax.scan(body, acc, (rhs_EDF, starts_E, ends_E))[0]
-
-
-_GROUPED_MATMUL = {"ragged_dot": jax.lax.ragged_dot, "scan": grouped_matmul_scan}  # by Qwen3Config.moe_impl
 
 
 # --------------------------------------------------------------------------- decoder stack
