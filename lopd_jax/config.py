@@ -33,7 +33,7 @@ import yaml
 from lopd_jax.batch import DataConfig
 from lopd_jax.checkpoint import CheckpointConfig
 from lopd_jax.losses import LossConfig
-from lopd_jax.models.qwen3_specs import Attention, DecodeAttention, Matmuls, Qwen3Config, Remat
+from lopd_jax.models.qwen3_specs import Attention, DecodeAttention, Matmuls, MoeImpl, Qwen3Config, Remat
 from lopd_jax.prompts import PromptConfig
 from lopd_jax.sampling import SamplingConfig
 from lopd_jax.sharding import MeshConfig
@@ -66,6 +66,9 @@ class ModelConfig:
     scan_layers: bool | Literal["auto"] = Qwen3Config.scan_layers  # true | false | auto (unrolled on CPU)
     matmuls: Matmuls = Qwen3Config.matmuls  # einsum | flat | auto (2-D weights flat on CPU)
     decode_attention: DecodeAttention = Qwen3Config.decode_attention  # dot | reduce | auto (reduce on CPU)
+    # The MoE grouped matmul: auto (triton on NVIDIA GPUs, ragged_dot on TPU and CPU) | triton | ragged_dot |
+    # padded | scan (models/grouped_matmul.py); one the backend cannot run is refused before anything compiles.
+    moe_impl: MoeImpl = Qwen3Config.moe_impl
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,8 @@ Off GPU two ops of a GPU run cannot be compiled faithfully, so the plan compiles
 model-config fields (and says so in its notes), exact equivalents with the same memory profile: ``attention``
 cudnn (or splash) -> "blockwise" (``qwen3.attention_blockwise``: rematerialised query blocks, never [B, N, T, S]
 scores), and, on XLA:CPU, which expands ``lax.ragged_dot`` through a dense [A, E, D] intermediate, ``moe_impl``
-"scan" (``qwen3.grouped_matmul_scan``). Nothing is patched: the step is ``step.build`` of that model config. The
-remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
+"scan" (``grouped_matmul.grouped_matmul_scan``). Nothing is patched: the step is ``step.build`` of that model config.
+The remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
 param-sized fp32 temporary), so CPU figures lean high; on a GPU host ``--plan`` compiles the real ops.
 
 ``--target NAME`` (``lopd_jax.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a libtpu
@@ -223,10 +223,10 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
 def moe_line(model_cfg: qwen3.Qwen3Config, mesh: Mesh, platform: str, num_tokens: int) -> tuple[str, bool]:
     """(what ``--plan`` prints after "moe:", whether the plan is runnable): the grouped-GEMM implementation compiled
     and the experts' layout. ``scan`` is a memory stand-in: E grouped GEMMs' worth of expert FLOPs, never a run."""
-    from lopd_jax.models import expert_parallel
+    from lopd_jax.models import expert_parallel, grouped_matmul
 
     E = model_cfg.num_experts
-    impl = model_cfg.moe_impl
+    impl = grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform, model_cfg.pallas_interpret)
     layout = sharding.expert_layout(mesh.abstract_mesh, E, num_tokens)
     if layout is None:
         where = "experts split along D by FSDP (each layer gathers every expert's weights)"
@@ -236,6 +236,8 @@ def moe_line(model_cfg: qwen3.Qwen3Config, mesh: Mesh, platform: str, num_tokens
             f"expert parallel: {E // layout.num_shards} whole experts per device over mesh axes "
             f"{layout.expert_axes} ({layout.num_shards}), {dispatch} all-to-all dispatch"
         )
+    if impl == "padded" and layout is not None:
+        where += "; padded multiplies the whole worst-case receive buffer: N times a grouped GEMM's expert FLOPs"
     if impl == "scan":
         return f"{impl} ({where}); a memory stand-in: its expert FLOPs are E = {E} times a grouped GEMM's", False
     return f"{impl} ({where})", True

@@ -22,7 +22,7 @@ from lopd_jax import distributed, prompts, provenance, sharding
 from lopd_jax.batch import DataError
 from lopd_jax.checkpoint import CheckpointCorruptError
 from lopd_jax.config import ConfigError, TrainConfig
-from lopd_jax.models import hf, presets, qwen3
+from lopd_jax.models import grouped_matmul, hf, presets, qwen3
 from lopd_jax.prompts import PromptError
 from lopd_jax.provenance import ProvenanceError
 from lopd_jax.store import RolloutStore, StoreError
@@ -88,6 +88,7 @@ def runtime_knobs(m: config_lib.ModelConfig, **overrides: Any) -> dict[str, Any]
         scan_layers=m.scan_layers,
         matmuls=m.matmuls,
         decode_attention=m.decode_attention,
+        moe_impl=m.moe_impl,
     )
     return {**knobs, **overrides}
 
@@ -121,6 +122,17 @@ def model_config(cfg: TrainConfig, **overrides: Any) -> qwen3.Qwen3Config:
             raise ConfigError(f"model.config: {file} does not exist")
         return hf.config_from_hf(json.loads(file.read_text()), where=str(file), **knobs)
     return architecture(m.init, **knobs)
+
+
+def _check_moe_impl(model_cfg: qwen3.Qwen3Config, mesh: Any) -> None:
+    """``model.moe_impl`` must be one the mesh's backend can run (triton: NVIDIA GPUs only)."""
+    if not model_cfg.num_experts:
+        return
+    backend = mesh.devices.flat[0].platform
+    try:
+        grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, backend, model_cfg.pallas_interpret)
+    except ValueError as e:
+        raise ConfigError(f"model.moe_impl: {e}") from None
 
 
 def _check_not_preset(cfg: TrainConfig) -> None:
@@ -481,6 +493,7 @@ def prepare(cfg: TrainConfig) -> Setup:
             f"is {model_cfg.vocab_size}"
         )
     _check_shapes(cfg, setup)
+    _check_moe_impl(model_cfg, mesh)
     _check_writable(cfg)
     _check_run_dir(cfg)
     if cfg.resume:

@@ -112,19 +112,6 @@ def test_blockwise_attention_equals_attention_xla(monkeypatch):
     np.testing.assert_allclose(grad(qwen3.attention_blockwise, q), grad(qwen3.attention_xla, q), rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_matmul_scan_equals_ragged_dot():
-    k = jax.random.split(jax.random.key(0), 2)
-    x = jax.random.normal(k[0], (50, 8))
-    w = jax.random.normal(k[1], (5, 8, 3))
-    groups = jnp.array([10, 0, 25, 5, 10], jnp.int32)
-    np.testing.assert_allclose(qwen3.grouped_matmul_scan(x, w, groups), jax.lax.ragged_dot(x, w, groups), atol=1e-5)
-    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, groups)))  # noqa: E731
-    got = jax.grad(loss(qwen3.grouped_matmul_scan), argnums=(0, 1))(x, w)
-    want = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
-    for g, r in zip(got, want):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
-
-
 def test_teacher_bytes_and_hf_architecture(tmp_path):
     import transformers
 

@@ -27,6 +27,7 @@ from flax import nnx
 from lopd_jax import sharding
 from lopd_jax.models import expert_parallel
 from lopd_jax.models.fused_attention import attention_cudnn, attention_splash
+from lopd_jax.models.grouped_matmul import grouped_matmul, resolve_moe_impl
 from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
     ATTENTION_IMPLS,
     Attention,
@@ -274,7 +275,8 @@ def route(x_XD: jax.Array, router_DE: jax.Array, cfg: Qwen3Config) -> tuple[jax.
 
 
 def moe_mlp(x_BTD: jax.Array, mp: Params, cfg: Qwen3Config) -> jax.Array:
-    """Sparse MoE block: the X*R (token, expert) assignments are sorted by expert and run as grouped matmuls.
+    """Sparse MoE block: the X*R (token, expert) assignments are sorted by expert and run as grouped matmuls
+    (``cfg.moe_impl``, resolved for the compile platform by ``grouped_matmul.resolve_moe_impl``).
 
     Under a mesh with an expert axis (``sharding.expert_layout``) the experts are split over it and the
     assignments travel to them and back by all-to-all (``expert_parallel.moe_block``)."""
@@ -302,39 +304,14 @@ def moe_mlp(x_BTD: jax.Array, mp: Params, cfg: Qwen3Config) -> jax.Array:
 
 
 def expert_ffn(x_AD, gate_EDF, up_EDF, down_EFD, group_sizes_E, *, cfg: Qwen3Config) -> jax.Array:
-    """The experts' SwiGLU over expert-sorted rows [A, D] (group e: the next group_sizes_E[e] rows) -> [A, D];
-    rows past the last group come out zero (``lax.ragged_dot``'s semantics)."""
-    grouped = _GROUPED_MATMUL[cfg.moe_impl]
+    """The experts' SwiGLU over expert-sorted rows [A, D] (group e: the next group_sizes_E[e] rows) -> [A, D],
+    by ``cfg.moe_impl``'s grouped matmul; rows past the last group come out zero (``lax.ragged_dot``'s semantics).
+    """
+    impl = resolve_moe_impl(cfg.moe_impl, _compile_platform(), cfg.pallas_interpret)
+    grouped = functools.partial(grouped_matmul, impl=impl, interpret=cfg.pallas_interpret)
     gate_AF = grouped(x_AD, gate_EDF, group_sizes_E)
     up_AF = grouped(x_AD, up_EDF, group_sizes_E)
     return grouped(jax.nn.silu(gate_AF) * up_AF, down_EFD, group_sizes_E)
-
-
-def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    """``lax.ragged_dot`` as a scan over experts with masked rows: the same result, and a grouped GEMM's buffers.
-
-    XLA:CPU lowers ragged_dot densely through an [A, E, D] intermediate (tens of GB for Qwen3-30B-A3B), which
-    says nothing about a GPU run; ``moe_impl="scan"`` (what ``--plan`` compiles on CPU) has as largest temporaries
-    [A, F] (forward) and one expert's [D, F] gradient per iteration.
-    """
-    ends_E = jnp.cumsum(group_sizes_E)
-    starts_E = ends_E - group_sizes_E
-    rows_A = jnp.arange(lhs_AD.shape[0])
-
-    def body(acc_AF, xs):
-        w_DF, start, end = xs
-        in_group_A = (rows_A >= start) & (rows_A < end)
-        y_AF = jnp.dot(lhs_AD, w_DF.astype(lhs_AD.dtype))
-        return acc_AF + jnp.where(in_group_A[:, None], y_AF, 0).astype(acc_AF.dtype), None
-
-    # Remat keeps the backward from saving a [A, F] mask per expert; the masks are recomputed from two scalars.
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    # zeros_like: the carry varies over a shard_map's axes as lhs does (expert parallelism runs this per device)
-    acc = jnp.zeros_like(lhs_AD, shape=(lhs_AD.shape[0], rhs_EDF.shape[-1]))
-    return jax.lax.scan(body, acc, (rhs_EDF, starts_E, ends_E))[0]
-
-
-_GROUPED_MATMUL = {"ragged_dot": jax.lax.ragged_dot, "scan": grouped_matmul_scan}  # by Qwen3Config.moe_impl
 
 
 # --------------------------------------------------------------------------- decoder stack
