@@ -60,9 +60,11 @@ def moe_block(
     mesh = jax.sharding.get_abstract_mesh()
     body = functools.partial(_local_block, ffn=ffn, layout=layout, dispatch=dispatch)
     tok, w = layout.token_spec, layout.weight_spec
-    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w, w, w), out_specs=tok)(
-        x_XD, weights_XR, experts_XR, gate_EDF, up_EDF, down_EFD
-    )
+    # check_vma=False: Pallas kernels (moe_impl=triton) declare outputs without a varying-axes type. The
+    # transpose then psums the weights' cotangents over every axis their spec leaves out, which is the sum a
+    # replicated input needs (tests/test_expert_parallel.py checks the gradients against one device).
+    smap = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w, w, w), out_specs=tok, check_vma=False)
+    return smap(x_XD, weights_XR, experts_XR, gate_EDF, up_EDF, down_EFD)
 
 
 def _local_block(x_XD, weights_XR, experts_XR, gate_GDF, up_GDF, down_GFD, *, ffn, layout, dispatch):

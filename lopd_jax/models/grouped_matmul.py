@@ -157,7 +157,9 @@ def _gmm_kernel(group_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *, til
     def _():
         acc_MN = jnp.zeros((tiles.bm, tiles.bn), jnp.float32)
         # Tiles of group E (rows past sum(group_sizes)) run no steps and store zeros.
-        n_steps = jnp.where(g < E, pl.cdiv(K, tiles.bk), 0)
+        # int32 operands: jnp.where of two Python ints lowers to a Triton select whose type differs from the loop
+        # counter's, and Triton rejects the scf.for ("lowerBound, upperBound, step have same type").
+        n_steps = jnp.where(g < E, jnp.int32(pl.cdiv(K, tiles.bk)), jnp.int32(0))
         acc_MN = jax.lax.fori_loop(0, n_steps, step, acc_MN)
         plgpu.store(out_ref.at[rows, cols], acc_MN.astype(out_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
 
