@@ -81,7 +81,11 @@ def test_plan_paper_scale(name, capsys):
     total = _printed(out, r"parameters: total ([\d,]+)")
     device_gb = _printed(out, r"total per device: ([\d.]+) GB")
     assert total / 1e9 == pytest.approx(PUBLISHED[cfg.model.init], rel=0.01)
-    assert device_gb < cfg.plan.device_memory_gb and "FITS" in out
+    assert device_gb < cfg.plan.device_memory_gb
+    if "moe:" in out:  # XLA:CPU compiles the scan stand-in: a memory figure, never a runnable fit
+        assert p.fits and not p.runnable and "NOT A RUNNABLE PLAN" in out and "FITS" not in out
+    else:
+        assert p.runnable and "FITS" in out
     assert cfg.plan.device_memory_gb == 80.0 and device_gb < 80.0  # one 8 x 80 GB node
     # The figures are consistent with the sharded state: fp32 params 8-way sharded, two Adam moments.
     assert p.params_total == int(total)
