@@ -31,6 +31,10 @@ from lopd_jax import sharding
 ExpertFFN = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+# The op the ragged dispatch calls; tests on XLA:CPU, which lacks it, put an all-gather emulation in its place.
+ragged_all_to_all = jax.lax.ragged_all_to_all
+
+
 def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
@@ -113,7 +117,7 @@ def _send_ragged(x_AD: jax.Array, route: _Route, axes) -> jax.Array:
     N = route.sent_NN.shape[0]
     landing_N = _exclusive_cumsum(route.sent_NN, axis=0)[route.me]  # in destination d's buffer
     buffer_MD = jnp.zeros((N * route.A, x_AD.shape[1]), x_AD.dtype)
-    return jax.lax.ragged_all_to_all(
+    return ragged_all_to_all(
         x_AD, buffer_MD, route.send_starts, route.send_sizes, landing_N, route.recv_sizes, axis_name=axes
     )
 
@@ -122,7 +126,7 @@ def _return_ragged(y_MD: jax.Array, starts_N: jax.Array, route: _Route, axes) ->
     """Each source's rows back to it, where they left from (its send offset for this device)."""
     landing_N = _exclusive_cumsum(route.sent_NN, axis=1)[:, route.me]  # in source s's [A, D] buffer
     buffer_AD = jnp.zeros((route.A, y_MD.shape[1]), y_MD.dtype)
-    return jax.lax.ragged_all_to_all(
+    return ragged_all_to_all(
         y_MD, buffer_AD, starts_N, route.recv_sizes, landing_N, route.send_sizes, axis_name=axes
     )
 
