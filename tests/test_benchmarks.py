@@ -199,8 +199,12 @@ def test_gpu_script_tiny_without_torch_grain_vllm(tmp_path):
     assert doc["attention_check"] == check
     # Running order: the attention check, the goal model, scoring, the rest; each section timed on its own.
     assert list(doc["section_seconds"]) == [
-        "attention_check", "train_step/qwen3-4b", "precompute", "train_step/qwen3-0.6b"
+        "attention_check", "train_step/qwen3-4b", "precompute", "moe_check", "train_step/qwen3-0.6b"
     ]  # fmt: skip
+    moe = json.loads((out / "moe_check_tiny.json").read_text())
+    assert doc["moe_check"] == moe and moe["jax"] == jax.__version__
+    assert moe["impls"]["padded"]["ok"] and moe["impls"]["ragged_dot"]["wall_s"]["n"] > 0
+    assert "need an NVIDIA GPU" in moe["impls"]["triton"]["error"]  # recorded, not fatal, on a CPU
     rows = doc["results"]["train_step"]
     assert [r["name"] for r in rows] == ["qwen3-4b (tiny stand-in)", "qwen3-0.6b (tiny stand-in)"]
     _check_train_rows(rows, "full")
