@@ -40,7 +40,7 @@ from jax.sharding import Mesh
 
 from lopd_jax import sharding, targets
 from lopd_jax import step as step_lib
-from lopd_jax.models import presets, qwen3
+from lopd_jax.models import grouped_matmul, presets, qwen3
 
 if TYPE_CHECKING:
     from lopd_jax.config import TrainConfig
@@ -75,6 +75,8 @@ class Plan:
     attention: str = ""  # the implementation compiled (see planned_attention)
     target: targets.Target | None = None  # --target: compiled by that accelerator's XLA (no hardware)
     roofline: targets.Roofline | None = None  # --target: a step-time ESTIMATE from FLOPs and bytes
+    moe: str = ""  # the MoE grouped matmul compiled (grouped_matmul.resolve_moe_impl); "" for a dense model
+    experts: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -82,7 +84,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.budget_bytes
+        """Whether a run fits: never for moe "scan", a memory stand-in that no run uses (E x the expert FLOPs)."""
+        return self.total_bytes <= self.budget_bytes and self.moe != "scan"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,6 +269,8 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
         attention=model_cfg.attention,
         target=tgt,
         roofline=roofline,
+        moe=grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform) if model_cfg.num_experts else "",
+        experts=model_cfg.num_experts,
     )
 
 
@@ -286,6 +291,12 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     ]
     if plan.params_active != plan.params_total:
         lines.append(f"parameters: active {plan.params_active:,} ({plan.params_active / 1e9:.3f} B) per token")
+    if plan.moe == "scan":
+        lines.append(
+            f"moe: scan (a memory stand-in: its expert FLOPs are {plan.experts}x a grouped GEMM's; never a run)"
+        )
+    elif plan.moe:
+        lines.append(f"moe: {plan.moe}")
     lines.append("largest tensors (PartitionSpec -> per-device shape):")
     for x in plan.largest:
         lines.append(f"  {x.name:<16} {str(x.shape):<26} {x.dtype:<8} {x.spec:<44} -> {x.device_shape}")
@@ -299,6 +310,8 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     lines.append(f"  xla:   {'peak estimate':<24}{_gb(plan.memory['peak'])}")
     lines += [f"  extra: {k:<24}{_gb(v)}" for k, v in plan.extra_bytes.items()]
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    if plan.moe == "scan" and plan.total_bytes <= plan.budget_bytes:
+        verdict = "memory within budget, NOT A RUNNABLE FIT (moe: scan)"
     lines.append(
         f"total per device: {plan.total_bytes / GB:.2f} GB of {plan.budget_bytes / GB:.0f} GB budget: {verdict}"
     )
