@@ -210,6 +210,11 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
     attention, note = planned_attention(cfg.model.attention, platform)
     notes = [note] if note else []
     model_cfg = train_setup.model_config(cfg, attention=attention, **_accelerator_forms(cfg.model))
+    if model_cfg.num_experts and platform != "cpu":  # on CPU the scan below stands in for any implementation
+        try:
+            grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform)
+        except ValueError as e:
+            raise train_setup.ConfigError(f"model.moe_impl: {e}") from None
     if model_cfg.num_experts and platform == "cpu":
         notes.append(
             f"MoE: XLA:{platform.upper()} expands ragged_dot densely; planned with moe_impl=scan, an equivalent "

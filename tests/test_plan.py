@@ -162,3 +162,12 @@ def test_plan_takes_the_accelerator_forms_for_auto():
     explicit = dataclasses.replace(base, model=dataclasses.replace(base.model, scan_layers=False, matmuls="flat"))
     model_cfg, _ = plan.planned_model(explicit, "cpu")
     assert (model_cfg.scan_layers, model_cfg.matmuls) == (False, "flat")
+
+
+def test_plan_refuses_an_moe_impl_the_target_cannot_run():
+    cfg = config_lib.load_config(
+        os.path.join(ROOT, "configs", "qwen3_30b_a3b_lightning_opd.yaml"), ["model.moe_impl=triton"]
+    )
+    with pytest.raises(config_lib.ConfigError, match="model.moe_impl: .*backend is 'tpu'"):
+        plan.planned_model(cfg, "tpu")
+    assert plan.planned_model(cfg, "gpu")[0].moe_impl == "triton"
