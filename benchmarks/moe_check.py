@@ -33,7 +33,7 @@ from lopd_jax.models import presets, qwen3
 RELATIVE_TOLERANCE = 2e-2
 IMPLS = ("ragged_dot", "triton", "padded")  # scan: E x the FLOPs, a memory stand-in, not timed
 FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
-REPEATS = 10
+REPEATS = {False: 10, True: 2}  # timed calls per implementation (by --tiny)
 
 
 def shapes(tiny: bool) -> tuple[qwen3.Qwen3Config, int]:
@@ -79,9 +79,9 @@ def layer_flops(cfg: qwen3.Qwen3Config, tokens: int) -> float:
     return 3 * 3 * 2 * A * cfg.hidden_size * cfg.moe_intermediate_size
 
 
-def _time(fn, *args) -> dict[str, float]:
+def _time(fn, *args, repeats: int = REPEATS[False]) -> dict[str, float]:
     jax.block_until_ready(fn(*args))  # compile and warm up
-    return common.spread([common.timed(lambda: jax.block_until_ready(fn(*args))) for _ in range(REPEATS)])
+    return common.spread([common.timed(lambda: jax.block_until_ready(fn(*args))) for _ in range(repeats)])
 
 
 def _agreement(got, want) -> dict[str, Any]:
@@ -94,7 +94,9 @@ def _agreement(got, want) -> dict[str, Any]:
     return {"max_rel_diff": rel, "ok": all(v <= RELATIVE_TOLERANCE for v in rel.values())}
 
 
-def run_impl(cfg: qwen3.Qwen3Config, tokens: int, impl: str, reference=None) -> tuple[dict[str, Any], Any]:
+def run_impl(
+    cfg: qwen3.Qwen3Config, tokens: int, impl: str, reference=None, repeats: int = REPEATS[False]
+) -> tuple[dict[str, Any], Any]:
     """One implementation's record (time, TFLOP/s, memory, agreement with ``reference``) and its results."""
     x, mp, ct = inputs(cfg, tokens)
     fn = layer_grads(dataclasses.replace(cfg, moe_impl=impl))
@@ -102,7 +104,7 @@ def run_impl(cfg: qwen3.Qwen3Config, tokens: int, impl: str, reference=None) -> 
     compiled = fn.lower(x, mp, ct).compile()
     mem = compiled.memory_analysis()
     rec["xla_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None
-    rec["wall_s"] = _time(compiled, x, mp, ct)
+    rec["wall_s"] = _time(compiled, x, mp, ct, repeats=repeats)
     rec["tflops_per_s"] = layer_flops(cfg, tokens) / rec["wall_s"]["median"] / 1e12
     rec["device_peak_bytes_so_far"] = common.device_peak_memory(jax.devices()[0])
     results = compiled(x, mp, ct)
@@ -172,7 +174,7 @@ def check(tiny: bool) -> dict[str, Any]:
     impls: dict[str, Any] = {}
     reference = None
     for impl in IMPLS:  # ragged_dot first: the reference
-        impls[impl], results = _guarded(run_impl, cfg, tokens, impl, reference)
+        impls[impl], results = _guarded(run_impl, cfg, tokens, impl, reference, REPEATS[tiny])
         if impl == "ragged_dot":
             reference = results
     report["impls"] = impls
@@ -183,8 +185,8 @@ def check(tiny: bool) -> dict[str, Any]:
 
 def _fusion_child_main(tiny: bool) -> int:
     cfg, tokens = shapes(tiny)
-    padded, want = _guarded(run_impl, cfg, tokens, "padded")
-    rec, _ = _guarded(run_impl, cfg, tokens, "ragged_dot", want)
+    padded, want = _guarded(run_impl, cfg, tokens, "padded", None, REPEATS[tiny])
+    rec, _ = _guarded(run_impl, cfg, tokens, "ragged_dot", want, REPEATS[tiny])
     print(json.dumps(rec if want is not None else {"error": f"padded failed: {padded.get('error')}"}))
     return 0
 

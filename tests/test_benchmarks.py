@@ -324,3 +324,24 @@ def test_next_batch_jumps_to_what_the_measured_row_cost_allows():
     assert next_batch(16, 112 * gib, 48 * gib, 70 * gib) == 4
     assert next_batch(16, 17 * gib, 1 * gib, 16 * gib) == 8  # just over: halving is the cap
     assert next_batch(4, 80 * gib, 60 * gib, 62 * gib) == 0  # not even one row: stop, do not compile 2 and 1
+
+
+def test_moe_check_agreement_flops_and_report_lines():
+    from benchmarks import moe_check, report
+
+    cfg, tokens = moe_check.shapes(tiny=False)
+    assert (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, tokens) == (2048, 128, 768, 5120)
+    assert moe_check.layer_flops(cfg, tokens) == 9 * 2 * 40960 * 2048 * 768
+    want = (np.ones((2, 3)), np.ones(3), {"gate": np.ones(2), "up": np.full(2, 4.0)})
+    close = (want[0] * (1 + 1e-3), want[1], {"gate": want[2]["gate"], "up": want[2]["up"] - 0.01})
+    far = (want[0], want[1], {"gate": want[2]["gate"], "up": want[2]["up"] * 0.9})
+    assert moe_check._agreement(close, want)["ok"]
+    bad = moe_check._agreement(far, want)
+    assert not bad["ok"] and bad["max_rel_diff"]["d_up"] == pytest.approx(0.1) and bad["max_rel_diff"]["d_x"] == 0
+    rec = {"wall_s": {"median": 2e-3}, "tflops_per_s": 3.0, "xla_temp_bytes": 2e9, "ok": True}
+    doc = {"jax": "0.11.2", "device": "H100", "assignments": 40960, "hidden": 2048, "experts": 128,
+           "moe_intermediate": 768, "impls": {"triton": rec, "padded": {"error": "ValueError: no"}}}  # fmt: skip
+    lines = report._moe_lines(doc)
+    assert lines[0] == "- jax 0.11.2, H100: 40960 assignments, D 2048, E 128, F 768"
+    assert "- triton: 2.00 ms, 3.0 TFLOP/s, XLA temp 2.00 GB; agrees" in lines
+    assert "- padded: failed: `ValueError: no`" in lines
