@@ -66,7 +66,7 @@ class ModelConfig:
     scan_layers: bool | Literal["auto"] = Qwen3Config.scan_layers  # true | false | auto (unrolled on CPU)
     matmuls: Matmuls = Qwen3Config.matmuls  # einsum | flat | auto (2-D weights flat on CPU)
     decode_attention: DecodeAttention = Qwen3Config.decode_attention  # dot | reduce | auto (reduce on CPU)
-    # The MoE grouped matmul: auto (triton on NVIDIA GPUs, ragged_dot on TPU and CPU) | triton | ragged_dot |
+    # The MoE grouped matmul: auto (triton on NVIDIA GPUs, ragged_dot on TPU, padded on CPU) | triton | ragged_dot |
     # padded | scan (models/grouped_matmul.py); one the backend cannot run is refused before anything compiles.
     moe_impl: MoeImpl = Qwen3Config.moe_impl
 

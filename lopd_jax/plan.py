@@ -40,7 +40,7 @@ from jax.sharding import Mesh
 
 from lopd_jax import collectives, sharding, targets
 from lopd_jax import step as step_lib
-from lopd_jax.models import presets, qwen3
+from lopd_jax.models import grouped_matmul, presets, qwen3
 
 if TYPE_CHECKING:
     from lopd_jax.config import TrainConfig
@@ -75,8 +75,9 @@ class Plan:
     attention: str = ""  # the implementation compiled (see planned_attention)
     target: targets.Target | None = None  # --target: compiled by that accelerator's XLA (no hardware)
     roofline: targets.Roofline | None = None  # --target: a step-time ESTIMATE from FLOPs and bytes
-    moe: str = ""  # the MoE implementation compiled and its layout (moe_line); "" for a dense model
-    runnable: bool = True  # False: a stand-in compiled for memory only (moe_impl=scan), never a run
+    moe: str = ""  # the MoE grouped matmul compiled (grouped_matmul.resolve_moe_impl); "" for a dense model
+    experts: int = 0
+    moe_layout: str = ""  # where the experts live and how tokens reach them (moe_layout); "" for a dense model
     collectives: collectives.CollectiveBytes | None = None  # per-step bytes per device, from the compiled HLO
 
     @property
@@ -85,8 +86,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        """The memory verdict; a plan that is not ``runnable`` fits in memory at most."""
-        return self.total_bytes <= self.budget_bytes
+        """Whether a run fits: never for moe "scan", a memory stand-in that no run uses (E x the expert FLOPs)."""
+        return self.total_bytes <= self.budget_bytes and self.moe != "scan"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,6 +212,11 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
     attention, note = planned_attention(cfg.model.attention, platform)
     notes = [note] if note else []
     model_cfg = train_setup.model_config(cfg, attention=attention, **_accelerator_forms(cfg.model))
+    if model_cfg.num_experts and platform != "cpu":  # on CPU the scan below stands in for any implementation
+        try:
+            grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform)
+        except ValueError as e:
+            raise train_setup.ConfigError(f"model.moe_impl: {e}") from None
     if model_cfg.num_experts and platform == "cpu":
         notes.append(
             f"MoE: XLA:{platform.upper()} expands ragged_dot densely; planned with moe_impl=scan, an equivalent "
@@ -220,27 +226,22 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
     return model_cfg, notes
 
 
-def moe_line(model_cfg: qwen3.Qwen3Config, mesh: Mesh, platform: str, num_tokens: int) -> tuple[str, bool]:
-    """(what ``--plan`` prints after "moe:", whether the plan is runnable): the grouped-GEMM implementation compiled
-    and the experts' layout. ``scan`` is a memory stand-in: E grouped GEMMs' worth of expert FLOPs, never a run."""
-    from lopd_jax.models import expert_parallel, grouped_matmul
+def moe_layout(model_cfg: qwen3.Qwen3Config, mesh: Mesh, platform: str, num_tokens: int) -> str:
+    """Where the experts of the compiled step live and how tokens reach them (printed after the "moe:" line)."""
+    from lopd_jax.models import expert_parallel
 
     E = model_cfg.num_experts
-    impl = grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform, model_cfg.pallas_interpret)
     layout = sharding.expert_layout(mesh.abstract_mesh, E, num_tokens)
     if layout is None:
-        where = "experts split along D by FSDP (each layer gathers every expert's weights)"
-    else:
-        dispatch = expert_parallel.dispatch_kind(platform)
-        where = (
-            f"expert parallel: {E // layout.num_shards} whole experts per device over mesh axes "
-            f"{layout.expert_axes} ({layout.num_shards}), {dispatch} all-to-all dispatch"
-        )
-    if impl == "padded" and layout is not None:
+        return "experts split along D by FSDP: each layer gathers every expert's weights"
+    where = (
+        f"expert parallel: {E // layout.num_shards} whole experts per device over mesh axes {layout.expert_axes} "
+        f"({layout.num_shards}), {expert_parallel.dispatch_kind(platform)} all-to-all dispatch"
+    )
+    impl = grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform, model_cfg.pallas_interpret)
+    if impl == "padded":
         where += "; padded multiplies the whole worst-case receive buffer: N times a grouped GEMM's expert FLOPs"
-    if impl == "scan":
-        return f"{impl} ({where}); a memory stand-in: its expert FLOPs are E = {E} times a grouped GEMM's", False
-    return f"{impl} ({where})", True
+    return where
 
 
 def planned_step(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> PlannedStep:
@@ -279,7 +280,6 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
             model_cfg, t.batch_size, t.seq_len, t.grad_accum, tgt.num_chips, tgt.chip, state_bytes
         )
     micro_tokens = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len
-    moe, runnable = moe_line(model_cfg, mesh, platform, micro_tokens) if model_cfg.num_experts else ("", True)
     return Plan(
         model=cfg.model.init,
         mesh=dict(mesh.shape),
@@ -295,8 +295,9 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
         attention=model_cfg.attention,
         target=tgt,
         roofline=roofline,
-        moe=moe,
-        runnable=runnable,
+        moe=grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform) if model_cfg.num_experts else "",
+        experts=model_cfg.num_experts,
+        moe_layout=moe_layout(model_cfg, mesh, platform, micro_tokens) if model_cfg.num_experts else "",
         collectives=collectives.collective_bytes(compiled.as_text()),
     )
 
@@ -318,6 +319,14 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     ]
     if plan.params_active != plan.params_total:
         lines.append(f"parameters: active {plan.params_active:,} ({plan.params_active / 1e9:.3f} B) per token")
+    if plan.moe == "scan":
+        lines.append(
+            f"moe: scan (a memory stand-in: its expert FLOPs are {plan.experts}x a grouped GEMM's; never a run)"
+        )
+    elif plan.moe:
+        lines.append(f"moe: {plan.moe}")
+    if plan.moe_layout:
+        lines.append(f"  experts: {plan.moe_layout}")
     lines.append("largest tensors (PartitionSpec -> per-device shape):")
     for x in plan.largest:
         lines.append(f"  {x.name:<16} {str(x.shape):<26} {x.dtype:<8} {x.spec:<44} -> {x.device_shape}")
@@ -332,11 +341,9 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     lines += [f"  extra: {k:<24}{_gb(v)}" for k, v in plan.extra_bytes.items()]
     if plan.collectives is not None:
         lines += format_collectives(plan.collectives)
-    if plan.moe:
-        lines.append(f"moe: {plan.moe}")
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
-    if plan.fits and not plan.runnable:
-        verdict = "fits in memory only: NOT A RUNNABLE PLAN (moe_impl=scan is a stand-in)"
+    if plan.moe == "scan" and plan.total_bytes <= plan.budget_bytes:
+        verdict = "memory within budget, NOT A RUNNABLE FIT (moe: scan)"
     lines.append(
         f"total per device: {plan.total_bytes / GB:.2f} GB of {plan.budget_bytes / GB:.0f} GB budget: {verdict}"
     )

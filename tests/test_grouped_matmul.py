@@ -15,7 +15,7 @@ import transformers
 from test_losses import ROWS, assert_tree_close, pack, rel_err, sequences, torch_opd_loss  # noqa: F401 (fixture)
 from test_qwen3 import _tokens, hf_model, tmp_root, torch_logits  # noqa: F401 (fixture)
 
-from lopd_jax import losses
+from lopd_jax import losses, targets
 from lopd_jax.models import grouped_matmul as gm
 from lopd_jax.models import qwen3
 
@@ -200,3 +200,35 @@ def test_moe_opd_gradient_with_triton_kernels_matches_torch(sequences, tmp_path)
     assert rel_err(loss, t_loss.item()) <= 1e-5
     assert_tree_close(grads, want, 1e-4)  # test_losses' tolerance
     assert float(jnp.abs(grads["moe"]["down"]).max()) > 0  # the expert weights get a gradient
+
+
+# ---------------------------------------------------------------------------------------------- XLA:GPU, deviceless
+
+
+@pytest.mark.skipif(
+    not targets.installed(targets.CUDA_PLUGIN),
+    reason="jax-cuda12-plugin absent: pip install --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2",
+)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kernels_compile_deviceless_for_h100(dtype):
+    """XLA:GPU compiles the three kernels (Triton's compiler for sm90, no GPU) for every tile candidate, with none
+    of the temporaries XLA:GPU's dense ragged dot needs."""
+    dev = targets.topology_devices(targets.get_target("h100"))[0]
+    A, D, F, E = 512, 256, 192, 8
+    s = jax.sharding.SingleDeviceSharding(dev)
+    args = [jax.ShapeDtypeStruct(shape, dt, sharding=s) for shape, dt in [((A, D), dtype), ((E, D, F), dtype)]]
+    args.append(jax.ShapeDtypeStruct((E,), jnp.int32, sharding=s))
+
+    def compiled(gmm):
+        def f(x, w, g):
+            y, vjp = jax.vjp(lambda a, b: gmm(a, b, g), x, w)
+            return y, *vjp(y)
+
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).compile()
+
+    dense = compiled(jax.lax.ragged_dot).memory_analysis().temp_size_in_bytes
+    assert dense >= A * E * D * jnp.dtype(dtype).itemsize  # the [A, E * D] masked operand
+    for tiles in gm.TILE_CANDIDATES.values():
+        c = compiled(lambda x, w, g, tiles=tiles: gm.grouped_matmul_triton(x, w, g, False, tiles))
+        assert c.as_text().count("xla.gpu.triton") == 3  # gmm, transposed gmm, tgmm
+        assert c.memory_analysis().temp_size_in_bytes < dense / 100

@@ -171,8 +171,8 @@ def test_xla_tpu_compiles_expert_parallelism_with_ragged_all_to_all(tiny_moe_yam
     with jax.default_matmul_precision("default"):
         p = plan.run(cfg, "tpu-v5p-16")
     out = capsys.readouterr().out
-    assert p.mesh["expert"] == 8 and p.runnable and "FITS" in out
-    assert "moe: ragged_dot (expert parallel: 2 whole experts per device" in out and "ragged all-to-all" in out
+    assert p.mesh["expert"] == 8 and p.moe == "ragged_dot" and p.fits and "FITS" in out
+    assert "experts: expert parallel: 2 whole experts per device" in out and "ragged all-to-all" in out
     assert p.collectives.unknown_trip_counts == 0
     assert p.collectives.by_kind["ragged-all-to-all"] == _ragged_bytes_per_step(cfg, 8)
     assert "ragged-all-to-all" in out and "collectives per step" in out
@@ -188,5 +188,6 @@ def test_xla_gpu_compiles_expert_parallelism_with_the_triton_kernels(tiny_moe_ya
     with jax.default_matmul_precision("default"):
         p = plan.run(cfg, "h100")
     out = capsys.readouterr().out
-    assert "moe: triton (expert parallel: 2 whole experts per device" in out and p.runnable and "FITS" in out
+    assert p.moe == "triton" and "moe: triton" in out and p.fits and "FITS" in out
+    assert "experts: expert parallel: 2 whole experts per device" in out
     assert p.collectives.by_kind["ragged-all-to-all"] == _ragged_bytes_per_step(cfg, 8)

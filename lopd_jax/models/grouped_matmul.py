@@ -6,7 +6,7 @@ sorted by group, rows ``[start_e, start_e + group_sizes[e])`` are multiplied by 
 
 - ``ragged_dot``: ``lax.ragged_dot``. XLA:TPU lowers it to a grouped GEMM; XLA:GPU (jax 0.10-0.11) rewrites it
   into a dense dot over all experts with masked operands ([A, E * D]), and XLA:CPU expands it through an
-  [A, E, D] intermediate.
+  [A, E, D] intermediate (E times the FLOPs).
 - ``triton``: Pallas-Triton kernels (NVIDIA GPUs): ``gmm`` (forward), the same kernel with the weights
   transposed (the activation gradient) and ``tgmm`` (the weight gradient, ragged over the contraction), under a
   ``custom_vjp``. Tiles below (``GMM_TILES``, ``TGMM_TILES``). On CPU only in Pallas interpret mode (tests).
@@ -34,9 +34,9 @@ import jax.numpy as jnp
 
 IMPLS = ("ragged_dot", "triton", "padded", "scan")
 # What "auto" runs on each jax platform name. GPU: XLA:GPU densifies ragged_dot. TPU: XLA:TPU's own grouped GEMM.
-# CPU: ragged_dot, measured fastest of the exact forms at the tests' and the demo's shapes (docs/internals.md).
-# Another platform (rocm as a lowering platform) gets the portable "padded".
-AUTO = {"gpu": "triton", "cuda": "triton", "tpu": "ragged_dot", "cpu": "ragged_dot"}
+# CPU: padded, measured 6-18x faster than XLA:CPU's [A, E, D] expansion of ragged_dot and 2-5x faster than the scan
+# (benchmarks/moe_cpu.py, docs/internals.md). Another platform (rocm as a lowering platform) gets "padded" too.
+AUTO = {"gpu": "triton", "cuda": "triton", "tpu": "ragged_dot", "cpu": "padded"}
 GPU_PLATFORMS = ("gpu", "cuda")
 
 
@@ -153,15 +153,17 @@ def _gmm_kernel(group_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *, til
         b_KN = plgpu.load(rhs_ref.at[g, ks, cols], mask=k_ok[:, None] & col_ok[None, :], other=0)
         return acc_MN + plgpu.dot(a_MK, b_KN)
 
-    @pl.when(start < end)
+    out = out_ref.at[rows, cols]
+    mask = row_ok[:, None] & col_ok[None, :]
+
+    @pl.when((start < end) & (g < E))
     def _():
-        acc_MN = jnp.zeros((tiles.bm, tiles.bn), jnp.float32)
-        # Tiles of group E (rows past sum(group_sizes)) run no steps and store zeros.
-        # int32 operands: jnp.where of two Python ints lowers to a Triton select whose type differs from the loop
-        # counter's, and Triton rejects the scf.for ("lowerBound, upperBound, step have same type").
-        n_steps = jnp.where(g < E, jnp.int32(pl.cdiv(K, tiles.bk)), jnp.int32(0))
-        acc_MN = jax.lax.fori_loop(0, n_steps, step, acc_MN)
-        plgpu.store(out_ref.at[rows, cols], acc_MN.astype(out_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
+        acc_MN = jax.lax.fori_loop(0, pl.cdiv(K, tiles.bk), step, jnp.zeros((tiles.bm, tiles.bn), jnp.float32))
+        plgpu.store(out, acc_MN.astype(out_ref.dtype), mask=mask)
+
+    @pl.when((start < end) & (g == E))  # rows past sum(group_sizes)
+    def _():
+        plgpu.store(out, jnp.zeros((tiles.bm, tiles.bn), out_ref.dtype), mask=mask)
 
 
 def _gmm(lhs_AK, rhs, group_sizes_E, t: Tiles, transpose: bool, interpret: bool) -> jax.Array:
@@ -205,7 +207,8 @@ def _tgmm_kernel(lo_ref, hi_ref, lhs_ref, dout_ref, out_ref, *, tiles: Tiles):
         b_KN = plgpu.load(dout_ref.at[rs, pl.ds(f0, tiles.bn)], mask=r_ok[:, None] & f_ok[None, :], other=0)
         return acc_MN + plgpu.dot(a_KM, b_KN, trans_a=True)
 
-    acc_MN = jax.lax.fori_loop(0, pl.cdiv(hi - lo, tiles.bk), step, jnp.zeros((tiles.bm, tiles.bn), jnp.float32))
+    n_steps = pl.cdiv(hi - lo, tiles.bk).astype(jnp.int32)
+    acc_MN = jax.lax.fori_loop(jnp.int32(0), n_steps, step, jnp.zeros((tiles.bm, tiles.bn), jnp.float32))
     out = out_ref.at[pl.program_id(0), pl.ds(d0, tiles.bm), pl.ds(f0, tiles.bn)]
     plgpu.store(out, acc_MN.astype(out_ref.dtype), mask=d_ok[:, None] & f_ok[None, :])
 
@@ -315,8 +318,7 @@ def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: ja
 
     # Remat keeps the backward from saving a [A, F] mask per expert; the masks are recomputed from two scalars.
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    # zeros_like: the carry varies over a shard_map's axes as lhs does (expert parallelism runs this per device)
-    acc = jnp.zeros_like(lhs_AD, shape=(lhs_AD.shape[0], rhs_EDF.shape[-1]))
+    acc = jnp.zeros((lhs_AD.shape[0], rhs_EDF.shape[-1]), lhs_AD.dtype)
     return jax.lax.scan(body, acc, (rhs_EDF, starts_E, ends_E))[0]
 
 
