@@ -72,6 +72,7 @@ def train_config(tmp_path, kind: str, attention: str, fsdp: int = 8, moe_impl: s
         f"model.attention={attention}",
         f"model.moe_impl={moe_impl}",
         f"mesh.fsdp={fsdp}",
+        "mesh.expert=1",  # FSDP lowering (the 30B config itself is expert parallel: tests/test_expert_parallel.py)
         f"train.batch_size={B}",
         f"train.seq_len={T}",
         "train.grad_accum=2",
