@@ -267,8 +267,15 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
     t0 = time.perf_counter()
     compiled = planned.lower(cfg).compile(compiler_options=_FAST_CPU_COMPILE if platform == "cpu" else None)
     seconds = time.perf_counter() - t0
+    micro_tokens = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len
     if platform == "cpu":
         notes.append("figures from XLA:CPU buffer assignment; a GPU compile fuses differently (run --plan there)")
+        if model_cfg.num_experts and sharding.expert_layout(mesh.abstract_mesh, model_cfg.num_experts, micro_tokens):
+            notes.append(
+                "expert parallel on XLA:CPU: the dispatch compiles as a dense all-to-all of worst-case buffers (N x "
+                "the ragged all-to-all GPUs and TPUs run), so memory and collective bytes overstate the run; "
+                "--target h100 / tpu-* compiles the real dispatch"
+            )
     budget = cfg.plan.device_memory_gb * GB
     roofline = None
     if tgt is not None:
@@ -279,7 +286,6 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
         roofline = targets.estimate(
             model_cfg, t.batch_size, t.seq_len, t.grad_accum, tgt.num_chips, tgt.chip, state_bytes
         )
-    micro_tokens = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len
     return Plan(
         model=cfg.model.init,
         mesh=dict(mesh.shape),

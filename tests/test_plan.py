@@ -81,10 +81,14 @@ def test_plan_paper_scale(name, capsys):
     total = _printed(out, r"parameters: total ([\d,]+)")
     device_gb = _printed(out, r"total per device: ([\d.]+) GB")
     assert total / 1e9 == pytest.approx(PUBLISHED[cfg.model.init], rel=0.01)
-    assert device_gb < cfg.plan.device_memory_gb
-    # On XLA:CPU an MoE model compiles moe_impl scan: its memory, never a runnable fit.
-    assert ("NOT A RUNNABLE FIT (moe: scan)" if p.moe == "scan" else "FITS") in out
-    assert cfg.plan.device_memory_gb == 80.0 and device_gb < 80.0  # one 8 x 80 GB node
+    assert cfg.plan.device_memory_gb == 80.0  # one 8 x 80 GB node
+    if p.moe == "scan":
+        # On XLA:CPU an MoE model compiles moe_impl scan, never a runnable fit; the 30B config is expert parallel,
+        # whose dispatch XLA:CPU compiles as a dense worst-case all-to-all (N x the ragged one's buffers), so its
+        # CPU memory overstates the run: the fit is XLA:GPU's (test_tpu_plan, docs/plans.md: 71.0 GB on h100).
+        assert "FITS" not in out and "expert parallel" in out and "dense all-to-all dispatch" in out
+    else:
+        assert device_gb < 80.0 and "FITS" in out
     # The figures are consistent with the sharded state: fp32 params 8-way sharded, two Adam moments.
     assert p.params_total == int(total)
     assert p.state_bytes["params"] == pytest.approx(total * 4 / 8, rel=0.01)
