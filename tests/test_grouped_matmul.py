@@ -137,7 +137,9 @@ def test_resolve_moe_impl_per_backend():
 def test_config_choices_are_the_module_impls():
     import typing
 
-    assert set(typing.get_args(qwen3.qwen3_specs.MoeImpl)) == {"auto", *gm.IMPLS}
+    from lopd_jax.models import qwen3_specs
+
+    assert set(typing.get_args(qwen3_specs.MoeImpl)) == {"auto", *gm.IMPLS}
 
 
 def test_triton_outside_interpret_mode_is_refused_on_cpu(tmp_root):  # noqa: F811
