@@ -17,7 +17,8 @@ sorted by group, rows ``[start_e, start_e + group_sizes[e])`` are multiplied by 
   ``--plan`` compiles on CPU to size memory, never a run's choice.
 
 ``resolve_moe_impl`` maps ``"auto"`` to the backend's choice and refuses one the backend cannot run. XLA does not
-partition a Pallas call (it replicates sharded operands around it): under a mesh the MoE block runs per device.
+partition a Pallas call: with sharded operands it replicates them around the call, so the triton kernels do each
+device's share of the work only inside a per-device region (``shard_map``) of the MoE block.
 """
 
 from __future__ import annotations
