@@ -16,7 +16,9 @@ sorted by group, rows ``[start_e, start_e + group_sizes[e])`` are multiplied by 
 - ``scan``: a scan over experts with masked rows. E times a grouped GEMM's FLOPs, a grouped GEMM's buffers: what
   ``--plan`` compiles on CPU to size memory, never a run's choice.
 
-``resolve_moe_impl`` maps ``"auto"`` to the backend's choice and refuses one the backend cannot run.
+``resolve_moe_impl`` maps ``"auto"`` to the backend's choice and refuses one the backend cannot run. XLA does not
+partition a Pallas call: with sharded operands it replicates them around the call, so the triton kernels do each
+device's share of the work only inside a per-device region (``shard_map``) of the MoE block.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class Tiles:
 # bm=64, 20% at 128) and a 64-row tile is one warpgroup's wgmma M; 128 columns and a 64-deep K step keep 4 pipeline
 # stages in shared memory (4 * (64*64 + 64*128) * 2 bytes = 96 KiB of 228). tgmm's output tile is a weight block,
 # never partial: 128 x 128 with 8 warps (two warpgroups), rows streamed 64 at a time. Not tuned on a GPU:
-# benchmarks/gpu_suite.py times the alternatives in TILE_CANDIDATES.
+# benchmarks/moe_check.py (a gpu_suite section) times the alternatives in TILE_CANDIDATES.
 GMM_TILES = Tiles(bm=64, bn=128, bk=64, num_warps=4, num_stages=4)
 TGMM_TILES = Tiles(bm=128, bn=128, bk=64, num_warps=8, num_stages=3)
 TILE_CANDIDATES = {
