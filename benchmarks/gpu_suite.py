@@ -3,7 +3,8 @@
     python -m benchmarks.gpu_suite [--tiny] [--out DIR] [--budget-s 420] [--models qwen3-4b,...] [--note TEXT]
 
 Order (most wanted first): the cuDNN-vs-XLA attention check (benchmarks.attention_check), the Qwen3-4B training
-step (the >= 45% MFU goal), teacher scoring, then the other models. Before each section the driver compares its
+step (the >= 45% MFU goal), teacher scoring, the MoE grouped-matmul check (benchmarks.moe_check: one 30B-A3B layer
+per implementation), then the other models. Before each section the driver compares its
 estimated cost (ESTIMATE_S: process start, compiles and timed runs on one H100/H200) with what is left of the
 budget and skips it, saying so in the report, when it would not fit; a section that overruns is killed when the
 budget ends and recorded as such. Each section merges its own results into ``<out>/gpu.json`` and ``gpu.md`` when
@@ -32,26 +33,29 @@ DEFAULT_MODELS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b")
 ESTIMATE_S = {
     "attention_check": 75,
     "precompute": 100,
+    "moe_check": 150,
     "train_step/qwen3-0.6b": 60,
     "train_step/qwen3-1.7b": 70,
     "train_step/qwen3-4b": 110,
     "train_step/qwen3-8b": 130,
 }
 DEFAULT_ESTIMATE_S = 120
+CHECKS = ("attention_check", "moe_check")  # sections that are one module writing one JSON report
 
 
 def plan(models: list[str]) -> list[str]:
-    """Section names in running order: the attention check, the goal model, scoring, the remaining models."""
+    """Section names in running order: the attention check, the goal model, scoring, the MoE check, the remaining
+    models."""
     first = [f"train_step/{GOAL_MODEL}"] if GOAL_MODEL in models else []
     rest = [f"train_step/{m}" for m in models if m != GOAL_MODEL]
-    return ["attention_check", *first, "precompute", *rest]
+    return ["attention_check", *first, "precompute", "moe_check", *rest]
 
 
 def section_command(section: str, args: argparse.Namespace, check: Path, deadline: float) -> list[str]:
     """The child process of one section."""
     tiny = ["--tiny"] if args.tiny else []
-    if section == "attention_check":
-        return [sys.executable, "-m", "benchmarks.attention_check", *tiny, "--out", str(check)]
+    if section in CHECKS:
+        return [sys.executable, "-m", f"benchmarks.{section}", *tiny, "--out", str(check)]
     cmd = [sys.executable, "-m", "benchmarks.run", "--suite", "gpu", *tiny, "--out", args.out, "--only", section]
     cmd += ["--run-id", args.run_id, "--budget-s", str(args.budget_s), "--deadline", f"{deadline:.0f}"]
     cmd += ["--attention-check", str(check), "--note", args.note]
@@ -71,13 +75,13 @@ def _record(path: Path, header: dict, section: str, **outcome) -> None:
     report.write(doc, path.parent, path.stem)
 
 
-def _attention_outcome(check: Path, rc: int | None) -> dict:
-    """The attention check's JSON, or a record of why there is none (crash, kill)."""
+def _check_outcome(section: str, check: Path, rc: int | None) -> dict:
+    """A check section's JSON, or a record of why there is none (crash, kill)."""
     try:
         return json.loads(check.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         why = "killed at the end of the time budget" if rc is None else f"exited {rc} without a report"
-        return {"ok": False, "error": f"attention_check process {why}"}
+        return {"ok": False, "error": f"{section} process {why}"}
 
 
 def run_child(cmd: list[str], timeout_s: float) -> tuple[int | None, str]:
@@ -96,15 +100,16 @@ def run_child(cmd: list[str], timeout_s: float) -> tuple[int | None, str]:
 
 def run_section(section: str, args: argparse.Namespace, path: Path, header: dict, left: float) -> bool:
     """Run one section's process within ``left`` seconds; record what the child could not. True when it ran clean."""
-    check = path.parent / f"attention_check{'_tiny' if args.tiny else ''}.json"
-    if section == "attention_check":
+    # The attention check's file is also read by the train_step sections (cuDNN when it agreed).
+    check = path.parent / f"{section if section in CHECKS else 'attention_check'}{'_tiny' if args.tiny else ''}.json"
+    if section in CHECKS:
         check.unlink(missing_ok=True)  # a stale file of an earlier run must not stand in for this one's
     start = time.time()
     rc, err = run_child(section_command(section, args, check, start + left), left)
     seconds = time.time() - start
-    if section == "attention_check":
+    if section in CHECKS:
         doc = report.load_run(path, header)
-        doc["attention_check"] = _attention_outcome(check, rc)
+        doc[section] = _check_outcome(section, check, rc)
         report.merge(doc, section, seconds=seconds)
         report.write(doc, path.parent, path.stem)
         return rc == 0

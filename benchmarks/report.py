@@ -181,6 +181,24 @@ def _scoring_lines(res: dict) -> list[str]:
     return out
 
 
+def _moe_lines(c: dict) -> list[str]:
+    """One line per implementation of benchmarks.moe_check: time, TFLOP/s, temp memory, agreement, or its error."""
+    if "impls" not in c:
+        return [f"- moe_check failed: {c.get('error', '?')[:300]}"]
+    rows = {**c["impls"], "ragged_dot + cuDNN fusion flag": c.get("ragged_dot_fusion", {})}
+    rows |= {f"triton kernels alone, {k}": v for k, v in c.get("triton_tiles", {}).items()}
+    shape = f"{c['assignments']} assignments, D {c['hidden']}, E {c['experts']}, F {c['moe_intermediate']}"
+    out = [f"- jax {c.get('jax')}, {c.get('device')}: {shape}"]
+    for name, r in rows.items():
+        if "wall_s" not in r:
+            out.append(f"- {name}: failed: `{r.get('error', '?').splitlines()[0][:200]}`")
+            continue
+        temp = f", XLA temp {r['xla_temp_bytes'] / 1e9:.2f} GB" if r.get("xla_temp_bytes") is not None else ""
+        agree = "" if "ok" not in r else (" agrees" if r["ok"] else f" DISAGREES {r['max_rel_diff']}")
+        out.append(f"- {name}: {1e3 * r['wall_s']['median']:.2f} ms, {r['tflops_per_s']:.1f} TFLOP/s{temp};{agree}")
+    return out
+
+
 def markdown(doc: dict) -> str:
     title = f"# Benchmarks: {doc['suite']} suite" + (" (--tiny shapes)" if doc["tiny"] else "")
     lines = [title, "", *_machine(doc), ""]
@@ -194,6 +212,9 @@ def markdown(doc: dict) -> str:
             else f"cuDNN path unavailable: {c.get('error', '?')[:300]}"
         )
         lines += ["## Fused cuDNN attention with packed segments vs XLA", "", f"- {verdict}", ""]
+    if doc.get("moe_check"):
+        title = "## MoE grouped matmuls (one 30B-A3B layer, forward + backward)"
+        lines += [title, "", *_moe_lines(doc["moe_check"]), ""]
     if "train_step" in res:
         lines += ["## Training step (jitted OPD update)", "", *_train_table(res["train_step"]), ""]
     if ratios(doc):

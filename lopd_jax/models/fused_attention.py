@@ -103,7 +103,7 @@ def per_device(kernel, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, 
     from lopd_jax.parallel import sharding
 
     logical = ("batch", None, "kv_heads", None)
-    spec = sharding.logical_to_spec(logical, sharding.DEFAULT_RULES, shape=k_BSKH.shape, mesh=mesh)
+    spec = sharding.logical_to_spec(logical, sharding.mesh_rules(mesh), shape=k_BSKH.shape, mesh=mesh)
     heads = spec[2] if q_BTNH.shape[2] % math.prod(mesh.shape[a] for a in sharding._as_tuple(spec[2])) == 0 else None
     spec = jax.sharding.PartitionSpec(spec[0], None, heads, None)
     rows_spec = jax.sharding.PartitionSpec(spec[0], *([None] * (rows.ndim - 1)))

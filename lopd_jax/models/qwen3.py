@@ -14,14 +14,16 @@ one scan per run of consecutive same-kind (dense / MoE) layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lopd_jax.models import hf
+from lopd_jax.models import expert_parallel, hf
 from lopd_jax.models.fused_attention import attention_cudnn, attention_splash
+from lopd_jax.models.grouped_matmul import grouped_matmul, resolve_moe_impl
 from lopd_jax.models.qwen3_specs import (  # noqa: F401  (re-exported: qwen3.Qwen3Config, qwen3.param_specs, ...)
     ATTENTION_IMPLS,
     Attention,
@@ -269,48 +271,43 @@ def route(x_XD: jax.Array, router_DE: jax.Array, cfg: Qwen3Config) -> tuple[jax.
 
 
 def moe_mlp(x_BTD: jax.Array, mp: Params, cfg: Qwen3Config) -> jax.Array:
-    """Sparse MoE block: the X*R (token, expert) assignments are sorted by expert and run as grouped matmuls."""
+    """Sparse MoE block: the X*R (token, expert) assignments are sorted by expert and run as grouped matmuls
+    (``cfg.moe_impl``, resolved for the compile platform by ``grouped_matmul.resolve_moe_impl``).
+
+    Under a mesh with an expert axis (``sharding.expert_layout``) the experts are split over it and the
+    assignments travel to them and back by all-to-all (``expert_parallel.moe_block``)."""
     B, T, D = x_BTD.shape
     dt, E, R = x_BTD.dtype, cfg.num_experts, cfg.num_experts_per_tok
     x_XD = x_BTD.reshape(B * T, D)
     weights_XR, experts_XR = route(x_XD, mp["router"], cfg)
+    gate_EDF, up_EDF, down_EFD = (mp[k].astype(dt) for k in ("gate", "up", "down"))
+    layout = sharding.expert_layout(jax.sharding.get_abstract_mesh(), E, B * T)
+    if layout is not None:
+        dispatch = expert_parallel.dispatch_kind(_compile_platform())
+        ffn = functools.partial(expert_ffn, cfg=cfg)
+        out_XD = expert_parallel.moe_block(
+            x_XD, weights_XR, experts_XR, gate_EDF, up_EDF, down_EFD, ffn, layout, dispatch
+        )
+        return out_XD.reshape(B, T, D)
     experts_A = experts_XR.reshape(-1)
     order_A = jnp.argsort(experts_A, stable=True)  # assignment a of the sorted list is order_A[a]
     x_AD = x_XD[order_A // R]
     group_sizes_E = jnp.bincount(experts_A, length=E).astype(jnp.int32)
-    grouped = _GROUPED_MATMUL[cfg.moe_impl]
-    gate_AF = grouped(x_AD, mp["gate"].astype(dt), group_sizes_E)
-    up_AF = grouped(x_AD, mp["up"].astype(dt), group_sizes_E)
-    y_AD = grouped(jax.nn.silu(gate_AF) * up_AF, mp["down"].astype(dt), group_sizes_E)
+    y_AD = expert_ffn(x_AD, gate_EDF, up_EDF, down_EFD, group_sizes_E, cfg=cfg)
     y_XRD = jnp.zeros_like(y_AD).at[order_A].set(y_AD).reshape(B * T, R, D)
     out_XD = jnp.einsum("XRD,XR->XD", y_XRD, weights_XR)
     return out_XD.reshape(B, T, D)
 
 
-def grouped_matmul_scan(lhs_AD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    """``lax.ragged_dot`` as a scan over experts with masked rows: the same result, and a grouped GEMM's buffers.
-
-    XLA:CPU lowers ragged_dot densely through an [A, E, D] intermediate (tens of GB for Qwen3-30B-A3B), which
-    says nothing about a GPU run; ``moe_impl="scan"`` (what ``--plan`` compiles on CPU) has as largest temporaries
-    [A, F] (forward) and one expert's [D, F] gradient per iteration.
+def expert_ffn(x_AD, gate_EDF, up_EDF, down_EFD, group_sizes_E, *, cfg: Qwen3Config) -> jax.Array:
+    """The experts' SwiGLU over expert-sorted rows [A, D] (group e: the next group_sizes_E[e] rows) -> [A, D],
+    by ``cfg.moe_impl``'s grouped matmul; rows past the last group come out zero (``lax.ragged_dot``'s semantics).
     """
-    ends_E = jnp.cumsum(group_sizes_E)
-    starts_E = ends_E - group_sizes_E
-    rows_A = jnp.arange(lhs_AD.shape[0])
-
-    def body(acc_AF, xs):
-        w_DF, start, end = xs
-        in_group_A = (rows_A >= start) & (rows_A < end)
-        y_AF = jnp.dot(lhs_AD, w_DF.astype(lhs_AD.dtype))
-        return acc_AF + jnp.where(in_group_A[:, None], y_AF, 0).astype(acc_AF.dtype), None
-
-    # Remat keeps the backward from saving a [A, F] mask per expert; the masks are recomputed from two scalars.
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    acc = jnp.zeros((lhs_AD.shape[0], rhs_EDF.shape[-1]), lhs_AD.dtype)
-    return jax.lax.scan(body, acc, (rhs_EDF, starts_E, ends_E))[0]
-
-
-_GROUPED_MATMUL = {"ragged_dot": jax.lax.ragged_dot, "scan": grouped_matmul_scan}  # by Qwen3Config.moe_impl
+    impl = resolve_moe_impl(cfg.moe_impl, _compile_platform(), cfg.pallas_interpret)
+    grouped = functools.partial(grouped_matmul, impl=impl, interpret=cfg.pallas_interpret)
+    gate_AF = grouped(x_AD, gate_EDF, group_sizes_E)
+    up_AF = grouped(x_AD, up_EDF, group_sizes_E)
+    return grouped(jax.nn.silu(gate_AF) * up_AF, down_EFD, group_sizes_E)
 
 
 # --------------------------------------------------------------------------- decoder stack

@@ -28,10 +28,11 @@ AttentionImpl = Literal[Attention, "ablated"]
 Matmuls = Literal["auto", "einsum", "flat"]
 DecodeAttention = Literal["auto", "dot", "reduce"]
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # what "auto" resolves to, per backend: default_attention
-# How the MoE block runs its grouped matmuls: "ragged_dot" (lax.ragged_dot: a grouped GEMM on GPU / TPU) or "scan"
-# (a scan over experts with masked rows: the same result and a grouped GEMM's buffers where XLA lowers ragged_dot
-# densely, i.e. XLA:CPU, which --plan uses there).
-MoeImpl = Literal["ragged_dot", "scan"]
+# How the MoE block runs its grouped matmuls (models/grouped_matmul.py): "ragged_dot" (lax.ragged_dot, XLA:TPU's
+# grouped GEMM), "triton" (Pallas-Triton kernels, NVIDIA GPUs), "padded" (tile-padded batched einsum, any backend),
+# "scan" (a scan over experts: E times the FLOPs, a grouped GEMM's buffers; --plan's stand-in on XLA:CPU) or
+# "auto" (the compile platform's choice, grouped_matmul.resolve_moe_impl; resolved at trace time).
+MoeImpl = Literal["auto", "ragged_dot", "triton", "padded", "scan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Qwen3Config:
     # backend's default, see default_attention; resolved when the config is made). The library default is "xla",
     # which needs no backend at construction; the trainer's model.attention defaults to "auto".
     attention: AttentionImpl = "xla"
-    moe_impl: MoeImpl = "ragged_dot"
+    moe_impl: MoeImpl = "auto"
     # How the layers and matmuls are written. "auto" (the default) resolves at trace time from the
     # compile platform, so ``--plan --target`` sees the accelerator's forms. The "auto" forms keep the einsum +
     # scan arithmetic on CPU (the demo's weights and accuracies are bit-identical); the opt-in ones change the
@@ -92,7 +93,8 @@ class Qwen3Config:
     # reduce fusions; XLA:CPU runs the dots' B*K matrix-vector products one small GEMM at a time). Opt-in: the
     # sampled log-probs' last bits change. "auto" = "reduce" when compiling for CPU, else "dot".
     decode_attention: DecodeAttention = "dot"
-    pallas_interpret: bool = False  # run Pallas kernels (splash) in interpret mode: CPU tests of the TPU kernel
+    # Run Pallas kernels (splash, moe_impl="triton") in interpret mode: CPU tests of the TPU / GPU kernels.
+    pallas_interpret: bool = False
 
     def __post_init__(self) -> None:
         # Lists from JSON/YAML become tuples so the config stays hashable (a static jit argument).
@@ -176,9 +178,9 @@ def param_specs(cfg: Qwen3Config) -> Params:
     if Lm:
         specs["moe"] = {
             "router": spec((Lm, D, E), ("layers", "embed", None), "normal"),
-            "gate": spec((Lm, E, D, Fm), ("layers", "expert", "embed", "mlp"), "normal"),
-            "up": spec((Lm, E, D, Fm), ("layers", "expert", "embed", "mlp"), "normal"),
-            "down": spec((Lm, E, Fm, D), ("layers", "expert", "mlp", "embed"), "normal"),
+            "gate": spec((Lm, E, D, Fm), ("layers", "expert", "expert_embed", "mlp"), "normal"),
+            "up": spec((Lm, E, D, Fm), ("layers", "expert", "expert_embed", "mlp"), "normal"),
+            "down": spec((Lm, E, Fm, D), ("layers", "expert", "mlp", "expert_embed"), "normal"),
         }
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = spec((D, V), ("embed", "vocab"), "normal")

@@ -9,6 +9,11 @@ nothing from ``lopd_jax.models``.
 Decisions:
   * Two logical axes of one array that map to the same mesh axis raise (``ShardingRuleError``): such a rule
     table is a configuration bug (a device would hold a diagonal block), never something to paper over.
+  * Expert parallelism (``mesh.expert > 1``, see ``expert_parallel_rules``): the expert weights' E dim goes to the
+    ``expert`` axis, and the tokens and the dense weights are split over it too (batch -> (data, fsdp, expert),
+    embed -> (fsdp, expert)), so the devices that hold different experts also share the dense FSDP and the
+    batch, as MaxText composes EP with FSDP. The expert weights name their D dim ``expert_embed`` (fsdp only),
+    so that an expert weight never maps two of its dims to the ``expert`` axis.
   * A dimension whose size a mesh axis does not divide is left unsharded along that axis (replicated) instead
     of raising: e.g. Qwen3-30B-A3B has 4 kv heads, and a tensor axis of 8 must still work for everything else.
     For a tuple rule (``batch -> (data, fsdp)``) the longest prefix of mesh axes whose product divides the size
@@ -42,6 +47,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "head_dim": None,
     "mlp": "tensor",
     "expert": "expert",
+    "expert_embed": "fsdp",  # D of the expert weights: embed without the expert axis (see the module doc)
     "layers": None,
 }
 
@@ -107,11 +113,79 @@ class MeshConfig:
         return tuple(sizes)
 
     def logical_rules(self) -> dict[str, MeshAxes]:
-        """DEFAULT_RULES with this config's overrides applied (lists from YAML become tuples)."""
-        rules = dict(DEFAULT_RULES)
+        """DEFAULT_RULES (``expert_parallel_rules`` of them when ``expert`` is not 1) with this config's overrides
+        applied (lists from YAML become tuples)."""
+        rules = dict(DEFAULT_RULES) if self.expert == 1 else expert_parallel_rules(DEFAULT_RULES)
         for name, axes in self.rules:
             rules[name] = tuple(axes) if isinstance(axes, list) else axes
         return rules
+
+
+def expert_parallel_rules(rules: Rules) -> dict[str, MeshAxes]:
+    """``rules`` for a mesh with an expert axis: the mesh axes of ``expert`` added (minor) to ``batch`` and
+    ``embed``, so tokens and dense weights are split over the expert devices too (EP composed with FSDP)."""
+    out = dict(rules)
+    extra = _as_tuple(rules["expert"])
+    for name in ("batch", "embed"):
+        axes = _as_tuple(rules[name])
+        out[name] = axes + tuple(a for a in extra if a not in axes)
+    return out
+
+
+def mesh_rules(mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, MeshAxes]:
+    """The default rules for ``mesh``: DEFAULT_RULES, or their ``expert_parallel_rules`` when its expert axis has
+    more than one device. For code that finds the mesh at trace time (kernels in a ``shard_map``)."""
+    return dict(DEFAULT_RULES) if mesh.shape.get("expert", 1) == 1 else expert_parallel_rules(DEFAULT_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """How an MoE block is split over a mesh with an expert axis (``expert_layout``).
+
+    ``expert_axes``: the mesh axes the experts are split over (the all-to-all runs over them); ``token_spec``:
+    the PartitionSpec of the [X, D] token rows (the ``batch`` rule's axes); ``weight_spec``: that of a stacked
+    [E, D, F] expert weight inside the ``shard_map`` (whole experts, E split over ``expert_axes``).
+    """
+
+    expert_axes: tuple[str, ...]
+    num_shards: int  # devices along expert_axes: each holds num_experts / num_shards whole experts
+    token_spec: PartitionSpec
+    weight_spec: PartitionSpec
+
+
+def expert_layout(mesh: Any, num_experts: int, num_tokens: int) -> ExpertLayout | None:
+    """The expert-parallel layout of an MoE block over ``mesh`` (None: no expert axis larger than 1, or no mesh).
+
+    Raises ValueError when the expert axis does not divide ``num_experts`` or the token rows do not split over
+    the expert axis (each expert device must own distinct tokens for the dispatch to count each one once).
+    """
+    if mesh is None or mesh.empty:
+        return None
+    rules = mesh_rules(mesh)
+    axes = tuple(a for a in _as_tuple(rules["expert"]) if mesh.shape[a] > 1)
+    if not axes:
+        return None
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if num_experts % shards:
+        raise ValueError(f"mesh.expert: {shards} expert devices do not divide the model's {num_experts} experts")
+    token_axes = _divisible_prefix(num_tokens, _as_tuple(rules["batch"]), mesh)
+    if not set(axes) <= set(token_axes):
+        raise ValueError(
+            f"expert parallelism: {num_tokens} token rows do not split over the batch axes "
+            f"{_as_tuple(rules['batch'])} of mesh {dict(mesh.shape)}"
+        )
+    token_spec = PartitionSpec(token_axes if len(token_axes) > 1 else token_axes[0], None)
+    weight_spec = PartitionSpec(axes if len(axes) > 1 else axes[0], None, None)
+    return ExpertLayout(axes, shards, token_spec, weight_spec)
+
+
+def check_expert_axis(mesh_cfg: MeshConfig, num_devices: int, num_experts: int) -> str | None:
+    """Why ``mesh_cfg`` over ``num_devices`` cannot place whole experts per device (None when it can, or the model
+    is dense): its expert axis must divide ``num_experts``. ValueError when the axis sizes do not resolve."""
+    expert = mesh_cfg.axis_sizes(num_devices)[MESH_AXES.index("expert")]
+    if num_experts and expert > 1 and num_experts % expert:
+        return f"{expert} devices do not divide the model's {num_experts} experts (each device holds whole experts)"
+    return None
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

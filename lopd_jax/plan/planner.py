@@ -16,8 +16,8 @@ Off GPU two ops of a GPU run cannot be compiled faithfully, so the plan compiles
 model-config fields (and says so in its notes), exact equivalents with the same memory profile: ``attention``
 cudnn (or splash) -> "blockwise" (``qwen3.attention_blockwise``: rematerialised query blocks, never [B, N, T, S]
 scores), and, on XLA:CPU, which expands ``lax.ragged_dot`` through a dense [A, E, D] intermediate, ``moe_impl``
-"scan" (``qwen3.grouped_matmul_scan``). Nothing is patched: the step is ``step.build`` of that model config. The
-remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
+"scan" (``grouped_matmul.grouped_matmul_scan``). Nothing is patched: the step is ``step.build`` of that model config.
+The remaining caveat: XLA:CPU fuses differently from XLA:GPU (notably the optimizer update, which it keeps as one
 param-sized fp32 temporary), so CPU figures lean high; on a GPU host ``--plan`` compiles the real ops.
 
 ``--target NAME`` (``lopd_jax.plan.targets``) compiles for an accelerator that is not here instead: XLA:TPU over a
@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lopd_jax.models import presets, qwen3
+from lopd_jax.models import grouped_matmul, presets, qwen3
 from lopd_jax.parallel import sharding
-from lopd_jax.plan import targets
+from lopd_jax.plan import collectives, targets
 from lopd_jax.training import step as step_lib
 
 if TYPE_CHECKING:
@@ -78,6 +78,10 @@ class Plan:
     attention: str = ""  # the implementation compiled (see planned_attention)
     target: targets.Target | None = None  # --target: compiled by that accelerator's XLA (no hardware)
     roofline: targets.Roofline | None = None  # --target: a step-time ESTIMATE from FLOPs and bytes
+    moe: str = ""  # the MoE grouped matmul compiled (grouped_matmul.resolve_moe_impl); "" for a dense model
+    experts: int = 0
+    moe_layout: str = ""  # where the experts live and how tokens reach them (moe_layout); "" for a dense model
+    collectives: collectives.CollectiveBytes | None = None  # per-step bytes per device, from the compiled HLO
 
     @property
     def total_bytes(self) -> int:
@@ -85,7 +89,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.budget_bytes
+        """Whether a run fits: never for moe "scan", a memory stand-in that no run uses (E x the expert FLOPs)."""
+        return self.total_bytes <= self.budget_bytes and self.moe != "scan"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,6 +219,11 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
     attention, note = planned_attention(cfg.model.attention, platform)
     notes = [note] if note else []
     model_cfg = train_setup.model_config(cfg, attention=attention, **_accelerator_forms(cfg.model))
+    if model_cfg.num_experts and platform != "cpu":  # on CPU the scan below stands in for any implementation
+        try:
+            grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform)
+        except ValueError as e:
+            raise train_setup.ConfigError(f"model.moe_impl: {e}") from None
     if model_cfg.num_experts and platform == "cpu":
         notes.append(
             f"MoE: XLA:{platform.upper()} expands ragged_dot densely; planned with moe_impl=scan, an equivalent "
@@ -221,6 +231,24 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
         )
         model_cfg = dataclasses.replace(model_cfg, moe_impl="scan")
     return model_cfg, notes
+
+
+def moe_layout(model_cfg: qwen3.Qwen3Config, mesh: Mesh, platform: str, num_tokens: int) -> str:
+    """Where the experts of the compiled step live and how tokens reach them (printed after the "moe:" line)."""
+    from lopd_jax.models import expert_parallel
+
+    E = model_cfg.num_experts
+    layout = sharding.expert_layout(mesh.abstract_mesh, E, num_tokens)
+    if layout is None:
+        return "experts split along D by FSDP: each layer gathers every expert's weights"
+    where = (
+        f"expert parallel: {E // layout.num_shards} whole experts per device over mesh axes {layout.expert_axes} "
+        f"({layout.num_shards}), {expert_parallel.dispatch_kind(platform)} all-to-all dispatch"
+    )
+    impl = grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform, model_cfg.pallas_interpret)
+    if impl == "padded":
+        where += "; padded multiplies the whole worst-case receive buffer: N times a grouped GEMM's expert FLOPs"
+    return where
 
 
 def planned_step(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> PlannedStep:
@@ -246,8 +274,15 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
     t0 = time.perf_counter()
     compiled = planned.lower(cfg).compile(compiler_options=_FAST_CPU_COMPILE if platform == "cpu" else None)
     seconds = time.perf_counter() - t0
+    micro_tokens = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len
     if platform == "cpu":
         notes.append("figures from XLA:CPU buffer assignment; a GPU compile fuses differently (run --plan there)")
+        if model_cfg.num_experts and sharding.expert_layout(mesh.abstract_mesh, model_cfg.num_experts, micro_tokens):
+            notes.append(
+                "expert parallel on XLA:CPU: the dispatch compiles as a dense all-to-all of worst-case buffers (N x "
+                "the ragged all-to-all GPUs and TPUs run), so memory and collective bytes overstate the run; "
+                "--target h100 / tpu-* compiles the real dispatch"
+            )
     budget = cfg.plan.device_memory_gb * GB
     roofline = None
     if tgt is not None:
@@ -273,6 +308,10 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
         attention=model_cfg.attention,
         target=tgt,
         roofline=roofline,
+        moe=grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform) if model_cfg.num_experts else "",
+        experts=model_cfg.num_experts,
+        moe_layout=moe_layout(model_cfg, mesh, platform, micro_tokens) if model_cfg.num_experts else "",
+        collectives=collectives.collective_bytes(compiled.as_text()),
     )
 
 
@@ -293,6 +332,14 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     ]
     if plan.params_active != plan.params_total:
         lines.append(f"parameters: active {plan.params_active:,} ({plan.params_active / 1e9:.3f} B) per token")
+    if plan.moe == "scan":
+        lines.append(
+            f"moe: scan (a memory stand-in: its expert FLOPs are {plan.experts}x a grouped GEMM's; never a run)"
+        )
+    elif plan.moe:
+        lines.append(f"moe: {plan.moe}")
+    if plan.moe_layout:
+        lines.append(f"  experts: {plan.moe_layout}")
     lines.append("largest tensors (PartitionSpec -> per-device shape):")
     for x in plan.largest:
         lines.append(f"  {x.name:<16} {str(x.shape):<26} {x.dtype:<8} {x.spec:<44} -> {x.device_shape}")
@@ -305,7 +352,11 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
         lines.append(f"  xla:   {'peak (backend figure)':<24}{_gb(plan.memory['xla_peak'])}")
     lines.append(f"  xla:   {'peak estimate':<24}{_gb(plan.memory['peak'])}")
     lines += [f"  extra: {k:<24}{_gb(v)}" for k, v in plan.extra_bytes.items()]
+    if plan.collectives is not None:
+        lines += format_collectives(plan.collectives)
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    if plan.moe == "scan" and plan.total_bytes <= plan.budget_bytes:
+        verdict = "memory within budget, NOT A RUNNABLE FIT (moe: scan)"
     lines.append(
         f"total per device: {plan.total_bytes / GB:.2f} GB of {plan.budget_bytes / GB:.0f} GB budget: {verdict}"
     )
@@ -314,6 +365,18 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     lines.append(f"compile: {plan.compile_seconds:.1f} s")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def format_collectives(c: collectives.CollectiveBytes) -> list[str]:
+    """The per-step collective bytes per device (``lopd_jax.plan.collectives`` says how each kind is counted)."""
+    main = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+    shown = [k for k in collectives.KINDS if c.by_kind[k] or k in main]
+    parts = ", ".join(f"{k} {c.by_kind[k] / GB:.2f} GB" for k in shown)
+    lines = ["collectives per step, per device (compiled HLO; a loop's body counted x its trip count):"]
+    lines.append(f"  {parts}; total {c.total / GB:.2f} GB")
+    if c.unknown_trip_counts:
+        lines.append(f"  ({c.unknown_trip_counts} loops without a known trip count counted once: a lower bound)")
+    return lines
 
 
 def format_roofline(r: targets.Roofline, tgt: targets.Target) -> list[str]:
@@ -344,17 +407,16 @@ def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
     from lopd_jax.training.config import ConfigError
 
     try:
-        train_setup.model_config(cfg)  # ConfigError naming model.init / model.config itself
+        model_cfg = train_setup.model_config(cfg)  # ConfigError naming model.init / model.config itself
     except ConfigError:
         raise
     except (ValueError, OSError, KeyError, TypeError) as e:  # an unreadable or unsupported config.json
         raise ConfigError(f"model.init: {e}") from None
+    devices = targets.topology_devices(targets.get_target(target)) if target is not None else jax.devices()
+    train_setup.check_expert_axis(cfg.mesh, model_cfg, len(devices))
     if target is not None:
         return
-    try:
-        mesh = sharding.make_mesh(cfg.mesh)
-    except ValueError as e:
-        raise ConfigError(f"mesh: {e}") from None
+    mesh = sharding.make_mesh(cfg.mesh)
     shards = sharding.batch_shard_count(mesh, cfg.mesh.logical_rules())
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if cfg.train.batch_size % shards or micro % shards:

@@ -55,7 +55,9 @@ class ConfigError(ValueError):
 # types and defaults are read from Qwen3Config's own fields, so a knob is declared once. Two differ on purpose:
 # the trainer trains in fp32 or bf16 only, and its attention is a real kernel (no benchmark ablation) defaulting to
 # the backend's choice ("auto").
-MODEL_KNOBS = ("dtype", "param_dtype", "remat", "attention", "scan_layers", "matmuls", "decode_attention")
+# moe_impl: auto (triton on NVIDIA GPUs, ragged_dot on TPU, padded on CPU) | triton | ragged_dot | padded | scan
+# (models/grouped_matmul.py); one the backend cannot run is refused before anything compiles.
+MODEL_KNOBS = ("dtype", "param_dtype", "remat", "attention", "scan_layers", "matmuls", "decode_attention", "moe_impl")
 _TRAINER_DTYPE = Literal["float32", "bfloat16"]
 _TRAINER_KNOB_TYPES = {"dtype": _TRAINER_DTYPE, "param_dtype": _TRAINER_DTYPE, "attention": Attention}
 _TRAINER_KNOB_DEFAULTS = {"attention": "auto"}

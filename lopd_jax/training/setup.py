@@ -21,7 +21,7 @@ import yaml
 from lopd_jax.data import prompts
 from lopd_jax.data.batch import DataError
 from lopd_jax.data.prompts import PromptError
-from lopd_jax.models import hf, presets, qwen3
+from lopd_jax.models import grouped_matmul, hf, presets, qwen3
 from lopd_jax.parallel import distributed, sharding
 from lopd_jax.store import RolloutStore, StoreError, provenance
 from lopd_jax.store.lock import pid_alive
@@ -115,6 +115,17 @@ def model_config(cfg: TrainConfig, **overrides: Any) -> qwen3.Qwen3Config:
             raise ConfigError(f"model.config: {file} does not exist")
         return hf.config_from_hf(json.loads(file.read_text()), where=str(file), **knobs)
     return architecture(m.init, **knobs)
+
+
+def _check_moe_impl(model_cfg: qwen3.Qwen3Config, mesh: Any) -> None:
+    """``model.moe_impl`` must be one the mesh's backend can run (triton: NVIDIA GPUs only)."""
+    if not model_cfg.num_experts:
+        return
+    backend = mesh.devices.flat[0].platform
+    try:
+        grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, backend, model_cfg.pallas_interpret)
+    except ValueError as e:
+        raise ConfigError(f"model.moe_impl: {e}") from None
 
 
 def _check_not_preset(cfg: TrainConfig) -> None:
@@ -297,6 +308,17 @@ def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
         raise ConfigError(f"eval.prompts: {e}") from None
 
 
+def check_expert_axis(mesh_cfg: sharding.MeshConfig, model_cfg: qwen3.Qwen3Config, num_devices: int) -> None:
+    """Expert parallelism places whole experts per device: ConfigError naming mesh.expert when its size does not
+    divide the model's expert count (checked before anything compiles, by the trainer and by --plan)."""
+    try:
+        why = sharding.check_expert_axis(mesh_cfg, num_devices, model_cfg.num_experts)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    if why:
+        raise ConfigError(f"mesh.expert: {why}")
+
+
 def _check_shapes(cfg: TrainConfig, setup: Setup) -> None:
     shards = sharding.batch_shard_count(setup.mesh, setup.rules)
     if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
@@ -454,6 +476,7 @@ def _prepare(cfg: TrainConfig) -> Setup:
         mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
+    check_expert_axis(cfg.mesh, model_cfg, mesh.size)
     tok_dir = _tokenizer_dir(cfg)
     setup = Setup(model_cfg, mesh, cfg.mesh.logical_rules(), tok_dir)
     n_tokens = tokenizer_size(tok_dir)
@@ -463,6 +486,7 @@ def _prepare(cfg: TrainConfig) -> Setup:
             f"is {model_cfg.vocab_size}"
         )
     _check_shapes(cfg, setup)
+    _check_moe_impl(model_cfg, mesh)
     _check_writable(cfg)
     _check_run_dir(cfg)
     if cfg.resume:

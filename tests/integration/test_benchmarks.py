@@ -199,8 +199,12 @@ def test_gpu_script_tiny_without_torch_grain_vllm(tmp_path):
     assert doc["attention_check"] == check
     # Running order: the attention check, the goal model, scoring, the rest; each section timed on its own.
     assert list(doc["section_seconds"]) == [
-        "attention_check", "train_step/qwen3-4b", "precompute", "train_step/qwen3-0.6b"
+        "attention_check", "train_step/qwen3-4b", "precompute", "moe_check", "train_step/qwen3-0.6b"
     ]  # fmt: skip
+    moe = json.loads((out / "moe_check_tiny.json").read_text())
+    assert doc["moe_check"] == moe and moe["jax"] == jax.__version__
+    assert moe["impls"]["padded"]["ok"] and moe["impls"]["ragged_dot"]["wall_s"]["n"] > 0
+    assert "need an NVIDIA GPU" in moe["impls"]["triton"]["error"]  # recorded, not fatal, on a CPU
     rows = doc["results"]["train_step"]
     assert [r["name"] for r in rows] == ["qwen3-4b (tiny stand-in)", "qwen3-0.6b (tiny stand-in)"]
     _check_train_rows(rows, "full")
@@ -320,3 +324,24 @@ def test_next_batch_jumps_to_what_the_measured_row_cost_allows():
     assert next_batch(16, 112 * gib, 48 * gib, 70 * gib) == 4
     assert next_batch(16, 17 * gib, 1 * gib, 16 * gib) == 8  # just over: halving is the cap
     assert next_batch(4, 80 * gib, 60 * gib, 62 * gib) == 0  # not even one row: stop, do not compile 2 and 1
+
+
+def test_moe_check_agreement_flops_and_report_lines():
+    from benchmarks import moe_check, report
+
+    cfg, tokens = moe_check.shapes(tiny=False)
+    assert (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, tokens) == (2048, 128, 768, 5120)
+    assert moe_check.layer_flops(cfg, tokens) == 9 * 2 * 40960 * 2048 * 768
+    want = (np.ones((2, 3)), np.ones(3), {"gate": np.ones(2), "up": np.full(2, 4.0)})
+    close = (want[0] * (1 + 1e-3), want[1], {"gate": want[2]["gate"], "up": want[2]["up"] - 0.01})
+    far = (want[0], want[1], {"gate": want[2]["gate"], "up": want[2]["up"] * 0.9})
+    assert moe_check._agreement(close, want)["ok"]
+    bad = moe_check._agreement(far, want)
+    assert not bad["ok"] and bad["max_rel_diff"]["d_up"] == pytest.approx(0.1) and bad["max_rel_diff"]["d_x"] == 0
+    rec = {"wall_s": {"median": 2e-3}, "tflops_per_s": 3.0, "xla_temp_bytes": 2e9, "ok": True}
+    doc = {"jax": "0.11.2", "device": "H100", "assignments": 40960, "hidden": 2048, "experts": 128,
+           "moe_intermediate": 768, "impls": {"triton": rec, "padded": {"error": "ValueError: no"}}}  # fmt: skip
+    lines = report._moe_lines(doc)
+    assert lines[0] == "- jax 0.11.2, H100: 40960 assignments, D 2048, E 128, F 768"
+    assert "- triton: 2.00 ms, 3.0 TFLOP/s, XLA temp 2.00 GB; agrees" in lines
+    assert "- padded: failed: `ValueError: no`" in lines

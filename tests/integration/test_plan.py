@@ -83,8 +83,14 @@ def test_plan_paper_scale(name, capsys):
     total = _printed(out, r"parameters: total ([\d,]+)")
     device_gb = _printed(out, r"total per device: ([\d.]+) GB")
     assert total / 1e9 == pytest.approx(PUBLISHED[cfg.model.init], rel=0.01)
-    assert device_gb < cfg.plan.device_memory_gb and "FITS" in out
-    assert cfg.plan.device_memory_gb == 80.0 and device_gb < 80.0  # one 8 x 80 GB node
+    assert cfg.plan.device_memory_gb == 80.0  # one 8 x 80 GB node
+    if p.moe == "scan":
+        # On XLA:CPU an MoE model compiles moe_impl scan, never a runnable fit; the 30B config is expert parallel,
+        # whose dispatch XLA:CPU compiles as a dense worst-case all-to-all (N x the ragged one's buffers), so its
+        # CPU memory overstates the run: the fit is XLA:GPU's (test_tpu_plan, docs/plans.md: 71.0 GB on h100).
+        assert "FITS" not in out and "expert parallel" in out and "dense all-to-all dispatch" in out
+    else:
+        assert device_gb < 80.0 and "FITS" in out
     # The figures are consistent with the sharded state: fp32 params 8-way sharded, two Adam moments.
     assert p.params_total == int(total)
     assert p.state_bytes["params"] == pytest.approx(total * 4 / 8, rel=0.01)
@@ -100,6 +106,21 @@ def test_plan_paper_scale(name, capsys):
         assert _printed(out, r"parameters: active ([\d,]+)") == active
 
 
+def test_a_plan_with_the_scan_stand_in_is_never_a_runnable_fit():
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs", "qwen3_30b_a3b_lightning_opd.yaml"))
+    GB = plan.GB
+    memory = dict(argument=1, output=1, alias=1, temp=1, generated_code=0, xla_peak=0, peak=GB)
+    fields = dict(model="m", mesh={"fsdp": 8}, params_total=2, params_active=1, largest=[], state_bytes={},
+                  memory=memory, extra_bytes={}, budget_bytes=80 * GB, compile_seconds=1.0, notes=[],
+                  experts=128)  # fmt: skip
+    scan, triton = plan.Plan(**fields, moe="scan"), plan.Plan(**fields, moe="triton")
+    assert triton.fits and not scan.fits
+    out = plan.format_plan(scan, cfg)
+    assert "moe: scan (a memory stand-in: its expert FLOPs are 128x a grouped GEMM's; never a run)" in out
+    assert "NOT A RUNNABLE FIT (moe: scan)" in out and ": FITS" not in out
+    assert "moe: triton" in plan.format_plan(triton, cfg) and ": FITS" in plan.format_plan(triton, cfg)
+
+
 def test_blockwise_attention_equals_attention_xla(monkeypatch):
     monkeypatch.setattr(qwen3, "ATTN_BLOCK", 4)
     k = jax.random.split(jax.random.key(1), 3)
@@ -112,19 +133,6 @@ def test_blockwise_attention_equals_attention_xla(monkeypatch):
     np.testing.assert_allclose(qwen3.attention_blockwise(q, kv[0], kv[1], mask), ref, rtol=1e-6, atol=1e-6)
     grad = jax.grad(lambda f, q: jnp.sum(jnp.sin(f(q, kv[0], kv[1], mask))), argnums=1)
     np.testing.assert_allclose(grad(qwen3.attention_blockwise, q), grad(qwen3.attention_xla, q), rtol=1e-5, atol=1e-6)
-
-
-def test_grouped_matmul_scan_equals_ragged_dot():
-    k = jax.random.split(jax.random.key(0), 2)
-    x = jax.random.normal(k[0], (50, 8))
-    w = jax.random.normal(k[1], (5, 8, 3))
-    groups = jnp.array([10, 0, 25, 5, 10], jnp.int32)
-    np.testing.assert_allclose(qwen3.grouped_matmul_scan(x, w, groups), jax.lax.ragged_dot(x, w, groups), atol=1e-5)
-    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, groups)))  # noqa: E731
-    got = jax.grad(loss(qwen3.grouped_matmul_scan), argnums=(0, 1))(x, w)
-    want = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
-    for g, r in zip(got, want):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_bytes_and_hf_architecture(tmp_path):
@@ -160,3 +168,12 @@ def test_plan_takes_the_accelerator_forms_for_auto():
     explicit = dataclasses.replace(base, model=dataclasses.replace(base.model, scan_layers=False, matmuls="flat"))
     model_cfg, _ = plan.planned_model(explicit, "cpu")
     assert (model_cfg.scan_layers, model_cfg.matmuls) == (False, "flat")
+
+
+def test_plan_refuses_an_moe_impl_the_target_cannot_run():
+    cfg = config_lib.load_config(
+        os.path.join(ROOT, "configs", "qwen3_30b_a3b_lightning_opd.yaml"), ["model.moe_impl=triton"]
+    )
+    with pytest.raises(config_lib.ConfigError, match="model.moe_impl: .*backend is 'tpu'"):
+        plan.planned_model(cfg, "tpu")
+    assert plan.planned_model(cfg, "gpu")[0].moe_impl == "triton"

@@ -17,6 +17,7 @@ from lopd_jax.models import presets
 from lopd_jax.plan import planner as plan
 from lopd_jax.plan import targets
 from lopd_jax.training import config as config_lib
+from lopd_jax.training import setup as train_setup
 
 HAS_LIBTPU = targets.installed("libtpu")
 HAS_CUDA_PLUGIN = targets.installed(targets.CUDA_PLUGIN)
@@ -136,3 +137,60 @@ def test_xla_gpu_compiles_the_step_deviceless(tiny_yaml, capsys):
     out = capsys.readouterr().out
     assert p.attention == "xla" and p.mesh["fsdp"] == 8 and p.budget_bytes == 84_978_434_048
     assert "XLA:GPU" in out and p.memory["temp"] > 0 and p.memory["argument"] >= sum(p.state_bytes.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_yaml(tmp_path_factory):
+    """A 2-layer Qwen3-MoE (16 experts, top 4; head_dim 128 for splash), 8 rows x 256 tokens in 2 micro-batches."""
+    root = tmp_path_factory.mktemp("tpu_moe")
+    transformers.Qwen3MoeConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
+        tie_word_embeddings=False,
+    ).save_pretrained(root / "hf")  # fmt: skip
+    path = root / "tiny_moe.yaml"
+    path.write_text(
+        f"mode: lightning_opd\nmodel: {{init: {root / 'hf'}, dtype: bfloat16, remat: full}}\n"
+        "data: {store: /unused}\ntrain: {batch_size: 16, seq_len: 256, grad_accum: 2}\nmesh: {fsdp: 1, expert: -1}\n"
+    )
+    return str(path)
+
+
+def _ragged_bytes_per_step(cfg, devices: int) -> int:
+    """Rows one device sends per ragged all-to-all (its A = tokens x top-k assignments, bf16 x D), six per MoE
+    layer and micro-batch: dispatch and return in the forward, again in the remat forward, and their transposes
+    in the backward."""
+    m = train_setup.model_config(cfg)
+    tokens = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len // devices
+    per_a2a = tokens * m.num_experts_per_tok * m.hidden_size * 2
+    return 6 * len(m.moe_layers) * cfg.train.grad_accum * per_a2a
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent: pip install -e '.[tpu]' (CI installs it)")
+def test_xla_tpu_compiles_expert_parallelism_with_ragged_all_to_all(tiny_moe_yaml, capsys):
+    """mesh.expert=8 on tpu-v5p-16 (8 chips): 2 whole experts per chip, the dispatch compiled as XLA:TPU's
+    ragged all-to-all, and --plan's collective count equals the rows the dispatch must move."""
+    cfg = config_lib.load_config(tiny_moe_yaml)
+    with jax.default_matmul_precision("default"):
+        p = plan.run(cfg, "tpu-v5p-16")
+    out = capsys.readouterr().out
+    assert p.mesh["expert"] == 8 and p.moe == "ragged_dot" and p.fits and "FITS" in out
+    assert "experts: expert parallel: 2 whole experts per device" in out and "ragged all-to-all" in out
+    assert p.collectives.unknown_trip_counts == 0
+    assert p.collectives.by_kind["ragged-all-to-all"] == _ragged_bytes_per_step(cfg, 8)
+    assert "ragged-all-to-all" in out and "collectives per step" in out
+
+
+@pytest.mark.skipif(
+    not HAS_CUDA_PLUGIN,
+    reason="jax-cuda12-plugin absent: see docs/plans.md (a venv with the plugin of jax's own version)",
+)
+def test_xla_gpu_compiles_expert_parallelism_with_the_triton_kernels(tiny_moe_yaml, capsys):
+    """The same on XLA:GPU (deviceless h100): moe_impl auto -> the Triton grouped GEMMs, ragged dispatch."""
+    cfg = config_lib.load_config(tiny_moe_yaml, ["model.attention=xla"])
+    with jax.default_matmul_precision("default"):
+        p = plan.run(cfg, "h100")
+    out = capsys.readouterr().out
+    assert p.moe == "triton" and "moe: triton" in out and p.fits and "FITS" in out
+    assert "experts: expert parallel: 2 whole experts per device" in out
+    assert p.collectives.by_kind["ragged-all-to-all"] == _ragged_bytes_per_step(cfg, 8)

@@ -371,6 +371,16 @@ def _store_vocab_world(world, tmp_path) -> dict:
     return {"model": model, "data": {"store": str(store)}}
 
 
+def _triton_on_cpu(world, tmp_path) -> dict:
+    """An MoE student (scratch) whose experts are to run as the Pallas-Triton kernels, on this CPU backend."""
+    moe = json.loads((world["root"] / "student" / "config.json").read_text()) | {
+        "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+    }  # fmt: skip
+    (tmp_path / "moe.json").write_text(json.dumps(moe))
+    model = {"init": "scratch", "config": str(tmp_path / "moe.json"), "tokenizer": str(world["root"] / "tok")}
+    return {"model": {**model, "moe_impl": "triton"}}
+
+
 BAD = {
     "unknown key": (lambda w, t: {"train": {"stepz": 3}}, ["train.stepz", "unknown key"]),
     "wrong type": (lambda w, t: {"optimizer": {"lr": "fast"}}, ["optimizer.lr", "expected float"]),
@@ -389,6 +399,7 @@ BAD = {
     ),
     "tokenizer vocab": (lambda w, t: {"model": _bad_vocab_config(w, t)}, ["vocab size mismatch", "100 tokens", "64"]),
     "store vocab": (_store_vocab_world, ["vocab size mismatch", "token id 120", "vocab_size is 100"]),
+    "moe_impl the backend cannot run": (_triton_on_cpu, ["model.moe_impl", "'triton'", "backend is 'cpu'"]),
 }
 
 

@@ -7,8 +7,8 @@ What must hold on a GPU: the cuDNN variant holds jax's fused-attention custom ca
 across a segment boundary. The proof follows the operand's def-use chain through the module (calls, scanned-layer
 and micro-batch loops) back to @main's arguments; a mutant whose mask ignores the segments shows the check would
 fail. It runs unsharded: on a sharded mesh jax wraps the fused call in a custom-partitioning call and emits it
-only when XLA partitions, after lowering. MoE lowers ``lax.ragged_dot`` as ``chlo.ragged_dot`` on both platforms
-(a grouped GEMM, not a dense expansion).
+only when XLA partitions, after lowering. MoE's grouped GEMMs (``moe_impl: auto``) lower as the Pallas-Triton
+kernels' custom calls for cuda and as ``chlo.ragged_dot`` for tpu, never as a dense expansion over experts.
 
 Off GPU two probes refuse the cuDNN path, and the tests fake them while tracing, never in the product: the
 backend check in ``qwen3`` (``_compile_platform``: the mesh's devices, else ``jax.default_backend()``) and jax's
@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import jax
@@ -32,7 +33,7 @@ from jax._src.cudnn import fused_attention_stablehlo
 from jax.extend.mlir import ir
 
 from lopd_jax.data.batch import Batch
-from lopd_jax.models import hf, qwen3
+from lopd_jax.models import grouped_matmul, hf, qwen3
 from lopd_jax.parallel import sharding
 from lopd_jax.training import config as config_lib
 from lopd_jax.training import step as step_lib
@@ -50,6 +51,9 @@ TARGETS = [("cuda", "xla"), ("cuda", "cudnn"), ("tpu", "xla")]
 FUSED = "__cudnn$fmhaScaleBiasSoftmax"  # jax/_src/cudnn/fused_attention_stablehlo.py: (bias, no dropout)
 FUSED_BWD = FUSED + "Backward"
 RAGGED_DOT = "chlo.ragged_dot"  # what lax.ragged_dot lowers to for cuda and for tpu (a grouped GEMM)
+# What a Pallas-Triton kernel lowers to (jax 0.10.2 and 0.11: pallas/triton/pallas_call_registration.py): MoE's
+# moe_impl "auto" on cuda.
+TRITON = "__gpu$xla.gpu.triton"
 CUDNN_VERSION = 91000  # 9.10, what jax's CUDA 12/13 wheels ship; only its lower bounds are checked
 
 
@@ -58,7 +62,7 @@ CUDNN_VERSION = 91000  # 9.10, what jax's CUDA 12/13 wheels ship; only its lower
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_config(tmp_path, kind: str, attention: str, fsdp: int = 8):
+def train_config(tmp_path, kind: str, attention: str, fsdp: int = 8, moe_impl: str = "auto"):
     """The paper's Lightning OPD config of ``kind`` (bf16 compute, remat, fsdp mesh), shrunk to a tiny model."""
     arch = hf.config_to_hf(qwen3.Qwen3Config(**ARCH, **(MOE if kind == "moe" else {})), "float32")
     (tmp_path / "config.json").write_text(json.dumps(arch))
@@ -66,7 +70,9 @@ def train_config(tmp_path, kind: str, attention: str, fsdp: int = 8):
         "model.init=scratch",
         f"model.config={tmp_path}",
         f"model.attention={attention}",
+        f"model.moe_impl={moe_impl}",
         f"mesh.fsdp={fsdp}",
+        "mesh.expert=1",  # FSDP lowering (the 30B config itself is expert parallel: tests/test_expert_parallel.py)
         f"train.batch_size={B}",
         f"train.seq_len={T}",
         "train.grad_accum=2",
@@ -114,6 +120,9 @@ def fake_gpu_probes(monkeypatch) -> Iterator[None]:
 def lower(fn, args: tuple, platform: str, attention: str, monkeypatch, kwargs=None) -> jax.stages.Lowered:
     """``fn(*args)`` traced (under the fake probes for cuDNN) and lowered for ``platform``; nothing compiled."""
     probes = fake_gpu_probes(monkeypatch) if attention == "cudnn" else contextlib.nullcontext()
+    # jax reuses a traced jaxpr for the same function and arguments, across jit objects; the faked platform probe
+    # is not part of that key, and the MoE kernel differs per platform.
+    jax.clear_caches()
     with probes, monkeypatch.context() as m:
         # The model's "auto" knobs (scan_layers, matmuls) take the target's forms, as when tracing on it.
         m.setattr(qwen3, "_compile_platform", lambda: "gpu" if platform == "cuda" else platform)
@@ -230,6 +239,15 @@ class DefUse:
         )
 
 
+def grouped_gemms(lowered: jax.stages.Lowered, platform: str) -> int:
+    """The grouped GEMMs of the lowered MoE model: Triton kernels for cuda (moe_impl auto), chlo.ragged_dot for
+    tpu; the other form must be absent."""
+    text, ragged = lowered.as_text(), op_counts(lowered)[RAGGED_DOT]
+    triton = text.count(f"custom_call @{TRITON}(")
+    assert (ragged if platform == "cuda" else triton) == 0, (platform, ragged, triton)
+    return triton if platform == "cuda" else ragged
+
+
 def op_counts(lowered: jax.stages.Lowered) -> collections.Counter:
     """How many ops of each name the lowered module holds, every function and region included."""
     counts: collections.Counter = collections.Counter()
@@ -275,7 +293,7 @@ def test_forward_lowers_for_the_target(tmp_path, monkeypatch, kind, platform, at
     lowered = lower(fwd, (params, batch.inputs), platform, attention, monkeypatch, kwargs)
     _check_attention(lowered, attention, (FUSED,), "segment_ids")
     # One scanned body for both layers: gate, up and down of the experts, each one grouped GEMM.
-    assert op_counts(lowered)[RAGGED_DOT] == (3 if kind == "moe" else 0)
+    assert grouped_gemms(lowered, platform) == (3 if kind == "moe" else 0)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
@@ -291,9 +309,40 @@ def test_update_step_lowers_for_the_target(tmp_path, monkeypatch, kind, platform
     # Gate, up and down: forward, again in the backward pass (remat full), and the gradients to their input and
     # to their expert weights, all grouped GEMMs.
     assert cfg.model.remat == "full"
-    assert op_counts(lowered)[RAGGED_DOT] == (3 * 4 if kind == "moe" else 0)
+    assert grouped_gemms(lowered, platform) == (3 * 4 if kind == "moe" else 0)
     if attention == "xla":
         assert '{"fsdp"}' in text  # the parameters enter sharded, as in training
+
+
+def dense_expert_operands(lowered: jax.stages.Lowered, cfg) -> set[tuple[int, ...]]:
+    """Tensor shapes of the lowered step that expand the (token, expert) assignments over all experts: [A, E * D],
+    [A, E, D] (and with the experts' hidden size, or tokens X for assignments A), what XLA:GPU's ragged-dot
+    rewrite builds."""
+    E, R, D, Fm = MOE["num_experts"], MOE["num_experts_per_tok"], ARCH["hidden_size"], MOE["moe_intermediate_size"]
+    X = B // cfg.train.grad_accum * T
+    dense = {s for r in (X, X * R) for d in (D, Fm) for s in ((r, E * d), (r, E, d))}
+    shapes = {tuple(int(n) for n in m.split("x")[:-1]) for m in re.findall(r"tensor<((?:\d+x)+)", lowered.as_text())}
+    return shapes & dense
+
+
+def test_moe_update_step_for_cuda_has_no_dense_expert_operand(tmp_path, monkeypatch):
+    cfg = train_config(tmp_path, "moe", "xla", fsdp=1)
+    step, abstract, _ = trainer_step(cfg)
+    lowered = lower(step, (abstract, packed_batch()), "cuda", "xla", monkeypatch)
+    assert grouped_gemms(lowered, "cuda") == 3 * 4 and not dense_expert_operands(lowered, cfg)
+
+    def ragged_dot_as_dense(lhs_AD, rhs_EDF, group_sizes_E):  # XLA:GPU's rewrite: a masked dot over all experts
+        E, D, F = rhs_EDF.shape
+        ends_E = jnp.cumsum(group_sizes_E)
+        rows_A = jnp.arange(lhs_AD.shape[0])[:, None]
+        mask_AE = (rows_A >= ends_E - group_sizes_E) & (rows_A < ends_E)
+        lhs_AX = (mask_AE[:, :, None] * lhs_AD[:, None, :]).reshape(-1, E * D)
+        return lhs_AX @ rhs_EDF.reshape(E * D, F)
+
+    monkeypatch.setitem(grouped_matmul._XLA_IMPLS, "ragged_dot", ragged_dot_as_dense)
+    cfg = train_config(tmp_path, "moe", "xla", fsdp=1, moe_impl="ragged_dot")
+    step, abstract, _ = trainer_step(cfg)
+    assert dense_expert_operands(lower(step, (abstract, packed_batch()), "cuda", "xla", monkeypatch), cfg)
 
 
 def test_the_segment_check_fails_for_a_mask_blind_to_segments(tmp_path, monkeypatch):

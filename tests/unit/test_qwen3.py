@@ -91,7 +91,7 @@ def test_config_fields_read(tmp_root):
 
 def test_moe_uses_grouped_matmul(tmp_root):
     _, cfg, params = hf_model("moe_norm_topk", tmp_root)
-    cfg = dataclasses.replace(cfg, scan_layers=True)  # "auto" unrolls on CPU
+    cfg = dataclasses.replace(cfg, scan_layers=True, moe_impl="ragged_dot")  # "auto": unrolled, padded on CPU
     jaxpr = str(jax.make_jaxpr(functools.partial(qwen3.forward, cfg=cfg))(params, _tokens((1, 4))))
     assert jaxpr.count("= ragged_dot_general[") == 3  # gate, up, down inside the one scanned layer body
 

@@ -74,7 +74,7 @@ def test_plan_of_an_moe_model_on_cpu_differs_only_by_moe_impl(tmp_path):
     planned = plan.planned_step(cfg)
     assert planned.setup.model_cfg.moe_impl == "scan" and "moe_impl=scan" in planned.notes[0]
     setup = train_setup.validated(cfg)
-    assert setup.model_cfg.moe_impl == "ragged_dot"
+    assert setup.model_cfg.moe_impl == "auto"
     as_planned = dataclasses.replace(setup, model_cfg=dataclasses.replace(setup.model_cfg, moe_impl="scan"))
     want = step_lib.build(as_planned, **step_lib.settings(cfg)).lower(ROWS, T).as_text()
     assert planned.lower(cfg).as_text() == want
