@@ -44,12 +44,19 @@ class PromptConfig:
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _lines(path: str | os.PathLike) -> list[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file; PromptError naming the file (missing, unreadable) or the line."""
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a file, read once (a pipe such as ``<(...)`` can only be read once: hash and parse these
+    bytes, never the path twice); PromptError naming the file when it cannot be read."""
     try:
-        raw_lines = Path(path).read_bytes().splitlines()
+        return Path(path).read_bytes()
     except OSError as e:
         raise PromptError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _lines(path: str | os.PathLike, data: bytes | None = None) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file (``data``: its bytes, already read); PromptError naming the file
+    (missing, unreadable) or the line."""
+    raw_lines = (read_bytes(path) if data is None else data).splitlines()
     out = []
     for lineno, raw in enumerate(raw_lines, 1):
         try:
@@ -59,10 +66,11 @@ def _lines(path: str | os.PathLike) -> list[tuple[int, str]]:
     return out
 
 
-def read_objects(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """("file:line", object) for every non-blank line of a JSONL file; PromptError naming the first bad line."""
+def read_objects(path: str | os.PathLike, data: bytes | None = None) -> list[tuple[str, dict]]:
+    """("file:line", object) for every non-blank line of a JSONL file (``data``: its bytes, already read);
+    PromptError naming the first bad line."""
     out = []
-    for lineno, line in _lines(path):
+    for lineno, line in _lines(path, data):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -102,10 +110,11 @@ def _valid_messages(messages: Any) -> bool:
     )
 
 
-def read_prompts(path: str | os.PathLike, require: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a prompt file (see the module doc), each with its 1-based ``line``; PromptError names the file and
-    line of the first bad row, or the file when it holds no rows."""
-    rows = [check_row(row, where, require) for where, row in read_objects(path)]
+def read_prompts(path: str | os.PathLike, require: tuple[str, ...] = (), data: bytes | None = None) -> list[dict]:
+    """Rows of a prompt file (see the module doc), each with its 1-based ``line`` (``data``: the file's bytes,
+    already read with ``read_bytes``); PromptError names the file and line of the first bad row, or the file when
+    it holds no rows."""
+    rows = [check_row(row, where, require) for where, row in read_objects(path, data)]
     if not rows:
         raise PromptError(f"{path}: no rows")
     return rows
@@ -134,14 +143,15 @@ def _ids(encoded: Any) -> list[int]:
 
 
 def encode_prompt(
-    tokenizer: Any, row: dict, chat_template: bool = True, enable_thinking: bool | None = None
+    tokenizer: Any, row: dict, chat_template: bool = True, enable_thinking: bool | None = None, where: str = ""
 ) -> list[int]:
-    """Prompt token ids of one row (``prompt`` or ``messages``; see the module doc for the rules)."""
-    where = f"line {row['line']}" if "line" in row else "prompt"
+    """Prompt token ids of one row (``prompt`` or ``messages``; see the module doc for the rules); a PromptError
+    names ``where`` (default: the row's line)."""
+    where = where or (f"line {row['line']}" if "line" in row else "prompt")
     if not chat_template:
         if "prompt" not in row:
             raise PromptError(f"{where}: 'messages' rows need the chat template (--chat-template)")
-        return _ids(tokenizer(row["prompt"])["input_ids"])
+        return _nonempty(_ids(tokenizer(row["prompt"])["input_ids"]), where)
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError(
             f"{where}: the tokenizer has no chat template (encode raw text with --no-chat-template, or "
@@ -149,7 +159,18 @@ def encode_prompt(
         )
     messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **extra))
+    try:
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **extra)
+    except Exception as e:  # the template is the model's own Jinja code: it raises what it likes (an unknown role)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PromptError(f"{where}: the chat template cannot render this row ({type(e).__name__}: {reason})") from None
+    return _nonempty(_ids(encoded), where)
+
+
+def _nonempty(ids: list[int], where: str) -> list[int]:
+    if not ids:
+        raise PromptError(f"{where}: the prompt encodes to no tokens (an empty prompt without the chat template)")
+    return ids
 
 
 def encode_prompts(tokenizer: Any, rows: Sequence[dict], cfg: PromptConfig = PromptConfig()) -> list[list[int]]:

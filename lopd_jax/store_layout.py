@@ -34,9 +34,10 @@ array.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -155,12 +156,20 @@ def write_manifest(spec: dict, manifest: dict) -> None:
     if local is None:
         open_kvstore(spec).write(MANIFEST, data).result()  # a single-key put is atomic on every kvstore driver
         return
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=local)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(local, MANIFEST))
+    # Created with 0o666 less the umask (mkstemp's 0o600 would hide the store from the rest of a shared group), and
+    # removed when the write fails (a full disk): nothing half-made is left beside the manifest.
+    tmp = os.path.join(local, f".manifest.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(local, MANIFEST))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def delete_manifest(spec: dict) -> None:
@@ -186,6 +195,37 @@ def check_manifest(manifest: dict, where: str) -> None:
         )
     if not isinstance(manifest.get("layout"), dict):
         raise StoreError(f"{where}: manifest field 'layout' missing")
+
+
+def expected_samples(manifest: dict) -> int | None:
+    """How many samples the run that writes this store planned, from what its manifest records (None: unknown, e.g.
+    a store written through the API): a shard's ``shard.expected``; rollouts' ``prompts.kept`` x ``sampling.n``;
+    imported SFT data's ``data.kept``. A store with fewer committed samples is unfinished."""
+    shard, kind = manifest.get("shard"), manifest.get("kind")
+    if isinstance(shard, dict) and isinstance(shard.get("expected"), int):
+        return shard["expected"]
+    try:
+        if kind == "rollouts":
+            return int(manifest["prompts"]["kept"]) * int(manifest["sampling"]["n"])
+        if kind == "sft_data":
+            return int(manifest["data"]["kept"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def unfinished(manifest: dict, where: str) -> str | None:
+    """Why the store described by ``manifest`` is not a finished input (fewer or more samples committed than its
+    run planned, ``expected_samples``), or None."""
+    want, n = expected_samples(manifest), manifest.get("committed")
+    if want is None or n == want:
+        return None
+    if n < want:
+        return (
+            f"{where}: {n} of its {want} samples are committed (its precompute has not finished; rerun the same "
+            "command to finish it)"
+        )
+    return f"{where}: {n} samples committed, but the run that made it planned {want} (two runs wrote it?)"
 
 
 def check_user_keys(keys, where: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import os
 import re
 import sys
@@ -42,16 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_rows(args: argparse.Namespace, tokenizer, eos: int) -> tuple[list[dict], int]:
-    """Store rows of the data file (prompt ids + completion ids + eos) and the count skipped by --max-len."""
+def build_rows(args: argparse.Namespace, tokenizer, eos: int, data: bytes | None = None) -> tuple[list[dict], int]:
+    """Store rows of the data file (prompt ids + completion ids + eos) and the count skipped by --max-len
+    (``data``: the file's bytes, already read)."""
     rows, skipped = [], 0
-    for index, row in enumerate(prompts.read_prompts(args.data, require=("completion",))):
+    for index, row in enumerate(prompts.read_prompts(args.data, require=("completion",), data=data)):
         try:
-            prompt = prompts.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
+            where = f"{args.data}:{row['line']}"
+            prompt = prompts.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking, where)
         except PromptError as e:
-            raise PrecomputeError(f"{args.data}: {e}") from None
-        if not prompt:
-            raise PrecomputeError(f"{args.data}:{row['line']}: the prompt encodes to no tokens")
+            raise PrecomputeError(str(e)) from None
         completion = [int(t) for t in tokenizer(row["completion"], add_special_tokens=False)["input_ids"]]
         tokens = [*prompt, *completion, eos]
         if args.max_len is not None and len(tokens) > args.max_len:
@@ -62,7 +63,7 @@ def build_rows(args: argparse.Namespace, tokenizer, eos: int) -> tuple[list[dict
     return rows, skipped
 
 
-def manifest_fields(args: argparse.Namespace, eos: int, n: int, skipped: int) -> dict:
+def manifest_fields(args: argparse.Namespace, eos: int, n: int, skipped: int, data_sha: str) -> dict:
     fp = args.sft_teacher_fingerprint
     if fp is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", fp):
         raise PrecomputeError(f"--sft-teacher-fingerprint {fp!r} is not 'sha256:' + 64 lowercase hex digits")
@@ -77,7 +78,7 @@ def manifest_fields(args: argparse.Namespace, eos: int, n: int, skipped: int) ->
         "sft_teacher": teacher,
         "tokenizer": provenance.fingerprint_tokenizer(args.tokenizer),
         "chat_template": template,
-        "data": {"sha256": common.file_sha256(args.data), "kept": n, "skipped": skipped, "eos_token_id": eos},
+        "data": {"sha256": data_sha, "kept": n, "skipped": skipped, "eos_token_id": eos},
         "import_args": {
             "chat_template": args.chat_template,
             "enable_thinking": args.enable_thinking,
@@ -89,13 +90,14 @@ def manifest_fields(args: argparse.Namespace, eos: int, n: int, skipped: int) ->
 def run(args: argparse.Namespace) -> str:
     tokenizer = prompts.load_tokenizer(args.tokenizer)
     eos = prompts.stop_ids(args.tokenizer, tokenizer)[0]
-    rows, skipped = build_rows(args, tokenizer, eos)
+    data = prompts.read_bytes(args.data)  # read once: the hash is of the bytes imported (a pipe reads once)
+    rows, skipped = build_rows(args, tokenizer, eos, data)
     if not rows:  # an empty store would look like a finished import
         raise PrecomputeError(
             f"{args.data}: all {skipped} rows are longer than --max-len {args.max_len} tokens: nothing imported, "
             "no store written"
         )
-    fields = manifest_fields(args, eos, len(rows), skipped)
+    fields = manifest_fields(args, eos, len(rows), skipped, "sha256:" + hashlib.sha256(data).hexdigest())
     extra = {"vocab_size": len(tokenizer), "engine": {"name": "import"}, "versions": common.versions("import")}
     extra["data_path"] = os.path.abspath(args.data)
     create = functools.partial(RolloutStore.create, args.out, {**fields, **extra}, flush_tokens=common.NO_AUTO_FLUSH)

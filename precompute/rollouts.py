@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import os
 import sys
 from typing import Any
@@ -80,30 +81,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ work plan
 
 
-def encode_prompts(args: argparse.Namespace, tokenizer) -> tuple[list[dict], int]:
-    """(kept prompts [{index, ids, answer}], skipped count): prompts longer than --max-prompt-len are skipped."""
-    rows = prompts_lib.read_prompts(args.prompts)
+def encode_prompts(args: argparse.Namespace, tokenizer, data: bytes | None = None) -> tuple[list[dict], int]:
+    """(kept prompts [{index, ids, answer}], skipped count): prompts longer than --max-prompt-len are skipped
+    (``data``: the prompt file's bytes, already read)."""
+    rows = prompts_lib.read_prompts(args.prompts, data=data)
     kept, skipped = [], 0
     for index, row in enumerate(rows):
         try:
-            ids = prompts_lib.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
+            where = f"{args.prompts}:{row['line']}"
+            ids = prompts_lib.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking, where)
         except PromptError as e:
-            raise PrecomputeError(f"{args.prompts}: {e}") from None
+            raise PrecomputeError(str(e)) from None
         if len(ids) > args.max_prompt_len:
             skipped += 1
             continue
-        kept.append({"index": index, "ids": ids, "answer": row.get("answer")})
+        kept.append({"index": index, "ids": ids, "answer": row.get("answer"), "line": row.get("line")})
     return kept, skipped
 
 
-def load_prompts(args: argparse.Namespace) -> tuple[list[dict], int, tuple[int, ...]]:
-    """(kept prompts, skipped count, stop ids) for the policy's tokenizer: what the sampler is given."""
+def load_prompts(args: argparse.Namespace) -> tuple[list[dict], int, tuple[int, ...], str]:
+    """(kept prompts, skipped count, stop ids, sha256 of the prompt file) for the policy's tokenizer: what the
+    sampler is given. The file is read once and its hash is of the bytes parsed (a pipe cannot be read twice)."""
     tokenizer = prompts_lib.load_tokenizer(args.policy)
     stops = prompts_lib.stop_ids(args.policy, tokenizer)
-    return *encode_prompts(args, tokenizer), stops
+    data = prompts_lib.read_bytes(args.prompts)
+    return *encode_prompts(args, tokenizer, data), stops, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_prompts: int, skipped: int) -> dict:
+def run_fields(
+    args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_prompts: int, skipped: int, prompts_sha: str
+) -> dict:
     """Manifest fields of this run; every one must match to resume a store (except versions / times)."""
     sampling = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     sampling |= {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "stop_token_ids": list(stops)}
@@ -115,7 +122,7 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
         "chat_template": fps["chat_template"] if args.chat_template else None,
         "sft_teacher": fps["weights"] if args.sft_teacher else None,
         "sampling": sampling,
-        "prompts": {"sha256": common.file_sha256(args.prompts), "kept": n_prompts, "skipped": skipped},
+        "prompts": {"sha256": prompts_sha, "kept": n_prompts, "skipped": skipped},
         "rollout_args": {
             "chat_template": args.chat_template,
             "enable_thinking": args.enable_thinking,
@@ -126,6 +133,19 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
         },
     }
     return fields
+
+
+def check_positions(args: argparse.Namespace, prompts: list[dict]) -> None:
+    """Every kept prompt plus --max-new-tokens fits the policy's max_position_embeddings (refused before any store
+    is written, naming the longest prompt's line)."""
+    limit = common.max_positions(args.policy)
+    longest = max(prompts, key=lambda p: len(p["ids"]))
+    if len(longest["ids"]) + args.max_new_tokens > limit:
+        raise PrecomputeError(
+            f"{args.prompts}:{longest['line']}: a prompt of {len(longest['ids'])} tokens + --max-new-tokens "
+            f"{args.max_new_tokens} exceeds the policy's max_position_embeddings {limit}; lower --max-prompt-len "
+            f"(longer prompts are skipped) or --max-new-tokens so that they add up to <= {limit} (nothing was written)"
+        )
 
 
 def default_batch_size(args: argparse.Namespace, kept: int, count: int) -> int:
@@ -139,14 +159,15 @@ def default_batch_size(args: argparse.Namespace, kept: int, count: int) -> int:
 
 
 def shard_plan(args: argparse.Namespace, shard: shards.Shard, num_batches: int) -> tuple[int, int]:
-    """The global batches [lo, hi) of this shard; refuses a shard with none (more shards than batches)."""
-    lo, hi = shards.split(num_batches, shard)
-    if lo == hi:
+    """The global batches [lo, hi) of this shard. More shards than batches is refused by every shard alike (each
+    computes the same count), so no shard commits what the others cannot complete."""
+    if shard.count > num_batches:
         raise PrecomputeError(
             f"--num-shards {shard.count}: only {num_batches} batches of --batch-size {args.batch_size} prompts, so "
-            f"shard {shard.index} would be empty; use a smaller --batch-size or fewer shards (nothing was written)"
+            f"some shards would be empty; use a smaller --batch-size or at most {num_batches} shards (nothing was "
+            "written)"
         )
-    return lo, hi
+    return shards.split(num_batches, shard)
 
 
 def open_store(out: str, fields: dict, extra: dict):
@@ -235,20 +256,21 @@ def run(args: argparse.Namespace) -> str:
 
         vllm_engine.require_vllm(dtype=args.dtype)
     common.check_model_dir(args.policy, "--policy")
-    prompts, skipped, stops = load_prompts(args)
+    prompts, skipped, stops, prompts_sha = load_prompts(args)
     if not prompts:  # an empty store would look like a finished run
         raise PrecomputeError(
             f"{args.prompts}: all {skipped} prompts are longer than --max-prompt-len {args.max_prompt_len} tokens "
             "(after the chat template): nothing to sample, no store written"
         )
+    check_positions(args, prompts)
     bs = args.batch_size = args.batch_size or default_batch_size(args, len(prompts), shard.count)
     batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
     lo, hi = shard_plan(args, shard, len(batches))
     out = shards.shard_store(args.out, shard)
     mine = sum(len(b) for b in batches[lo:hi]) * args.n  # the samples this shard writes
-    fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped)
+    fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped, prompts_sha)
     if shard.count > 1:
-        fields["shard"] = {**shard.record(), "batches": [lo, hi], "expected": mine}
+        fields["shard"] = {**shard.record(), "batches": [lo, hi], "of": len(batches), "expected": mine}
     extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy), "args": vars(args)}
     writer = open_store(out, fields, extra)
     done = writer.committed

@@ -62,7 +62,7 @@ def rollouts_path(policy: Path, file: Path, chat: bool, thinking: bool | None):
     flags = ["--chat-template" if chat else "--no-chat-template"]
     flags += [] if thinking is None else ["--enable-thinking" if thinking else "--no-enable-thinking"]
     args = rollouts.parse_args(["--policy", str(policy), "--prompts", str(file), "--out", "unused", *flags])
-    kept, skipped, stops = rollouts.load_prompts(args)
+    kept, skipped, stops, _ = rollouts.load_prompts(args)
     applied = sampling._stop_ids(hf.load_config(str(policy)), rollouts.sampler_config(args, stops))
     return [p["ids"] for p in kept], stops, applied
 
@@ -148,7 +148,7 @@ def test_extra_stop_ids_come_last(tmp_path):
 def test_a_tokenizer_without_chat_template_is_refused_not_silently_raw(tmp_path):
     policy = model_dir(tmp_path / "policy", template=False, generation_eos=None)
     file = write_rows(tmp_path / "prompts.jsonl", ROWS[:1])
-    with pytest.raises(PrecomputeError, match="prompts.jsonl: line 1: the tokenizer has no chat template"):
+    with pytest.raises(PrecomputeError, match="prompts.jsonl:1: the tokenizer has no chat template"):
         rollouts_path(policy, file, True, None)
     with pytest.raises(ConfigError, match="data.prompts: .*no chat template"):
         trainer_path(policy, file, True, None)
@@ -157,7 +157,7 @@ def test_a_tokenizer_without_chat_template_is_refused_not_silently_raw(tmp_path)
 def test_messages_rows_need_the_chat_template(tmp_path):
     policy = model_dir(tmp_path / "policy", template=True, generation_eos=None)
     file = write_rows(tmp_path / "prompts.jsonl", ROWS[:2])
-    with pytest.raises(PrecomputeError, match="prompts.jsonl: line 2: 'messages' rows need the chat template"):
+    with pytest.raises(PrecomputeError, match="prompts.jsonl:2: 'messages' rows need the chat template"):
         rollouts_path(policy, file, False, None)
     with pytest.raises(ConfigError, match="data.prompts: line 2: 'messages' rows need the chat template"):
         trainer_path(policy, file, False, None)
