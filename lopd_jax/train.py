@@ -499,6 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except OSError as e:  # a full disk or a vanished directory while writing metrics, plots or the export
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"error: cannot write{where} ({e.strerror or e}); the run keeps its last checkpoint: fix the cause and "
+            "rerun with resume: true",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     keys = ("train/loss", "eval/pass@1", "eval/avg@k")
     print("done: " + " ".join(f"{k}={final[k]:.4g}" for k in keys if k in final), flush=True)
     return 0

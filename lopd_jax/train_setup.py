@@ -18,7 +18,7 @@ import numpy as np
 from lopd_jax import config as config_lib
 from lopd_jax import distributed, prompts, provenance, sharding
 from lopd_jax.batch import DataError
-from lopd_jax.checkpoint import CheckpointCorruptError
+from lopd_jax.checkpoint import CheckpointCorruptError, CheckpointWriteError
 from lopd_jax.config import ConfigError, TrainConfig
 from lopd_jax.models import hf, presets, qwen3
 from lopd_jax.prompts import PromptError
@@ -41,6 +41,7 @@ USER_ERRORS = (
     DataError,
     TrainError,
     CheckpointCorruptError,
+    CheckpointWriteError,
     distributed.DistributedError,
 )
 

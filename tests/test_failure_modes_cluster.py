@@ -21,8 +21,9 @@ import pytest
 import test_train
 from test_failure_modes_precompute import one_error_line, rollouts_argv, snapshot, teacher_cli
 from test_precompute_cli import build_model, killed_subprocess
-from test_train import _write
+from test_train import _config, _write, _write_store
 
+from lopd_jax import config as config_lib
 from lopd_jax import store_lock, train, train_setup
 from lopd_jax.store import RolloutStore, StoreError
 from lopd_jax.store_lock import LOCK_FILE, FileLock, LockError, LockLost
@@ -340,3 +341,100 @@ def test_a_full_disk_during_rollouts_is_one_line_and_the_rerun_finishes(env, sma
     grow()
     assert rollouts.main(argv) == 0
     assert validate(out)["samples"] == 3 * 64
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+def _recorded_run(world, tmp_path, store: Path) -> tuple[dict, Path]:
+    """A run directory as a started run on ``store`` leaves it (its config and store identity recorded)."""
+    cfg = _config(world, tmp_path / "run", data={"store": str(store)})
+    loaded = config_lib.load_config(_write(cfg, tmp_path / "c.yaml"))
+    setup = train_setup.validated(loaded)
+    (tmp_path / "run").mkdir()
+    train._record_config(loaded, setup, tmp_path / "run")
+    return cfg, tmp_path / "run"
+
+
+def test_resume_over_replaced_data_is_refused(world, tmp_path, capsys):
+    store = _copy(world["stores"]["sft"], tmp_path / "s")
+    cfg, _ = _recorded_run(world, tmp_path, store)
+    src = RolloutStore.open(store)
+    other = [dict(src.sample(i), prompt_index=i) for i in reversed(range(len(src)))]  # other rollouts, same path
+    for s in other:
+        s.pop("teacher_logprobs")
+    manifest = {k: v for k, v in src.manifest.items() if k in ("policy", "tokenizer", "sft_teacher")}
+    shutil.rmtree(store)
+    _write_store(store, other, manifest)
+    err = _main_fails(capsys, _write({**cfg, "resume": True}, tmp_path / "r.yaml"))
+    assert f"resume: data.store {store} is not the data this run trained on" in err
+    assert "manifest: saved sha256:" in err and "content: saved sha256:" in err
+    allowed = {**cfg, "resume": True, "resume_may_change": ["data.store"]}
+    train_setup.validated(config_lib.load_config(_write(allowed, tmp_path / "a.yaml")))  # the user's explicit choice
+
+
+def test_resume_on_a_run_whose_checkpoints_were_deleted_is_refused(world, tmp_path, capsys):
+    cfg, run_dir = _recorded_run(world, tmp_path, Path(world["stores"]["sft"]))
+    (run_dir / "metrics.jsonl").write_text('{"step": 2, "train/loss": 1.0}\n')
+    before = snapshot(run_dir)
+    err = _main_fails(capsys, _write({**cfg, "resume": True}, tmp_path / "r.yaml"))
+    assert f"resume: {run_dir} holds metrics.jsonl of a run but" in err and "has no checkpoint" in err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize(
+    "target, mesh, needle",
+    [
+        ("", {"fsdp": -1}, "--target '': unknown target"),
+        ("tpu-v5p-8", {"fsdp": 8}, "(data=1, fsdp=8, tensor=1, expert=1) cannot be laid over --target tpu-v5p-8's 4"),
+    ],
+)
+def test_plan_target_errors_are_one_line(world, tmp_path, capsys, target, mesh, needle):
+    cfg = _config(world, tmp_path / "run", model={"init": "qwen3-0.6b"}, mesh=mesh)
+    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"), "--plan", "--target", target)
+    assert needle in err, err
+
+
+def test_training_positions_past_max_position_embeddings_are_refused(world, tmp_path, capsys):
+    student = tmp_path / "student"
+    shutil.copytree(world["root"] / "student", student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    cfg = _config(world, tmp_path / "run", model={"init": str(student)})
+    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    assert "exceed the model's max_position_embeddings 16; lower train.seq_len" in err
+
+
+def test_a_full_disk_during_training_is_one_line_and_resume_finishes(world, small_disk, tmp_path):
+    disk, grow = small_disk
+    # Room for the checkpoint of step 2 (0.6 MiB on disk, 1.3 MiB asked), not for a second one: refused at step 4.
+    subprocess.run(["mount", "-o", "remount,size=1600k", str(disk)], check=True)
+    cfg = _config(world, disk / "run", train={"steps": 4}, logging={"tensorboard": False})
+    proc = test_train._cli(_write(cfg, tmp_path / "c.yaml"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]  # no flood of orbax's thread tracebacks
+    assert "MiB free, the checkpoint of step 4 needs about" in line, line
+    assert "the checkpoint of step 2 is kept: free space, then rerun with resume: true" in line
+    grow()
+    proc = test_train._cli(_write({**cfg, "resume": True}, tmp_path / "r.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (disk / "run" / "hf" / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_write_failure_in_orbax_is_one_line(tmp_path):
+    from lopd_jax.checkpoint import CheckpointConfig, Checkpointer, CheckpointWriteError
+
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1, async_save=False))
+
+    def full(*args, **kwargs):  # what orbax raises from its writer threads when the disk is full
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "step/.zarray": No space left on device [28]\n  more')
+
+    ckpt._manager.save = full
+    with pytest.raises(
+        CheckpointWriteError, match=r"cannot write the checkpoint of step 1 .*: No space left on device;"
+    ):
+        ckpt.save(1, {"w": np.zeros(3, np.float32)})
+    ckpt._manager.wait_until_finished = full
+    with pytest.raises(CheckpointWriteError, match="no checkpoint was written yet"):
+        ckpt.close()
