@@ -160,7 +160,7 @@ class FileLock:
     def _names_ours(self) -> bool:
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
+        except OSError:  # deleted, or a stale NFS handle (ESTALE): either way not provably ours
             return False
         return (st.st_dev, st.st_ino) == self._inode
 

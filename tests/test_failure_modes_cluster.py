@@ -438,3 +438,32 @@ def test_a_checkpoint_write_failure_in_orbax_is_one_line(tmp_path):
     ckpt._manager.wait_until_finished = full
     with pytest.raises(CheckpointWriteError, match="no checkpoint was written yet"):
         ckpt.close()
+
+
+def test_a_new_store_is_readable_by_the_group_as_the_umask_says(env, tmp_path):
+    """mkdtemp / mkstemp make 0o700 / 0o600: a store built that way was unreadable to the rest of a shared group."""
+    old = os.umask(0o022)
+    try:
+        w = RolloutStore.create(tmp_path / "s", {"kind": "test"})
+        w.close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "s" / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_rewritten_weight_file_with_the_same_size_and_mtime_is_fingerprinted_again(env, tmp_path):
+    """A clock that jumps back (or cp -p, rsync -t, a coarse NFS mtime) can give new weights the old size and mtime."""
+    from lopd_jax import provenance
+
+    model = tmp_path / "m"
+    shutil.copytree(env["policy"], model)
+    first = provenance.fingerprint_weights(model)
+    other = tmp_path / "other"
+    build_model(other, 5)
+    f = model / "model.safetensors"
+    st = f.stat()
+    assert (other / "model.safetensors").stat().st_size == st.st_size
+    shutil.copyfile(other / "model.safetensors", f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime back
+    assert provenance.fingerprint_weights(model) != first

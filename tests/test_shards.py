@@ -285,9 +285,9 @@ def test_a_dataset_whose_shards_disagree_is_refused_naming_the_shard(env, damage
 
 def test_the_trainer_refuses_an_incomplete_dataset(env, tmp_path, capsys):
     d = _copy_dataset(env, "incomplete")
-    _edit_manifest(d / S1, shard={"expected": 7})
+    _edit_manifest(d / S1, shard={"expected": 8})
     assert train.main(["--config", str(_train_config(env, d, tmp_path / "run"))]) == 2
-    assert f"data.store: {d}/{S1}: 6 of its 7 samples are committed" in capsys.readouterr().err
+    assert f"data.store: {d}/{S1}: 7 of its 8 samples are committed" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
