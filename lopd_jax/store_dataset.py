@@ -5,6 +5,7 @@ N precompute processes each write their own RolloutStore (one writer per store, 
     DATASET/shard-00000-of-00008/   a RolloutStore; its manifest's ``shard`` is {"index": 0, "count": 8, ...}
     DATASET/shard-00001-of-00008/
     ...
+    DATASET/.lopd_dataset.json    {"count": 8}: claimed by the first run (precompute.shards.claim)
 
 Shard i holds a contiguous part of the work in the order one process would have written it (rollouts: whole
 batches of the global prompt order; a split store: a contiguous range of its samples), so the shards concatenated

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 
 from precompute.common import PrecomputeError
@@ -165,7 +167,40 @@ def shard_store(out: str, shard: Shard) -> str:
                 f"--out {out}: exists and is not a sharded dataset (it holds {other[0]}); "
                 "nothing was written: choose a new path"
             )
+    if "://" not in out:
+        claim(out, shard.count)
     return join(out, shard_name(shard.index, shard.count))
+
+
+DATASET_CLAIM = ".lopd_dataset.json"
+
+
+def claim(out: str, count: int) -> None:
+    """Claim the local dataset directory ``out`` for runs of ``count`` shards, atomically: the first run writes
+    ``out/.lopd_dataset.json`` (a hard link of a finished file, so it appears whole or not at all, and a second
+    creator fails); a run of another count started at the same moment is refused here instead of writing shards of
+    its own count beside the first's (a dataset no reader accepts)."""
+    marker = os.path.join(out, DATASET_CLAIM)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lopd_dataset.", dir=out)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"count": count}, f)
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        with open(marker, encoding="utf-8") as f:
+            claimed = json.load(f).get("count")
+    except (OSError, ValueError) as e:
+        raise PrecomputeError(f"--out {out}: cannot claim the dataset directory ({e})") from None
+    if claimed != count:
+        raise PrecomputeError(
+            f"--out {out}: is claimed by a {claimed}-shard run ({marker}); this run has --num-shards {count}: use "
+            "a new --out or the same count (nothing was written)"
+        )
 
 
 __all__ = ["Shard", "add_shard_args", "join", "resolve", "shard_store", "split"]

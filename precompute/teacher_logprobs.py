@@ -208,12 +208,15 @@ def check_teacher(store: str, manifest: dict, teacher: dict, topk: int, store_to
         )
 
 
-def check_finished(args: argparse.Namespace, source, units: list[tuple]) -> None:
+def check_finished(source, shard: shards.Shard) -> None:
     """Refuse, before anything is written, to score a store whose samples are not all committed (its rollouts
-    still run, or were killed): its scores would cover part of the data, and a split would miss the rest."""
-    stores = {copy_from or target for target, copy_from, _, _ in units}
-    for path in sorted(stores):
-        if (problem := RolloutStore(path).incomplete()) is not None:
+    still run, or were killed): its scores would cover part of the data, and a split would miss the rest. Of a
+    dataset, the shards this process scores."""
+    stores = [source]
+    if isinstance(source, RolloutDataset):
+        stores = [s for k, s in enumerate(source.stores) if k % shard.count == shard.index]
+    for store in stores:
+        if (problem := store.incomplete()) is not None:
             raise PrecomputeError(f"--store {problem}; score it once it is finished (nothing was written)")
 
 
@@ -262,10 +265,10 @@ def run(args: argparse.Namespace) -> str:
     provenance.check_same_tokenizer(
         source.manifest.get("tokenizer"), teacher["tokenizer"], f"store {args.store}", "teacher"
     )
-    units = plan_units(args, source, shard)
-    check_finished(args, source, units)
+    check_finished(source, shard)  # these checks come before plan_units, which creates the --out dataset directory
     check_top_k(args)
     check_positions(args, source)
+    units = plan_units(args, source, shard)
     run_args = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k}
     if args.head_fp32:  # only when set: stores scored before the option existed still resume
         run_args["head_fp32"] = True

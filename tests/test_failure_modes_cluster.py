@@ -159,6 +159,8 @@ def test_an_unfinished_plain_store_is_refused_by_scoring_validate_and_training(e
     assert proc.returncode == 2 and "1 of its 3 samples are committed" in one_error_line(proc.stderr)
     proc = teacher_cli(env, killed, "--out", str(tmp_path / "copy"))
     assert proc.returncode == 2 and not (tmp_path / "copy").exists()
+    proc = teacher_cli(env, killed, "--out", str(tmp_path / "split"), "--num-shards", "2", "--shard-index", "0")
+    assert proc.returncode == 2 and not (tmp_path / "split").exists()
     assert snapshot(killed) == before
     for require in (False, True):
         with pytest.raises(StoreError, match="1 of its 3 samples are committed .*rerun the same command"):
@@ -467,3 +469,14 @@ def test_a_rewritten_weight_file_with_the_same_size_and_mtime_is_fingerprinted_a
     shutil.copyfile(other / "model.safetensors", f)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime back
     assert provenance.fingerprint_weights(model) != first
+
+
+def test_two_jobs_with_different_shard_counts_cannot_share_a_dataset_directory(tmp_path):
+    """Started at the same moment into an empty directory, both pass the count check of the shards present (none);
+    the directory's claim lets the first one in and refuses the other before it writes a shard."""
+    out = str(tmp_path / "ds")
+    assert shards.shard_store(out, shards.Shard(0, 2)).endswith("shard-00000-of-00002")
+    with pytest.raises(PrecomputeError, match=r"is claimed by a 2-shard run .*this run has --num-shards 3"):
+        shards.shard_store(out, shards.Shard(1, 3))
+    assert shards.shard_store(out, shards.Shard(1, 2)).endswith("shard-00001-of-00002")
+    assert sorted(os.listdir(out)) == [shards.DATASET_CLAIM]  # no temp file left

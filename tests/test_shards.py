@@ -148,7 +148,11 @@ def test_two_concurrent_shard_processes_equal_one_process(env):
     res = finish(procs)
     assert all(rc == 0 for rc, _ in res), [e[-2000:] for _, e in res]
     assert "shard 1 of 2 (from LOPD_PROCESS_ID/LOPD_NUM_PROCESSES)" in res[1][1]
-    assert sorted(p.name for p in ds.iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]
+    assert sorted(p.name for p in ds.iterdir()) == [
+        shards.DATASET_CLAIM,
+        "shard-00000-of-00002",
+        "shard-00001-of-00002",
+    ]
     m = RolloutStore.open(ds / "shard-00001-of-00002").manifest
     assert m["shard"] == {"index": 1, "count": 2, "batches": [2, 4], "of": 4, "expected": 6}
     assert m["prompts"]["sha256"] == common.file_sha256(env["prompts"]) and m["args"]["shard_index"] == 1
