@@ -45,6 +45,7 @@ from lopd_jax.data.loader import Batch, make_iterator
 from lopd_jax.models import hf, qwen3
 from lopd_jax.parallel import distributed, sharding
 from lopd_jax.store import provenance
+from lopd_jax.store.lock import FileLock
 from lopd_jax.training import config as config_lib
 from lopd_jax.training import modes
 from lopd_jax.training import step as step_lib
@@ -115,8 +116,8 @@ def place_global(batch: Batch, sh: NamedSharding) -> Batch:
 class Logger:
     """Holds the newest step's device metrics and writes the previous ones, so dispatch stays asynchronous."""
 
-    def __init__(self, cfg: TrainConfig, writer: MetricsWriter | None, bar, start_time: float):
-        self.cfg, self.writer, self.bar = cfg, writer, bar
+    def __init__(self, cfg: TrainConfig, writer: MetricsWriter | None, bar, start_time: float, guard=None):
+        self.cfg, self.writer, self.bar, self.guard = cfg, writer, bar, guard or (lambda what: None)
         self.pending: tuple[int, dict, dict] | None = None
         self.last_time, self.last = start_time, {}
 
@@ -139,6 +140,7 @@ class Logger:
         record = {**vals, **host}
         self.last = record
         if self.writer is not None and (step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps):
+            self.guard(f"write the metrics of step {step}")
             self.writer.write(step, record)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -178,6 +180,7 @@ class Run:
     logger: Logger
     evaluator: Any
     start: int
+    guard: Any = None  # (what) -> None; raises when the run directory's lock was lost (store_lock.FileLock.verify)
 
 
 def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
@@ -233,7 +236,7 @@ def _evaluator(cfg: TrainConfig, setup: Setup):
     )
 
 
-def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
+def start(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> Run:
     """Builds the state (restored when resuming), the step, the batches, the checkpointer and the logger."""
     built = step_lib.build(setup, **step_lib.settings(cfg))  # the one step builder: --plan compiles the same
     abstract = built.abstract_state
@@ -250,9 +253,9 @@ def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
         if setup.warnings:
             header["teacher_inconsistency"] = " | ".join(setup.warnings)
         writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, header=header)
-    logger = Logger(cfg, writer, _progress_bar(cfg, setup, start_step), time.perf_counter())
+    logger = Logger(cfg, writer, _progress_bar(cfg, setup, start_step), time.perf_counter(), guard)
     source = _batch_source(cfg, setup, data_iter)
-    return Run(state, built.step, data_iter, source, ckpt, logger, _evaluator(cfg, setup), start_step)
+    return Run(state, built.step, data_iter, source, ckpt, logger, _evaluator(cfg, setup), start_step, guard)
 
 
 def _eval_due(cfg: TrainConfig, step: int) -> bool:
@@ -279,6 +282,7 @@ def train_loop(cfg: TrainConfig, run: Run) -> dict:
             run.logger.write_extra(step, last_eval)
         if final or run.ckpt.should_save(step):
             run.logger.flush()  # every metric up to this step is on disk before the checkpoint is
+            run.logger.guard(f"save the checkpoint of step {step}")
             run.ckpt.save(step, state, run.data_iter, force=final)
             run.logger.last_time = time.perf_counter()  # the next step's time excludes the save
     run.logger.flush()
@@ -321,6 +325,7 @@ def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
     if setup.store is not None:
         fields["store"] = {"path": setup.store.path, "policy": m.get("policy"), "teacher": m.get("teacher")}
         fields["store"]["tokenizer"] = m.get("tokenizer")
+        fields["store"]["identity"] = setup.store_identity
     if mode.live_teacher:
         fields["opd_teacher"] = provenance.fingerprint_weights(cfg.model.teacher)
     if setup.warnings:
@@ -331,7 +336,7 @@ def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
     return fields
 
 
-def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
+def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path, guard=None) -> Path:
     """``run_dir/hf``: safetensors + config, the tokenizer files, ``lopd_provenance.json``.
 
     Written to ``run_dir/.hf.tmp-PID`` and renamed into place, so a kill mid-export leaves the previous ``hf/``
@@ -350,6 +355,8 @@ def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
             shutil.copy2(Path(setup.tokenizer_dir) / name, tmp / name)
     provenance.write_provenance(tmp, weights=provenance.fingerprint_weights(tmp), **_lineage(cfg, setup))
     old = run_dir / f".hf.old-{os.getpid()}"
+    if guard is not None:
+        guard("publish hf/")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -383,6 +390,8 @@ def _record_config(cfg: TrainConfig, setup: Setup, run_dir: Path) -> None:
     if not (cfg.resume and record.exists()):
         record.parent.mkdir(parents=True, exist_ok=True)
         body = {"fingerprint": config_lib.config_fingerprint(cfg), "config": config_lib.to_dict(cfg)}
+        if setup.store_identity is not None:  # what a resume checks the store at data.store against
+            body["store"] = setup.store_identity
         write_atomic(record, json.dumps(body, indent=1))
 
 
@@ -393,7 +402,7 @@ def _next_free(run_dir: Path, pattern: str) -> Path:
     return run_dir / pattern.format(n)
 
 
-def _open_run_dir(cfg: TrainConfig, setup: Setup) -> Path | None:
+def _open_run_dir(cfg: TrainConfig, setup: Setup) -> FileLock | None:
     """Locks the run directory (process 0; None elsewhere) and records the config; errors as TrainError."""
     run_dir = Path(cfg.logging.run_dir)
     if jax.process_index() != 0:
@@ -411,16 +420,16 @@ def train(cfg: TrainConfig, setup: Setup) -> dict:
     """Runs a validated config end to end, holding the run directory's lock; returns the final metrics."""
     lock = _open_run_dir(cfg, setup)
     try:
-        return _train(cfg, setup, Path(cfg.logging.run_dir))
+        return _train(cfg, setup, Path(cfg.logging.run_dir), lock.verify if lock is not None else None)
     finally:
         if lock is not None:
             release_run_lock(lock)
 
 
-def _train(cfg: TrainConfig, setup: Setup, run_dir: Path) -> dict:
+def _train(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> dict:
     for warning in setup.warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    run = start(cfg, setup, run_dir)
+    run = start(cfg, setup, run_dir, guard)
     try:
         last_eval = train_loop(cfg, run)
     finally:
@@ -431,7 +440,7 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path) -> dict:
             run.logger.writer.close()
         if run.logger.bar is not None:
             run.logger.bar.close()
-    export(cfg, setup, run.state.params, run_dir)
+    export(cfg, setup, run.state.params, run_dir, guard)
     if jax.process_index() == 0:
         if last_eval:
             write_atomic(run_dir / "eval.json", json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
@@ -491,6 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         final = train(cfg, setup)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # a full disk or a vanished directory while writing metrics, plots or the export
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"error: cannot write{where} ({e.strerror or e}); the run keeps its last checkpoint: fix the cause and "
+            "rerun with resume: true",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     keys = ("train/loss", "eval/pass@1", "eval/avg@k")
     print("done: " + " ".join(f"{k}={final[k]:.4g}" for k in keys if k in final), flush=True)

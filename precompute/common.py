@@ -73,6 +73,15 @@ def check_model_dir(model_dir: str | os.PathLike, flag: str) -> None:
         raise PrecomputeError(f"{flag} {model_dir}: {e}") from None
 
 
+def max_positions(model_dir: str | os.PathLike) -> int:
+    """The model's ``max_position_embeddings`` (config.json; the Qwen3 default when absent, as ``hf`` reads it):
+    rotary positions past it are outside what the model was trained on."""
+    from lopd_jax.models import hf
+
+    cfg = json.loads((Path(model_dir) / hf.CONFIG_FILE).read_text(encoding="utf-8"))
+    return int(cfg.get("max_position_embeddings", 40960))
+
+
 def check_engine(engine: str) -> None:
     """Refuse ``--engine vllm`` where vLLM is not installed, before any store is created."""
     import importlib.util
@@ -176,6 +185,8 @@ def run_cli(parse_args: Any, run: Any, argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (PrecomputeError, PromptError, StoreError, ProvenanceError) as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end the progress line first: the error is its own line
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

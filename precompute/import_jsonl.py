@@ -55,11 +55,9 @@ def build_rows(args: argparse.Namespace, tokenizer, eos: int) -> tuple[list[dict
     read = prompts.read_prompt_rows(args.data, args.prompt_key, args.answer_key, require=("completion",))
     for index, (where, row) in enumerate(read.records):
         try:
-            prompt = prompts.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
+            prompt = prompts.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking, where)
         except PromptError as e:
-            raise PrecomputeError(f"{args.data}: {e}") from None
-        if not prompt:
-            raise PrecomputeError(f"{where}: the prompt encodes to no tokens")
+            raise PrecomputeError(str(e)) from None
         completion = [int(t) for t in tokenizer(row["completion"], add_special_tokens=False)["input_ids"]]
         tokens = [*prompt, *completion, eos]
         if args.max_len is not None and len(tokens) > args.max_len:

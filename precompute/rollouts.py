@@ -94,15 +94,15 @@ def encode_prompts(args: argparse.Namespace, tokenizer) -> tuple[list[dict], int
     --max-prompt-len are skipped."""
     read = prompts_lib.read_prompt_rows(args.prompts, args.prompt_key, args.answer_key)
     kept, skipped = [], 0
-    for index, row in enumerate(read.rows):
+    for index, (where, row) in enumerate(read.records):
         try:
-            ids = prompts_lib.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking)
+            ids = prompts_lib.encode_prompt(tokenizer, row, args.chat_template, args.enable_thinking, where)
         except PromptError as e:
-            raise PrecomputeError(f"{args.prompts}: {e}") from None
+            raise PrecomputeError(str(e)) from None
         if len(ids) > args.max_prompt_len:
             skipped += 1
             continue
-        kept.append({"index": index, "ids": ids, "answer": row.get("answer")})
+        kept.append({"index": index, "ids": ids, "answer": row.get("answer"), "where": where})
     return kept, skipped, read.sha256
 
 
@@ -143,6 +143,19 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
     return fields
 
 
+def check_positions(args: argparse.Namespace, prompts: list[dict]) -> None:
+    """Every kept prompt plus --max-new-tokens fits the policy's max_position_embeddings (refused before any store
+    is written, naming the longest prompt's line)."""
+    limit = common.max_positions(args.policy)
+    longest = max(prompts, key=lambda p: len(p["ids"]))
+    if len(longest["ids"]) + args.max_new_tokens > limit:
+        raise PrecomputeError(
+            f"{longest['where']}: a prompt of {len(longest['ids'])} tokens + --max-new-tokens "
+            f"{args.max_new_tokens} exceeds the policy's max_position_embeddings {limit}; lower --max-prompt-len "
+            f"(longer prompts are skipped) or --max-new-tokens so that they add up to <= {limit} (nothing was written)"
+        )
+
+
 def default_batch_size(args: argparse.Namespace, kept: int, count: int) -> int:
     """--batch-size when not given: 32 prompts (JAX); vLLM: its window, but small enough that every one of the
     ``count`` shards gets a batch (its samples do not depend on the batching, only its commit points do)."""
@@ -154,14 +167,15 @@ def default_batch_size(args: argparse.Namespace, kept: int, count: int) -> int:
 
 
 def shard_plan(args: argparse.Namespace, shard: shards.Shard, num_batches: int) -> tuple[int, int]:
-    """The global batches [lo, hi) of this shard; refuses a shard with none (more shards than batches)."""
-    lo, hi = shards.split(num_batches, shard)
-    if lo == hi:
+    """The global batches [lo, hi) of this shard. More shards than batches is refused by every shard alike (each
+    computes the same count), so no shard commits what the others cannot complete."""
+    if shard.count > num_batches:
         raise PrecomputeError(
             f"--num-shards {shard.count}: only {num_batches} batches of --batch-size {args.batch_size} prompts, so "
-            f"shard {shard.index} would be empty; use a smaller --batch-size or fewer shards (nothing was written)"
+            f"some shards would be empty; use a smaller --batch-size or at most {num_batches} shards (nothing was "
+            "written)"
         )
-    return lo, hi
+    return shards.split(num_batches, shard)
 
 
 def open_store(out: str, fields: dict, extra: dict):
@@ -256,6 +270,7 @@ def run(args: argparse.Namespace) -> str:
             f"{args.prompts}: all {skipped} prompts are longer than --max-prompt-len {args.max_prompt_len} tokens "
             "(after the chat template): nothing to sample, no store written"
         )
+    check_positions(args, prompts)
     bs = args.batch_size = args.batch_size or default_batch_size(args, len(prompts), shard.count)
     batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
     lo, hi = shard_plan(args, shard, len(batches))
@@ -263,7 +278,7 @@ def run(args: argparse.Namespace) -> str:
     mine = sum(len(b) for b in batches[lo:hi]) * args.n  # the samples this shard writes
     fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped, prompts_sha)
     if shard.count > 1:
-        fields["shard"] = {**shard.record(), "batches": [lo, hi], "expected": mine}
+        fields["shard"] = {**shard.record(), "batches": [lo, hi], "of": len(batches), "expected": mine}
     extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy), "args": vars(args)}
     writer = open_store(out, fields, extra)
     done = writer.committed

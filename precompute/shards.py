@@ -3,7 +3,7 @@
 The cluster's launcher is the scheduler (docs/design.md "Scale-out"): N independent processes, each told its index by
 flags or by the environment it was started in. Sources, first match wins:
 
-  1. the flags ``--num-shards N --shard-index i`` (both or neither);
+  1. the flags ``--num-shards N --shard-index i`` (both or neither); they override the environment;
   2. ``LOPD_PROCESS_ID`` / ``LOPD_NUM_PROCESSES`` (the trainer's launch variables, ``lopd_jax.parallel.distributed``);
   3. SLURM: a job array (``SLURM_ARRAY_TASK_ID`` - ``SLURM_ARRAY_TASK_MIN``, divided by ``SLURM_ARRAY_TASK_STEP``,
      of ``SLURM_ARRAY_TASK_COUNT``) and/or the tasks of one ``srun`` (``SLURM_PROCID`` of ``SLURM_NTASKS``); an array
@@ -12,15 +12,18 @@ flags or by the environment it was started in. Sources, first match wins:
      already initialised ``jax.distributed`` (a TPU pod launcher that did): the tools never initialise it themselves,
      because each shard is an independent single-process computation on this host's devices.
 
-Otherwise the job is one shard (index 0 of 1), and the tools write a plain store exactly as before.
+Sources 2-4 that are all set must name the same shard (an error naming both otherwise). Otherwise the job is one
+shard (index 0 of 1), and the tools write a plain store exactly as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 
 from precompute.common import PrecomputeError
@@ -88,6 +91,21 @@ def _jax() -> Shard | None:
     return Shard(jax.process_index(), jax.process_count(), "jax.process_index/process_count")
 
 
+def _from_launchers(env: Mapping[str, str]) -> Shard:
+    """The shard the launcher's variables name. Two launchers that both name one (``LOPD_*`` left in the
+    environment of a SLURM array, say) must agree: a disagreement is an error naming both, never a silent choice
+    (the losing source's shards would collide or go missing)."""
+    found = [s for s in (_lopd(env), _slurm(env), _jax()) if s is not None]
+    for other in found[1:]:
+        if (other.index, other.count) != (found[0].index, found[0].count):
+            raise PrecomputeError(
+                f"the launcher's variables disagree: {found[0].source} say shard {found[0].index} of "
+                f"{found[0].count}, {other.source} say shard {other.index} of {other.count}; unset one of them "
+                "(or give --num-shards N --shard-index i)"
+            )
+    return found[0] if found else Shard()
+
+
 def resolve(num_shards: int | None, shard_index: int | None, env: Mapping[str, str] | None = None) -> Shard:
     """This process's shard from the flags, else the launcher (see the module docstring); PrecomputeError naming
     the flag or variable when it is incomplete or out of range."""
@@ -97,7 +115,7 @@ def resolve(num_shards: int | None, shard_index: int | None, env: Mapping[str, s
     if num_shards is not None:
         shard = Shard(shard_index, num_shards, "--shard-index/--num-shards")
     else:
-        shard = _lopd(env) or _slurm(env) or _jax() or Shard()
+        shard = _from_launchers(env)
     if shard.count < 1 or not 0 <= shard.index < shard.count:
         raise PrecomputeError(f"shard index {shard.index} of {shard.count} (from {shard.source}): need 0 <= i < N")
     if shard.count > 1:
@@ -149,7 +167,40 @@ def shard_store(out: str, shard: Shard) -> str:
                 f"--out {out}: exists and is not a sharded dataset (it holds {other[0]}); "
                 "nothing was written: choose a new path"
             )
+    if "://" not in out:
+        claim(out, shard.count)
     return join(out, shard_name(shard.index, shard.count))
+
+
+DATASET_CLAIM = ".lopd_dataset.json"
+
+
+def claim(out: str, count: int) -> None:
+    """Claim the local dataset directory ``out`` for runs of ``count`` shards, atomically: the first run writes
+    ``out/.lopd_dataset.json`` (a hard link of a finished file, so it appears whole or not at all, and a second
+    creator fails); a run of another count started at the same moment is refused here instead of writing shards of
+    its own count beside the first's (a dataset no reader accepts)."""
+    marker = os.path.join(out, DATASET_CLAIM)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lopd_dataset.", dir=out)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"count": count}, f)
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        with open(marker, encoding="utf-8") as f:
+            claimed = json.load(f).get("count")
+    except (OSError, ValueError) as e:
+        raise PrecomputeError(f"--out {out}: cannot claim the dataset directory ({e})") from None
+    if claimed != count:
+        raise PrecomputeError(
+            f"--out {out}: is claimed by a {claimed}-shard run ({marker}); this run has --num-shards {count}: use "
+            "a new --out or the same count (nothing was written)"
+        )
 
 
 __all__ = ["Shard", "add_shard_args", "join", "resolve", "shard_store", "split"]

@@ -13,6 +13,9 @@ A sharded dataset (``precompute.rollouts --num-shards``) is scored shard by shar
 this process scores the dataset's shards k with k % M == i, so M scoring processes (e.g. one per group of
 tensor-parallel GPUs) share the shards of N rollout processes. A single store scored by M > 1 processes needs
 ``--out DATASET``: process i copies its contiguous part of the samples into ``DATASET/shard-i-of-M`` and scores it.
+The parts are cut from the source's sample count and M alone (never from ``--window`` or from when a process ran: a
+source whose rollouts have not finished is refused), and each shard records its part and the source's count, so
+the dataset checks that its parts tile the source (no gap, no sample twice).
 
 Resumable: samples are scored in fixed windows of ``--window`` samples, each committed on its own; rerunning the
 same command after a crash continues at the first uncommitted window (the copy resumes too).
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
 import sys
 
 import numpy as np
@@ -95,8 +100,8 @@ def copy_store(src: str, dst: str, topk: int, part: tuple[int, int] | None = Non
     reader = RolloutStore(src)
     lo, hi = part or (0, len(reader))
     fields = {**_copyable_fields(reader.manifest), "copied_from": reader.path}
-    if shard is not None:
-        fields["shard"] = {**shard, "samples": [lo, hi], "expected": hi - lo}
+    if shard is not None:  # "of": the source's sample count, so a dataset can check that its parts tile it
+        fields["shard"] = {**shard, "samples": [lo, hi], "of": len(reader), "expected": hi - lo}
     create = functools.partial(
         RolloutStore.create, dst, fields, topk=topk, flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"]
     )
@@ -135,13 +140,14 @@ def plan_units(args: argparse.Namespace, source, shard: shards.Shard) -> list[tu
             f"--store {args.store}: one store scored by {shard.count} processes needs --out DATASET (each process "
             "copies its part of the samples into its own shard there; a store has one writer)"
         )
-    windows = -(-len(source) // args.window)  # split on window boundaries: the same batches as one process
-    lo, hi = (min(w * args.window, len(source)) for w in shards.split(windows, shard))
-    if lo == hi:
+    # The parts depend on the finished source's count and the shard count only (never on --window or on when a
+    # process ran: an unfinished source is refused in ``run``), so M processes always tile the source exactly.
+    if shard.count > len(source):
         raise PrecomputeError(
-            f"--num-shards {shard.count}: the store {args.store} has only {windows} windows of --window "
-            f"{args.window} samples to share; use a smaller --window or fewer shards (nothing was written)"
+            f"--num-shards {shard.count}: the store {args.store} has only {len(source)} samples to share; use at "
+            f"most {len(source)} shards (nothing was written)"
         )
+    lo, hi = shards.split(len(source), shard)
     return [(shards.shard_store(args.out, shard), args.store, (lo, hi), lo)]
 
 
@@ -201,6 +207,40 @@ def check_teacher(store: str, manifest: dict, teacher: dict, topk: int, store_to
         )
 
 
+def check_finished(source, shard: shards.Shard) -> None:
+    """Refuse, before anything is written, to score a store whose samples are not all committed (its rollouts
+    still run, or were killed): its scores would cover part of the data, and a split would miss the rest. Of a
+    dataset, the shards this process scores."""
+    stores = [source]
+    if isinstance(source, RolloutDataset):
+        stores = [s for k, s in enumerate(source.stores) if k % shard.count == shard.index]
+    for store in stores:
+        if (problem := store.incomplete()) is not None:
+            raise PrecomputeError(f"--store {problem}; score it once it is finished (nothing was written)")
+
+
+def check_top_k(args: argparse.Namespace) -> None:
+    """--top-k must not exceed the teacher's vocabulary (refused before any copy is made)."""
+    with open(os.path.join(args.teacher, "config.json"), encoding="utf-8") as f:
+        vocab = int(json.load(f)["vocab_size"])
+    if args.top_k > vocab:
+        raise PrecomputeError(
+            f"--top-k {args.top_k} is larger than the teacher's vocabulary ({vocab} tokens, {args.teacher}); "
+            "nothing was written"
+        )
+
+
+def check_positions(args: argparse.Namespace, source) -> None:
+    """Every sample fits the teacher's max_position_embeddings (refused before anything is written)."""
+    limit = common.max_positions(args.teacher)
+    if len(source) and int(source.lengths.max()) > limit:
+        i = int(np.argmax(source.lengths))
+        raise PrecomputeError(
+            f"--store {args.store}: sample {i} has {int(source.lengths[i])} tokens, more than the teacher's "
+            f"max_position_embeddings {limit} ({args.teacher}); nothing was written"
+        )
+
+
 def _windows(start: int, end: int, size: int):
     """Fixed windows [w * size, (w + 1) * size) clipped to [start, end): resume re-cuts the same ones."""
     while start < end:
@@ -224,6 +264,9 @@ def run(args: argparse.Namespace) -> str:
     provenance.check_same_tokenizer(
         source.manifest.get("tokenizer"), teacher["tokenizer"], f"store {args.store}", "teacher"
     )
+    check_finished(source, shard)  # these checks come before plan_units, which creates the --out dataset directory
+    check_top_k(args)
+    check_positions(args, source)
     units = plan_units(args, source, shard)
     run_args = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k}
     if args.head_fp32:  # only when set: stores scored before the option existed still resume

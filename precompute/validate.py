@@ -36,6 +36,7 @@ from lopd_jax.store.layout import (
     read_manifest,
     read_sample_metadata,
     required_lengths,
+    unfinished,
 )
 
 FINGERPRINT_FIELDS = ("policy", "teacher", "sft_teacher", "tokenizer", "chat_template")
@@ -52,9 +53,11 @@ def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> d
     where = spec["path"].rstrip("/") if spec["driver"] == "file" else str(path)
     m = read_manifest(spec)
     check_manifest(m, where)
-    _check_fields(m, where, require_teacher)
     if m["committed"] == 0:  # e.g. every prompt was skipped: nothing to train on, whatever the arrays say
         raise StoreError(f"{where}: the store has no committed samples (empty); its writer committed nothing")
+    if (problem := unfinished(m, where)) is not None:  # a killed run's store is consistent, but not the data set
+        raise StoreError(problem)
+    _check_fields(m, where, require_teacher)
     arrays = open_arrays(spec, m)
     n = m["committed"]
     meta = read_sample_metadata(spec, arrays, m)

@@ -373,14 +373,15 @@ def _ids(encoded: Any) -> list[int]:
 
 
 def encode_prompt(
-    tokenizer: Any, row: dict, chat_template: bool = True, enable_thinking: bool | None = None
+    tokenizer: Any, row: dict, chat_template: bool = True, enable_thinking: bool | None = None, where: str = ""
 ) -> list[int]:
-    """Prompt token ids of one row (``prompt`` or ``messages``; see the module doc for the rules)."""
-    where = f"line {row['line']}" if "line" in row else f"row {row['row']}" if "row" in row else "prompt"
+    """Prompt token ids of one row (``prompt`` or ``messages``; see the module doc for the rules); a PromptError
+    names ``where`` (default: the row's line or row number)."""
+    where = where or (f"line {row['line']}" if "line" in row else f"row {row['row']}" if "row" in row else "prompt")
     if not chat_template:
         if "prompt" not in row:
             raise PromptError(f"{where}: 'messages' rows need the chat template (--chat-template)")
-        return _ids(tokenizer(row["prompt"])["input_ids"])
+        return _nonempty(_ids(tokenizer(row["prompt"])["input_ids"]), where)
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError(
             f"{where}: the tokenizer has no chat template (encode raw text with --no-chat-template, or "
@@ -388,7 +389,18 @@ def encode_prompt(
         )
     messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **extra))
+    try:
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **extra)
+    except Exception as e:  # the template is the model's own Jinja code: it raises what it likes (an unknown role)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PromptError(f"{where}: the chat template cannot render this row ({type(e).__name__}: {reason})") from None
+    return _nonempty(_ids(encoded), where)
+
+
+def _nonempty(ids: list[int], where: str) -> list[int]:
+    if not ids:
+        raise PromptError(f"{where}: the prompt encodes to no tokens (an empty prompt without the chat template)")
+    return ids
 
 
 def encode_prompts(tokenizer: Any, rows: Sequence[dict], cfg: PromptConfig = PromptConfig()) -> list[list[int]]:

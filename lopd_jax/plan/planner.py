@@ -415,6 +415,7 @@ def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
     devices = targets.topology_devices(targets.get_target(target)) if target is not None else jax.devices()
     train_setup.check_expert_axis(cfg.mesh, model_cfg, len(devices))
     if target is not None:
+        _check_target_mesh(cfg, targets.get_target(target))  # '' or an unknown name: TargetError naming it
         return
     mesh = sharding.make_mesh(cfg.mesh)
     shards = sharding.batch_shard_count(mesh, cfg.mesh.logical_rules())
@@ -424,6 +425,22 @@ def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
             f"train.batch_size: {cfg.train.batch_size} rows in micro-batches of {micro} do not split over the "
             f"{shards} batch shards of the mesh"
         )
+
+
+def _check_target_mesh(cfg: TrainConfig, tgt: targets.Target) -> None:
+    """The config's mesh can be laid over the target's chips (checked before its compiler is loaded)."""
+    from lopd_jax.training.config import ConfigError
+
+    m = cfg.mesh
+    try:
+        m.axis_sizes(tgt.num_chips)
+    except ValueError as e:
+        raise ConfigError(
+            f"mesh: the config's mesh (data={m.data}, fsdp={m.fsdp}, tensor={m.tensor}, expert={m.expert}) cannot "
+            f"be laid over --target {tgt.name}'s {tgt.num_chips} devices ({str(e).removeprefix('MeshConfig: ')}); "
+            f"set mesh sizes whose product is {tgt.num_chips} (e.g. mesh.data=1 mesh.fsdp=-1), or pick a target "
+            "with as many devices as the mesh"
+        ) from None
 
 
 def main(cfg: TrainConfig, target: str | None = None) -> int:

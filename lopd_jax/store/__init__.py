@@ -6,7 +6,7 @@ The store in layers, each importing only the ones below it (no cycles, no privat
     lopd_jax.store.dataset  RolloutDataset: a directory of shard stores read as one     (reader, layout)
     lopd_jax.store.writer   RolloutWriter: append, write_teacher, commit                (layout, lock)
     lopd_jax.store.reader   StoreReader: one store's committed samples, read-only        (layout)
-    lopd_jax.store.lock     StoreLock: one writer per local store                       (layout: StoreError only)
+    lopd_jax.store.lock     FileLock: one writer per local store, one trainer per run    (layout: StoreError only)
     lopd_jax.store.layout   the format: constants, kvstore spec, manifest I/O and checks, array helpers
 
 The layout (arrays, dtypes, chunking) and the commit protocol are described in ``lopd_jax.store.layout``.

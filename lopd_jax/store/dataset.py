@@ -5,6 +5,7 @@ N precompute processes each write their own RolloutStore (one writer per store, 
     DATASET/shard-00000-of-00008/   a RolloutStore; its manifest's ``shard`` is {"index": 0, "count": 8, ...}
     DATASET/shard-00001-of-00008/
     ...
+    DATASET/.lopd_dataset.json    {"count": 8}: claimed by the first run (precompute.shards.claim)
 
 Shard i holds a contiguous part of the work in the order one process would have written it (rollouts: whole
 batches of the global prompt order; a split store: a contiguous range of its samples), so the shards concatenated
@@ -149,11 +150,10 @@ class RolloutDataset:
         return int(self.offsets[-1])
 
     def incomplete(self) -> str | None:
-        """The first shard whose rollouts are not all committed (its manifest's ``shard.expected``), or None."""
-        for name, s in zip(self.names, self.stores):
-            want = s.manifest.get("shard", {}).get("expected")
-            if isinstance(want, int) and len(s) < want:
-                return f"{self.path}: {name} has {len(s)} of its {want} samples (its precompute has not finished)"
+        """The first shard whose samples are not all committed (its manifest's ``shard.expected``), or None."""
+        for s in self.stores:
+            if (problem := s.incomplete()) is not None:
+                return problem
         return None
 
     def locate(self, i: int) -> tuple[int, int]:
@@ -223,6 +223,7 @@ def _check_shards(where: str, names: list[str], manifests: list[dict], count: in
         if shard.get("index") in seen:
             raise StoreError(f"{where}: duplicate shard index {shard.get('index')}: {seen[shard['index']]} and {name}")
         seen[shard.get("index")] = name
+    _check_parts(where, names, [m["shard"] for m in manifests])
     for name, m in zip(names[1:], manifests[1:]):
         for key in AGREE_KEYS:
             if (d := _diff(manifests[0].get(key), m.get(key), key)) is not None:
@@ -232,6 +233,30 @@ def _check_shards(where: str, names: list[str], manifests: list[dict], count: in
         for key in TEACHER_KEYS:
             if (d := _diff(scored[0][1].get(key), m.get(key), key)) is not None:
                 raise StoreError(f"{where}: {name} is scored by another teacher than {scored[0][0]}: {d}")
+
+
+def _check_parts(where: str, names: list[str], records: list[dict]) -> None:
+    """The shards' recorded parts of the work (rollouts: ``batches``, a split store: ``samples``, each [lo, hi))
+    tile it in shard order: the first starts at 0, each starts where the one before ended, the last ends at the
+    recorded total (``of``); no gap, nothing twice."""
+    for key in ("batches", "samples"):
+        parts = [r.get(key) for r in records]
+        if all(p is None for p in parts):
+            continue
+        end = 0
+        for name, part in zip(names, parts):
+            if not (isinstance(part, list) and len(part) == 2 and part[0] == end and part[1] >= part[0]):
+                raise StoreError(
+                    f"{where}: {name} holds {key} {part} of the work, expected a part starting at {end}: the shards "
+                    "leave a gap or overlap (made by runs with other arguments?); rerun that shard into a new dataset"
+                )
+            end = part[1]
+        totals = {r.get("of") for r in records}
+        if len(totals) > 1 or (None not in totals and end != totals.pop()):
+            raise StoreError(
+                f"{where}: the shards' {key} end at {end}, but they split a total of "
+                f"{sorted(r.get('of') for r in records)} (shards of different runs?)"
+            )
 
 
 def _merged_manifest(stores: list[StoreReader], count: int) -> dict:

@@ -184,6 +184,37 @@ def check_manifest(manifest: dict, where: str) -> None:
         raise StoreError(f"{where}: manifest field 'layout' missing")
 
 
+def expected_samples(manifest: dict) -> int | None:
+    """How many samples the run that writes this store planned, from what its manifest records (None: unknown, e.g.
+    a store written through the API): a shard's ``shard.expected``; rollouts' ``prompts.kept`` x ``sampling.n``;
+    imported SFT data's ``data.kept``. A store with fewer committed samples is unfinished."""
+    shard, kind = manifest.get("shard"), manifest.get("kind")
+    if isinstance(shard, dict) and isinstance(shard.get("expected"), int):
+        return shard["expected"]
+    try:
+        if kind == "rollouts":
+            return int(manifest["prompts"]["kept"]) * int(manifest["sampling"]["n"])
+        if kind == "sft_data":
+            return int(manifest["data"]["kept"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def unfinished(manifest: dict, where: str) -> str | None:
+    """Why the store described by ``manifest`` is not a finished input (fewer or more samples committed than its
+    run planned, ``expected_samples``), or None."""
+    want, n = expected_samples(manifest), manifest.get("committed")
+    if want is None or n == want:
+        return None
+    if n < want:
+        return (
+            f"{where}: {n} of its {want} samples are committed (its precompute has not finished; rerun the same "
+            "command to finish it)"
+        )
+    return f"{where}: {n} samples committed, but the run that made it planned {want} (two runs wrote it?)"
+
+
 def check_user_keys(keys, where: str) -> None:
     """User manifest fields may not shadow the store's own (``RESERVED_KEYS``); StoreError naming the keys."""
     clash = sorted(set(keys) & set(RESERVED_KEYS))

@@ -5,7 +5,8 @@ Fingerprints are ``"sha256:<hex>"`` strings that identify content, not paths:
 * weights: over every tensor of every ``*.safetensors`` file in the directory, sorted by tensor name, the line
   ``name, dtype, shape, sha256(raw tensor bytes)``. Changing any weight changes it; re-sharding the same tensors
   into different files does not. Tensor bytes are streamed (never materialised), and the per-file digests are
-  cached on (absolute path, size, mtime) in a small JSON file, so an unchanged checkpoint costs a ``stat``.
+  cached on (absolute path, size, mtime, inode, ctime) in a small JSON file, so an unchanged checkpoint costs a
+  ``stat``.
 * tokenizer: the canonical JSON of ``tokenizer.json`` (or the raw vocab/merges/sentencepiece files) plus the
   special tokens of ``tokenizer_config.json`` / ``special_tokens_map.json``.
 * chat template: the template text (``chat_template.jinja``, ``tokenizer_config.json`` or ``chat_template.json``).
@@ -67,7 +68,9 @@ def cache_path() -> Path:
 
 def _file_key(path: Path) -> str:
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    # The inode and ctime too: mtime can be set (cp -p, rsync -t) or coarse (1 s on some NFS servers) and a clock can
+    # jump back, but a file replaced by rename has a new inode and any write moves ctime, which no user can set.
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
 
 
 def _load_cache() -> dict:

@@ -30,6 +30,7 @@ from lopd_jax.store.layout import (
     read_manifest,
     read_sample_metadata,
     required_lengths,
+    unfinished,
 )
 
 
@@ -71,9 +72,9 @@ class StoreReader:
         return self._manifest["committed"]
 
     def incomplete(self) -> str | None:
-        """What keeps this from being a finished input (None: a store's committed samples are always whole; a
-        dataset's shards may still be written, ``RolloutDataset.incomplete``)."""
-        return None
+        """What keeps this from being a finished input: fewer committed samples than its run planned
+        (``store_layout.unfinished``), or None."""
+        return unfinished(self._manifest, self.path)
 
     @property
     def manifest(self) -> dict:

@@ -36,6 +36,7 @@ from lopd_jax.store.layout import (
     check_user_keys,
     delete_manifest,
     describe,
+    error_reason,
     has_manifest,
     kvstore_spec,
     local_dir,
@@ -46,7 +47,7 @@ from lopd_jax.store.layout import (
     required_lengths,
     write_manifest,
 )
-from lopd_jax.store.lock import StoreLock
+from lopd_jax.store.lock import FileLock, store_lock
 
 
 class _Column:
@@ -130,7 +131,7 @@ class RolloutWriter:
         manifest: dict,
         arrays: dict[str, ts.TensorStore],
         flush_tokens: int | None,
-        lock: StoreLock | None = None,
+        lock: FileLock | None = None,
     ):
         self.spec, self.path, self._manifest, self._lock = spec, describe(spec), manifest, lock
         self.topk = manifest["topk"]
@@ -191,20 +192,27 @@ class RolloutWriter:
         final = local_dir(spec).rstrip("/")
         old_lock = None  # overwrite: the old store's lock, so that no writer of it is running while it is replaced
         if overwrite and os.path.exists(os.path.join(final, MANIFEST)):
-            old_lock = StoreLock.acquire(final, final)
+            old_lock = store_lock(final, final)
         else:
             check_new_store_dir(final)
         parent, name = os.path.split(final)
         try:
             os.makedirs(parent, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".{name}.creating-{os.getpid()}-", dir=parent)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would hide the store from the rest of a group
         except OSError as e:
             raise StoreError(f"{final}: cannot create the store ({e.strerror}: {e.filename})") from None
         try:
-            lock = StoreLock.acquire(tmp, final)
+            lock = store_lock(tmp, final)
             _create_arrays(kvstore_spec(tmp), full)
             _publish(tmp, final, replace=old_lock is not None)
             lock.path = os.path.join(final, os.path.basename(lock.path))
+        except StoreError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except (OSError, ValueError) as e:  # a full disk while the empty arrays are made: nothing is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"{final}: cannot create the store ({error_reason(e)}); nothing was written") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -218,7 +226,7 @@ class RolloutWriter:
         """Reopen a store for appending (taking its writer lock); continues exactly where the last commit ended."""
         spec = kvstore_spec(path)
         check_manifest(read_manifest(spec), describe(spec))  # a directory that is no store gets no lock file
-        lock = StoreLock.acquire(local_dir(spec), describe(spec)) if local_dir(spec) is not None else None
+        lock = store_lock(local_dir(spec), describe(spec)) if local_dir(spec) is not None else None
         try:
             manifest = read_manifest(spec)  # again, under the lock: the last writer may have committed meanwhile
             check_manifest(manifest, describe(spec))
@@ -227,6 +235,10 @@ class RolloutWriter:
             if lock is not None:
                 lock.release()
             raise
+
+    def _verify_lock(self, what: str) -> None:
+        if self._lock is not None:
+            self._lock.verify(f"{what} of {len(self._pending)} samples / {len(self._pending_teacher)} teacher rows")
 
     def release(self) -> None:
         """Give up the writer lock without flushing (what was not committed is lost, as in a crash)."""
@@ -322,15 +334,29 @@ class RolloutWriter:
         """Write buffered data, wait for it, then commit the new counts in the manifest."""
         if not (self._pending or self._pending_teacher or self._dirty):
             return
-        futures = self._write_samples() + self._write_teacher_rows()
-        for f in futures:
-            f.result()
-        m = self._manifest
-        m["committed"] += len(self._pending)
-        m["committed_tokens"] = self._cols["tokens"].end
-        m["teacher_committed"] += len(self._pending_teacher)
-        m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_manifest(self.spec, m)
+        self._verify_lock("write")  # a writer whose lock file was replaced must not touch another's data
+        m = dict(self._manifest)
+        try:
+            futures = self._write_samples() + self._write_teacher_rows()
+            for f in futures:
+                f.result()
+            self._verify_lock("commit")
+            m["committed"] += len(self._pending)
+            m["committed_tokens"] = self._cols["tokens"].end
+            m["teacher_committed"] += len(self._pending_teacher)
+            m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            write_manifest(self.spec, m)
+        except StoreError:
+            self.release()
+            raise
+        except (OSError, ValueError) as e:  # a full disk, a quota, an I/O error (TensorStore raises ValueError)
+            self.release()  # this writer's columns are past its commit now: it must not write again
+            raise StoreError(
+                f"{self.path}: cannot write ({error_reason(e)}); nothing of this commit is visible: the store keeps "
+                f"its last commit ({self.committed} samples, {self.teacher_committed} scored); fix the cause (free "
+                "space) and rerun the same command to continue"
+            ) from None
+        self._manifest = m
         self._pending, self._pending_teacher, self._dirty = [], [], False
 
     def _write_samples(self) -> list:
@@ -374,6 +400,18 @@ class RolloutWriter:
             self.close()
         else:
             self.release()
+
+
+def _umask() -> int:
+    """This process's umask (read from /proc: setting it to read it back would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def check_new_store_dir(path: str) -> None:

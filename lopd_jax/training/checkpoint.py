@@ -14,12 +14,16 @@ are written in the background; ``close`` (or leaving the ``with`` block) waits f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 _STATE, _DATA = "state", "data"
@@ -27,6 +31,30 @@ _STATE, _DATA = "state", "data"
 
 class CheckpointCorruptError(ValueError):
     """No checkpoint of a directory could be restored; the message names each one and its error."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint cannot be written (a full disk, a quota, a read-only directory); the message says which step,
+    why, and that the checkpoints before it are kept."""
+
+
+# A write failure as orbax / TensorStore report it (their own exception types, with the OS error in the text).
+_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota", "Read-only file system", "Permission denied")
+# A save needs its state's bytes free (orbax writes beside, then renames) plus its metadata: per-array files and
+# the OCDBT manifest, ~0.3 MiB for the tests' 0.3 MiB model, a rounding error for a real one.
+SPACE_MARGIN, SPACE_FIXED = 1.1, 1 << 20
+
+
+class _DropWriteFailureLogs(logging.Filter):
+    """Orbax's background threads log each write failure with a traceback (hundreds of lines for one full disk);
+    the failure reaches the trainer as one CheckpointWriteError line that names it, so those records are dropped.
+    Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+        return not any(k in text for k in _WRITE_FAILURES) and "Save Finalize thread" not in text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +94,9 @@ class Checkpointer:
         handlers = {_STATE: ocp.StandardCheckpointHandler(), _DATA: grain.checkpoint.CheckpointHandler()}
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        absl_log = logging.getLogger("absl")  # orbax logs through absl
+        if not any(isinstance(f, _DropWriteFailureLogs) for f in absl_log.filters):
+            absl_log.addFilter(_DropWriteFailureLogs())
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` would write (the interval rule; final saves pass ``force``)."""
@@ -81,10 +112,46 @@ class Checkpointer:
         """
         if not (force or self.should_save(step)) or step in self._manager.all_steps():
             return False
+        with self._write_failures(f"the checkpoint before step {step}"):
+            self._manager.wait_until_finished()  # orbax waits for it anyway; the free space is known only after it
+        self._check_space(step, state)
         items = {_STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iter)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._write_failures(f"the checkpoint of step {step} (or the asynchronous save before it)"):
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuse a save the directory's free space cannot hold, before orbax starts it: a save that runs out of
+        space fails in background threads whose tracebacks would flood the terminal."""
+        need = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state)) * SPACE_MARGIN + SPACE_FIXED
+        free = shutil.disk_usage(self.directory if self.directory.exists() else self.directory.parent).free
+        if free < need:
+            raise CheckpointWriteError(
+                f"checkpoint.directory {self.directory}: {free / 2**20:.1f} MiB free, the checkpoint of step {step} "
+                f"needs about {need / 2**20:.1f} MiB; {self._kept()}"
+            )
+
+    def _kept(self) -> str:
+        steps = self._manager.all_steps()
+        if not steps:
+            return "no checkpoint was written yet: free space, then start the run again in a new logging.run_dir"
+        return f"the checkpoint of step {max(steps)} is kept: free space, then rerun with resume: true"
+
+    @contextlib.contextmanager
+    def _write_failures(self, what: str):
+        """A write failure of ``what`` as one CheckpointWriteError line (other errors pass through)."""
+        try:
+            yield
+        except Exception as e:
+            text = str(e)
+            if not isinstance(e, OSError) and not any(k in text for k in _WRITE_FAILURES):
+                raise
+            os_errors = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+            reason = next((k for k in os_errors if k in text), (text.strip().splitlines() or [type(e).__name__])[0])
+            raise CheckpointWriteError(
+                f"checkpoint.directory {self.directory}: cannot write {what}: {reason[:300]}; {self._kept()}"
+            ) from None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -144,11 +211,15 @@ class Checkpointer:
 
     def wait_until_finished(self) -> None:
         """Blocks until the pending asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        with self._write_failures("the last checkpoint"):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        with self._write_failures("the last checkpoint"):
+            try:
+                self._manager.wait_until_finished()
+            finally:
+                self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

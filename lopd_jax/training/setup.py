@@ -6,11 +6,9 @@ creates the run directory, so any invalid input ends as one ``error:`` line and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-import socket
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +22,11 @@ from lopd_jax.data.prompts import PromptError
 from lopd_jax.models import grouped_matmul, hf, presets, qwen3
 from lopd_jax.parallel import distributed, sharding
 from lopd_jax.store import RolloutStore, StoreError, provenance
-from lopd_jax.store.lock import pid_alive
+from lopd_jax.store.lock import FileLock, LockError
 from lopd_jax.store.provenance import ProvenanceError
 from lopd_jax.training import config as config_lib
 from lopd_jax.training import modes
-from lopd_jax.training.checkpoint import CheckpointCorruptError
+from lopd_jax.training.checkpoint import CheckpointCorruptError, CheckpointWriteError
 from lopd_jax.training.config import ConfigError, TrainConfig
 
 SCRATCH = "scratch"  # model.init value: random weights of model.config
@@ -46,6 +44,7 @@ USER_ERRORS = (
     DataError,
     TrainError,
     CheckpointCorruptError,
+    CheckpointWriteError,
     distributed.DistributedError,
 )
 
@@ -65,6 +64,7 @@ class Setup:
     tokenizer_dir: str
     store: RolloutStore | None = None
     manifest: dict = dataclasses.field(default_factory=dict)
+    store_identity: dict | None = None  # {"manifest", "content", "samples"}: what resume and the export compare
     init_fingerprint: str | None = None
     init_provenance: dict = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -171,16 +171,29 @@ def tokenizer_size(tok_dir: str) -> int:
     return len(load_tokenizer(tok_dir))
 
 
-def _max_token_id(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int]:
-    """(largest token id in the store, index of a sample holding it), reading the tokens array in blocks."""
+def _scan_tokens(store: RolloutStore, block: int = 1 << 24) -> tuple[int, int, str]:
+    """(largest token id in the store, index of a sample holding it, content fingerprint), reading the tokens
+    array once in blocks. The fingerprint hashes the sample offsets, prompt lengths and every token: other rollouts
+    at the same path (another seed, temperature, length, prompt set) have another one."""
     best, where = -1, 0
+    h = hashlib.sha256()
+    h.update(np.asarray(store.offsets, np.int64).tobytes())
+    h.update(np.asarray(store.prompt_lengths, np.int64).tobytes())
     for lo in range(0, store.num_tokens, block):
         hi = min(lo + block, store.num_tokens)
         tokens = store.read_array("tokens", lo, hi)  # a damaged chunk: StoreError naming array and sample
+        h.update(np.ascontiguousarray(tokens, np.int32).tobytes())
         if tokens.size and int(tokens.max()) > best:
             best = int(tokens.max())
             where = int(np.searchsorted(store.offsets, lo + int(tokens.argmax()), side="right") - 1)
-    return best, where
+    return best, where, "sha256:" + h.hexdigest()
+
+
+def store_identity(manifest: dict, content: str, samples: int) -> dict:
+    """What identifies a store's data: its manifest (all but the time of its last commit) and its content."""
+    fields = {k: v for k, v in manifest.items() if k != "updated_at"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return {"manifest": "sha256:" + digest, "content": content, "samples": samples}
 
 
 def _check_store(cfg: TrainConfig, setup: Setup) -> None:
@@ -206,13 +219,28 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
             "loss.old_policy: behavior takes the PPO ratio against them; use rollouts with recorded log-probs "
             "(precompute.rollouts) or loss.old_policy: current"
         )
-    top, sample = _max_token_id(store)
+    if isinstance(m.get("shard"), dict) and m["shard"].get("count", 1) > 1:
+        parent = os.path.dirname(store.path.rstrip("/"))
+        raise StoreError(
+            f"data.store: {store.path} is shard {m['shard'].get('index')} of {m['shard']['count']} of the dataset "
+            f"{parent}; training on it alone would use part of the data: set data.store: {parent}"
+        )
+    used = min(int(store.lengths.max()), cfg.train.seq_len)  # positions restart per packed sample
+    if used > setup.model_cfg.max_position_embeddings:
+        i = int(np.argmax(store.lengths))
+        raise StoreError(
+            f"data.store: {store.path} sample {i} has {int(store.lengths[i])} tokens and train.seq_len is "
+            f"{cfg.train.seq_len}: positions up to {used - 1} exceed the model's max_position_embeddings "
+            f"{setup.model_cfg.max_position_embeddings}; lower train.seq_len to at most that"
+        )
+    top, sample, content = _scan_tokens(store)
     if top >= setup.model_cfg.vocab_size:
         raise StoreError(
             f"vocab size mismatch: data.store {store.path} sample {sample} has token id {top}, but the model's "
             f"vocab_size is {setup.model_cfg.vocab_size}"
         )
     setup.store, setup.manifest = store, m
+    setup.store_identity = store_identity(m, content, len(store))
     _check_store_tokenizer(store.path, m, setup.tokenizer_dir)
 
 
@@ -234,6 +262,32 @@ def _check_store_tokenizer(store_path: str, manifest: dict, tok_dir: str) -> Non
             f"chat template mismatch: data.store {store_path} encoded its prompts with chat template {template}, "
             f"but the tokenizer in {tok_dir} has chat template {ours_template}"
         )
+
+
+def _check_resume_store(cfg: TrainConfig, setup: Setup) -> None:
+    """resume=true continues on the data the run trained on: the store at data.store must have the identity the
+    run recorded (``store_identity``), unless ``data.store`` is in resume_may_change."""
+    saved = saved_store_identity(cfg)
+    now = setup.store_identity
+    if saved is None or now is None or any(a in ("data", "data.store") for a in cfg.resume_may_change):
+        return
+    differ = [k for k in ("manifest", "content", "samples") if saved.get(k) != now.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: saved {saved.get(k)}, now {now.get(k)}" for k in differ)
+        raise ConfigError(
+            f"resume: data.store {cfg.data.store} is not the data this run trained on ({shown}); its iterator "
+            "position would index other samples: restore that store, start a new run_dir, or list data.store in "
+            "resume_may_change"
+        )
+
+
+def saved_store_identity(cfg: TrainConfig) -> dict | None:
+    """The store identity recorded beside the checkpoints (``CONFIG_RECORD``), or None."""
+    try:
+        record = json.loads((checkpoint_dir(cfg) / CONFIG_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no record (a fresh run dir), or unreadable: ``saved_config`` reports that
+    return record.get("store") if isinstance(record, dict) and isinstance(record.get("store"), dict) else None
 
 
 def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
@@ -399,13 +453,27 @@ def _check_resume_config(cfg: TrainConfig, setup: Setup) -> None:
 
 def _check_run_dir(cfg: TrainConfig) -> None:
     """A fresh run never mixes with an old one (orbax would silently skip saving steps that already exist)."""
-    if cfg.resume:
-        return
     run_dir, ckpt = Path(cfg.logging.run_dir), checkpoint_dir(cfg)
+    if cfg.resume:
+        _check_resumable(run_dir, ckpt)
+        return
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists():
         raise ConfigError(f"logging.run_dir: {run_dir} already holds a run; set resume: true or pick a new run_dir")
     if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
         raise ConfigError(f"checkpoint.directory: {ckpt} already holds checkpoints; set resume: true or clear it")
+
+
+def _check_resumable(run_dir: Path, ckpt: Path) -> None:
+    """resume=true on a run that wrote metrics or an export needs its checkpoints: without them it would train
+    from step 0 again, append a second copy of every metric row and replace hf/."""
+    if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
+        return
+    ran = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "hf") if p.exists()]
+    if ran:
+        raise ConfigError(
+            f"resume: {run_dir} holds {' and '.join(ran)} of a run but {ckpt} has no checkpoint to resume from "
+            "(deleted?); restore the checkpoints, or start a new run_dir (nothing was changed)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,47 +483,22 @@ def _check_run_dir(cfg: TrainConfig) -> None:
 LOCK_FILE = ".lopd_train.lock"
 
 
-def _read_lock(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # half-written by a holder killed mid-write: treated as unknown (not stale)
-
-
-def acquire_run_lock(run_dir: Path) -> Path:
-    """Creates ``run_dir`` and its lock file (O_EXCL, holding host and pid) or raises TrainError naming the holder.
-
-    A lock whose holder is a dead process of this host (a killed run) is stale and taken over; a lock of another
-    host, or one that cannot be read, is never broken automatically (the message says which file to remove)."""
-    lock = run_dir / LOCK_FILE
+def acquire_run_lock(run_dir: Path) -> FileLock:
+    """Creates ``run_dir`` and locks its ``LOCK_FILE`` (``lopd_jax.store.lock.FileLock``: flock, verified by inode
+    before every publication) or raises TrainError naming the holder. A lock left by a dead trainer is free (the
+    kernel dropped it) and taken over with a warning; the lock file is never deleted."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_lock(lock)
-                if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", 0)) or -1):
-                    print(f"WARNING: removing the stale lock {lock} of dead pid {holder['pid']}", file=sys.stderr)
-                    lock.unlink(missing_ok=True)
-                    continue
-                raise TrainError(
-                    f"logging.run_dir: {run_dir} is in use by pid {holder.get('pid', '?')} on host "
-                    f"{holder.get('host', '?')} (lock file {lock}); wait for it, or remove the lock file if that "
-                    "trainer is gone"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
-            return lock
     except OSError as e:
         raise TrainError(f"logging.run_dir: cannot write to {run_dir}: {e.strerror or e}") from None
-    raise TrainError(f"logging.run_dir: cannot take the lock {lock} (it keeps reappearing)")
+    try:
+        return FileLock.acquire(run_dir / LOCK_FILE, f"logging.run_dir {run_dir}", "trainer", "this run directory")
+    except LockError as e:
+        raise TrainError(str(e)) from None
 
 
-def release_run_lock(lock: Path) -> None:
-    """Removes the lock if it is still ours."""
-    if _read_lock(lock).get("pid") == os.getpid():
-        lock.unlink(missing_ok=True)
+def release_run_lock(lock: FileLock) -> None:
+    lock.release()
 
 
 def _check_writable(cfg: TrainConfig) -> None:
@@ -498,6 +541,8 @@ def _prepare(cfg: TrainConfig) -> Setup:
     mode = modes.get(cfg.mode)
     if mode.reads_store:
         _check_store(cfg, setup)
+        if cfg.resume:
+            _check_resume_store(cfg, setup)
     if mode.stored_teacher:
         if setup.init_fingerprint is None:
             raise ConfigError("model.init: lightning_opd starts from the SFT checkpoint, not from scratch")

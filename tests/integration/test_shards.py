@@ -97,7 +97,7 @@ def assert_same_samples(ref: Path, got: Path) -> None:
     "env_vars, want",
     [
         ({}, (0, 1)),
-        ({"LOPD_PROCESS_ID": "3", "LOPD_NUM_PROCESSES": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (3, 4)),
+        ({"LOPD_PROCESS_ID": "3", "LOPD_NUM_PROCESSES": "4", "SLURM_PROCID": "3", "SLURM_NTASKS": "4"}, (3, 4)),
         ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}, (2, 4)),
         ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "3"}, (2, 3)),
         ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}, (5, 8)),
@@ -149,9 +149,13 @@ def test_two_concurrent_shard_processes_equal_one_process(env):
     res = finish(procs)
     assert all(rc == 0 for rc, _ in res), [e[-2000:] for _, e in res]
     assert "shard 1 of 2 (from LOPD_PROCESS_ID/LOPD_NUM_PROCESSES)" in res[1][1]
-    assert sorted(p.name for p in ds.iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]
+    assert sorted(p.name for p in ds.iterdir()) == [
+        shards.DATASET_CLAIM,
+        "shard-00000-of-00002",
+        "shard-00001-of-00002",
+    ]
     m = RolloutStore.open(ds / "shard-00001-of-00002").manifest
-    assert m["shard"] == {"index": 1, "count": 2, "batches": [2, 4], "expected": 6}
+    assert m["shard"] == {"index": 1, "count": 2, "batches": [2, 4], "of": 4, "expected": 6}
     assert m["prompts"]["sha256"] == "sha256:" + hashlib.sha256(env["prompts"].read_bytes()).hexdigest()
     assert m["args"]["shard_index"] == 1
     assert_same_samples(env["root"] / "single", ds)
@@ -167,7 +171,7 @@ def test_kill9_of_one_shard_then_its_rerun_gives_the_same_dataset(env):
     )
     assert res[0][0] == -signal.SIGKILL and res[1][0] == 0, res[0][1][-2000:]
     assert len(RolloutStore.open(ds / "shard-00000-of-00002")) == 4  # one of its two batches committed
-    with pytest.raises(StoreError, match="shard-00000-of-00002 has 4 of its 8 samples"):
+    with pytest.raises(StoreError, match="shard-00000-of-00002: 4 of its 8 samples are committed"):
         validate(ds)
     assert rollouts.main(argv[0]) == 0  # the rerun continues at its first uncommitted batch
     score = [score_argv(env, ds, "--num-shards", "2", "--shard-index", str(i)) for i in range(2)]
@@ -185,7 +189,7 @@ def test_one_store_scored_by_two_processes_into_a_dataset(env):
             for i in range(2)]  # fmt: skip
     assert all(teacher_logprobs.main(a) == 0 for a in argv)
     assert_same_samples(env["root"] / "single", out)
-    assert RolloutStore.open(out / "shard-00001-of-00002").manifest["shard"]["samples"] == [8, 14]
+    assert RolloutStore.open(out / "shard-00001-of-00002").manifest["shard"]["samples"] == [7, 14]
 
 
 def _train_config(env, store: Path, run_dir: Path) -> Path:
@@ -287,9 +291,9 @@ def test_a_dataset_whose_shards_disagree_is_refused_naming_the_shard(env, damage
 
 def test_the_trainer_refuses_an_incomplete_dataset(env, tmp_path, capsys):
     d = _copy_dataset(env, "incomplete")
-    _edit_manifest(d / S1, shard={"expected": 7})
+    _edit_manifest(d / S1, shard={"expected": 8})
     assert train.main(["--config", str(_train_config(env, d, tmp_path / "run"))]) == 2
-    assert f"data.store: {d}: {S1} has 6 of its 7 samples" in capsys.readouterr().err
+    assert f"data.store: {d}/{S1}: 7 of its 8 samples are committed" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -318,7 +322,7 @@ def test_a_second_writer_of_the_same_shard_fails(env, capsys):
         ("dataset", (), "is a dataset of 2 shards; this run is one process"),
         ("dataset", ("--num-shards", "3", "--shard-index", "0"), "holds shards of a 2-shard run"),
         ("file", ("--num-shards", "2", "--shard-index", "0"), "is not a sharded dataset .*notes.txt"),
-        (None, ("--num-shards", "5", "--shard-index", "0"), "shard 0 would be empty"),
+        (None, ("--num-shards", "5", "--shard-index", "0"), "some shards would be empty"),
         (None, ("--num-shards", "2"), "go together"),
     ],
 )

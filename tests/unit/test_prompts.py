@@ -151,7 +151,7 @@ def test_extra_stop_ids_come_last(tmp_path):
 def test_a_tokenizer_without_chat_template_is_refused_not_silently_raw(tmp_path):
     policy = model_dir(tmp_path / "policy", template=False, generation_eos=None)
     file = write_rows(tmp_path / "prompts.jsonl", ROWS[:1])
-    with pytest.raises(PrecomputeError, match="prompts.jsonl: line 1: the tokenizer has no chat template"):
+    with pytest.raises(PrecomputeError, match="prompts.jsonl:1: the tokenizer has no chat template"):
         rollouts_path(policy, file, True, None)
     with pytest.raises(ConfigError, match="data.prompts: .*no chat template"):
         trainer_path(policy, file, True, None)
@@ -160,7 +160,7 @@ def test_a_tokenizer_without_chat_template_is_refused_not_silently_raw(tmp_path)
 def test_messages_rows_need_the_chat_template(tmp_path):
     policy = model_dir(tmp_path / "policy", template=True, generation_eos=None)
     file = write_rows(tmp_path / "prompts.jsonl", ROWS[:2])
-    with pytest.raises(PrecomputeError, match="prompts.jsonl: line 2: 'messages' rows need the chat template"):
+    with pytest.raises(PrecomputeError, match="prompts.jsonl:2: 'messages' rows need the chat template"):
         rollouts_path(policy, file, False, None)
     with pytest.raises(ConfigError, match="data.prompts: line 2: 'messages' rows need the chat template"):
         trainer_path(policy, file, False, None)
