@@ -144,7 +144,7 @@ def test_a_dataset_of_shards_reads_as_one(store, tmp_path, capsys):
         make_store(ds / shard_name(i, 2), store["tok_dir"], part, scored=0, manifest={"shard": shard}).close()
     assert inspect.main([str(ds), "--samples", "2,0", "--out", str(tmp_path / "v")]) == 0
     text = capsys.readouterr().out
-    assert "3 samples, 0 scored" in text and "shard-00001-of-00002 has 1 of its 2 samples" in text
+    assert "3 samples, 0 scored" in text and "shard-00001-of-00002: 1 of its 2 samples are committed" in text
     assert text.index("--- sample 2 (prompt 2") < text.index("--- sample 0 (prompt 0")
     assert "<th>shards</th><td>2</td>" in (tmp_path / "v" / "inspect.html").read_text()
     assert not (ds.parent / "ds.inspect").exists()
