@@ -443,7 +443,8 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> dict:
     export(cfg, setup, run.state.params, run_dir, guard)
     if jax.process_index() == 0:
         if last_eval:
-            write_atomic(run_dir / "eval.json", json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
+            record = {"step": cfg.train.steps, **last_eval, "per_prompt": run.evaluator.per_prompt}
+            write_atomic(run_dir / "eval.json", json.dumps(record, indent=1))
         if cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
     return {**run.logger.last, **last_eval}

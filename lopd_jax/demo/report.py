@@ -15,14 +15,25 @@ optional ``report`` section says which stages are the methods being compared::
           upstream: [sft_data, student_sft]  # stages of the model it starts from (added in "cumulative s")
           teacher: [teacher_logprobs]      # stages that run the teacher (their seconds are teacher compute)
           teacher_metric: time/teacher_s   # or/and: a metric summed over the eval stage's metrics.jsonl
+          baseline: SFT student            # optional: print this method's gain over that one (paired, below)
 
 A method's wall-clock and teacher seconds are summed over its stages per foreach instance (stages without loop
 values are shared by every instance), then averaged over instances. A method's cumulative seconds add its
 ``upstream`` stages: Lightning OPD starts from the SFT student, so the accuracy-vs-time plot places it at the SFT
 run's cost plus its own, never left of SFT. Without a ``report`` section every stage
-with a result is a method of its own. ``report(...)`` prints the tables, writes ``report.json`` and the plots
-``accuracy.png``, ``stage_seconds.png`` and ``accuracy_vs_time.png`` into ``report.dir`` (default: the run
-directory; two configs sharing a run directory give each its own).
+with a result is a method of its own.
+
+Uncertainty. Each eval stage's ``eval.json`` keeps ``per_prompt`` (the fraction of each held-out prompt's samples
+graded correct), so the table gives each pass@1 its evaluation's sampling error: the standard error of the mean over
+the prompts (``eval s.e.``; over several instances, that of their mean). A method with a ``baseline`` gets a gain
+line: per instance, the difference of the two methods' per-prompt scores on the same prompts (same loop values),
+its mean and standard error (a paired comparison: both models see the same prompts, so the shared difficulty
+cancels and the error is smaller than the two pass@1 errors combined); over several instances, the mean gain
++- its std across instances, and the evaluation's error of that mean.
+
+``report(...)`` prints the tables, writes ``report.json`` and the plots ``accuracy.png``, ``stage_seconds.png`` and
+``accuracy_vs_time.png`` into ``report.dir`` (default: the run directory; two configs sharing a run directory give
+each its own).
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ class MethodSpec:
     teacher: tuple[str, ...] = ()
     teacher_metric: str | None = None
     upstream: tuple[str, ...] = ()
+    baseline: str | None = None  # another method's name: the gain over it is reported
 
 
 @dataclasses.dataclass
@@ -58,6 +70,8 @@ class MethodResult:
     seconds: list[float]
     teacher_seconds: list[float]
     cumulative_seconds: list[float] = dataclasses.field(default_factory=list)  # seconds + upstream stages
+    loops: list[dict] = dataclasses.field(default_factory=list)  # each instance's loop values
+    per_prompt: list[list[float] | None] = dataclasses.field(default_factory=list)  # eval.json's, per instance
 
     def stats(self, xs: list[float]) -> tuple[float, float]:
         a = np.asarray(xs, float)
@@ -98,8 +112,13 @@ def method_specs(raw_config: dict, records: list[dict]) -> list[MethodSpec]:
                 tuple(m.get("teacher", ())),
                 m.get("teacher_metric"),
                 tuple(m.get("upstream", ())),
+                None if m.get("baseline") is None else str(m["baseline"]),
             )  # fmt: skip
         )
+    names = {s.name for s in specs}
+    for i, spec in enumerate(specs):
+        if spec.baseline is not None and (spec.baseline not in names or spec.baseline == spec.name):
+            raise ValueError(f"report.methods[{i}]: baseline {spec.baseline!r} is not another method's name")
     return specs
 
 
@@ -143,6 +162,9 @@ def aggregate(records: list[dict], specs: list[MethodSpec], run_dir: Path, metri
             if value is None:
                 continue
             res.scores.append(float(value))
+            res.loops.append(dict(loop))
+            per_prompt = (ev.get("result") or {}).get("per_prompt")
+            res.per_prompt.append([float(x) for x in per_prompt] if isinstance(per_prompt, list) else None)
             res.seconds.append(_seconds(records, spec.cost, loop))
             res.cumulative_seconds.append(res.seconds[-1] + _seconds(records, spec.upstream, loop))
             teacher = _seconds(records, spec.teacher, loop)
@@ -151,6 +173,59 @@ def aggregate(records: list[dict], specs: list[MethodSpec], run_dir: Path, metri
             res.teacher_seconds.append(teacher)
         results.append(res)
     return results
+
+
+def eval_se(per_prompt: list[float] | None) -> float:
+    """The evaluation's sampling error of one pass@1: the standard error of the mean over its prompts (nan when
+    the eval.json has no per-prompt scores)."""
+    if not per_prompt or len(per_prompt) < 2:
+        return math.nan
+    x = np.asarray(per_prompt, float)
+    return float(x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def mean_se(ses: list[float]) -> float:
+    """The evaluation's error of a mean over independent instances: sqrt(sum se_i^2) / n."""
+    a = np.asarray(ses, float)
+    return float(math.sqrt(float((a**2).sum())) / len(a)) if len(a) else math.nan
+
+
+@dataclasses.dataclass
+class Gain:
+    """A method's gain over its baseline, per instance (the baseline's instance with the same loop values)."""
+
+    name: str  # "method - baseline"
+    gains: list[float]
+    ses: list[float]  # the evaluation's standard error of each gain
+    paired: bool  # every instance compared prompt by prompt (else: pass@1 difference, independent errors)
+
+
+def gains(results: list[MethodResult], specs: list[MethodSpec]) -> list[Gain]:
+    """Per method with a ``baseline``: its gain in pass@1 per instance and that gain's standard error, paired over
+    the held-out prompts when both eval.json files hold ``per_prompt`` for the same prompts."""
+    by_name = {r.name: r for r in results}
+    out = []
+    for spec in specs:
+        if spec.baseline is None:
+            continue
+        a, b = by_name[spec.name], by_name[spec.baseline]
+        gain = Gain(f"{spec.name} - {spec.baseline}", [], [], True)
+        for loop, score, pp in zip(a.loops, a.scores, a.per_prompt):
+            match = [j for j, bl in enumerate(b.loops) if all(loop.get(k) == v for k, v in bl.items())]
+            if not match:
+                continue
+            j = match[0]
+            base_pp = b.per_prompt[j]
+            if pp is not None and base_pp is not None and len(pp) == len(base_pp) > 1:
+                d = np.asarray(pp, float) - np.asarray(base_pp, float)
+                gain.gains.append(float(d.mean()))
+                gain.ses.append(float(d.std(ddof=1) / math.sqrt(len(d))))
+            else:
+                gain.paired = False
+                gain.gains.append(score - b.scores[j])
+                gain.ses.append(math.hypot(eval_se(pp), eval_se(base_pp)))
+        out.append(gain)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,19 +253,40 @@ def stage_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _points(x: float, sign: bool = False) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:{'+' if sign else ''}.1f}"
+
+
 def method_table(results: list[MethodResult], metric: str) -> str:
-    """One line per method: metric (percent, mean +- std over instances), n, wall-clock s (its own stages),
-    cumulative s (plus the stages of the model it starts from), teacher s."""
+    """One line per method: metric (percent, mean +- std over instances), the evaluation's sampling error of it
+    (eval s.e., points), n, wall-clock s (its own stages), cumulative s (plus the stages of the model it starts
+    from), teacher s."""
     width = max([len(r.name) for r in results] + [6])
-    head = f"{'method':<{width}}  {metric + ' (%)':>18}  {'n':>2}  {'wall-clock s':>14}  {'cumulative s':>14}"
-    lines = [head + f"  {'teacher s':>12}"]
+    head = f"{'method':<{width}}  {metric + ' (%)':>18}  {'eval s.e.':>9}  {'n':>2}  {'wall-clock s':>14}"
+    lines = [head + f"  {'cumulative s':>14}  {'teacher s':>12}"]
     for r in results:
         n = len(r.scores)
         acc = _pm(*r.stats(r.scores), n, 100.0)
+        se = _points(mean_se([eval_se(pp) for pp in r.per_prompt]))
         secs = _pm(*r.stats(r.seconds), n, digits=0)
         cum = _pm(*r.stats(r.cumulative_seconds), n, digits=0)
         teacher = _pm(*r.stats(r.teacher_seconds), n, digits=0)
-        lines.append(f"{r.name:<{width}}  {acc:>18}  {n:>2}  {secs:>14}  {cum:>14}  {teacher:>12}")
+        lines.append(f"{r.name:<{width}}  {acc:>18}  {se:>9}  {n:>2}  {secs:>14}  {cum:>14}  {teacher:>12}")
+    return "\n".join(lines)
+
+
+def gain_table(gain_list: list[Gain]) -> str:
+    """One line per gain: points (mean +- std over instances), the evaluation's standard error of that mean,
+    n, each instance's gain, and whether it was paired prompt by prompt."""
+    width = max([len(g.name) for g in gain_list] + [4])
+    lines = [f"{'gain':<{width}}  {'points':>14}  {'eval s.e.':>9}  {'n':>2}  {'per instance':<22}  paired"]
+    for g in gain_list:
+        n = len(g.gains)
+        mean, std = (float(np.mean(g.gains)), float(np.std(g.gains, ddof=1)) if n > 1 else 0.0) if n else (math.nan, 0)
+        pts = _points(mean, sign=True) + (f" +- {100 * std:.1f}" if n > 1 else "")
+        each = " / ".join(_points(x, sign=True) for x in g.gains)
+        se = _points(mean_se(g.ses))
+        lines.append(f"{g.name:<{width}}  {pts:>14}  {se:>9}  {n:>2}  {each:<22}  {'yes' if g.paired else 'no'}")
     return "\n".join(lines)
 
 
@@ -268,12 +364,19 @@ def report(records: list[dict], raw_config: dict, source: str, *, plots: bool = 
     title = section.get("title", Path(source).stem)
     run_dir = run_dir_of(raw_config, source)
     out_dir = Path(section.get("dir") or run_dir)
-    results = aggregate(records, method_specs(raw_config, records), run_dir, metric)
-    tables = [stage_table(records), method_table(results, metric)]
+    specs = method_specs(raw_config, records)
+    results = aggregate(records, specs, run_dir, metric)
+    gain_list = gains(results, specs)
+    tables = [stage_table(records), method_table(results, metric)] + ([gain_table(gain_list)] if gain_list else [])
     text = f"\n{title}\n\n" + "\n\n".join(tables)
     summary = {
         "metric": metric,
-        "methods": [dataclasses.asdict(r) for r in results],
+        "methods": [
+            {k: v for k, v in dataclasses.asdict(r).items() if k != "per_prompt"}
+            | {"eval_se": [eval_se(pp) for pp in r.per_prompt]}
+            for r in results
+        ],
+        "gains": [dataclasses.asdict(g) for g in gain_list],
         "stages": [{k: r.get(k) for k in ("name", "seconds", "cached")} for r in records],
     }
     out_dir.mkdir(parents=True, exist_ok=True)

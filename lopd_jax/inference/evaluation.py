@@ -271,6 +271,8 @@ class Evaluator:
         texts = [self.tokenizer.decode(o.token_ids.tolist(), skip_special_tokens=True) for o in outs]
         preds = [[texts[j * n + i] for j in range(k)] for i in range(n)]
         correct = grade_batch(preds, self.answers, self.cfg.grading)
+        # Per prompt, the fraction of its k samples graded correct (eval.json keeps it: paired comparisons).
+        self.per_prompt = [float(c) for c in _as_matrix(correct).mean(axis=1)]
         metrics = summarize(correct)
         metrics["eval/avg@k"] = metrics[f"eval/avg@{k}"]
         if jax.process_index() == 0:

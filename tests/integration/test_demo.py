@@ -106,6 +106,7 @@ def test_eval_results_and_the_printed_report(demo):
     for stage in MODELS:
         ev = json.loads((run / stage / "eval.json").read_text())
         assert 0.0 <= ev["eval/pass@1"] <= 1.0 and ev["step"] == 2
+        assert len(ev["per_prompt"]) == 8 and np.mean(ev["per_prompt"]) == pytest.approx(ev["eval/pass@1"])
         assert by_name[stage]["result"] == ev
     report = json.loads((run / "report.json").read_text())
     methods = {m["name"]: m for m in report["methods"]}
@@ -115,8 +116,16 @@ def test_eval_results_and_the_printed_report(demo):
     assert methods["Lightning OPD student"]["teacher_seconds"] == [by_name["teacher_logprobs-seed0"]["seconds"]]
     for png in ("accuracy.png", "stage_seconds.png", "accuracy_vs_time.png"):
         assert (run / png).stat().st_size > 1000
+    sft_pp, lopd_pp = (np.asarray(by_name[s]["result"]["per_prompt"]) for s in MODELS[1:])
+    (gain,) = report["gains"]
+    assert gain["name"] == "Lightning OPD student - SFT student" and gain["paired"]
+    assert gain["gains"] == [pytest.approx(float(np.mean(lopd_pp - sft_pp)))]
     for text in (demo["first"], demo["second"]):
         assert "Lightning OPD student" in text and "teacher_logprobs-seed0" in text
+        (header,) = [ln for ln in text.splitlines() if ln.startswith("method")]
+        assert "eval s.e." in header
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("Lightning OPD student - SFT student")]
+        assert line.split()[6] == line.split()[9] == f"{100 * gain['gains'][0]:+.1f}" and line.endswith("yes")
 
 
 def test_second_run_is_fully_cached(demo):

@@ -104,3 +104,67 @@ def test_cumulative_cost_adds_the_model_a_method_starts_from(tmp_path):
     assert text.splitlines()[-1] == f"report and plots in {tmp_path}/: " + ", ".join(
         ["report.json", "stage_seconds.png", "accuracy.png", "accuracy_vs_time.png"]
     )
+
+
+def test_eval_standard_errors_and_the_paired_gain(tmp_path):
+    """eval s.e. = std(per prompt, ddof=1) / sqrt(n); the gain over a baseline is paired prompt by prompt within
+    the same seed, and its error is that of the per-prompt differences (here far below the unpaired one)."""
+    rng = np.random.default_rng(0)
+    base = [rng.random(400) < 0.6 for _ in range(2)]
+    # The method solves every prompt its seed's baseline solved, and 40 more: a gain of exactly 10 points.
+    better = []
+    for b in base:
+        m = b.copy()
+        m[np.flatnonzero(~b)[:40]] = True
+        better.append(m)
+    records = [
+        *[_rec("sft", 1.0, {"seed": s}, {"eval/pass@1": b.mean(), "per_prompt": b.astype(float).tolist()})
+          for s, b in enumerate(base)],
+        *[_rec("lopd", 1.0, {"seed": s}, {"eval/pass@1": m.mean(), "per_prompt": m.astype(float).tolist()})
+          for s, m in enumerate(better)],
+        _rec("teacher", 1.0, result={"eval/pass@1": 0.9}),  # an older eval.json without per_prompt
+    ]  # fmt: skip
+    config = {
+        "run_dir": str(tmp_path),
+        "report": {
+            "methods": [
+                {"name": "SFT", "eval": "sft"},
+                {"name": "Lightning", "eval": "lopd", "baseline": "SFT"},
+                {"name": "teacher", "eval": "teacher"},
+            ]
+        },
+    }
+    specs = report.method_specs(config, records)
+    sft, lightning, teacher = report.aggregate(records, specs, tmp_path, "eval/pass@1")
+    p = base[0].mean()
+    assert report.eval_se(sft.per_prompt[0]) == pytest.approx(np.sqrt(p * (1 - p) / 399))
+    assert teacher.per_prompt == [None] and np.isnan(report.eval_se(None))
+    (gain,) = report.gains([sft, lightning, teacher], specs)
+    assert gain.name == "Lightning - SFT" and gain.paired
+    assert gain.gains == [pytest.approx(0.1), pytest.approx(0.1)]
+    d = np.r_[np.ones(40), np.zeros(360)]  # the per-prompt differences of each seed
+    assert gain.ses == [pytest.approx(d.std(ddof=1) / 20)] * 2
+    assert gain.ses[0] < np.hypot(report.eval_se(sft.per_prompt[0]), report.eval_se(lightning.per_prompt[0]))
+    text = report.report(records, config, "x.yaml", plots=False)
+    (line,) = [line for line in text.splitlines() if line.startswith("Lightning - SFT")]
+    assert line.split()[3:6] == ["+10.0", "+-", "0.0"] and "+10.0 / +10.0" in line and line.endswith("yes")
+    assert f"{100 * report.mean_se(gain.ses):.1f}" in line.split()
+    (row,) = [line for line in text.splitlines() if line.startswith("SFT")]
+    assert f"{100 * report.mean_se([report.eval_se(pp) for pp in sft.per_prompt]):.1f}" == row.split()[4]
+    saved = report.load_report(tmp_path)
+    assert saved["gains"][0]["gains"] == pytest.approx([0.1, 0.1])
+    assert "per_prompt" not in saved["methods"][0] and len(saved["methods"][0]["eval_se"]) == 2
+
+
+def test_a_gain_falls_back_to_independent_errors_without_per_prompt_scores(tmp_path):
+    records = [_rec("a", 1.0, result={"eval/pass@1": 0.5}), _rec("b", 1.0, result={"eval/pass@1": 0.75})]
+    config = {"report": {"methods": [{"name": "A", "eval": "a"}, {"name": "B", "eval": "b", "baseline": "A"}]}}
+    specs = report.method_specs(config, records)
+    (gain,) = report.gains(report.aggregate(records, specs, tmp_path, "eval/pass@1"), specs)
+    assert gain.gains == [0.25] and not gain.paired and np.isnan(gain.ses[0])
+
+
+def test_a_baseline_must_name_another_method():
+    bad = {"report": {"methods": [{"name": "A", "eval": "a", "baseline": "nope"}]}}
+    with pytest.raises(ValueError, match=r"report.methods\[0\]: baseline 'nope'"):
+        report.method_specs(bad, RECORDS)
