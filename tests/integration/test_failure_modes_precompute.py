@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import read_only_view
+from helpers.fs import read_only_view
 from test_precompute_cli import assert_same_store, build_model, killed_subprocess
 
 from lopd_jax.models import hf

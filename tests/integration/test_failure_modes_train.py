@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import test_train
 import yaml
-from conftest import read_only_view
+from helpers.fs import read_only_view
 from test_train import _config, _write, _write_store
 
 from lopd_jax import train

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY_TOKENS, tiny_arch
+from helpers.models import TINY_TOKENS, tiny_arch
 
 from lopd_jax.data import prompts
 from lopd_jax.demo import synthetic

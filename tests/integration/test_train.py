@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_TOKENS, tiny_arch
+from helpers.models import TINY_TOKENS, tiny_arch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 from transformers import Qwen3Config as HFQwen3Config

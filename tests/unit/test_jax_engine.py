@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY_TOKENS, tiny_arch
+from helpers.models import TINY_TOKENS, tiny_arch
 
 from precompute.engines import jax_engine
 from precompute.engines.jax_engine import JaxEngine
