@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 import transformers
-from conftest import tiny_arch
+from helpers.models import tiny_arch
 from jax.sharding import NamedSharding
 
 from lopd_jax import train, update

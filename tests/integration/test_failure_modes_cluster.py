@@ -2,8 +2,8 @@
 scoring, resume over replaced data, prompts from a pipe, launcher variables, positions, full disks, --plan targets.
 
 Each case failed before its fix (work lost silently, or a traceback); each now ends as one line (exit 2) or a safe
-recovery with nothing lost. Precompute cases use the tiny policy of test_failure_modes_precompute; trainer cases the
-world of test_train, validated only (nothing compiles) unless a case needs a step.
+recovery with nothing lost. Precompute cases use the tiny policy of helpers.precompute; trainer cases the world
+fixture of tests/integration/conftest.py, validated only (nothing compiles) unless a case needs a step.
 """
 
 import hashlib
@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_train
-from test_failure_modes_precompute import one_error_line, rollouts_argv, snapshot, teacher_cli
-from test_precompute_cli import build_model, killed_subprocess
-from test_train import _config, _write, _write_store
+from helpers.precompute import build_model, killed_subprocess, one_error_line, rollouts_argv, snapshot, teacher_cli
+from helpers.runs import run_config, train_cli, write_config, write_store
 
 from lopd_jax import train
 from lopd_jax.store import RolloutStore, StoreError
@@ -32,8 +30,6 @@ from lopd_jax.training import setup as train_setup
 from precompute import import_jsonl, rollouts, shards, teacher_logprobs
 from precompute.common import PrecomputeError
 from precompute.validate import validate
-
-world = test_train.world  # the trainer tests' module fixture
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +170,7 @@ def test_an_unfinished_plain_store_is_refused_by_scoring_validate_and_training(e
         "train": {"steps": 1, "batch_size": 8, "seq_len": 32},
         "logging": {"run_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
     }
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
     assert f"data.store: {killed}: 1 of its 3 samples are committed" in err and not (tmp_path / "run").exists()
 
 
@@ -231,7 +227,7 @@ def test_the_trainer_refuses_one_shard_of_a_dataset(env, tmp_path, capsys):
         "train": {"steps": 1, "batch_size": 8, "seq_len": 32},
         "logging": {"run_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
     }
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
     assert f"is shard 0 of 2 of the dataset {out}" in err and f"set data.store: {out}" in err
 
 
@@ -352,8 +348,8 @@ def test_a_full_disk_during_rollouts_is_one_line_and_the_rerun_finishes(env, sma
 
 def _recorded_run(world, tmp_path, store: Path) -> tuple[dict, Path]:
     """A run directory as a started run on ``store`` leaves it (its config and store identity recorded)."""
-    cfg = _config(world, tmp_path / "run", data={"store": str(store)})
-    loaded = config_lib.load_config(_write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, tmp_path / "run", data={"store": str(store)})
+    loaded = config_lib.load_config(write_config(cfg, tmp_path / "c.yaml"))
     setup = train_setup.validated(loaded)
     (tmp_path / "run").mkdir()
     train._record_config(loaded, setup, tmp_path / "run")
@@ -369,19 +365,20 @@ def test_resume_over_replaced_data_is_refused(world, tmp_path, capsys):
         s.pop("teacher_logprobs")
     manifest = {k: v for k, v in src.manifest.items() if k in ("policy", "tokenizer", "sft_teacher")}
     shutil.rmtree(store)
-    _write_store(store, other, manifest)
-    err = _main_fails(capsys, _write({**cfg, "resume": True}, tmp_path / "r.yaml"))
+    write_store(store, other, manifest)
+    err = _main_fails(capsys, write_config({**cfg, "resume": True}, tmp_path / "r.yaml"))
     assert f"resume: data.store {store} is not the data this run trained on" in err
     assert "manifest: saved sha256:" in err and "content: saved sha256:" in err
     allowed = {**cfg, "resume": True, "resume_may_change": ["data.store"]}
-    train_setup.validated(config_lib.load_config(_write(allowed, tmp_path / "a.yaml")))  # the user's explicit choice
+    # the user's explicit choice
+    train_setup.validated(config_lib.load_config(write_config(allowed, tmp_path / "a.yaml")))
 
 
 def test_resume_on_a_run_whose_checkpoints_were_deleted_is_refused(world, tmp_path, capsys):
     cfg, run_dir = _recorded_run(world, tmp_path, Path(world["stores"]["sft"]))
     (run_dir / "metrics.jsonl").write_text('{"step": 2, "train/loss": 1.0}\n')
     before = snapshot(run_dir)
-    err = _main_fails(capsys, _write({**cfg, "resume": True}, tmp_path / "r.yaml"))
+    err = _main_fails(capsys, write_config({**cfg, "resume": True}, tmp_path / "r.yaml"))
     assert f"resume: {run_dir} holds metrics.jsonl of a run but" in err and "has no checkpoint" in err
     assert snapshot(run_dir) == before
 
@@ -394,8 +391,8 @@ def test_resume_on_a_run_whose_checkpoints_were_deleted_is_refused(world, tmp_pa
     ],
 )
 def test_plan_target_errors_are_one_line(world, tmp_path, capsys, target, mesh, needle):
-    cfg = _config(world, tmp_path / "run", model={"init": "qwen3-0.6b"}, mesh=mesh)
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"), "--plan", "--target", target)
+    cfg = run_config(world, tmp_path / "run", model={"init": "qwen3-0.6b"}, mesh=mesh)
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"), "--plan", "--target", target)
     assert needle in err, err
 
 
@@ -404,8 +401,8 @@ def test_training_positions_past_max_position_embeddings_are_refused(world, tmp_
     shutil.copytree(world["root"] / "student", student)
     config = json.loads((student / "config.json").read_text())
     (student / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
-    cfg = _config(world, tmp_path / "run", model={"init": str(student)})
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, tmp_path / "run", model={"init": str(student)})
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
     assert "exceed the model's max_position_embeddings 16; lower train.seq_len" in err
 
 
@@ -413,15 +410,15 @@ def test_a_full_disk_during_training_is_one_line_and_resume_finishes(world, smal
     disk, grow = small_disk
     # Room for the checkpoint of step 2 (0.6 MiB on disk, 1.3 MiB asked), not for a second one: refused at step 4.
     subprocess.run(["mount", "-o", "remount,size=1600k", str(disk)], check=True)
-    cfg = _config(world, disk / "run", train={"steps": 4}, logging={"tensorboard": False})
-    proc = test_train._cli(_write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, disk / "run", train={"steps": 4}, logging={"tensorboard": False})
+    proc = train_cli(write_config(cfg, tmp_path / "c.yaml"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]  # no flood of orbax's thread tracebacks
     assert "MiB free, the checkpoint of step 4 needs about" in line, line
     assert "the checkpoint of step 2 is kept: free space, then rerun with resume: true" in line
     grow()
-    proc = test_train._cli(_write({**cfg, "resume": True}, tmp_path / "r.yaml"))
+    proc = train_cli(write_config({**cfg, "resume": True}, tmp_path / "r.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (disk / "run" / "hf" / "model.safetensors").is_file()
 

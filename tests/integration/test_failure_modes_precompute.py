@@ -17,16 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import read_only_view
-from test_precompute_cli import assert_same_store, build_model, killed_subprocess
+from helpers.fs import read_only_view
+from helpers.precompute import (
+    REPO,
+    assert_same_store,
+    build_model,
+    killed_subprocess,
+    one_error_line,
+    rollouts_argv,
+    snapshot,
+    teacher_cli,
+)
 
 from lopd_jax.models import hf
 from lopd_jax.store import RolloutStore, StoreError, provenance
 from lopd_jax.store.lock import LOCK_FILE
 from precompute import common, import_jsonl, rollouts, teacher_logprobs
 from precompute.validate import validate
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +44,6 @@ def env(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"root": root, "policy": root / "policy", "prompts": prompts}
-
-
-def rollouts_argv(env, out: Path, *extra: str, prompts: Path | None = None) -> list[str]:
-    argv = ["--policy", str(env["policy"]), "--prompts", str(prompts or env["prompts"]), "--out", str(out)]
-    return argv + ["--max-new-tokens", "4", "--max-prompt-len", "64", "--temperature", "0", *extra]
-
-
-def snapshot(path: Path) -> dict:
-    """Every file under ``path`` with its bytes: equal snapshots mean nothing was changed."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +85,6 @@ from lopd_jax.store import RolloutStore
 w = RolloutStore.open_for_append({path!r})
 os.kill(os.getpid(), signal.SIGKILL)  # a writer that crashes while it holds the lock
 """
-
-
-def teacher_cli(env, store: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = ["--teacher", str(env["policy"]), "--store", str(store), "--batch-tokens", "64", *extra]
-    env_vars = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "precompute.teacher_logprobs", *argv]
-    return subprocess.run(cmd, cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=300)
 
 
 def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(env, store, capsys):

@@ -14,10 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import test_train
 import yaml
-from conftest import read_only_view
-from test_train import _config, _write, _write_store
+from helpers.fs import read_only_view
+from helpers.runs import run_config, write_config, write_store
 
 from lopd_jax import train
 from lopd_jax.data.batch import LOGPROB_MAX, DataError, shift_sample
@@ -26,8 +25,6 @@ from lopd_jax.store import provenance
 from lopd_jax.training import config as config_lib
 from lopd_jax.training import setup as train_setup
 from lopd_jax.training.checkpoint import CheckpointConfig, Checkpointer
-
-world = test_train.world  # the trainer tests' module fixture: tiny models, tokenizer, stores
 
 
 def _main_fails(capsys, cfg_path: Path, *overrides: str) -> str:
@@ -70,7 +67,7 @@ BAD_VALUES = {
 @pytest.mark.parametrize("override", list(BAD_VALUES))
 def test_out_of_range_values_are_refused_at_load_naming_the_override_and_key(world, tmp_path, capsys, override):
     run_dir = tmp_path / "run"
-    err = _main_fails(capsys, _write(_config(world, run_dir), tmp_path / "c.yaml"), override)
+    err = _main_fails(capsys, write_config(run_config(world, run_dir), tmp_path / "c.yaml"), override)
     assert f"command-line override {override!r}" in err and BAD_VALUES[override] in err, err
     assert not run_dir.exists()
 
@@ -86,7 +83,7 @@ def test_every_numeric_config_key_has_a_range():
 
 
 def test_misspelled_section_override_names_the_command_line(world, tmp_path, capsys):
-    err = _main_fails(capsys, _write(_config(world, tmp_path / "run"), tmp_path / "c.yaml"), "trian.steps=3")
+    err = _main_fails(capsys, write_config(run_config(world, tmp_path / "run"), tmp_path / "c.yaml"), "trian.steps=3")
     assert "command-line override 'trian.steps=3'" in err and "trian: unknown key" in err
     assert "c.yaml" not in err
 
@@ -99,7 +96,9 @@ def test_yaml_with_invalid_utf8_is_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_resume_may_change_names_real_keys(world, tmp_path, capsys):
-    err = _main_fails(capsys, _write(_config(world, tmp_path / "run"), tmp_path / "c.yaml"), "resume_may_change=[x.y]")
+    err = _main_fails(
+        capsys, write_config(run_config(world, tmp_path / "run"), tmp_path / "c.yaml"), "resume_may_change=[x.y]"
+    )
     assert "resume_may_change[0]: 'x.y' is not a config key" in err
 
 
@@ -132,7 +131,7 @@ def swapped_stores(world, tmp_path_factory):
         for s in samples:
             s.pop("prompt_length_", None)
         manifest = {k: src.manifest[k] for k in ("policy", "teacher", "sft_teacher") if k in src.manifest}
-        out[name] = _write_store(
+        out[name] = write_store(
             root / name, samples, {**manifest, "tokenizer": other}, scored if name == "opd" else None
         )
     return other, out
@@ -144,8 +143,8 @@ def test_store_of_another_tokenizer_is_refused_naming_both_fingerprints(world, s
     ours = provenance.fingerprint_tokenizer(world["root"] / "student")
     assert ours != other
     store = stores["sft" if mode == "sft" else "opd"]
-    cfg = _config(world, tmp_path / "run", mode=mode, data={"store": str(store)})
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, tmp_path / "run", mode=mode, data={"store": str(store)})
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
     assert "tokenizer mismatch" in err and ours in err and other in err and str(store) in err
     assert not (tmp_path / "run").exists()
 
@@ -157,8 +156,10 @@ def test_store_with_another_chat_template_is_refused(world, tmp_path, capsys):
         s.pop("teacher_logprobs")
     manifest = {**src.manifest, "chat_template": provenance.fingerprint_text("{{ other }}")}
     manifest = {k: manifest[k] for k in ("policy", "sft_teacher", "tokenizer", "chat_template")}
-    store = _write_store(tmp_path / "s", samples, manifest)
-    err = _main_fails(capsys, _write(_config(world, tmp_path / "run", data={"store": str(store)}), tmp_path / "c.yaml"))
+    store = write_store(tmp_path / "s", samples, manifest)
+    err = _main_fails(
+        capsys, write_config(run_config(world, tmp_path / "run", data={"store": str(store)}), tmp_path / "c.yaml")
+    )
     assert "chat template mismatch" in err and provenance.fingerprint_text("{{ other }}") in err
 
 
@@ -195,8 +196,8 @@ def test_nan_behaviour_logprob_is_refused_when_the_loss_reads_it():
 
 
 def test_behavior_old_policy_requires_behaviour_logprobs_in_lightning_opd(world, tmp_path):
-    cfg = _config(world, tmp_path / "run", mode="lightning_opd", loss={"old_policy": "behavior"})
-    c = config_lib.load_config(_write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, tmp_path / "run", mode="lightning_opd", loss={"old_policy": "behavior"})
+    c = config_lib.load_config(write_config(cfg, tmp_path / "c.yaml"))
     assert c.data.require_behavior and c.data.require_teacher
     assert not config_lib.load_config(tmp_path / "c.yaml", ["loss.old_policy=current"]).data.require_behavior
 
@@ -208,9 +209,9 @@ def test_trainer_refuses_a_positive_teacher_logprob_with_one_line(world, tmp_pat
     for lp in scored:
         lp[-1] = 5.0
     manifest = {k: src.manifest[k] for k in ("policy", "teacher", "tokenizer")}
-    store = _write_store(tmp_path / "s", samples, manifest, scored)
-    cfg = _config(world, tmp_path / "run", mode="lightning_opd", data={"store": str(store)}, train={"steps": 1})
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    store = write_store(tmp_path / "s", samples, manifest, scored)
+    cfg = run_config(world, tmp_path / "run", mode="lightning_opd", data={"store": str(store)}, train={"steps": 1})
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
     assert "impossible teacher log-prob (5.0" in err and "store sample" in err
 
 
@@ -221,8 +222,8 @@ def test_trainer_refuses_a_positive_teacher_logprob_with_one_line(world, tmp_pat
 
 def _started_run(world, tmp_path) -> tuple[dict, Path]:
     """A run directory as a started run leaves it (config recorded), without training."""
-    cfg = _config(world, tmp_path / "run")
-    loaded = config_lib.load_config(_write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, tmp_path / "run")
+    loaded = config_lib.load_config(write_config(cfg, tmp_path / "c.yaml"))
     (tmp_path / "run").mkdir()
     train._record_config(loaded, train_setup.Setup(None, None, {}, ""), tmp_path / "run")
     return cfg, tmp_path / "run"
@@ -231,7 +232,7 @@ def _started_run(world, tmp_path) -> tuple[dict, Path]:
 def test_resume_with_changed_config_is_refused_naming_every_key(world, tmp_path, capsys):
     cfg, run_dir = _started_run(world, tmp_path)
     before = (run_dir / "config.yaml").read_text()
-    path = _write({**cfg, "resume": True}, tmp_path / "r.yaml")
+    path = write_config({**cfg, "resume": True}, tmp_path / "r.yaml")
     err = _main_fails(capsys, path, "optimizer.lr=1e-2", "data.seed=9", "mode=lightning_opd")
     for key in ("optimizer.lr", "data.seed", "mode", "data.require_teacher"):
         assert key in err, err
@@ -244,7 +245,7 @@ def test_resume_with_changed_config_is_refused_naming_every_key(world, tmp_path,
 def test_resume_may_change_the_listed_keys_and_keeps_the_original_config(world, tmp_path):
     cfg, run_dir = _started_run(world, tmp_path)
     before = (run_dir / "config.yaml").read_text()
-    path = _write({**cfg, "resume": True, "resume_may_change": ["train.steps"]}, tmp_path / "r.yaml")
+    path = write_config({**cfg, "resume": True, "resume_may_change": ["train.steps"]}, tmp_path / "r.yaml")
     loaded = config_lib.load_config(path, ["train.steps=6", "logging.progress=true"])
     setup = train_setup.validated(loaded)
     assert setup.resume_changes == {"train.steps": [4, 6]}  # logging.progress is always free
@@ -259,7 +260,7 @@ def test_resume_over_an_unreadable_saved_config_is_one_line_naming_it(world, tmp
     line naming that file, and the file is left as it is."""
     cfg, run_dir = _started_run(world, tmp_path)
     (run_dir / "checkpoints" / train_setup.CONFIG_RECORD).unlink()
-    path = _write({**cfg, "resume": True}, tmp_path / "r.yaml")
+    path = write_config({**cfg, "resume": True}, tmp_path / "r.yaml")
     for text, want in (("a: [1,\n", "cannot read the saved config"), ("- 1\n- 2\n", "is not a mapping")):
         (run_dir / "config.yaml").write_text(text)
         err = _main_fails(capsys, path)
@@ -275,7 +276,7 @@ def test_resume_of_a_run_saved_before_a_section_existed(world, tmp_path, capsys)
     record = json.loads(record_path.read_text())
     assert record["config"].pop("prompt") == {"chat_template": True, "enable_thinking": None}
     record_path.write_text(json.dumps(record))
-    path = _write({**cfg, "resume": True}, tmp_path / "r.yaml")
+    path = write_config({**cfg, "resume": True}, tmp_path / "r.yaml")
     setup = train_setup.validated(config_lib.load_config(path))
     assert setup.resume_changes == {}
     err = _main_fails(capsys, path, "prompt.enable_thinking=false")
@@ -286,7 +287,7 @@ def test_a_fresh_run_keeps_a_users_config_yaml_found_in_its_directory(world, tmp
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("# my notes\n")
-    loaded = config_lib.load_config(_write(_config(world, run_dir), tmp_path / "c.yaml"))
+    loaded = config_lib.load_config(write_config(run_config(world, run_dir), tmp_path / "c.yaml"))
     train._record_config(loaded, train_setup.Setup(None, None, {}, ""), run_dir)
     assert (run_dir / "config.prev-1.yaml").read_text() == "# my notes\n"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"]["lr"] == 0.003
@@ -334,7 +335,7 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_export_killed_before_the_rename_leaves_the_old_hf(world, tmp_path, monkeypatch):
-    cfg = config_lib.load_config(_write(_config(world, tmp_path / "run"), tmp_path / "c.yaml"))
+    cfg = config_lib.load_config(write_config(run_config(world, tmp_path / "run"), tmp_path / "c.yaml"))
     model_cfg = hf.load_config(str(world["root"] / "student"))
     setup = train_setup.Setup(model_cfg, None, {}, str(world["root"] / "tok"))
     run_dir = tmp_path / "run"
@@ -367,7 +368,7 @@ def test_export_killed_before_the_rename_leaves_the_old_hf(world, tmp_path, monk
 def test_run_dir_that_cannot_be_created_is_one_line(world, tmp_path, capsys):
     (tmp_path / "afile").write_text("user data")
     run_dir = tmp_path / "afile" / "run"
-    err = _main_fails(capsys, _write(_config(world, run_dir), tmp_path / "c.yaml"))
+    err = _main_fails(capsys, write_config(run_config(world, run_dir), tmp_path / "c.yaml"))
     assert "logging.run_dir" in err and "cannot be created or written" in err
     assert (tmp_path / "afile").read_text() == "user data"
 
@@ -378,7 +379,7 @@ def test_read_only_run_dir_location_is_one_line(world, tmp_path, capsys):
     if undo is None:
         pytest.skip("root without mount privileges: no read-only directory can be made")
     try:
-        err = _main_fails(capsys, _write(_config(world, tmp_path / "ro" / "run"), tmp_path / "c.yaml"))
+        err = _main_fails(capsys, write_config(run_config(world, tmp_path / "ro" / "run"), tmp_path / "c.yaml"))
         assert "logging.run_dir" in err and "ro" in err
         assert not any((tmp_path / "ro").iterdir())
     finally:
@@ -399,8 +400,8 @@ def test_missing_safetensors_shard_is_one_line_naming_file_and_tensor(world, tmp
     shards = sorted(model.glob("model-*.safetensors"))
     assert len(shards) > 2
     shards[1].unlink()
-    cfg = _config(world, tmp_path / "run", model={"init": str(model)})
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, tmp_path / "run", model={"init": str(model)})
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
     assert "model.init" in err and str(shards[1]) in err and "missing" in err and "model.layers." in err
 
 
@@ -408,8 +409,8 @@ def test_config_sizes_that_disagree_with_the_weights_name_file_and_tensor(world,
     model = _sharded_copy(world, tmp_path / "m")
     conf = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**conf, "intermediate_size": 48}))
-    cfg = _config(world, tmp_path / "run", model={"init": str(model)})
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, tmp_path / "run", model={"init": str(model)})
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
     assert "mlp.gate_proj.weight" in err and "shape [64, 32]" in err and "implies [48, 32]" in err
     assert ".safetensors" in err and "broadcast" not in err
     with pytest.raises(hf.CheckpointError, match="gate_proj"):  # the public loader says the same
@@ -439,8 +440,8 @@ def test_second_trainer_on_a_locked_run_dir_refuses_naming_the_holder(world, tmp
         assert holder.stdout.readline().strip() == b"held"
         lock = run_dir / train_setup.LOCK_FILE
         before = lock.read_text()
-        cfg = _config(world, run_dir, resume=True)
-        err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+        cfg = run_config(world, run_dir, resume=True)
+        err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
         assert f"another trainer holds this run directory: pid {holder.pid} on host" in err and str(lock) in err
         assert lock.read_text() == before  # the holder's record is untouched
     finally:
@@ -479,8 +480,8 @@ PLAN_BAD = {
 
 @pytest.mark.parametrize("override", list(PLAN_BAD))
 def test_plan_with_bad_inputs_is_one_line(world, tmp_path, capsys, override):
-    cfg = _config(world, tmp_path / "run", model={"init": "qwen3-0.6b"}, mesh={"fsdp": -1})
-    path = _write(cfg, tmp_path / "c.yaml")
+    cfg = run_config(world, tmp_path / "run", model={"init": "qwen3-0.6b"}, mesh={"fsdp": -1})
+    path = write_config(cfg, tmp_path / "c.yaml")
     rc = train.main(["--config", str(path), "--plan", override])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
@@ -494,6 +495,6 @@ def test_garbled_single_file_checkpoint_is_one_line(world, tmp_path, capsys):
     model = tmp_path / "m"
     shutil.copytree(world["root"] / "student", model)
     (model / hf.SINGLE_FILE).write_bytes(b"\xff" * 64)
-    cfg = _config(world, tmp_path / "run", model={"init": str(model)})
-    err = _main_fails(capsys, _write(cfg, tmp_path / "c.yaml"))
+    cfg = run_config(world, tmp_path / "run", model={"init": str(model)})
+    err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
     assert "model.init" in err and hf.SINGLE_FILE in err and "unreadable" in err

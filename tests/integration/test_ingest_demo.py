@@ -2,7 +2,7 @@
 same stores, bit for bit, as the JSONL originals; the demo's scored store seen through precompute.inspect in a real
 browser (headless chromium); precompute.export and import_samples round trips, bit for bit.
 
-Models: the tiny random Qwen3 of tests/test_precompute_cli.py with the demo's tokenizer (synthetic.build_tokenizer),
+Models: the tiny random Qwen3 of tests/helpers/precompute.py with the demo's tokenizer (synthetic.build_tokenizer),
 as student and teacher; the sampling arguments are the smoke config's.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_precompute_cli import build_model
+from helpers.precompute import build_model
 
 from lopd_jax.data import prompts
 from lopd_jax.demo import synthetic

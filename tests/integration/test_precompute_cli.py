@@ -6,45 +6,21 @@ and compare with an uninterrupted run array for array.
 """
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import transformers
-from conftest import TINY_TOKENS, tiny_arch
+from helpers.precompute import assert_same_store, build_model, killed_subprocess
 
 from lopd_jax.data import prompts
-from lopd_jax.demo import synthetic
 from lopd_jax.store import RolloutStore, provenance
-from precompute import common, import_jsonl, rollouts, teacher_logprobs
+from precompute import import_jsonl, rollouts, teacher_logprobs
 from precompute.validate import validate
 
-REPO = Path(__file__).resolve().parents[2]
 VOCAB = 128
 MAX_NEW = 8
-
-
-def build_model(path: Path, seed: int, eos_bias: float = 0.0) -> transformers.Qwen3ForCausalLM:
-    """Random 2-layer Qwen3 + the synthetic task's char tokenizer (eos <|im_end|> = 2) saved to ``path``.
-
-    ``eos_bias`` shifts the eos row of the lm_head so that some greedy rollouts stop (0.17 with seed 0: the test
-    prompts stop after 3 and 8 tokens, or run to the length limit)."""
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(**tiny_arch(**TINY_TOKENS, max_position_embeddings=256, tie_word_embeddings=False))
-    model = transformers.Qwen3ForCausalLM(cfg).float().eval()
-    with torch.no_grad():  # peaked distributions: greedy has no near-ties
-        for p in model.parameters():
-            p.mul_(4.0) if p.ndim > 1 else None
-        model.lm_head.weight[2] += eos_bias
-    model.save_pretrained(path)
-    synthetic.build_tokenizer(path)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -71,25 +47,6 @@ def run_rollouts(env, out: str, *extra: str) -> int:
 
 
 SAMPLED = ("--temperature", "1.0", "--top-p", "0.95", "--n", "2", "--batch-size", "2")
-
-
-def killed_subprocess(module: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """Run ``python -m module argv`` with the kill hook set to fire after the first commit."""
-    import jax
-
-    env = {**os.environ, common.KILL_ENV: "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir  # conftest's persistent cache
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=env, capture_output=True, text=True)
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    ra, rb = RolloutStore.open(a), RolloutStore.open(b)
-    for key in ("committed", "committed_tokens", "teacher_committed", "policy", "teacher", "sampling"):
-        assert ra.manifest.get(key) == rb.manifest.get(key), key
-    assert ra.arrays.keys() == rb.arrays.keys()
-    for name in ra.arrays:
-        np.testing.assert_array_equal(ra.arrays[name].read().result(), rb.arrays[name].read().result(), err_msg=name)
 
 
 def torch_token_logprobs(model, tokens: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Sharded precompute (precompute.shards, lopd_jax.store.dataset): N processes, one dataset, no merge step.
 
 The reference is one process writing one store (rollouts, then teacher scoring) in-process; the sharded runs are
-real command lines in concurrent subprocesses (JAX engine, the tiny random Qwen3 of test_precompute_cli), and the
+real command lines in concurrent subprocesses (JAX engine, the tiny random Qwen3 of helpers.precompute), and the
 dataset they leave must equal the reference array for array, after a kill -9 and rerun too, and train to the same
 bits.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_precompute_cli import build_model
+from helpers.precompute import build_model
 
 from lopd_jax import train
 from lopd_jax.store import RolloutStore, StoreError

@@ -7,7 +7,6 @@ which compile nothing, call ``main`` in-process.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,124 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import TINY_TOKENS, tiny_arch
+from helpers.runs import ROOT, run_config, token_logprobs, train_cli, train_env, write_config, write_store
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
-from transformers import Qwen3Config as HFQwen3Config
+from transformers import AutoModelForCausalLM
 
 from lopd_jax import train
 from lopd_jax.data import prompts
-from lopd_jax.demo import synthetic
 from lopd_jax.inference.sampling import SampleOutput
 from lopd_jax.models import qwen3
-from lopd_jax.store import RolloutStore, provenance
+from lopd_jax.store import provenance
 from lopd_jax.training import online_opd
 from lopd_jax.training.metrics import read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
-ARCH = tiny_arch(**TINY_TOKENS, tie_word_embeddings=False, initializer_range=0.1, rope_theta=10_000.0)
-
-
-def _model(path: Path, seed: int, tok_dir: Path) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(HFQwen3Config(**ARCH)).eval()
-    model.save_pretrained(path)
-    synthetic.build_tokenizer(path)  # the tokenizer lives beside the weights, as in released checkpoints
-    return model
-
-
-def _logprobs(model, tokens: np.ndarray) -> np.ndarray:
-    """log p(tokens[j] | tokens[:j]) for j >= 1, NaN at j = 0 (the store's convention)."""
-    with torch.no_grad():
-        logits = model(torch.as_tensor(tokens[None], dtype=torch.long)).logits[0].double()
-    lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.as_tensor(tokens[1:, None], dtype=torch.long))[:, 0]
-    return np.concatenate([[np.nan], lp.numpy()]).astype(np.float32)
-
-
-def _write_store(path: Path, samples: list[dict], manifest: dict, teacher_logprobs=None) -> Path:
-    with RolloutStore.create(path, manifest=manifest, chunk_tokens=256) as w:
-        w.append(samples)
-        w.flush()
-        if teacher_logprobs is not None:
-            w.write_teacher(0, teacher_logprobs)
-    return path
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Models, tokenizer, prompt files and stores shared by every test of the module."""
-    root = tmp_path_factory.mktemp("world")
-    tok = synthetic.build_tokenizer(root / "tok")
-    student = _model(root / "student", 0, root / "tok")
-    teacher = _model(root / "teacher", 1, root / "tok")
-    fp = {name: provenance.fingerprint_weights(root / name) for name in ("student", "teacher")}
-    # The student plays pi_ref: the checkpoint SFT'd on the teacher's answers.
-    provenance.write_provenance(root / "student", sft_teacher=fp["teacher"])
-    paths = synthetic.write_prompt_sets(root / "prompts", seed=0, n_sft=24, n_opd=16, n_eval=4, difficulty="easy")
-    rows = [json.loads(line) for line in paths["sft"].read_text().splitlines()]
-    samples = []
-    for i, row in enumerate(rows):
-        prompt = prompts.encode_prompt(tok, row)
-        answer = tok(row["completion"])["input_ids"] + [tok.eos_token_id]
-        tokens = np.asarray(prompt + answer, np.int32)
-        samples.append(dict(tokens=tokens, prompt_length=len(prompt), finish_reason="stop", prompt_index=i,
-                            answer=row["answer"], behavior_logprobs=_logprobs(student, tokens)))  # fmt: skip
-    tok_fp = provenance.fingerprint_tokenizer(root / "tok")
-    base = {"tokenizer": tok_fp, "policy": fp["student"]}
-    scored = [_logprobs(teacher, s["tokens"]) for s in samples]
-    stores = {
-        "sft": _write_store(
-            root / "sft_store", samples, {**base, "policy": fp["teacher"], "sft_teacher": fp["teacher"]}
-        ),
-        "opd": _write_store(root / "opd_store", samples, {**base, "teacher": fp["teacher"]}, scored),
-        # Scored by the wrong teacher (the student itself), with the same numbers: only provenance differs.
-        "wrong_teacher": _write_store(root / "wrong_store", samples, {**base, "teacher": fp["student"]}, scored),
-        "unscored": _write_store(root / "unscored_store", samples, base),
-        # Scored, but without behaviour log-probs (as an imported store): loss.old_policy=behavior has no ratio.
-        "no_behavior": _write_store(
-            root / "nobehavior_store",
-            [dict(s, behavior_logprobs=None) for s in samples],
-            {**base, "teacher": fp["teacher"], "behavior_logprobs": "none"},
-            scored,
-        ),
-    }
-    return dict(root=root, tok=tok, student=student, teacher=teacher, fp=fp, prompts=paths, stores=stores)
-
-
-def _config(world, run_dir: Path, **sections) -> dict:
-    cfg = {
-        "mode": "sft",
-        "model": {"init": str(world["root"] / "student")},
-        "data": {"store": str(world["stores"]["sft"]), "seed": 3},
-        "train": {"steps": 4, "batch_size": 8, "seq_len": 96, "seed": 0},
-        "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
-        "checkpoint": {"every_steps": 2, "async_save": True},
-        "logging": {"run_dir": str(run_dir), "progress": False, "tensorboard": True},
-    }
-    for name, value in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **value} if isinstance(value, dict) else value
-    return cfg
-
-
-def _write(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _cli(cfg_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m lopd_jax.train`` in a subprocess with the test's devices, precision and compile cache."""
-    cmd = [sys.executable, "-m", "lopd_jax.train", "--config", str(cfg_path), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=600)
-
-
-def _env(extra: dict | None = None) -> dict:
-    """The child's environment: the test's devices, precision and compile cache."""
-    full = dict(os.environ, **(extra or {}))
-    full.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
-    full.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    full.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-    return full
 
 
 def _kill_when(cfg_path: Path, marker: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -149,7 +41,7 @@ def _kill_when(cfg_path: Path, marker: Path, timeout: float = 600) -> subprocess
     """
     cmd = [sys.executable, "-m", "lopd_jax.train", "--config", str(cfg_path)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files: a full pipe would block
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=out, stderr=err, text=True)
         deadline = time.monotonic() + timeout
         while not marker.is_dir() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -198,8 +90,8 @@ def sft_run(world, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sft") / "run"
     scratch = {"init": "scratch", "config": str(world["root"] / "student" / "config.json"),
                "tokenizer": str(world["root"] / "tok")}  # fmt: skip
-    cfg = _config(world, run_dir, model=scratch)
-    proc = _cli(_write(cfg, run_dir.parent / "sft.yaml"))
+    cfg = run_config(world, run_dir, model=scratch)
+    proc = train_cli(write_config(cfg, run_dir.parent / "sft.yaml"))
     _ok(proc)
     return cfg, run_dir
 
@@ -226,11 +118,11 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(world, sft_run, tmp_
     cfg, ref_dir = sft_run
     run_dir = tmp_path / "run"
     cfg = dict(cfg, logging={**cfg["logging"], "run_dir": str(run_dir)})
-    path = _write(cfg, tmp_path / "sft.yaml")
+    path = write_config(cfg, tmp_path / "sft.yaml")
     killed = _kill_when(path, run_dir / "checkpoints" / "2")
     assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill: {killed.stderr[-2000:]}"
     assert (run_dir / "checkpoints" / "2").is_dir() and not (run_dir / "hf").exists()
-    _ok(_cli(path, "resume=true"))
+    _ok(train_cli(path, "resume=true"))
     want, got = load_file(ref_dir / "hf" / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
     assert want.keys() == got.keys()
     for k in want:
@@ -246,13 +138,13 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(world, sft_run, tmp_
 
 
 def _lightning(world, run_dir: Path, store: str, steps: int = 3, **extra) -> dict:
-    return _config(world, run_dir, mode="lightning_opd", data={"store": str(world["stores"][store])},
+    return run_config(world, run_dir, mode="lightning_opd", data={"store": str(world["stores"][store])},
                    train={"steps": steps}, optimizer={"lr": 1e-3}, **extra)  # fmt: skip
 
 
 def test_lightning_opd_runs_from_the_consistent_sft_checkpoint(world, tmp_path):
     run_dir = tmp_path / "run"
-    _ok(_cli(_write(_lightning(world, run_dir, "opd"), tmp_path / "c.yaml")))
+    _ok(train_cli(write_config(_lightning(world, run_dir, "opd"), tmp_path / "c.yaml")))
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len(records) == 3 and all("teacher_inconsistency" not in r for r in records)
     first = records[0]
@@ -269,7 +161,7 @@ def test_lightning_opd_runs_from_the_consistent_sft_checkpoint(world, tmp_path):
 
 def test_lightning_opd_refuses_a_store_scored_by_another_teacher(world, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    rc = train.main(["--config", str(_write(_lightning(world, run_dir, "wrong_teacher"), tmp_path / "c.yaml"))])
+    rc = train.main(["--config", str(write_config(_lightning(world, run_dir, "wrong_teacher"), tmp_path / "c.yaml"))])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert world["fp"]["student"] in err and world["fp"]["teacher"] in err and "allow_teacher_inconsistency" in err
@@ -280,7 +172,7 @@ def test_lightning_opd_with_allow_teacher_inconsistency_says_so_on_every_record(
     run_dir = tmp_path / "run"
     cfg = _lightning(world, run_dir, "wrong_teacher", steps=2, allow_teacher_inconsistency=True)
     cfg["logging"]["progress"] = True
-    proc = _cli(_write(cfg, tmp_path / "c.yaml"))
+    proc = train_cli(write_config(cfg, tmp_path / "c.yaml"))
     _ok(proc)
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len(records) == 2
@@ -310,7 +202,7 @@ def test_teacher_scoring_of_online_samples_matches_transformers(world):
     got = np.asarray(online_opd.make_teacher_scorer(tcfg, chunk_size=16)(tparams, batch))
     for r, (p, o) in enumerate(zip(prompt_ids, outs)):
         tokens = np.concatenate([p, o.token_ids])
-        want = _logprobs(teacher, tokens)[len(p) :]
+        want = token_logprobs(teacher, tokens)[len(p) :]
         n = len(tokens) - 1
         np.testing.assert_array_equal(batch.loss_mask[r, :n], (np.arange(1, n + 1) >= len(p)).astype(np.float32))
         np.testing.assert_allclose(got[r, len(p) - 1 : n], want, atol=2e-5)
@@ -322,7 +214,7 @@ def test_teacher_scoring_of_online_samples_matches_transformers(world):
 def test_online_opd_runs_with_sampler_teacher_and_eval(world, tmp_path):
     run_dir = tmp_path / "run"
     same_sampler = {"temperature": 1.0, "top_p": 1.0}
-    cfg = _config(
+    cfg = run_config(
         world,
         run_dir,
         mode="opd",
@@ -334,7 +226,7 @@ def test_online_opd_runs_with_sampler_teacher_and_eval(world, tmp_path):
         eval=dict(prompts=str(world["prompts"]["eval"]), k=2, grading="exact", max_new_tokens=24, **same_sampler),
         optimizer={"lr": 1e-3},
     )
-    _ok(_cli(_write(cfg, tmp_path / "c.yaml")))
+    _ok(train_cli(write_config(cfg, tmp_path / "c.yaml")))
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     for key in ("time/sample_s", "time/teacher_s", "time/update_s", "opd/teacher_student_gap"):
@@ -366,7 +258,7 @@ def _store_vocab_world(world, tmp_path) -> dict:
     (tmp_path / "v100.json").write_text(json.dumps(arch))
     tokens = np.array([1, 5, 6, 120, 2], np.int32)
     sample = dict(tokens=tokens, prompt_length=2, finish_reason="stop", prompt_index=0, behavior_logprobs=None)
-    store = _write_store(tmp_path / "s", [sample], {"policy": "x"})
+    store = write_store(tmp_path / "s", [sample], {"policy": "x"})
     model = {"init": "scratch", "config": str(tmp_path / "v100.json"), "tokenizer": str(world["root"] / "tok")}
     return {"model": model, "data": {"store": str(store)}}
 
@@ -407,8 +299,8 @@ BAD = {
 def test_bad_configs_exit_nonzero_naming_the_problem_and_write_nothing(world, tmp_path, capsys, case):
     make, needles = BAD[case]
     run_dir = tmp_path / "run"
-    cfg = _config(world, run_dir, **make(world, tmp_path))
-    rc = train.main(["--config", str(_write(cfg, tmp_path / "c.yaml"))])
+    cfg = run_config(world, run_dir, **make(world, tmp_path))
+    rc = train.main(["--config", str(write_config(cfg, tmp_path / "c.yaml"))])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     for needle in needles:
@@ -417,7 +309,7 @@ def test_bad_configs_exit_nonzero_naming_the_problem_and_write_nothing(world, tm
 
 
 def test_override_error_names_the_command_line(world, tmp_path, capsys):
-    path = _write(_config(world, tmp_path / "run"), tmp_path / "c.yaml")
+    path = write_config(run_config(world, tmp_path / "run"), tmp_path / "c.yaml")
     assert train.main(["--config", str(path), "train.steps=many"]) == 2
     err = capsys.readouterr().err
     assert "command-line override 'train.steps=many'" in err and "train.steps" in err
@@ -448,7 +340,7 @@ def test_prompt_stream_visits_every_prompt_once_per_epoch_and_reshuffles():
 def test_a_fresh_run_refuses_a_directory_holding_another_run(world, tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "2").mkdir(parents=True)
-    path = _write(_config(world, run_dir), tmp_path / "c.yaml")
+    path = write_config(run_config(world, run_dir), tmp_path / "c.yaml")
     assert train.main(["--config", str(path)]) == 2
     assert "already holds checkpoints; set resume: true" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_arch
+from helpers.models import tiny_arch
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_losses import ROWS, assert_tree_close, pack, rel_err, sequences, torch_opd_loss  # noqa: F401 (fixture)
-from test_qwen3 import _tokens, hf_model, tmp_root, torch_logits  # noqa: F401 (fixture)
+from helpers.losses import ROWS, assert_tree_close, pack, rel_err, torch_opd_loss
+from helpers.qwen3 import hf_model, random_tokens, torch_logits
 
 from lopd_jax import losses
 from lopd_jax.models import grouped_matmul as gm
@@ -148,21 +148,21 @@ def test_config_choices_are_the_module_impls():
     assert set(typing.get_args(qwen3_specs.MoeImpl)) == {"auto", *gm.IMPLS}
 
 
-def test_triton_outside_interpret_mode_is_refused_on_cpu(tmp_root):  # noqa: F811
+def test_triton_outside_interpret_mode_is_refused_on_cpu(tmp_root):
     _, cfg, params = hf_model("moe_norm_topk", tmp_root)
     cfg = dataclasses.replace(cfg, moe_impl="triton")
     with pytest.raises(ValueError, match="moe_impl='triton'.*backend is 'cpu'"):
-        qwen3.forward(params, _tokens((1, 4)), cfg=cfg)
+        qwen3.forward(params, random_tokens((1, 4)), cfg=cfg)
 
 
 # ---------------------------------------------------------------------------------------------- the model
 
 
 @pytest.mark.slow
-def test_moe_forward_with_triton_kernels_matches_transformers(tmp_root):  # noqa: F811
+def test_moe_forward_with_triton_kernels_matches_transformers(tmp_root):
     model, cfg, params = hf_model("moe_norm_topk", tmp_root)
     cfg = dataclasses.replace(cfg, moe_impl="triton", pallas_interpret=True)
-    tokens = _tokens((2, 13))
+    tokens = random_tokens((2, 13))
     ref = torch_logits(model, tokens)
     out = np.asarray(jax.jit(qwen3.forward, static_argnames=("cfg",))(params, tokens, cfg=cfg))
     assert np.abs(ref).max() > 0.5
@@ -183,7 +183,7 @@ def _moe_params(model, where: str) -> tuple[qwen3.Qwen3Config, dict]:
 
 
 @pytest.mark.slow
-def test_moe_opd_gradient_with_triton_kernels_matches_torch(sequences, tmp_path):  # noqa: F811
+def test_moe_opd_gradient_with_triton_kernels_matches_torch(sequences, tmp_path):
     """test_losses' OPD parity (sample_mean, old = current) on a Qwen3-MoE student, experts run as the triton
     kernels in interpret mode."""
     torch.manual_seed(0)

@@ -2,13 +2,13 @@
 
 JaxEngine.generate (a thin call of lopd_jax.inference.sampling) is checked against transformers' greedy generate end
 to end
-in tests/test_precompute_cli.py."""
+in tests/integration/test_precompute_cli.py."""
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY_TOKENS, tiny_arch
+from helpers.models import TINY_TOKENS, tiny_arch
 
 from precompute.engines import jax_engine
 from precompute.engines.jax_engine import JaxEngine

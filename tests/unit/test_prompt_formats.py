@@ -202,7 +202,7 @@ def test_an_unreachable_hub_is_one_line(tmp_path):
 
 
 def test_the_trainer_config_keys_reach_online_opd_and_evaluation(tmp_path):
-    from test_prompts import model_dir
+    from helpers.prompts import model_dir
 
     from lopd_jax.models import hf
     from lopd_jax.training import config as config_lib

@@ -9,71 +9,17 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import Qwen3Config as HFQwen3Config
-from transformers import Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from helpers.qwen3 import CASES, hf_model, random_tokens, torch_logits
 
 from lopd_jax.models import qwen3
 
-# Larger than transformers' default init (0.02) so attention is far from uniform and RoPE, masks and routing
-# matter: a bug then moves the logits by much more than the 1e-4 tolerance.
-_BASE = dict(
-    vocab_size=160, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    rope_theta=10_000.0, initializer_range=0.1, rms_norm_eps=1e-6,
-)  # fmt: skip
-_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
-
-CASES = {
-    # head_dim 16 != hidden/heads = 8; a single kv head; tied embeddings
-    "dense_tied_mqa": (HFQwen3Config, dict(_BASE, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)),
-    "dense_untied_gqa": (HFQwen3Config, dict(_BASE, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)),
-    "moe_norm_topk": (Qwen3MoeConfig, dict(_BASE, **_MOE, num_key_value_heads=2, head_dim=8, norm_topk_prob=True)),
-    # decoder_sparse_step=2: layer 0 dense, layer 1 MoE
-    "moe_no_norm_sparse_step": (
-        Qwen3MoeConfig,
-        dict(_BASE, **_MOE, num_key_value_heads=2, head_dim=8, norm_topk_prob=False, decoder_sparse_step=2),
-    ),
-    # mlp_only_layers=[1]: MoE, dense, MoE -> three scanned runs
-    "moe_mlp_only_layers": (
-        Qwen3MoeConfig,
-        dict(_BASE, **_MOE, num_key_value_heads=2, head_dim=8, num_hidden_layers=3, mlp_only_layers=[1]),
-    ),
-}
-
-
-@functools.cache
-def hf_model(case: str, tmp_root: str):
-    """(torch model, our cfg, our params) for a case; the checkpoint goes through save_pretrained/load_hf."""
-    config_cls, kwargs = CASES[case]
-    torch.manual_seed(0)
-    model_cls = Qwen3MoeForCausalLM if config_cls is Qwen3MoeConfig else Qwen3ForCausalLM
-    model = model_cls(config_cls(**kwargs)).eval()
-    path = f"{tmp_root}/{case}"
-    model.save_pretrained(path)
-    cfg, params = qwen3.load_hf(path)
-    return model, cfg, params
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("hf"))
-
-
-def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
-
-
 _forward = jax.jit(qwen3.forward, static_argnames=("cfg", "return_hidden"))
-
-
-def _tokens(shape, seed=0, vocab=160):
-    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(case, tmp_root):
     model, cfg, params = hf_model(case, tmp_root)
-    tokens = _tokens((2, 13))
+    tokens = random_tokens((2, 13))
     ref = torch_logits(model, tokens)
     out = np.asarray(_forward(params, tokens, cfg=cfg))
     assert np.abs(ref).max() > 0.5  # the comparison is not between near-zero numbers
@@ -92,13 +38,13 @@ def test_config_fields_read(tmp_root):
 def test_moe_uses_grouped_matmul(tmp_root):
     _, cfg, params = hf_model("moe_norm_topk", tmp_root)
     cfg = dataclasses.replace(cfg, scan_layers=True, moe_impl="ragged_dot")  # "auto": unrolled, padded on CPU
-    jaxpr = str(jax.make_jaxpr(functools.partial(qwen3.forward, cfg=cfg))(params, _tokens((1, 4))))
+    jaxpr = str(jax.make_jaxpr(functools.partial(qwen3.forward, cfg=cfg))(params, random_tokens((1, 4))))
     assert jaxpr.count("= ragged_dot_general[") == 3  # gate, up, down inside the one scanned layer body
 
 
 def test_return_hidden_is_pre_lm_head(tmp_root):
     model, cfg, params = hf_model("dense_untied_gqa", tmp_root)
-    tokens = _tokens((2, 7))
+    tokens = random_tokens((2, 7))
     hidden = _forward(params, tokens, cfg=cfg, return_hidden=True)
     with torch.no_grad():
         ref = model.model(torch.as_tensor(tokens, dtype=torch.long)).last_hidden_state.numpy()
@@ -118,7 +64,7 @@ def _pack(seqs, T):
 @pytest.mark.parametrize("case", ["dense_untied_gqa", "moe_norm_topk"])
 def test_packed_segments_equal_separate_sequences(case, tmp_root):
     model, cfg, params = hf_model(case, tmp_root)
-    rows = [[_tokens(5, 1), _tokens(4, 2), _tokens(6, 3)], [_tokens(9, 4), _tokens(3, 5)]]
+    rows = [[random_tokens(5, 1), random_tokens(4, 2), random_tokens(6, 3)], [random_tokens(9, 4), random_tokens(3, 5)]]
     packed = [_pack(r, 16) for r in rows]
     tokens = np.stack([p[0] for p in packed])
     segs = np.stack([p[1] for p in packed])
@@ -149,7 +95,7 @@ def test_kv_cache_prefill_and_decode_match_full_forward(case, scan, tmp_root):
     model, cfg, params = hf_model(case, tmp_root)
     cfg = dataclasses.replace(cfg, scan_layers=scan, decode_attention="dot" if scan is True else "auto")
     max_len = 10
-    prompts = [_tokens(3, 11), _tokens(6, 12)]
+    prompts = [random_tokens(3, 11), random_tokens(6, 12)]
     seqs = [list(p) for p in prompts]
     tokens = np.zeros((2, 6), np.int32)
     for b, p in enumerate(prompts):
@@ -160,7 +106,7 @@ def test_kv_cache_prefill_and_decode_match_full_forward(case, scan, tmp_root):
     for b, p in enumerate(prompts):
         np.testing.assert_allclose(logits[b, : len(p)], torch_logits(model, p[None])[0], atol=1e-4, rtol=0)
     for step in range(4):  # row 1 reaches max_len exactly
-        new = _tokens((2, 1), 20 + step)
+        new = random_tokens((2, 1), 20 + step)
         logits, cache = _cached(params, new, cache, cfg=cfg)
         for b in range(2):
             seqs[b].append(int(new[b, 0]))
@@ -169,7 +115,7 @@ def test_kv_cache_prefill_and_decode_match_full_forward(case, scan, tmp_root):
     np.testing.assert_array_equal(cache["lengths"], [7, 10])
     # Row 1 is full; its padded tokens must be dropped, not written over real entries.
     k_before = np.asarray(cache["k"][:, 1])
-    new = _tokens((2, 2), 30)
+    new = random_tokens((2, 2), 30)
     logits, cache = _cached(params, new, cache, cfg=cfg, num_new=jnp.array([2, 0]))
     np.testing.assert_array_equal(np.asarray(cache["k"][:, 1]), k_before)
     np.testing.assert_array_equal(cache["lengths"], [9, 10])
@@ -205,7 +151,7 @@ def test_init_params_follow_param_specs():
 
 def test_remat_and_unscanned_layers_give_same_values_and_grads(tmp_root):
     _, cfg, params = hf_model("moe_no_norm_sparse_step", tmp_root)
-    tokens = _tokens((2, 6))
+    tokens = random_tokens((2, 6))
 
     def loss(p, cfg):
         return jnp.mean(qwen3.forward(p, tokens, cfg=cfg) ** 2)
@@ -222,7 +168,7 @@ def test_remat_and_unscanned_layers_give_same_values_and_grads(tmp_root):
 
 def test_bfloat16_compute_tracks_fp32(tmp_root):
     _, cfg, params = hf_model("dense_untied_gqa", tmp_root)
-    tokens = _tokens((2, 9))
+    tokens = random_tokens((2, 9))
     ref = np.asarray(_forward(params, tokens, cfg=cfg))
     out = _forward(params, tokens, cfg=qwen3.Qwen3Config(**{**cfg.__dict__, "dtype": "bfloat16"}))
     assert out.dtype == jnp.bfloat16
@@ -234,7 +180,7 @@ def test_cudnn_attention_refuses_cpu(tmp_root):
     _, cfg, params = hf_model("dense_untied_gqa", tmp_root)
     cfg = qwen3.Qwen3Config(**{**cfg.__dict__, "attention": "cudnn"})
     with pytest.raises(ValueError, match="cudnn"):
-        qwen3.forward(params, _tokens((1, 4)), cfg=cfg, segment_ids=jnp.ones((1, 4), jnp.int32))
+        qwen3.forward(params, random_tokens((1, 4)), cfg=cfg, segment_ids=jnp.ones((1, 4), jnp.int32))
 
 
 def test_bad_runtime_fields_are_named():
@@ -262,7 +208,7 @@ def test_auto_forms_resolve_per_platform(tmp_root):
     assert qwen3.flat_matmuls(forced, weight_ndim=3) and qwen3.reduce_decode_attention(forced)
     accel = dataclasses.replace(cfg, scan_layers=True, matmuls="einsum")  # what "auto" resolves to on GPU / TPU
     assert qwen3.scan_layers(accel) and not qwen3.flat_matmuls(accel)
-    tokens = _tokens((2, 6))
+    tokens = random_tokens((2, 6))
 
     def grad_hlo(cfg):
         loss = lambda p: jnp.mean(qwen3.forward(p, tokens, cfg=cfg) ** 2)  # noqa: E731

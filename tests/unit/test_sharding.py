@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_arch
+from helpers.models import tiny_arch
 from jax.sharding import PartitionSpec as P
 
 from lopd_jax.models import qwen3

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_QWEN3
+from helpers.models import TINY_QWEN3
 
 from lopd_jax.demo import synthetic
 from lopd_jax.models import hf, qwen3

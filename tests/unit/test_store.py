@@ -12,37 +12,11 @@ import time
 import numpy as np
 import pytest
 import tensorstore as ts
+from helpers.store import LAYOUT, append_rows, make_samples
 
 from lopd_jax.store import RolloutStore, StoreError
 
-# Tiny chunks so a few hundred tokens span many chunks and shards, and flushes land mid-chunk.
-LAYOUT = dict(chunk_tokens=64, chunk_samples=16, shard_chunks=4)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def make_samples(n, seed=0, topk=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        p, r = int(rng.integers(1, 30)), int(rng.integers(1, 50))
-        s = dict(
-            tokens=rng.integers(0, 512, p + r).astype(np.int32),
-            prompt_length=p,
-            finish_reason="stop" if i % 3 else "length",
-            behavior_logprobs=-rng.exponential(size=r).astype(np.float32),
-            prompt_index=i // 2,
-            answer=[None, "42", "\\frac{1}{2} ü", 7][i % 4],
-            teacher=-rng.exponential(size=r).astype(np.float32),
-        )
-        if topk:
-            s["topk_ids"] = rng.integers(0, 512, (r, topk)).astype(np.int32)
-            s["topk_lp"] = -np.sort(rng.exponential(size=(r, topk)), axis=1).astype(np.float32)
-        out.append(s)
-    return out
-
-
-def append_rows(samples):
-    return [{k: v for k, v in s.items() if k not in ("teacher", "topk_ids", "topk_lp")} for s in samples]
 
 
 def write_teacher(w, samples, start, topk):
@@ -194,9 +168,10 @@ def test_crash_and_resume_equals_uninterrupted(tmp_path):
 
 
 _KILLED_WRITER = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {root!r})
-from tests.unit.test_store import LAYOUT, append_rows, make_samples
+sys.path.insert(0, os.path.join({root!r}, "tests"))  # tests/helpers
+from helpers.store import LAYOUT, append_rows, make_samples
 from lopd_jax.store import RolloutStore
 samples = append_rows(make_samples(400, seed=5))
 w = RolloutStore.open_for_append({path!r}, flush_tokens=200)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import tiny_arch
+from helpers.models import tiny_arch
 
 from lopd_jax import losses, update
 from lopd_jax.data.batch import Batch
