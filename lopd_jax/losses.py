@@ -123,6 +123,111 @@ def token_logprobs(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Top-k buckets: log-probs at K given ids and the log-mass of the rest of the vocabulary (the tail)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bucket_logprobs(logits: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log p at ``ids`` and the tail log(1 - sum_k p(ids_k)) of p = softmax(logits), computed in log space.
+
+    Args:
+      logits: [..., V] float logits (fp32 or float64; the results have their dtype).
+      ids: [..., K] int ids, distinct within a row; an id < 0 (or >= V) matches nothing (its log-prob is then
+        -logsumexp(logits), finite, and it leaves the tail alone): padding rows stay finite.
+
+    Returns:
+      (logprobs [..., K], tail [..., ]): the tail is logsumexp over the ids NOT in the row less logsumexp over
+      all, so it is exact for any mass (no 1 - sum cancellation); -inf exactly when the ids cover the vocabulary
+      (an empty tail bucket), with a zero, not NaN, gradient. Each id is a masked sum over V (not a gather), so
+      a V sharded over "tensor" stays a local reduce + all-reduce, as in ``token_logprobs``.
+    """
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    vocab = jnp.arange(logits.shape[-1], dtype=ids.dtype)
+    in_set = jnp.zeros(logits.shape, bool)
+    picked = []
+    for k in range(ids.shape[-1]):  # K passes over [..., V]: cheap next to the [D, V] matmul for K << D
+        hit = vocab == ids[..., k, None]
+        in_set = in_set | hit
+        picked.append(jnp.sum(jnp.where(hit, logits, 0.0), axis=-1))
+    lp = jnp.stack(picked, axis=-1) - lse[..., None]
+    empty = jnp.all(in_set, axis=-1)
+    # Double where: an all -inf logsumexp has a NaN gradient even where its value is not selected.
+    rest = jnp.where(in_set | empty[..., None], jnp.where(empty[..., None], 0.0, -jnp.inf), logits)
+    tail = jnp.where(empty, -jnp.inf, jax.nn.logsumexp(rest, axis=-1) - lse)
+    return lp, tail
+
+
+def _chunk_topk(w_DV: jax.Array, h_BCD: jax.Array, tgt_BC: jax.Array, ids_BCK: jax.Array, dtype):
+    """log p(targets) [B, C], log p(ids) [B, C, K] and the tail [B, C] of one chunk (logits live only here)."""
+    acc = qwen3.stat_dtype(dtype)
+    logits_BCV = jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), w_DV.astype(dtype), preferred_element_type=acc)
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    hit_BCV = jnp.arange(logits_BCV.shape[-1], dtype=tgt_BC.dtype) == tgt_BC[..., None]
+    lp_BC = jnp.sum(jnp.where(hit_BCV, logits_BCV, 0.0), axis=-1) - lse_BC
+    lp_BCK, tail_BC = bucket_logprobs(logits_BCV, ids_BCK)
+    return lp_BC, lp_BCK, tail_BC
+
+
+def topk_logprobs(
+    params: dict[str, Any],
+    hidden: jax.Array,
+    targets: jax.Array,
+    ids: jax.Array,
+    *,
+    cfg,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``token_logprobs`` plus the top-k buckets: log p(targets) [B, T], log p(ids) [B, T, K] and the tail
+    log(1 - sum_k p(ids_k)) [B, T], fp32 (float64 under x64 with float64 params), chunked along T the same way
+    (a ``lax.scan`` over rematerialised chunks: no [B, T, V] fp32 logits, one chunk's in the backward pass).
+
+    Args:
+      params, hidden, targets, cfg, chunk_size: as ``token_logprobs``.
+      ids: [B, T, K] int32 bucket ids of each position (``bucket_logprobs``: -1 where there are none).
+    """
+    B, T, _ = hidden.shape
+    if targets.shape != (B, T) or ids.shape[:2] != (B, T):
+        raise ValueError(f"topk_logprobs: targets {targets.shape} / ids {ids.shape} do not match hidden {(B, T)}")
+    w_DV = qwen3.lm_head_weight(params, cfg)
+    dtype = jnp.dtype(cfg.dtype)
+    C = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    C = T if C == 0 else min(C, T)
+    if C == T:
+        return _chunk_topk(w_DV, hidden, targets, ids, dtype)
+    J = -(-T // C)
+    pad = J * C - T
+    h_JBCD = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, J, C, -1).swapaxes(0, 1)
+    tgt_JBC = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, J, C).swapaxes(0, 1)
+    ids_JBCK = jnp.pad(ids, ((0, 0), (0, pad), (0, 0)), constant_values=-1).reshape(B, J, C, -1).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def body(w, xs):
+        return _chunk_topk(w, *xs, dtype)
+
+    _, outs = jax.lax.scan(lambda carry, xs: (carry, body(w_DV, xs)), None, (h_JBCD, tgt_JBC, ids_JBCK))
+    return tuple(x.swapaxes(0, 1).reshape(B, J * C, *x.shape[3:])[:, :T] for x in outs)
+
+
+def _plogp_ratio(la: jax.Array, lb: jax.Array) -> jax.Array:
+    """a * (log a - log b) from log a, log b; 0 where a = 0 (la = -inf), with a finite gradient there."""
+    zero = la == -jnp.inf
+    la_safe, lb_safe = jnp.where(zero, 0.0, la), jnp.where(zero, 0.0, lb)
+    return jnp.where(zero, 0.0, jnp.exp(la_safe) * (la_safe - lb_safe))
+
+
+def bucket_kl(logq: jax.Array, logq_tail: jax.Array, logp: jax.Array, logp_tail: jax.Array) -> jax.Array:
+    """KL(q || p) over K + 1 buckets (K ids and the tail), exactly: sum_k q_k log(q_k / p_k) + q_tail log(q_tail /
+    p_tail). Shapes [..., K] and [...]; returns [...].
+
+    Both arguments are normalised bucket distributions (``bucket_logprobs``), so the value is a KL divergence, >= 0
+    by Gibbs' inequality (up to float rounding: 0 exactly when q = p), with no clamp. A bucket with q = 0 adds 0;
+    one with q > 0 and p = 0 adds +inf (the KL is infinite). Reverse KL is ``bucket_kl(student, teacher)``, forward
+    KL ``bucket_kl(teacher, student)``.
+    """
+    return jnp.sum(_plogp_ratio(logq, logp), axis=-1) + _plogp_ratio(logq_tail, logp_tail)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Normalisation
 # ----------------------------------------------------------------------------------------------------------------
 
