@@ -484,6 +484,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         data = dataclasses.replace(data, require_teacher=True)
     if cfg.mode == "lightning_opd" and cfg.loss.old_policy == "behavior":
         data = dataclasses.replace(data, require_behavior=True)
+    if cfg.loss.topk_columns:  # a topk_* objective: the loader reads the store's top-k columns of that source
+        data = dataclasses.replace(data, topk_columns=cfg.loss.topk_columns, topk=cfg.loss.topk)
     return dataclasses.replace(cfg, data=data)
 
 
@@ -499,6 +501,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise _KeyError("model.init", "required: an HF checkpoint directory or a preset name")
     if cfg.mode in ("sft", "lightning_opd") and not cfg.data.store:
         raise _KeyError("data.store", f"required in mode {cfg.mode!r}: the RolloutStore to train on")
+    if cfg.loss.objective != "sampled_token" and cfg.mode != "lightning_opd":
+        raise _KeyError(
+            "loss.objective", f"{cfg.loss.objective} reads the teacher's stored top-k scores: mode lightning_opd only"
+        )
     if cfg.mode == "opd" and not cfg.model.teacher:
         raise _KeyError("model.teacher", "required in mode 'opd' (the live teacher)")
     if cfg.mode == "opd" and not cfg.data.prompts:

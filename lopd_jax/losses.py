@@ -37,6 +37,15 @@ class LossConfig:
     old_policy: Literal["current", "behavior"] = "current"
     logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE  # tokens per chunk; 0 = no chunking
     compute_entropy: bool = False
+    # What the OPD modes minimise: "sampled_token" (the reference: PPO-clip with A_t = log p_T - log pi_old on the
+    # one sampled token), or an exact KL over K + 1 buckets (K stored ids and the rest of the vocabulary) from the
+    # store: "topk_reverse_kl" = KL(student || teacher) over the rollout policy's top-K ids (precompute.rollouts
+    # --record-topk K, scored by teacher_logprobs --engine jax), "topk_forward_kl" = KL(teacher || student) over
+    # the teacher's own top-K ids (teacher_logprobs --top-k K).
+    objective: Literal["sampled_token", "topk_reverse_kl", "topk_forward_kl"] = "sampled_token"
+    topk: int = 0  # K of a topk_* objective: must equal the store's
+    # topk_* objectives: loss = (1 - w) * KL + w * (the sampled-token loss); 0 = the KL alone.
+    sampled_token_weight: float = 0.0
 
     def __post_init__(self):
         check_choices(self, "loss")
@@ -46,6 +55,23 @@ class LossConfig:
             raise ValueError(f"loss.tis_cap must be > 0 or None, got {self.tis_cap}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 0:
             raise ValueError(f"loss.logprob_chunk_size must be >= 0 or None, got {self.logprob_chunk_size}")
+        if self.objective == "sampled_token":
+            if self.topk or self.sampled_token_weight:
+                raise ValueError(
+                    "loss.topk and loss.sampled_token_weight belong to a topk_* loss.objective; objective is "
+                    "sampled_token"
+                )
+        elif self.topk <= 0:
+            raise ValueError(
+                f"loss.topk must be >= 1 for loss.objective {self.objective} (K of the store), got {self.topk}"
+            )
+        if not 0.0 <= self.sampled_token_weight <= 1.0:
+            raise ValueError(f"loss.sampled_token_weight must be in [0, 1], got {self.sampled_token_weight}")
+
+    @property
+    def topk_columns(self) -> str:
+        """The stored ids a topk_* objective's buckets are ("behavior" / "teacher"); "" for sampled_token."""
+        return {"topk_reverse_kl": "behavior", "topk_forward_kl": "teacher"}.get(self.objective, "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,6 +375,16 @@ def opd_loss(
         raise ValueError(f"opd_loss: old_logprobs shape {old_logprobs.shape} != batch shape {batch.targets.shape}")
     logp, ent = _policy_logprobs(params, batch, cfg, loss_cfg)
     mask = batch.loss_mask.astype(jnp.float32) * (batch.segment_ids > 0)
+    w, denom, n_seq = _sequence_weights(batch, loss_cfg.normalization)
+    loss, metrics = _sampled_token_term(logp, batch, loss_cfg, old_logprobs, mask, w, denom)
+    metrics |= _data_metrics(mask, n_seq, denom)
+    if ent is not None:
+        metrics["opd/entropy"] = _masked_mean(jax.lax.stop_gradient(ent), mask)
+    return loss, metrics
+
+
+def _sampled_token_term(logp, batch: Batch, loss_cfg: LossConfig, old_logprobs, mask, w, denom):
+    """The OPD objective's loss and metrics from the policy's log p(targets) [B, T] (``opd_loss``)."""
     if old_logprobs is None and loss_cfg.old_policy == "behavior":
         old_logprobs = jnp.where(mask > 0, batch.behavior_logprobs, 0.0)
     old = jax.lax.stop_gradient(logp if old_logprobs is None else old_logprobs.astype(jnp.float32))
@@ -357,7 +393,6 @@ def opd_loss(
     if loss_cfg.tis_cap is not None:
         # Truncated importance sampling: correct for rollouts sampled by pi_behavior instead of pi_old.
         pg = pg * jnp.minimum(jnp.exp(old - batch.behavior_logprobs), loss_cfg.tis_cap)
-    w, denom, n_seq = _sequence_weights(batch, loss_cfg.normalization)
     loss = jnp.sum(w * pg) / jnp.maximum(denom, 1.0)
     sg_logp = jax.lax.stop_gradient(logp)
     metrics = {
@@ -367,11 +402,80 @@ def opd_loss(
         "opd/teacher_student_gap": _masked_mean(batch.teacher_logprobs - sg_logp, mask),
         "opd/clip_frac": _masked_mean(clipped, mask),
         **behavior_kl_metrics(sg_logp, batch.behavior_logprobs, mask),
+    }
+    return loss, metrics
+
+
+def topk_kl_per_token(student_logp, student_tail, batch: Batch, objective: str) -> jax.Array:
+    """The per-position KL [B, T] of a topk_* objective from the student's bucket log-probs [B, T, K] / tail
+    [B, T] (``topk_logprobs``) and the batch's teacher buckets (``topk_teacher_logprobs`` / ``_tail``):
+    ``topk_reverse_kl`` = KL(student || teacher), ``topk_forward_kl`` = KL(teacher || student) (``bucket_kl``)."""
+    t_lp, t_tail = batch.topk_teacher_logprobs, batch.topk_teacher_tail
+    if objective == "topk_reverse_kl":
+        return bucket_kl(student_logp, student_tail, t_lp, t_tail)
+    if objective == "topk_forward_kl":
+        return bucket_kl(t_lp, t_tail, student_logp, student_tail)
+    raise ValueError(f"topk_kl_per_token: objective {objective!r} is not a topk_* objective")
+
+
+def topk_opd_loss(
+    params: dict[str, Any],
+    batch: Batch,
+    *,
+    cfg,
+    loss_cfg: LossConfig,
+    old_logprobs: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """A topk_* objective: the exact KL over the K stored ids + the tail bucket at every response token,
+    normalised per ``loss_cfg.normalization`` (token_mean: the mean over response tokens), mixed with the
+    sampled-token OPD loss as (1 - w) * KL + w * that loss (w = ``loss_cfg.sampled_token_weight``; 0: the KL).
+
+    Args:
+      params, cfg, loss_cfg, old_logprobs: as ``opd_loss``.
+      batch: a Batch with the top-k fields (``topk_ids`` [B, T, K], ``topk_teacher_logprobs`` [B, T, K],
+        ``topk_teacher_tail`` [B, T]) besides ``opd_loss``'s.
+
+    Returns:
+      (scalar loss, metrics): ``topk/kl`` is the normalised KL (the loss itself when w = 0), ``topk/kl_token_mean``
+      its token mean, ``topk/student_tail`` / ``topk/teacher_tail`` the mean tail masses (how much the K ids miss).
+    """
+    if batch.topk_ids is None or batch.topk_ids.shape[-1] != loss_cfg.topk:
+        got = None if batch.topk_ids is None else batch.topk_ids.shape
+        raise ValueError(f"topk_opd_loss: batch.topk_ids {got} does not hold loss.topk = {loss_cfg.topk} ids")
+    hidden = qwen3.forward(
+        params, batch.inputs, cfg=cfg, positions=batch.positions, segment_ids=batch.segment_ids, return_hidden=True
+    )
+    logp, q_lp, q_tail = topk_logprobs(
+        params, hidden, batch.targets, batch.topk_ids, cfg=cfg, chunk_size=loss_cfg.logprob_chunk_size
+    )
+    mask = batch.loss_mask.astype(jnp.float32) * (batch.segment_ids > 0)
+    on = mask > 0
+    # Off the loss the teacher fields are 0 / ids -1: keep every term finite there (where, not multiply).
+    kl = jnp.where(on, topk_kl_per_token(q_lp, q_tail, batch, loss_cfg.objective), 0.0)
+    w, denom, n_seq = _sequence_weights(batch, loss_cfg.normalization)
+    kl_loss = jnp.sum(w * kl) / jnp.maximum(denom, 1.0)
+    sg = jax.lax.stop_gradient
+    metrics = {
+        "topk/kl": kl_loss,
+        "topk/kl_token_mean": _masked_mean(sg(kl), mask),
+        "topk/student_tail": _masked_mean(jnp.where(on, jnp.exp(sg(q_tail)), 0.0), mask),
+        "topk/teacher_tail": _masked_mean(jnp.where(on, jnp.exp(batch.topk_teacher_tail), 0.0), mask),
         **_data_metrics(mask, n_seq, denom),
     }
-    if ent is not None:
-        metrics["opd/entropy"] = _masked_mean(jax.lax.stop_gradient(ent), mask)
+    loss = kl_loss
+    if loss_cfg.sampled_token_weight > 0:
+        pg_loss, pg_metrics = _sampled_token_term(logp, batch, loss_cfg, old_logprobs, mask, w, denom)
+        loss = (1.0 - loss_cfg.sampled_token_weight) * kl_loss + loss_cfg.sampled_token_weight * pg_loss
+        metrics |= pg_metrics
+    else:
+        metrics |= behavior_kl_metrics(sg(logp), batch.behavior_logprobs, mask)
     return loss, metrics
+
+
+def objective_loss(params: dict[str, Any], batch: Batch, *, cfg, loss_cfg: LossConfig) -> tuple[jax.Array, Metrics]:
+    """The OPD modes' loss for ``loss_cfg.objective``: ``opd_loss`` (sampled_token) or ``topk_opd_loss``."""
+    fn = opd_loss if loss_cfg.objective == "sampled_token" else topk_opd_loss
+    return fn(params, batch, cfg=cfg, loss_cfg=loss_cfg)
 
 
 def sft_loss(params: dict[str, Any], batch: Batch, *, cfg, loss_cfg: LossConfig) -> tuple[jax.Array, Metrics]:

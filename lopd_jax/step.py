@@ -28,8 +28,10 @@ from lopd_jax.models import qwen3
 if TYPE_CHECKING:
     from lopd_jax.config import TrainConfig
 
-# The Batch contract's dtypes (DESIGN.md): token ids int32, masks and log-probs float32.
-BATCH_DTYPES = {f.name: jnp.int32 for f in dataclasses.fields(Batch)}
+# The Batch contract's dtypes (DESIGN.md): token ids int32, masks and log-probs float32; the optional top-k fields
+# (None by default) only for a topk_* loss.objective.
+TOPK_FIELDS = ("topk_ids", "topk_teacher_logprobs", "topk_teacher_tail")
+BATCH_DTYPES = {f.name: jnp.int32 for f in dataclasses.fields(Batch) if f.name not in TOPK_FIELDS}
 BATCH_DTYPES.update(loss_mask=jnp.float32, teacher_logprobs=jnp.float32, behavior_logprobs=jnp.float32)
 
 
@@ -60,15 +62,18 @@ class TrainStep:
     state_shardings: update.TrainState
     batch_sharding: NamedSharding
     optimizer: optax.GradientTransformation
+    topk: int = 0  # K of a topk_* loss.objective: the batch carries its [B, T, K] fields
 
     def abstract_batch(self, batch_size: int, seq_len: int) -> Batch:
-        """A [batch_size, seq_len] Batch of ShapeDtypeStructs on the batch sharding."""
-        return Batch(
-            **{
-                k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=self.batch_sharding)
-                for k, dt in BATCH_DTYPES.items()
-            }
-        )
+        """A [batch_size, seq_len] Batch of ShapeDtypeStructs on the batch sharding (with the top-k fields
+        [batch_size, seq_len, K] when the step's objective reads them)."""
+        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding)  # noqa: E731
+        fields = {k: spec((batch_size, seq_len), dt) for k, dt in BATCH_DTYPES.items()}
+        if self.topk:
+            fields["topk_ids"] = spec((batch_size, seq_len, self.topk), jnp.int32)
+            fields["topk_teacher_logprobs"] = spec((batch_size, seq_len, self.topk), jnp.float32)
+            fields["topk_teacher_tail"] = spec((batch_size, seq_len), jnp.float32)
+        return Batch(**fields)
 
     def lower(self, batch_size: int, seq_len: int) -> jax.stages.Lowered:
         """The step lowered on abstract shapes (``.as_text()`` is its StableHLO; ``.compile()`` XLA's program)."""
@@ -81,8 +86,8 @@ class TrainStep:
 
 
 def loss_fn(mode: str, model_cfg: qwen3.Qwen3Config, loss_cfg: losses.LossConfig) -> update.LossFn:
-    """The loss of ``mode``: SFT cross entropy, or the (Lightning / online) OPD objective."""
-    fn = losses.sft_loss if mode == "sft" else losses.opd_loss
+    """The loss of ``mode``: SFT cross entropy, or the (Lightning / online) OPD objective of ``loss.objective``."""
+    fn = losses.sft_loss if mode == "sft" else losses.objective_loss
     return functools.partial(fn, cfg=model_cfg, loss_cfg=loss_cfg)
 
 
@@ -125,4 +130,4 @@ def make(
         state_shardings=state_sh,
         batch_sharding=batch_sh,
     )
-    return TrainStep(abstract, step, state_sh, batch_sh, opt)
+    return TrainStep(abstract, step, state_sh, batch_sh, opt, topk=loss.topk if mode != "sft" else 0)
