@@ -268,6 +268,15 @@ def teacher_array(name: str) -> bool:
     )
 
 
+def topk_bytes_per_token(k: int, source: str) -> int:
+    """Uncompressed store bytes per token of one top-k set: "behavior" (the rollout policy's ids + log-probs, the
+    teacher's log-probs of them + its tail: 12 K + 4) or "teacher" (the teacher's own ids + log-probs + tail:
+    8 K + 4). Every token of a sample has a row (prompt rows hold -1 / NaN)."""
+    if source not in ("behavior", "teacher"):
+        raise ValueError(f"topk_bytes_per_token: source {source!r} is not 'behavior' or 'teacher'")
+    return (12 if source == "behavior" else 8) * k + 4 if k else 0
+
+
 def array_metadata(name: str, dtype: str, fill: Any, layout: dict, width: int) -> dict:
     """The zarr3 metadata of a new, empty array ``name`` under the manifest's ``layout`` (chunking, zstd);
     ``width``: k of a [entries, k] array (``array_width``), 0 for a 1-D one."""

@@ -218,6 +218,7 @@ def _vllm_generator(args: argparse.Namespace, stops: tuple[int, ...]):
         tensor_parallel_size=args.tensor_parallel_size, max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens, dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        max_logprobs=args.record_topk if args.record_topk > vllm_engine.DEFAULT_MAX_LOGPROBS else None,
     )  # fmt: skip
     llm = vllm_engine.make_llm(args.policy, opts)
 
