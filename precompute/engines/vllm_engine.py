@@ -9,14 +9,14 @@ source of 0.11.0, 0.11.2, 0.12, 0.14, 0.17, 0.20, 0.24, 0.25, 0.26, 0.27, 0.28, 
 refuses any other version at start-up, before a store is written.
 
 * rollouts: ``LLM.generate([TokensPrompt(prompt_token_ids=...)], [SamplingParams(n, temperature, top_p, top_k,
-  max_tokens, seed, logprobs=0, stop_token_ids, detokenize=False)], use_tqdm=False)``, one SamplingParams per
-  prompt (its seed). ``CompletionOutput.logprobs`` is a list (one per generated token) of dicts token_id -> Logprob
-  holding at least the sampled token; ``finish_reason`` is "stop" or "length"; ``token_ids`` end with the stop token
-  when it stopped on one. The default ``logprobs_mode`` ("raw_logprobs", v1/sample/sampler.py) reports log-probs of
-  the unmodified model (temperature 1, before top-p/top-k). vLLM 0.11.0 (v1/core/sched/utils.py ``check_stop``)
-  tests the length cap before the stop tokens, so a stop token that is exactly the max_tokens-th is labelled
-  "length"; 0.11.1+ test stop tokens first. ``completion_to_row`` labels it "stop" on every version, as the JAX
-  engine does.
+  max_tokens, seed, logprobs=0, stop_token_ids, detokenize=False)], use_tqdm=False)``, one SamplingParams per prompt
+  (its seed); ``logprobs=K`` with ``--record-topk K`` (``max_logprobs`` raised above 20; see ``topk_record`` for what
+  each dict then holds). ``CompletionOutput.logprobs`` is a list (one per generated token) of dicts token_id ->
+  Logprob holding at least the sampled token; ``finish_reason`` is "stop" or "length"; ``token_ids`` end with the stop
+  token when it stopped on one. The default ``logprobs_mode`` ("raw_logprobs", v1/sample/sampler.py) reports log-probs
+  of the unmodified model (temperature 1, before top-p/top-k). vLLM 0.11.0 (v1/core/sched/utils.py ``check_stop``)
+  tests the length cap before the stop tokens, so a stop token that is exactly the max_tokens-th is labelled "length";
+  0.11.1+ test stop tokens first. ``completion_to_row`` labels it "stop" on every version, as the JAX engine does.
 * scoring: ``SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)``. ``RequestOutput.prompt_logprobs``
   is a list as long as the prompt whose entry 0 is None (the first token has no context) and whose entry j is a dict
   token_id -> Logprob of log p(. | tokens[:j]) holding the actual token tokens[j] (any rank) plus the k top-ranked
@@ -224,11 +224,12 @@ def topk_record(info: dict, k: int) -> dict:
     """What a rollout store's behaviour top-k columns hold when vLLM sampled it, for the manifest: K, the
     ``logprobs_mode`` the engine ran with (read back from it, ``ran_with``) and what each token's dict held.
 
-    V1's sampler (v1/sample/sampler.py, 0.11 .. 0.33) computes the returned log-probs from the logits before any
-    processing when ``logprobs_mode`` is "raw_logprobs" (its default) and ranks them with ``topk`` over the whole
-    vocabulary (``gather_logprobs``: the K top-ranked ids, ranks 1..K, plus the sampled id with its own rank), so
-    the stored ids are the raw model's top-K, like the JAX engine's. A "processed_*" mode would give the top-K of
-    the temperature / top-k / top-p distribution instead: it is refused."""
+    Read in vLLM 0.11.0's source: ``Sampler.forward`` (v1/sample/sampler.py) computes the returned log-probs as
+    ``log_softmax`` of the original logits, before allowed-ids / bad-words / logits processors / penalties /
+    temperature / top-k / top-p, when ``logprobs_mode`` is "raw_logprobs" (ModelConfig's default), and
+    ``gather_logprobs`` takes ``torch.topk`` of them over the whole vocabulary plus the sampled id; the output
+    processor gives the top-K ranks 1..K. So the stored ids are the raw model's top-K, like the JAX engine's. A
+    "processed_*" mode gives the top-K of the processed distribution instead, "raw_logits" logits: both refused."""
     mode = info.get("logprobs_mode")
     if mode != "raw_logprobs":
         raise PrecomputeError(
@@ -335,9 +336,13 @@ def completion_to_row(
 
 
 def _top_ranked(entry: Mapping, k: int, where: str) -> tuple[list[int], list[float]]:
-    """The k entries of ranks 1..k of one vLLM logprobs dict (token id -> Logprob), by rank."""
+    """The k entries of ranks 1..k of one vLLM logprobs dict (token id -> Logprob), by rank.
+
+    vLLM (v1/engine/logprobs.py ``_make_logprob_dict``) gives the top-k ids ranks 1..k and the sampled id its own
+    rank (the count of larger log-probs + 1): a sampled id outside the top-k tied with the k-th one also has rank
+    k, so ties are broken by log-prob, then id, and every rank 1..k must be present."""
     ranked = [(t, lp) for t, lp in entry.items() if lp.rank is not None and 1 <= lp.rank <= k]
-    ranked.sort(key=lambda kv: kv[1].rank)
-    if [lp.rank for _, lp in ranked] != list(range(1, k + 1)):
+    ranked.sort(key=lambda kv: (kv[1].rank, -kv[1].logprob, kv[0]))
+    if sorted({lp.rank for _, lp in ranked}) != list(range(1, k + 1)):
         raise ValueError(f"{where}: expected ranks 1..{k}, got {sorted(lp.rank for lp in entry.values())}")
-    return [int(t) for t, _ in ranked], [float(lp.logprob) for _, lp in ranked]
+    return [int(t) for t, _ in ranked[:k]], [float(lp.logprob) for _, lp in ranked[:k]]
