@@ -150,8 +150,9 @@ def test_topk_objective_equals_the_float64_reference(model_and_params, objective
         p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
         grads, metrics = _trainer_step(p64, _as(_batch(seqs, k), np.float64), cfg64, loss_cfg)
         loss = float(metrics["train/loss"])
-    assert float(t_loss) > 0.05  # a KL far from 0: the comparison is not of two zeros
-    assert abs(loss / float(t_loss) - 1) < 1e-10, (loss, float(t_loss))
+    t_value = float(t_loss.detach())
+    assert t_value > 0.05  # a KL far from 0: the comparison is not of two zeros
+    assert abs(loss / t_value - 1) < 1e-10, (loss, t_value)
     assert loss == float(metrics["topk/kl"])  # the logged loss IS the KL under the normalisation
     ours = _hf_named(grads, CFG)
     errs = {n: np.linalg.norm(ours[n] - t_grads[n]) / np.linalg.norm(t_grads[n]) for n in t_grads}
@@ -250,7 +251,8 @@ def test_sampled_token_objective_is_the_previous_opd_loss_bit_for_bit(model_and_
         assert np.array_equal(np.asarray(new_m[name]), np.asarray(old_m[name])), name
     for a, b in zip(jax.tree.leaves(new_g), jax.tree.leaves(old_g)):
         assert np.array_equal(a, b)
-    assert float(new_m["opd/clip_frac"]) > 0  # the clipped branch really ran
+    if loss_cfg.old_policy == "behavior":  # against the behaviour log-probs the clipped branch really runs
+        assert float(new_m["opd/clip_frac"]) > 0
 
 
 def test_the_step_lowers_with_the_top_k_batch_and_plan_prints_its_store_cost():
