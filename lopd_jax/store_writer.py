@@ -95,9 +95,11 @@ def _full_length(values, length: int, prompt_length: int, what: str, where: str)
     return v
 
 
-def _topk_rows(ids, logprobs, length: int, p: int, k: int, what: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _topk_rows(
+    ids, logprobs, length: int, p: int, k: int, what: str, where: str, distinct: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """([length, k] int32 ids with -1 on prompt rows, [length, k] f32 log-probs with NaN there) from full-length or
-    response-only input; ids must lie in [0, 2**31) and be distinct within a row, log-probs finite."""
+    response-only input; log-probs finite, ids (``distinct``) >= 0 and distinct within a row (a bucket each)."""
     ids = np.array(ids, np.int32)  # a copy: prompt rows are overwritten below
     if ids.ndim == 2 and len(ids) == length - p:
         ids = np.concatenate([np.full((p, ids.shape[1]), -1, np.int32), ids])
@@ -105,8 +107,8 @@ def _topk_rows(ids, logprobs, length: int, p: int, k: int, what: str, where: str
         raise StoreError(f"{where}: {what}_ids shape {ids.shape} != {(length, k)} (tokens, k)")
     ids[:p] = -1
     resp = np.sort(ids[p:], axis=-1)
-    bad = np.flatnonzero((resp[:, 0] < 0) | (np.diff(resp, axis=-1) == 0).any(-1)) if k else np.zeros(0, int)
-    if bad.size:
+    bad = np.flatnonzero((resp[:, 0] < 0) | (np.diff(resp, axis=-1) == 0).any(-1)) if distinct else []
+    if len(bad):
         raise StoreError(f"{where}: {what}_ids at token {p + int(bad[0])} are not distinct ids >= 0")
     return ids, _full_length(logprobs, length, p, f"{what}_logprobs", where)
 
@@ -199,6 +201,7 @@ class RolloutWriter:
         topk: int = 0,
         *,
         behavior_topk: int = 0,
+        topk_tail: bool = False,
         chunk_tokens: int = 1 << 14,
         chunk_samples: int = 1 << 12,
         shard_chunks: int = 64,
@@ -212,15 +215,15 @@ class RolloutWriter:
         (empty) commit, under its writer lock: ``path`` is either absent or a whole store, never half made. An
         existing directory that is not empty is refused before anything is written. ``overwrite`` (non-local
         stores only) replaces a store. Flushes every ``flush_tokens`` appended tokens (default: one shard).
-        ``topk``: width of the teacher's own top-k columns (with their tail column); ``behavior_topk``: K of the
-        rollout policy's top-k columns (and of the teacher's scores of them)."""
+        ``topk``: width of the teacher's own top-k columns, with their tail column when ``topk_tail``;
+        ``behavior_topk``: K of the rollout policy's top-k columns (and of the teacher's scores of them)."""
         spec = kvstore_spec(path)
         check_user_keys(manifest, describe(spec))
         layout = {"chunk_tokens": chunk_tokens, "chunk_samples": chunk_samples, "shard_chunks": shard_chunks}
         layout["zstd_level"] = zstd_level
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         full = {**manifest, "format": FORMAT, "schema_version": SCHEMA_VERSION, "topk": topk, "layout": layout}
-        full.update(behavior_topk=behavior_topk, topk_tail=bool(topk))
+        full.update(behavior_topk=behavior_topk, topk_tail=bool(topk) and topk_tail)
         full.update(committed=0, committed_tokens=0, teacher_committed=0, created_at=now)
         if local_dir(spec) is not None:
             return cls._create_local(spec, full, flush_tokens, overwrite)
@@ -370,7 +373,7 @@ class RolloutWriter:
             )
             row = [_full_length(per_sample_logprobs[i], length, p, "teacher_logprobs", where)]
             if topk is not None:
-                row += _topk_rows(topk[0][i], topk[1][i], length, p, self.topk, "teacher_topk", where)
+                row += _topk_rows(topk[0][i], topk[1][i], length, p, self.topk, "teacher_topk", where, self.topk_tail)
             if topk_tail is not None:
                 row.append(_tail(topk_tail[i], length, p, "teacher_topk_tail", where))
             if behavior is not None:

@@ -107,8 +107,8 @@ def copy_store(src: str, dst: str, topk: int, part: tuple[int, int] | None = Non
     if shard is not None:
         fields["shard"] = {**shard, "samples": [lo, hi], "expected": hi - lo}
     create = functools.partial(
-        RolloutStore.create, dst, fields, topk=topk, behavior_topk=reader.behavior_topk, flush_tokens=NO_AUTO_FLUSH,
-        **reader.manifest["layout"],
+        RolloutStore.create, dst, fields, topk=topk, behavior_topk=reader.behavior_topk, topk_tail=True,
+        flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"],
     )  # fmt: skip
     refusal = f"exists and is not a copy of {src} with these arguments"
     writer = common.open_or_create(dst, {**fields, "topk": topk}, create, refusal)
@@ -255,8 +255,8 @@ def topk_scores_record(args: argparse.Namespace, behavior_k: int) -> dict:
 def run(args: argparse.Namespace) -> str:
     """Score every committed sample not yet scored (of this process's shards); returns the summary line."""
     shard = shards.resolve(args.num_shards, args.shard_index)
+    refuse_vllm_ids(args)  # first: the store rules vLLM out whether or not it is installed
     common.check_engine(args.engine)
-    refuse_vllm_ids(args)
     if args.engine == "vllm":  # refuse an unchecked vLLM before anything is written
         from precompute.engines import vllm_engine
 

@@ -181,6 +181,7 @@ def test_topk_objective_bad_input_is_one_line_before_any_step(env, tmp_path, cap
         assert run_rollouts(env, "plain_rollouts", "--n", "1", "--temperature", "0") == 0
         argv = ["--teacher", str(env["teacher"]), "--store", str(env["root"] / "plain_rollouts")]
         assert teacher_logprobs.main(argv + ["--out", str(env["root"] / store)]) == 0
+        capsys.readouterr()  # the tools' progress output
     rc = train.main(["--config", str(_train_cfg(env, tmp_path, objective, k, store))])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err

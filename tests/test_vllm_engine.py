@@ -421,6 +421,7 @@ def test_completion_to_row_records_the_top_k_by_rank():
     log-probs of each token's distribution, whether the sampled token is among them or not."""
     lp, tokens = logits_and_tokens(8, seed=1)
     ids = tokens[:6]
+    ids[1], ids[4] = int(lp[1].argmax()), int(lp[4].argsort(descending=True)[2])  # sampled inside the top-3
     row = ve.completion_to_row(completion(ids, lp, finish="length", k=3), [1, 2], 0, record_topk=3)
     vals, top = torch.topk(lp[:6], 3)
     np.testing.assert_array_equal(row["behavior_topk_ids"], top.numpy())
@@ -456,6 +457,7 @@ def test_vllm_rollouts_record_top_k_and_scoring_them_needs_jax(fake_vllm, tmp_pa
         np.testing.assert_array_equal(s["behavior_topk_logprobs"][p:], vals.numpy().astype(np.float32))
     out = tmp_path / "scored"
     targs = ["--teacher", str(model), "--store", str(tmp_path / "r"), "--out", str(out), "--engine", "vllm"]
+    capsys.readouterr()  # the rollouts' progress output
     assert teacher_logprobs.main(targs) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--engine jax" in err[0] and not out.exists() and len(fake_vllm.instances) == 1
