@@ -273,3 +273,18 @@ def test_the_step_lowers_with_the_top_k_batch_and_plan_prints_its_store_cost():
     assert "52 bytes per token" in line and "3,072 tokens per step" in line  # 12 * 4 + 4 bytes, 32 x 96 tokens
     plain = types.SimpleNamespace(loss=losses.LossConfig(), train=cfg.train)
     assert plan.format_topk_store_cost(plain) == []
+
+
+def test_sampled_token_weight_mixes_the_kl_with_the_sampled_token_loss(model_and_params):
+    _, params = model_and_params
+    batch = _as(_batch(_sequences(4, seed=3), 4), np.float32)
+    kw = dict(objective="topk_forward_kl", topk=4, normalization="token_mean")
+    kl, _ = losses.topk_opd_loss(params, batch, cfg=CFG, loss_cfg=losses.LossConfig(**kw))
+    pg, _ = losses.opd_loss(params, batch, cfg=CFG, loss_cfg=losses.LossConfig(normalization="token_mean"))
+    mixed, m = losses.topk_opd_loss(params, batch, cfg=CFG, loss_cfg=losses.LossConfig(**kw, sampled_token_weight=0.3))
+    assert float(mixed) == pytest.approx(0.7 * float(kl) + 0.3 * float(pg), rel=1e-6)
+    assert float(m["topk/kl"]) == pytest.approx(float(kl), rel=1e-6) and "opd/pg_loss" in m
+    with pytest.raises(ValueError, match="sampled_token_weight must be in"):
+        losses.LossConfig(**kw, sampled_token_weight=1.5)
+    with pytest.raises(ValueError, match="belong to a topk_"):
+        losses.LossConfig(topk=4)
