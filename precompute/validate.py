@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("behavior_topk", "teacher_topk"):
         if (c := s.get(f"{name}_cost")) is not None:
             disk = "" if c["disk_bytes_per_token"] is None else f", {c['disk_bytes_per_token']:.2f} on disk"
-            per_token += f"; {name} K={c['k']}: {c['bytes_per_token']} bytes/token{disk}"
+            per_resp = c["bytes_per_token"] * s["tokens"] / max(1, s["response_tokens"])
+            per_token += (
+                f"; {name} K={c['k']}: {c['bytes_per_token']} bytes/token ({per_resp:.0f} per response token){disk}"
+            )
     print(
         f"OK {args.store}: {s['samples']} samples{shards}, {s['tokens']} tokens ({s['response_tokens']} response), "
         f"teacher {s['teacher_committed']}/{s['samples']}, top-k {s['topk']}, "
