@@ -9,7 +9,9 @@ stop token (the tokenizer's and generation config's eos ids) or ``--max-new-toke
 generated ids (the stop token included), finish reason, behaviour log-probs (raw model log-probs of the sampled
 tokens), prompt index and answer; the manifest gets the policy / tokenizer / chat-template fingerprints, the
 sampling parameters, the engine and versions, and with ``--sft-teacher`` the policy's fingerprint as ``sft_teacher``
-(the output is SFT data of it).
+(the output is SFT data of it). With ``--record-topk K`` the store also gets the K most likely ids of that raw
+policy at every response token and their raw log-probs (``behavior_topk_ids`` / ``behavior_topk_logprobs``,
+manifest ``behavior_topk`` = K; the top-k KL objectives score them with the teacher).
 
 Sharded (``--num-shards N --shard-index i``, or the launcher's variables: ``precompute.shards``): the batches of
 the global prompt order are split into N contiguous parts and shard i samples part i (batch b keeps its key
@@ -68,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompts per batch (with all their --n samples): one generate call, one commit; default 32 "
                    "(JAX), 4096 // n (vLLM: large windows keep its continuous batching full)")  # fmt: skip
     p.add_argument("--sft-teacher", action="store_true", help="mark the output as SFT data of this policy")
+    p.add_argument("--record-topk", type=int, default=0, metavar="K",
+                   help="also store the raw policy's K most likely ids and their log-probs at every response token "
+                   "(for loss.objective topk_reverse_kl); 0 = off")  # fmt: skip
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights / matmul dtype: JAX default float32 (bfloat16 on GPU/TPU); "
                    "vLLM default auto (the checkpoint's)")  # fmt: skip
@@ -80,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dtype == "auto" and not vllm:
         p.error("--dtype auto is for --engine vllm; the JAX engine takes float32, bfloat16 or float16")
     args.dtype = args.dtype or ("auto" if vllm else "float32")
+    if args.record_topk < 0:
+        p.error(f"--record-topk must be >= 0 (0 = off), got {args.record_topk}")
     for name in ("n", "max_new_tokens", "max_prompt_len", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -121,6 +128,8 @@ def run_fields(args: argparse.Namespace, stops: tuple[int, ...], fps: dict, n_pr
     sampling = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     sampling |= {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "stop_token_ids": list(stops)}
     sampling["logprobs"] = "raw"  # behaviour log-probs are the unprocessed model's (see lopd_jax.inference.sampling)
+    if args.record_topk:  # only when set: stores made without it still resume
+        sampling["record_topk"] = args.record_topk  # the top-k of that same raw distribution
     fields: dict[str, Any] = {
         "kind": "rollouts",
         "policy": fps["weights"],
@@ -178,10 +187,16 @@ def shard_plan(args: argparse.Namespace, shard: shards.Shard, num_batches: int) 
     return shards.split(num_batches, shard)
 
 
-def open_store(out: str, fields: dict, extra: dict):
+def open_store(out: str, fields: dict, extra: dict, record_topk: int = 0):
     """Create the store, or reopen it to resume after checking that it was made by the same command (an empty
     store a failed run left is replaced; see ``common.open_or_create``)."""
-    create = functools.partial(RolloutStore.create, out, manifest={**fields, **extra}, flush_tokens=NO_AUTO_FLUSH)
+    create = functools.partial(
+        RolloutStore.create,
+        out,
+        manifest={**fields, **extra},
+        behavior_topk=record_topk,
+        flush_tokens=NO_AUTO_FLUSH,
+    )
     return common.open_or_create(out, fields, create)
 
 
@@ -204,9 +219,13 @@ def make_generator(args: argparse.Namespace, stops: tuple[int, ...]):
         flat = [p for p in prompts for _ in range(args.n)]
         key = jax.random.fold_in(base_key, b)
         outs = engine.generate([p["ids"] for p in flat], scfg, key, batch_size=len(prompts) * args.n)
-        return [_row(p, o.token_ids, o.logprobs, o.finish_reason) for p, o in zip(flat, outs)]
+        return [
+            _row(p, o.token_ids, o.logprobs, o.finish_reason, o.topk_ids, o.topk_logprobs) for p, o in zip(flat, outs)
+        ]
 
     info = {"name": "jax", "mesh": dict(engine.mesh.shape), "devices": str(jax.devices()[0].platform)}
+    if args.record_topk:  # what the top-k columns hold: lax.top_k of log_softmax(raw logits), K per token
+        info["behavior_topk"] = {"k": args.record_topk, "distribution": "raw_logprobs", "entries_per_token": "K"}
     return generate, info
 
 
@@ -216,7 +235,7 @@ def sampler_config(args: argparse.Namespace, stops: tuple[int, ...]):
 
     return SamplingConfig(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-        stop_token_ids=stops, ignore_eos=True, seed=args.seed,
+        stop_token_ids=stops, ignore_eos=True, seed=args.seed, record_topk=args.record_topk,
     )  # fmt: skip
 
 
@@ -227,6 +246,7 @@ def _vllm_generator(args: argparse.Namespace, stops: tuple[int, ...]):
         tensor_parallel_size=args.tensor_parallel_size, max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens, dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        max_logprobs=args.record_topk if args.record_topk > vllm_engine.DEFAULT_MAX_LOGPROBS else None,
     )  # fmt: skip
     llm = vllm_engine.make_llm(args.policy, opts)
 
@@ -235,14 +255,17 @@ def _vllm_generator(args: argparse.Namespace, stops: tuple[int, ...]):
             llm, [p["ids"] for p in prompts], [p["index"] for p in prompts], n=args.n,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=stops,
-            answers=[p["answer"] for p in prompts],
+            answers=[p["answer"] for p in prompts], record_topk=args.record_topk,
         )  # fmt: skip
 
-    return generate, vllm_engine.engine_info(llm, opts)
+    info = vllm_engine.engine_info(llm, opts)
+    if args.record_topk:
+        info["behavior_topk"] = vllm_engine.topk_record(info, args.record_topk)
+    return generate, info
 
 
-def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
-    return {
+def _row(prompt: dict, token_ids, logprobs, finish_reason: str, topk_ids=None, topk_logprobs=None) -> dict:
+    row = {
         "tokens": [*prompt["ids"], *(int(t) for t in token_ids)],
         "prompt_length": len(prompt["ids"]),
         "finish_reason": finish_reason,
@@ -250,6 +273,9 @@ def _row(prompt: dict, token_ids, logprobs, finish_reason: str) -> dict:
         "prompt_index": prompt["index"],
         "answer": prompt["answer"],
     }
+    if topk_ids is not None:
+        row |= {"behavior_topk_ids": topk_ids, "behavior_topk_logprobs": topk_logprobs}
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -279,8 +305,13 @@ def run(args: argparse.Namespace) -> str:
     fields = run_fields(args, stops, provenance.fingerprint_model(args.policy), len(prompts), skipped, prompts_sha)
     if shard.count > 1:
         fields["shard"] = {**shard.record(), "batches": [lo, hi], "of": len(batches), "expected": mine}
-    extra = {"vocab_size": _vocab_size(args.policy), "policy_path": os.path.abspath(args.policy), "args": vars(args)}
-    writer = open_store(out, fields, extra)
+    vocab = _vocab_size(args.policy)
+    if args.record_topk > vocab:
+        raise PrecomputeError(
+            f"--record-topk {args.record_topk} > the policy's vocabulary ({vocab} ids, {args.policy})"
+        )
+    extra = {"vocab_size": vocab, "policy_path": os.path.abspath(args.policy), "args": vars(args)}
+    writer = open_store(out, fields, extra, args.record_topk)
     done = writer.committed
     if done % args.n or (done // args.n) % bs and done != mine:
         raise PrecomputeError(f"{out}: {done} committed samples is not a whole number of batches")

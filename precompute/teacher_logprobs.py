@@ -1,8 +1,13 @@
 """Score a RolloutStore with a teacher: ``python -m precompute.teacher_logprobs --teacher HF_DIR --store STORE``.
 
 Writes ``teacher_logprobs`` (entry j = log p_T(tokens[j] | tokens[:j]), NaN on prompt tokens) for every committed
-sample, the top-k columns with ``--top-k K``, and the teacher's fingerprint into the manifest. A teacher whose
-tokenizer differs from the store's is refused (token ids would mean different text), naming both fingerprints.
+sample, the top-k columns with ``--top-k K`` (the teacher's own top-k and its tail log(1 - their mass)), and the
+teacher's fingerprint into the manifest. A store with the rollout policy's top-k (``precompute.rollouts
+--record-topk K``) also gets log p_T at those K ids and their tail per token (``teacher_behavior_topk_*``): the JAX
+engine computes both from the full logits; vLLM's ``prompt_logprobs`` cannot score arbitrary ids, so such a store
+is refused with ``--engine vllm``. The manifest's ``teacher_topk_scores`` records K and which ids each set is.
+A teacher whose tokenizer differs from the store's is refused (token ids would mean different text), naming both
+fingerprints.
 
 ``--out STORE2`` first copies the store's samples into a new store (with the top-k columns when asked), so several
 teachers can score the same rollouts; without it the store is scored in place (its top-k width is fixed when it is
@@ -31,7 +36,7 @@ import sys
 
 import numpy as np
 
-from lopd_jax.store import RESERVED_KEYS, RolloutStore, provenance
+from lopd_jax.store import RESERVED_KEYS, RolloutStore, StoreError, provenance
 from lopd_jax.store.dataset import RolloutDataset
 from precompute import common, shards
 from precompute.common import PrecomputeError
@@ -84,7 +89,7 @@ def _copyable_fields(manifest: dict) -> dict:
 def _as_row(s: dict) -> dict:
     p = s["prompt_length"]
     behavior = s["behavior_logprobs"][p:]
-    return {
+    row = {
         "tokens": s["tokens"],
         "prompt_length": p,
         "finish_reason": s["finish_reason"],
@@ -92,6 +97,9 @@ def _as_row(s: dict) -> dict:
         "prompt_index": s["prompt_index"],
         "answer": s["answer"],
     }
+    if "behavior_topk_ids" in s:
+        row |= {k: s[k][p:] for k in ("behavior_topk_ids", "behavior_topk_logprobs")}
+    return row
 
 
 def copy_store(src: str, dst: str, topk: int, part: tuple[int, int] | None = None, shard: dict | None = None) -> None:
@@ -103,8 +111,9 @@ def copy_store(src: str, dst: str, topk: int, part: tuple[int, int] | None = Non
     if shard is not None:  # "of": the source's sample count, so a dataset can check that its parts tile it
         fields["shard"] = {**shard, "samples": [lo, hi], "of": len(reader), "expected": hi - lo}
     create = functools.partial(
-        RolloutStore.create, dst, fields, topk=topk, flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"]
-    )
+        RolloutStore.create, dst, fields, topk=topk, behavior_topk=reader.behavior_topk, topk_tail=True,
+        flush_tokens=NO_AUTO_FLUSH, **reader.manifest["layout"],
+    )  # fmt: skip
     refusal = f"exists and is not a copy of {src} with these arguments"
     writer = common.open_or_create(dst, {**fields, "topk": topk}, create, refusal)
     for start in range(lo + writer.committed, hi, COPY_BLOCK):
@@ -162,8 +171,8 @@ def make_scorer(args: argparse.Namespace, longest: int):
 
     engine = JaxEngine(args.teacher, dtype=args.dtype)
 
-    def score_jax(seqs: list[np.ndarray]) -> list[Scored]:
-        return engine.score(seqs, topk=args.top_k, batch_tokens=args.batch_tokens)
+    def score_jax(seqs: list[np.ndarray], ids: list[np.ndarray] | None = None) -> list[Scored]:
+        return engine.score(seqs, topk=args.top_k, batch_tokens=args.batch_tokens, ids=ids)
 
     return score_jax, {"name": "jax", "mesh": dict(engine.mesh.shape), "dtype": args.dtype}
 
@@ -178,9 +187,12 @@ def _vllm_scorer(args: argparse.Namespace, longest: int):
     )  # fmt: skip
     llm = vllm_engine.make_llm(args.teacher, opts)
 
-    def score_vllm(seqs: list[np.ndarray]) -> list[Scored]:
+    def score_vllm(seqs: list[np.ndarray], ids: list[np.ndarray] | None = None) -> list[Scored]:
+        if ids is not None:  # refused in run() before anything was written; a caller that skipped it
+            raise PrecomputeError("--engine vllm cannot score arbitrary token ids; use --engine jax")
         rows = vllm_engine.score_sequences(llm, seqs, args.top_k)
-        return [Scored(r["logprobs"], r["topk_ids"], r["topk_logprobs"]) for r in rows]
+        tail = (lambda r: vllm_engine.topk_tail(r["topk_logprobs"])) if args.top_k else (lambda r: None)
+        return [Scored(r["logprobs"], r["topk_ids"], r["topk_logprobs"], tail(r)) for r in rows]
 
     return score_vllm, vllm_engine.engine_info(llm, opts)
 
@@ -249,9 +261,40 @@ def _windows(start: int, end: int, size: int):
         start = stop
 
 
+def refuse_vllm_ids(args: argparse.Namespace) -> None:
+    """``--engine vllm`` on a store with the rollout policy's top-k: refused before anything is loaded or written
+    (vLLM's prompt_logprobs return the teacher's own top-k, not log p_T at given ids)."""
+    if args.engine != "vllm":
+        return
+    try:
+        k = RolloutStore.open(args.store).behavior_topk
+    except (StoreError, OSError):  # not a readable store: the usual checks below say so
+        return
+    if k:
+        raise PrecomputeError(
+            f"{args.store}: has the rollout policy's top-{k} ids (behavior_topk {k}), which need log p_T at "
+            "arbitrary token ids; vLLM's prompt_logprobs cannot gather them: score this store with --engine jax"
+        )
+
+
+def topk_scores_record(args: argparse.Namespace, behavior_k: int) -> dict:
+    """The manifest's ``teacher_topk_scores``: for each set of ids the teacher scored, K and which ids they are."""
+    how = "full logits: logsumexp of the ids not in the set less logsumexp of all (log space)"
+    if args.engine == "vllm":
+        how = "log1p(-sum of the top-k probabilities) in float64 from vLLM's top-k log-probs; -inf where it rounds to 0"
+    out = {}
+    if args.top_k:
+        out["teacher_topk"] = {"k": args.top_k, "ids": "the teacher's own top-k", "tail": how}
+    if behavior_k:
+        out["behavior_topk"] = {"k": behavior_k, "ids": "behavior_topk_ids: the rollout policy's raw top-k",
+                                "tail": how}  # fmt: skip
+    return out
+
+
 def run(args: argparse.Namespace) -> str:
     """Score every committed sample not yet scored (of this process's shards); returns the summary line."""
     shard = shards.resolve(args.num_shards, args.shard_index)
+    refuse_vllm_ids(args)  # first: the store rules vLLM out whether or not it is installed
     common.check_engine(args.engine)
     if args.engine == "vllm":  # refuse an unchecked vLLM before anything is written
         from precompute.engines import vllm_engine
@@ -317,12 +360,18 @@ def score_store(args, target: str, teacher: dict, run_args: dict, scorer: _LazyS
             teacher=teacher["weights"], teacher_tokenizer=teacher["tokenizer"], teacher_path=args.teacher,
             teacher_engine=info, teacher_versions=common.versions(args.engine), teacher_args=run_args,
         )  # fmt: skip
+        if args.top_k or writer.behavior_topk:
+            writer.update_manifest(teacher_topk_scores=topk_scores_record(args, writer.behavior_topk))
         for commits, (a, b) in enumerate(_windows(base + done, base + total, args.window), 1):
             a, b = a - base, b - base
-            tokens = [s["tokens"] for s in reader.samples(range(a, b))]
-            scored = score(tokens)
+            samples = reader.samples(range(a, b))
+            tokens = [s["tokens"] for s in samples]
+            ids = [s["behavior_topk_ids"] for s in samples] if writer.behavior_topk else None
+            scored = score(tokens, ids)
             topk = ([s.topk_ids for s in scored], [s.topk_logprobs for s in scored]) if args.top_k else None
-            writer.write_teacher(a, [s.logprobs for s in scored], topk=topk)
+            tail = [s.topk_tail for s in scored] if writer.topk_tail else None
+            behavior = ([s.ids_logprobs for s in scored], [s.ids_tail for s in scored]) if ids is not None else None
+            writer.write_teacher(a, [s.logprobs for s in scored], topk=topk, topk_tail=tail, behavior=behavior)
             writer.flush()
             progress.update(b - a, sum(len(t) for t in tokens))  # scoring cost: every token is a prefill token
             common.maybe_kill(commits)

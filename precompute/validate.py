@@ -26,16 +26,19 @@ from lopd_jax.store import dataset as store_dataset
 from lopd_jax.store.layout import (
     LOGPROB_MAX,
     StoreError,
+    behavior_topk,
     check_lengths,
     check_manifest,
     check_metadata,
     child_spec,
     kvstore_spec,
+    manifest_array_names,
     open_arrays,
     read_checked,
     read_manifest,
     read_sample_metadata,
     required_lengths,
+    topk_bytes_per_token,
     unfinished,
 )
 
@@ -79,9 +82,32 @@ def validate(path: str | os.PathLike | dict, require_teacher: bool = False) -> d
         "response_tokens": int(np.sum(lengths - meta["prompt_lengths"])),
         "teacher_committed": m["teacher_committed"],
         "topk": m["topk"],
+        "behavior_topk": behavior_topk(m),
         "finish_length": int(np.sum(meta["finish_reason"] == 1)),
         "bytes": _local_bytes(spec),
+        **_topk_cost(spec, m),
     }
+
+
+def _topk_cost(spec: dict, m: dict) -> dict:
+    """Per top-k set of the store, its cost: bytes per token uncompressed (``topk_bytes_per_token``) and on disk
+    (zstd; local stores, else None), both summed over the set's arrays."""
+    sets = {"teacher_topk": (m["topk"], "teacher"), "behavior_topk": (behavior_topk(m), "behavior")}
+    out = {}
+    for name, (k, source) in sets.items():
+        if not k:
+            continue
+        arrays = [
+            a for a in manifest_array_names(m) if (source == "behavior") == ("behavior_topk" in a) and "topk" in a
+        ]
+        disk = [_local_bytes(child_spec(spec, a)) for a in arrays]
+        on_disk = None if None in disk else sum(disk) / max(1, m["committed_tokens"])
+        out[f"{name}_cost"] = {
+            "k": k,
+            "bytes_per_token": topk_bytes_per_token(k, source),
+            "disk_bytes_per_token": on_disk,
+        }
+    return out
 
 
 def read_manifest_or_none(path) -> dict | None:
@@ -100,7 +126,10 @@ def validate_dataset(path: str | os.PathLike | dict, require_teacher: bool = Fal
     for name in ds.names:
         one = validate(child_spec(ds.spec, name), require_teacher)
         for k, v in one.items():
-            total[k] = v if k == "topk" else (None if v is None or total.get(k, 0) is None else total.get(k, 0) + v)
+            if k in ("topk", "behavior_topk") or k.endswith("_cost"):  # widths, not counts (disk: the last shard's)
+                total[k] = v
+            else:
+                total[k] = None if v is None or total.get(k, 0) is None else total.get(k, 0) + v
     total["shards"] = ds.count
     return total
 
@@ -166,6 +195,8 @@ def _check_token_block(arrays, m, offsets, prompt_lengths, a: int, b: int, where
     fail(tokens < 0, "token id < 0 (missing chunk?)")
     if "vocab_size" in m:
         fail(tokens >= m["vocab_size"], f"token id >= vocab_size {m['vocab_size']}")
+    if behavior_topk(m):
+        _check_behavior_topk(arrays, m, read, prompt, fail)
     behavior = read("behavior_logprobs")
     if m.get("behavior_logprobs") == "none":  # imported SFT data (precompute.import_jsonl): no behaviour policy
         fail(~np.isnan(behavior), "behavior_logprobs is not NaN (the manifest says behavior_logprobs: none)")
@@ -182,6 +213,39 @@ def _check_token_block(arrays, m, offsets, prompt_lengths, a: int, b: int, where
         fail(~p & (ids < 0).any(-1), "teacher_topk_ids < 0")
         fail(~p & ~np.isfinite(lp).all(-1), "teacher_topk_logprobs not finite")
         fail(~p & (np.diff(lp, axis=-1) > 0).any(-1), "teacher_topk_logprobs not sorted by rank")
+        if m.get("topk_tail"):
+            _check_buckets(lp, read("teacher_topk_tail", tc), p, "teacher_topk", fail)
+    if behavior_topk(m):
+        lp_t = read("teacher_behavior_topk_logprobs", tc)
+        fail(~p & ~np.isfinite(lp_t).all(-1), "teacher_behavior_topk_logprobs not finite")
+        fail(~p & (lp_t > LOGPROB_MAX).any(-1), "teacher_behavior_topk_logprobs > 0")
+        fail(p & ~np.isnan(lp_t).all(-1), "teacher_behavior_topk_logprobs is not NaN")
+        _check_buckets(lp_t, read("teacher_behavior_topk_tail", tc), p, "teacher_behavior_topk", fail)
+
+
+def _check_behavior_topk(arrays, m, read, prompt, fail) -> None:
+    """The rollout policy's top-k rows: ids distinct in [0, vocab) ranked by log-prob on response tokens, -1 / NaN
+    on prompt tokens."""
+    ids, lp = read("behavior_topk_ids"), read("behavior_topk_logprobs")
+    fail(~prompt & (ids < 0).any(-1), "behavior_topk_ids < 0")
+    if "vocab_size" in m:
+        fail(~prompt & (ids >= m["vocab_size"]).any(-1), f"behavior_topk_ids >= vocab_size {m['vocab_size']}")
+    fail(~prompt & (np.diff(np.sort(ids, axis=-1), axis=-1) == 0).any(-1), "behavior_topk_ids not distinct")
+    fail(prompt & (ids != -1).any(-1), "behavior_topk_ids is not -1")
+    fail(~prompt & ~np.isfinite(lp).all(-1), "behavior_topk_logprobs not finite")
+    fail(~prompt & (lp > LOGPROB_MAX).any(-1), "behavior_topk_logprobs > 0")
+    fail(~prompt & (np.diff(lp, axis=-1) > 0).any(-1), "behavior_topk_logprobs not sorted by rank")
+
+
+def _check_buckets(lp: np.ndarray, tail: np.ndarray, prompt: np.ndarray, name: str, fail) -> None:
+    """A teacher's scores of K ids and its tail: the tail is NaN on prompt tokens, never NaN / > 0 on response
+    tokens (-inf: an empty bucket), and the K + 1 buckets hold all the mass (|log total| <= 1e-3)."""
+    fail(~prompt & np.isnan(tail), f"{name}_tail is NaN")
+    fail(~prompt & (tail > LOGPROB_MAX), f"{name}_tail > 0")
+    fail(prompt & ~np.isnan(tail), f"{name}_tail is not NaN")
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.exp(lp.astype(np.float64)).sum(-1) + np.exp(tail.astype(np.float64))
+    fail(~prompt & ~(np.abs(np.log(total)) <= 1e-3), f"{name} buckets do not sum to 1 (log total not within 1e-3)")
 
 
 def _check_logprobs(lp: np.ndarray, prompt: np.ndarray, name: str, fail) -> None:
@@ -211,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     per_token = f", {s['bytes'] / max(1, s['tokens']):.2f} bytes/token on disk" if s["bytes"] is not None else ""
     shards = f" in {s['shards']} shards" if "shards" in s else ""
+    for name in ("behavior_topk", "teacher_topk"):
+        if (c := s.get(f"{name}_cost")) is not None:
+            disk = "" if c["disk_bytes_per_token"] is None else f", {c['disk_bytes_per_token']:.2f} on disk"
+            per_resp = c["bytes_per_token"] * s["tokens"] / max(1, s["response_tokens"])
+            per_token += (
+                f"; {name} K={c['k']}: {c['bytes_per_token']} bytes/token ({per_resp:.0f} per response token){disk}"
+            )
     print(
         f"OK {args.store}: {s['samples']} samples{shards}, {s['tokens']} tokens ({s['response_tokens']} response), "
         f"teacher {s['teacher_committed']}/{s['samples']}, top-k {s['topk']}, "

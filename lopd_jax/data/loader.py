@@ -27,6 +27,8 @@ __all__ = ["Batch", "DataConfig", "DataError", "DataIterator", "make_dataset", "
 
 # Per-token fields that are packed; each gets [T] slots in a row.
 _SEQ_FIELDS = ("inputs", "targets", "loss_mask", "teacher_logprobs", "behavior_logprobs", "dropped")
+# Added for the top-k KL objectives (data.topk_columns): [T, K] and [T] slots.
+_TOPK_FIELDS = ("topk_ids", "topk_teacher_logprobs", "topk_teacher_tail")
 # Cumulative counters reported by DataIterator.metrics (and carried in the iterator state).
 _COUNTERS = ("samples", "truncated_samples", "dropped_tokens", "response_tokens", "padding_tokens", "batches")
 
@@ -115,6 +117,7 @@ def make_dataset(cfg: DataConfig, store, process_index: int = 0, process_count: 
         max_response_len=cfg.max_response_len,
         require_teacher=cfg.require_teacher,
         require_behavior=cfg.require_behavior,
+        topk_columns=cfg.topk_columns,
     )
     # A small read-ahead buffer: Grain scans the whole buffer on every element, so its default (500) costs
     # more CPU than the reads it hides.
@@ -122,7 +125,7 @@ def make_dataset(cfg: DataConfig, store, process_index: int = 0, process_count: 
     it = ds.map(shift).to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads))
     it = grain.experimental.FirstFitPackIterDataset(
         it,
-        length_struct=dict.fromkeys(_SEQ_FIELDS, cfg.seq_len),
+        length_struct=dict.fromkeys(_SEQ_FIELDS + (_TOPK_FIELDS if cfg.topk_columns else ()), cfg.seq_len),
         num_packing_bins=rows,
         shuffle_bins=False,  # rows of one packing group form one batch, so their order does not matter
         max_sequences_per_bin=None if cfg.pack else 1,

@@ -16,6 +16,7 @@ optional ``report`` section says which stages are the methods being compared::
           teacher: [teacher_logprobs]      # stages that run the teacher (their seconds are teacher compute)
           teacher_metric: time/teacher_s   # or/and: a metric summed over the eval stage's metrics.jsonl
           baseline: SFT student            # optional: print this method's gain over that one (paired, below)
+          spread: train/grad_norm          # optional: its coefficient of variation over the logged steps
 
 A method's wall-clock and teacher seconds are summed over its stages per foreach instance (stages without loop
 values are shared by every instance), then averaged over instances. A method's cumulative seconds add its
@@ -59,6 +60,7 @@ class MethodSpec:
     teacher_metric: str | None = None
     upstream: tuple[str, ...] = ()
     baseline: str | None = None  # another method's name: the gain over it is reported
+    spread: str | None = None
 
 
 @dataclasses.dataclass
@@ -72,6 +74,7 @@ class MethodResult:
     cumulative_seconds: list[float] = dataclasses.field(default_factory=list)  # seconds + upstream stages
     loops: list[dict] = dataclasses.field(default_factory=list)  # each instance's loop values
     per_prompt: list[list[float] | None] = dataclasses.field(default_factory=list)  # eval.json's, per instance
+    spreads: list[float] = dataclasses.field(default_factory=list)  # CV of the spec's ``spread`` metric per instance
 
     def stats(self, xs: list[float]) -> tuple[float, float]:
         a = np.asarray(xs, float)
@@ -113,6 +116,7 @@ def method_specs(raw_config: dict, records: list[dict]) -> list[MethodSpec]:
                 m.get("teacher_metric"),
                 tuple(m.get("upstream", ())),
                 None if m.get("baseline") is None else str(m["baseline"]),
+                m.get("spread"),
             )  # fmt: skip
         )
     names = {s.name for s in specs}
@@ -151,6 +155,18 @@ def _metric_sum(run_dir: Path, stage: str, key: str) -> float:
     return float(sum(r.get(key, 0.0) for r in read_metrics(path) if isinstance(r.get(key), (int, float))))
 
 
+def metric_cv(run_dir: Path, stage: str, key: str) -> float:
+    """Coefficient of variation (std / mean, ddof 0) of ``key`` over the records of a training stage's
+    metrics.jsonl: e.g. the spread of ``train/grad_norm`` from step to step. NaN with fewer than 2 records."""
+    path = run_dir / stage / "metrics.jsonl"
+    if not path.exists():
+        return math.nan
+    from lopd_jax.training.metrics import read_metrics
+
+    xs = np.asarray([r[key] for r in read_metrics(path) if isinstance(r.get(key), (int, float))], float)
+    return float(xs.std() / xs.mean()) if len(xs) > 1 and xs.mean() != 0 else math.nan
+
+
 def aggregate(records: list[dict], specs: list[MethodSpec], run_dir: Path, metric: str) -> list[MethodResult]:
     """Per method: the metric of each eval instance, and its wall-clock and teacher seconds."""
     results = []
@@ -171,6 +187,8 @@ def aggregate(records: list[dict], specs: list[MethodSpec], run_dir: Path, metri
             if spec.teacher_metric:
                 teacher += _metric_sum(run_dir, ev["name"], spec.teacher_metric)
             res.teacher_seconds.append(teacher)
+            if spec.spread:
+                res.spreads.append(metric_cv(run_dir, ev["name"], spec.spread))
         results.append(res)
     return results
 
@@ -263,7 +281,8 @@ def method_table(results: list[MethodResult], metric: str) -> str:
     from), teacher s."""
     width = max([len(r.name) for r in results] + [6])
     head = f"{'method':<{width}}  {metric + ' (%)':>18}  {'eval s.e.':>9}  {'n':>2}  {'wall-clock s':>14}"
-    lines = [head + f"  {'cumulative s':>14}  {'teacher s':>12}"]
+    spread = any(r.spreads for r in results)
+    lines = [head + f"  {'cumulative s':>14}  {'teacher s':>12}" + (f"  {'grad spread (CV)':>16}" if spread else "")]
     for r in results:
         n = len(r.scores)
         acc = _pm(*r.stats(r.scores), n, 100.0)
@@ -271,7 +290,10 @@ def method_table(results: list[MethodResult], metric: str) -> str:
         secs = _pm(*r.stats(r.seconds), n, digits=0)
         cum = _pm(*r.stats(r.cumulative_seconds), n, digits=0)
         teacher = _pm(*r.stats(r.teacher_seconds), n, digits=0)
-        lines.append(f"{r.name:<{width}}  {acc:>18}  {se:>9}  {n:>2}  {secs:>14}  {cum:>14}  {teacher:>12}")
+        line = f"{r.name:<{width}}  {acc:>18}  {se:>9}  {n:>2}  {secs:>14}  {cum:>14}  {teacher:>12}"
+        if spread:
+            line += f"  {_pm(*r.stats(r.spreads), len(r.spreads), digits=3) if r.spreads else '-':>16}"
+        lines.append(line)
     return "\n".join(lines)
 
 

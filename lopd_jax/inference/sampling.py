@@ -12,6 +12,9 @@ Semantics follow vLLM:
     truncation (vLLM V1's default ``logprobs_mode="raw_logprobs"``). The trainer uses them as behaviour
     log-probs in importance weights against the same model's forward, so the unprocessed model log-prob is the
     comparable quantity; the processed distribution can be recomputed from it and the sampling parameters.
+  * With ``SamplingConfig.record_topk = K`` the K most likely ids of that same raw distribution and their raw
+    log-probs are recorded at every step (``SampleOutput.topk_ids`` / ``topk_logprobs``, by rank), whatever
+    temperature / top-k / top-p the token was drawn with.
   * Generated ids include the stop token when one was produced (finish_reason "stop"), else "length".
 
 Randomness: the key of prompt i at decode step t is ``fold_in(fold_in(key, i), t)``, so a prompt's sample does
@@ -52,6 +55,7 @@ class SamplingConfig:
     ignore_eos: bool = False
     seed: int = 0
     min_prompt_bucket: int = 16  # smallest padded prompt length (avoids a compile per tiny prompt)
+    record_topk: int = 0  # K > 0: also record the raw policy's top-K ids and log-probs at every generated token
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -60,16 +64,21 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.record_topk < 0:
+            raise ValueError(f"SamplingConfig.record_topk must be >= 0, got {self.record_topk}")
 
 
 @dataclasses.dataclass
 class SampleOutput:
     """One generation: ``token_ids`` [n] int32 (stop token included), ``logprobs`` [n] float32 (raw model
-    log-probs of those tokens), ``finish_reason`` "stop" | "length"."""
+    log-probs of those tokens), ``finish_reason`` "stop" | "length"; with ``record_topk`` = K, ``topk_ids`` [n, K]
+    int32 and ``topk_logprobs`` [n, K] float32: the raw model's K most likely ids at each token, by rank."""
 
     token_ids: np.ndarray
     logprobs: np.ndarray
     finish_reason: str
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
 
 
 class _Static(NamedTuple):
@@ -80,6 +89,7 @@ class _Static(NamedTuple):
     top_k: int
     max_new_tokens: int
     stop_ids: tuple[int, ...]
+    record_topk: int = 0
 
 
 # --------------------------------------------------------------------------- logits processing
@@ -115,7 +125,8 @@ def process_logits(logits_BV: jax.Array, temperature: float, top_k: int = 0, top
 
 
 def sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, st: _Static) -> tuple[jax.Array, jax.Array]:
-    """Draw one token per row. logits [B, V] (any float), keys [B] -> tokens [B] int32, raw log-probs [B] fp32."""
+    """Draw one token per row. logits [B, V] (any float), keys [B] -> tokens [B] int32, raw log-probs [B] fp32.
+    (The raw top-k, when recorded, is taken by ``_record`` from the same log-softmax.)"""
     logits_BV = logits_BV.astype(jnp.float32)
     if st.temperature == 0:
         tokens_B = jnp.argmax(logits_BV, axis=-1)
@@ -146,6 +157,15 @@ class _State(NamedTuple):
     n_gen_B: jax.Array
     tokens_BM: jax.Array
     logprobs_BM: jax.Array
+    topk_ids_BMK: jax.Array  # [B, M, K] (K = st.record_topk; [B, M, 0] when not recorded)
+    topk_lp_BMK: jax.Array
+
+
+def raw_topk(logits_BV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The K most likely ids of the raw (temperature 1, untruncated) distribution and their log-probs, by rank:
+    (ids [B, K] int32, log-probs [B, K] fp32)."""
+    lp_K, ids_K = jax.lax.top_k(jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1), k)
+    return ids_K.astype(jnp.int32), lp_K
 
 
 def _record(s: _State, logits_BV: jax.Array, keys_B: jax.Array, st: _Static) -> _State:
@@ -153,6 +173,12 @@ def _record(s: _State, logits_BV: jax.Array, keys_B: jax.Array, st: _Static) -> 
     step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, s.step)
     tok_B, lp_B = sample_tokens(logits_BV, step_keys_B, st)
     active_B = ~s.done_B
+    if st.record_topk:
+        ids_BK, tlp_BK = raw_topk(logits_BV, st.record_topk)
+        s = s._replace(
+            topk_ids_BMK=s.topk_ids_BMK.at[:, s.step].set(jnp.where(active_B[:, None], ids_BK, -1)),
+            topk_lp_BMK=s.topk_lp_BMK.at[:, s.step].set(jnp.where(active_B[:, None], tlp_BK, 0.0)),
+        )
     hit_B = active_B & jnp.any(
         tok_B[:, None] == jnp.asarray(st.stop_ids, jnp.int32).reshape(1, len(st.stop_ids)), axis=-1
     )
@@ -186,6 +212,8 @@ def _generate_batch(params, prompts_BP, lengths_B, valid_B, index_B, key, *, cfg
         n_gen_B=jnp.zeros((B,), jnp.int32),
         tokens_BM=jnp.zeros((B, M), jnp.int32),
         logprobs_BM=jnp.zeros((B, M), jnp.float32),
+        topk_ids_BMK=jnp.full((B, M, st.record_topk), -1, jnp.int32),
+        topk_lp_BMK=jnp.zeros((B, M, st.record_topk), jnp.float32),
     )
     state = _record(state, _last_logits(params, h_BPD, lengths_B - 1, cfg), keys_B, st)
 
@@ -201,7 +229,7 @@ def _generate_batch(params, prompts_BP, lengths_B, valid_B, index_B, key, *, cfg
         return _record(s._replace(cache=cache), logits_BV, keys_B, st)
 
     state = jax.lax.while_loop(cond, body, state)
-    return state.tokens_BM, state.logprobs_BM, state.n_gen_B, state.stopped_B
+    return state.tokens_BM, state.logprobs_BM, state.n_gen_B, state.stopped_B, state.topk_ids_BMK, state.topk_lp_BMK
 
 
 _generate_batch_jit = jax.jit(_generate_batch, static_argnames=("cfg", "st", "cache_sharding"))
@@ -224,8 +252,15 @@ def _stop_ids(cfg: Qwen3Config, scfg: SamplingConfig) -> tuple[int, ...]:
 
 
 def _static(cfg: Qwen3Config, scfg: SamplingConfig) -> _Static:
+    if scfg.record_topk > cfg.vocab_size:
+        raise ValueError(f"SamplingConfig.record_topk {scfg.record_topk} > the vocabulary ({cfg.vocab_size})")
     return _Static(
-        float(scfg.temperature), float(scfg.top_p), int(scfg.top_k), scfg.max_new_tokens, _stop_ids(cfg, scfg)
+        float(scfg.temperature),
+        float(scfg.top_p),
+        int(scfg.top_k),
+        scfg.max_new_tokens,
+        _stop_ids(cfg, scfg),
+        int(scfg.record_topk),
     )
 
 
@@ -297,10 +332,15 @@ def generate_batches(
         arrays = _pack(prompts, idx, batch_size, sampling_cfg)
         cache_sh = _cache_sharding(cfg, mesh, batch_size, arrays[0].shape[1] + st.max_new_tokens, rules)
         out = _generate_batch_jit(params, *_place(arrays, mesh, rules), key, cfg=cfg, st=st, cache_sharding=cache_sh)
-        tokens, logprobs, n_gen, stopped = (np.asarray(a) for a in out)
+        tokens, logprobs, n_gen, stopped, topk_ids, topk_lp = (np.asarray(a) for a in out)
+        k = st.record_topk
         outputs = [
             SampleOutput(
-                tokens[r, : n_gen[r]].copy(), logprobs[r, : n_gen[r]].copy(), "stop" if stopped[r] else "length"
+                tokens[r, : n_gen[r]].copy(),
+                logprobs[r, : n_gen[r]].copy(),
+                "stop" if stopped[r] else "length",
+                topk_ids[r, : n_gen[r]].copy() if k else None,
+                topk_lp[r, : n_gen[r]].copy() if k else None,
             )
             for r in range(len(idx))
         ]

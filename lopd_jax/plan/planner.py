@@ -360,6 +360,7 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     lines.append(
         f"total per device: {plan.total_bytes / GB:.2f} GB of {plan.budget_bytes / GB:.0f} GB budget: {verdict}"
     )
+    lines += format_topk_store_cost(cfg)
     if plan.roofline is not None:
         lines += format_roofline(plan.roofline, plan.target)
     lines.append(f"compile: {plan.compile_seconds:.1f} s")
@@ -377,6 +378,22 @@ def format_collectives(c: collectives.CollectiveBytes) -> list[str]:
     if c.unknown_trip_counts:
         lines.append(f"  ({c.unknown_trip_counts} loops without a known trip count counted once: a lower bound)")
     return lines
+
+
+def format_topk_store_cost(cfg: TrainConfig) -> list[str]:
+    """The store bytes a topk_* objective reads: its top-k set's bytes per token (``topk_bytes_per_token``) x the
+    tokens of one step (batch rows x seq_len); [] for the sampled-token objective."""
+    from lopd_jax.store.layout import topk_bytes_per_token
+
+    source, k = cfg.loss.topk_columns, cfg.loss.topk
+    if not source:
+        return []
+    per_token = topk_bytes_per_token(k, source)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    return [
+        f"store: loss.objective {cfg.loss.objective} reads the {source} top-{k} set: {per_token} bytes per token "
+        f"(uncompressed) x {tokens:,} tokens per step = {per_token * tokens / 2**20:.1f} MiB per step"
+    ]
 
 
 def format_roofline(r: targets.Roofline, tgt: targets.Target) -> list[str]:

@@ -46,6 +46,8 @@ AGREE_KEYS = (
     "vocab_size",
     "behavior_logprobs",
     "topk",
+    "behavior_topk",
+    "topk_tail",
 )
 TEACHER_KEYS = ("teacher", "teacher_tokenizer", "teacher_args")
 
@@ -120,7 +122,7 @@ class RolloutDataset:
         )
         self.prompt_lengths = np.concatenate([s.prompt_lengths for s in self.stores])
         self.prompt_index = np.concatenate([s.prompt_index for s in self.stores])
-        self.topk = self.stores[0].topk
+        self.topk, self.behavior_topk = self.stores[0].topk, self.stores[0].behavior_topk
         self.teacher_committed = int(sum(s.teacher_committed for s in self.stores))
         self._manifest = _merged_manifest(self.stores, self.count)
 

@@ -13,12 +13,22 @@ kvstore JSON spec) holding zarr3 arrays written with TensorStore and a JSON mani
     teacher_logprobs/  float32  [teacher tokens]    log p_T(tokens[j] | tokens[:j]); NaN on prompt tokens
     teacher_topk_ids/  int32    [teacher tokens, k] (only when topk > 0) top-k ids of p_T(. | tokens[:j]), by rank
     teacher_topk_logprobs/ f32  [teacher tokens, k] (only when topk > 0) their log-probs
+    teacher_topk_tail/ float32  [teacher tokens]    (topk > 0, stores with ``topk_tail``) log(1 - sum_k p_T(id_k))
+    behavior_topk_ids/ int32    [num_tokens, K]     (only when behavior_topk = K > 0) the K most likely ids of the
+                                                    raw rollout policy at token j, by rank; -1 on prompt tokens
+    behavior_topk_logprobs/ f32 [num_tokens, K]     (behavior_topk > 0) their raw log-probs
+    teacher_behavior_topk_logprobs/ f32 [teacher tokens, K]  (behavior_topk > 0) log p_T at behavior_topk_ids
+    teacher_behavior_topk_tail/ f32 [teacher tokens] (behavior_topk > 0) log(1 - sum_k p_T(behavior id_k))
     sample_offsets/    int64    [N + 1]             sample i is tokens[offsets[i]:offsets[i + 1]]
     prompt_lengths/    int32    [N]                 the first prompt_lengths[i] tokens of sample i are the prompt
     finish_reason/     uint8    [N]                 0 = "stop" (ends with the stop token), 1 = "length"
     prompt_index/      int32    [N]                 line of the prompt in the prompt set
     answer_offsets/    int64    [N + 1]             answer i is json.loads(answers[answer_offsets[i]:...[i + 1]])
     answers/           uint8    [answer bytes]      UTF-8 JSON of each reference answer (``null`` when none)
+
+A tail is computed in log space from the full logits (the logsumexp of the ids not in the set, less the
+logsumexp of all), so it is finite for any finite logits; it is ``-inf`` exactly when the set is the whole
+vocabulary (K = V: the tail bucket is empty), never NaN on a response token.
 
 Arrays are chunked (``chunk_tokens`` per inner chunk) inside shards of ``shard_chunks`` chunks (zarr3
 ``sharding_indexed`` codec, zstd inside), so a random read touches one small chunk and the file count stays low.
@@ -49,7 +59,17 @@ FORMAT = "lopd_jax.rollout_store"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FINISH_REASONS = ("stop", "length")
-RESERVED_KEYS = ("format", "schema_version", "committed", "committed_tokens", "teacher_committed", "topk", "layout")
+RESERVED_KEYS = (
+    "format",
+    "schema_version",
+    "committed",
+    "committed_tokens",
+    "teacher_committed",
+    "topk",
+    "layout",
+    "behavior_topk",
+    "topk_tail",
+)
 
 # Array name -> (dtype, fill value), grouped by what indexes the array's first axis. Fill values are invalid data so
 # a lost chunk never reads as plausible. Read-only: every layer reads these tables, none may change them.
@@ -60,6 +80,16 @@ TEACHER_ARRAYS: Mapping[str, tuple[str, Any]] = MappingProxyType({"teacher_logpr
 TOPK_ARRAYS: Mapping[str, tuple[str, Any]] = MappingProxyType(
     {"teacher_topk_ids": ("int32", -1), "teacher_topk_logprobs": ("float32", "NaN")}
 )
+# The rollout policy's top-K per token (``behavior_topk`` = K > 0): written with the samples, one row per token.
+BEHAVIOR_TOPK_ARRAYS: Mapping[str, tuple[str, Any]] = MappingProxyType(
+    {"behavior_topk_ids": ("int32", -1), "behavior_topk_logprobs": ("float32", "NaN")}
+)
+# The teacher's scores of those K ids and of the rest of the vocabulary (the tail): written with the teacher.
+TEACHER_BEHAVIOR_TOPK_ARRAYS: Mapping[str, tuple[str, Any]] = MappingProxyType(
+    {"teacher_behavior_topk_logprobs": ("float32", "NaN"), "teacher_behavior_topk_tail": ("float32", "NaN")}
+)
+# The teacher's tail beyond its own top-k (stores created with ``topk_tail``; older top-k stores lack it).
+TOPK_TAIL_ARRAYS: Mapping[str, tuple[str, Any]] = MappingProxyType({"teacher_topk_tail": ("float32", "NaN")})
 SAMPLE_ARRAYS: Mapping[str, tuple[str, Any]] = MappingProxyType(
     {"prompt_lengths": ("int32", -1), "finish_reason": ("uint8", 255), "prompt_index": ("int32", -1)}
 )
@@ -172,8 +202,8 @@ def check_manifest(manifest: dict, where: str) -> None:
         raise StoreError(
             f"{where}: schema_version {manifest.get('schema_version')!r} != {SCHEMA_VERSION} (this lopd_jax)"
         )
-    for key in ("committed", "committed_tokens", "teacher_committed", "topk"):
-        v = manifest.get(key)
+    for key in ("committed", "committed_tokens", "teacher_committed", "topk", "behavior_topk"):
+        v = manifest.get(key, 0 if key == "behavior_topk" else None)  # stores made before behavior_topk: 0
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise StoreError(f"{where}: manifest field {key!r} must be a non-negative int, got {v!r}")
     if manifest["teacher_committed"] > manifest["committed"]:
@@ -225,18 +255,62 @@ def check_user_keys(keys, where: str) -> None:
 # ------------------------------------------------------------------------------------------------ arrays
 
 
-def array_names(topk: int) -> dict[str, tuple[str, Any]]:
-    """Name -> (dtype, fill) of every array a store with ``topk`` holds."""
+def behavior_topk(manifest: dict) -> int:
+    """K of the store's behaviour top-k columns (0: none; stores made before the field existed have none)."""
+    return int(manifest.get("behavior_topk", 0))
+
+
+def array_names(topk: int, behavior_k: int = 0, topk_tail: bool = False) -> dict[str, tuple[str, Any]]:
+    """Name -> (dtype, fill) of every array a store with ``topk`` (teacher top-k, with its tail when
+    ``topk_tail``) and ``behavior_k`` (behaviour top-k) holds."""
     names = {**TOKEN_ARRAYS, **TEACHER_ARRAYS, **SAMPLE_ARRAYS, **OFFSET_ARRAYS, **BYTE_ARRAYS}
-    return {**names, **TOPK_ARRAYS} if topk else names
+    if topk:
+        names |= TOPK_ARRAYS | (TOPK_TAIL_ARRAYS if topk_tail else {})
+    if behavior_k:
+        names |= BEHAVIOR_TOPK_ARRAYS | TEACHER_BEHAVIOR_TOPK_ARRAYS
+    return names
 
 
-def array_metadata(name: str, dtype: str, fill: Any, layout: dict, topk: int) -> dict:
-    """The zarr3 metadata of a new, empty array ``name`` under the manifest's ``layout`` (chunking, zstd)."""
+def manifest_array_names(manifest: dict) -> dict[str, tuple[str, Any]]:
+    """``array_names`` of the store this manifest describes."""
+    return array_names(manifest["topk"], behavior_topk(manifest), bool(manifest.get("topk_tail")))
+
+
+def array_width(name: str, topk: int, behavior_k: int) -> int:
+    """The second dimension of a [entries, k] array (a top-k array); 0 for the 1-D arrays."""
+    if name in TOPK_ARRAYS:
+        return topk
+    if name in BEHAVIOR_TOPK_ARRAYS or name == "teacher_behavior_topk_logprobs":
+        return behavior_k
+    return 0
+
+
+def teacher_array(name: str) -> bool:
+    """Whether ``name`` is written by the teacher pass (its length follows ``teacher_committed``)."""
+    return (
+        name in TEACHER_ARRAYS
+        or name in TOPK_ARRAYS
+        or name in TOPK_TAIL_ARRAYS
+        or (name in TEACHER_BEHAVIOR_TOPK_ARRAYS)
+    )
+
+
+def topk_bytes_per_token(k: int, source: str) -> int:
+    """Uncompressed store bytes per token of one top-k set: "behavior" (the rollout policy's ids + log-probs, the
+    teacher's log-probs of them + its tail: 12 K + 4) or "teacher" (the teacher's own ids + log-probs + tail:
+    8 K + 4). Every token of a sample has a row (prompt rows hold -1 / NaN)."""
+    if source not in ("behavior", "teacher"):
+        raise ValueError(f"topk_bytes_per_token: source {source!r} is not 'behavior' or 'teacher'")
+    return (12 if source == "behavior" else 8) * k + 4 if k else 0
+
+
+def array_metadata(name: str, dtype: str, fill: Any, layout: dict, width: int) -> dict:
+    """The zarr3 metadata of a new, empty array ``name`` under the manifest's ``layout`` (chunking, zstd);
+    ``width``: k of a [entries, k] array (``array_width``), 0 for a 1-D one."""
     chunk = layout["chunk_samples"] if name in SAMPLE_ARRAYS or name in OFFSET_ARRAYS else layout["chunk_tokens"]
     inner, shape = [chunk], [0]
-    if name in TOPK_ARRAYS:  # keep a top-k chunk about as many bytes as a token chunk
-        inner, shape = [max(16, chunk // topk), topk], [0, topk]
+    if width:  # keep a top-k chunk about as many bytes as a token chunk
+        inner, shape = [max(16, chunk // width), width], [0, width]
     outer = [inner[0] * layout["shard_chunks"], *inner[1:]]
     le = {"name": "bytes", "configuration": {"endian": "little"}}
     inner_codecs = [le, {"name": "zstd", "configuration": {"level": layout["zstd_level"]}}]
@@ -266,15 +340,17 @@ def open_array(spec: dict, name: str, *, create_meta: dict | None = None) -> ts.
 def open_arrays(spec: dict, manifest: dict) -> dict[str, ts.TensorStore]:
     """Open every array the manifest implies, checking dtype and rank; StoreError naming the array."""
     arrays = {}
-    for name, (dtype, _) in array_names(manifest["topk"]).items():
+    for name, (dtype, _) in manifest_array_names(manifest).items():
         arr = open_array(spec, name)
-        rank = 2 if name in TOPK_ARRAYS else 1
+        width = array_width(name, manifest["topk"], behavior_topk(manifest))
+        rank = 2 if width else 1
         if arr.dtype.name != dtype or arr.rank != rank:
             raise StoreError(
                 f"{describe(spec)}: array {name!r} is {arr.dtype.name}[rank {arr.rank}], expected {dtype}[rank {rank}]"
             )
-        if rank == 2 and arr.shape[1] != manifest["topk"]:
-            raise StoreError(f"{describe(spec)}: array {name!r} has k={arr.shape[1]}, manifest topk={manifest['topk']}")
+        if rank == 2 and arr.shape[1] != width:
+            key = "topk" if name in TOPK_ARRAYS else "behavior_topk"
+            raise StoreError(f"{describe(spec)}: array {name!r} has k={arr.shape[1]}, manifest {key}={width}")
         arrays[name] = arr
     return arrays
 
@@ -283,9 +359,12 @@ def required_lengths(manifest: dict, answer_bytes: int, teacher_tokens: int) -> 
     """Minimum length of each array's first axis implied by the manifest's commits."""
     n, n_tok = manifest["committed"], manifest["committed_tokens"]
     need = {k: n_tok for k in TOKEN_ARRAYS} | {k: n for k in SAMPLE_ARRAYS} | {k: n + 1 for k in OFFSET_ARRAYS}
-    need |= {"answers": answer_bytes, "teacher_logprobs": teacher_tokens}
-    if manifest["topk"]:
-        need |= {k: teacher_tokens for k in TOPK_ARRAYS}
+    need |= {"answers": answer_bytes}
+    for name in manifest_array_names(manifest):
+        if teacher_array(name):
+            need[name] = teacher_tokens
+        elif name in BEHAVIOR_TOPK_ARRAYS:
+            need[name] = n_tok
     return need
 
 

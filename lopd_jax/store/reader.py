@@ -17,19 +17,22 @@ import numpy as np
 from lopd_jax.store.layout import (
     FINISH_REASONS,
     TOKEN_ARRAYS,
-    TOPK_ARRAYS,
     StoreError,
+    array_width,
+    behavior_topk,
     check_lengths,
     check_manifest,
     check_metadata,
     describe,
     error_reason,
     kvstore_spec,
+    manifest_array_names,
     open_arrays,
     read_checked,
     read_manifest,
     read_sample_metadata,
     required_lengths,
+    teacher_array,
     unfinished,
 )
 
@@ -50,7 +53,12 @@ class StoreReader:
 
     def _load(self, m: dict) -> None:
         self._manifest, self.topk, self.teacher_committed = m, m["topk"], m["teacher_committed"]
+        self.behavior_topk = behavior_topk(m)
         self.arrays = open_arrays(self.spec, m)
+        names = manifest_array_names(m)
+        # Per-token arrays written with the samples, and those written by the teacher pass (read when scored).
+        self._token_names = [*TOKEN_ARRAYS, *(k for k in names if k.startswith("behavior_topk_"))]
+        self._teacher_names = [k for k in names if teacher_array(k)]
         meta = read_sample_metadata(self.spec, self.arrays, m)
         self.offsets, self.answer_offsets = meta["sample_offsets"], meta["answer_offsets"]
         self.prompt_lengths = meta["prompt_lengths"].astype(np.int64)
@@ -93,7 +101,9 @@ class StoreReader:
     def sample(self, i: int) -> dict[str, Any]:
         """Committed sample ``i``: tokens [L] int32, prompt_length, finish_reason ("stop"/"length"),
         behavior_logprobs [L] f32, teacher_logprobs [L] f32 (NaN on prompt tokens / not scored), prompt_index,
-        answer, and teacher_topk_ids / teacher_topk_logprobs [L, k] when the store has top-k."""
+        answer, and teacher_topk_ids / teacher_topk_logprobs [L, k] (teacher_topk_tail [L]) when the store has top-k,
+        behavior_topk_ids / behavior_topk_logprobs / teacher_behavior_topk_logprobs [L, K] and
+        teacher_behavior_topk_tail [L] when it has behaviour top-k."""
         return self.samples([i])[0]
 
     def samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -115,8 +125,7 @@ class StoreReader:
         """StoreError for the first sample of ``idx`` that cannot be read, array by array."""
         bounds = {"answers": lambda i, j: (self.answer_offsets[i], self.answer_offsets[j])}
         for i in idx.tolist():
-            names = [*TOKEN_ARRAYS, *(["teacher_logprobs", *(TOPK_ARRAYS if self.topk else ())]
-                                       if i < self.teacher_committed else []), "answers"]  # fmt: skip
+            names = [*self._token_names, *(self._teacher_names if i < self.teacher_committed else []), "answers"]
             for name in names:
                 span = bounds.get(name, lambda a, b: (self.offsets[a], self.offsets[b]))
                 data = read_checked(self.path, name, self.arrays[name], i, i + 1, span)
@@ -129,15 +138,15 @@ class StoreReader:
 
     def _samples(self, idx: np.ndarray) -> list[dict[str, Any]]:
         scored = idx[idx < self.teacher_committed]
-        tnames = ["teacher_logprobs", *(TOPK_ARRAYS if self.topk else ())]
-        reads = {name: self._read_ranges(name, self.offsets, idx) for name in TOKEN_ARRAYS}
+        tnames = self._teacher_names
+        reads = {name: self._read_ranges(name, self.offsets, idx) for name in self._token_names}
         reads |= {name: self._read_ranges(name, self.offsets, scored) for name in tnames}
         reads["answers"] = self._read_ranges("answers", self.answer_offsets, idx)
         got = {k: [f.result() for f in v] for k, v in reads.items()}
         teacher = {k: dict(zip(scored.tolist(), got[k])) for k in tnames}
         out = []
         for j, i in enumerate(idx.tolist()):
-            s = {k: got[k][j] for k in TOKEN_ARRAYS}
+            s = {k: got[k][j] for k in self._token_names}
             for k in tnames:
                 s[k] = teacher[k][i] if i in teacher[k] else self._unscored(k, len(s["tokens"]))
             s.update(self._scalars(i))
@@ -159,7 +168,8 @@ class StoreReader:
         }
 
     def _unscored(self, name: str, length: int) -> np.ndarray:
-        shape = (length, self.topk) if name in TOPK_ARRAYS else (length,)
+        width = array_width(name, self.topk, self.behavior_topk)
+        shape = (length, width) if width else (length,)
         return np.full(shape, -1, np.int32) if name == "teacher_topk_ids" else np.full(shape, np.nan, np.float32)
 
     def _read_ranges(self, name: str, offsets: np.ndarray, idx: np.ndarray) -> list:

@@ -24,12 +24,12 @@ from lopd_jax.store.layout import (
     OFFSET_ARRAYS,
     SAMPLE_ARRAYS,
     SCHEMA_VERSION,
-    TEACHER_ARRAYS,
     TOKEN_ARRAYS,
-    TOPK_ARRAYS,
     StoreError,
     array_metadata,
     array_names,
+    array_width,
+    behavior_topk,
     check_lengths,
     check_manifest,
     check_metadata,
@@ -45,6 +45,7 @@ from lopd_jax.store.layout import (
     read_manifest,
     read_sample_metadata,
     required_lengths,
+    teacher_array,
     write_manifest,
 )
 from lopd_jax.store.lock import FileLock, store_lock
@@ -95,7 +96,41 @@ def _full_length(values, length: int, prompt_length: int, what: str, where: str)
     return v
 
 
-def _normalize_sample(s: dict, where: str) -> dict:
+def _topk_rows(
+    ids, logprobs, length: int, p: int, k: int, what: str, where: str, distinct: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """([length, k] int32 ids with -1 on prompt rows, [length, k] f32 log-probs with NaN there) from full-length or
+    response-only input; log-probs finite, ids (``distinct``) >= 0 and distinct within a row (a bucket each)."""
+    ids = np.array(ids, np.int32)  # a copy: prompt rows are overwritten below
+    if ids.ndim == 2 and len(ids) == length - p:
+        ids = np.concatenate([np.full((p, ids.shape[1]), -1, np.int32), ids])
+    if ids.shape != (length, k):
+        raise StoreError(f"{where}: {what}_ids shape {ids.shape} != {(length, k)} (tokens, k)")
+    ids[:p] = -1
+    resp = np.sort(ids[p:], axis=-1)
+    bad = np.flatnonzero((resp[:, 0] < 0) | (np.diff(resp, axis=-1) == 0).any(-1)) if distinct else []
+    if len(bad):
+        raise StoreError(f"{where}: {what}_ids at token {p + int(bad[0])} are not distinct ids >= 0")
+    return ids, _full_length(logprobs, length, p, f"{what}_logprobs", where)
+
+
+def _tail(values, length: int, p: int, what: str, where: str) -> np.ndarray:
+    """A per-token tail log-mass [length] (NaN on prompt rows): <= 0 up to rounding, -inf allowed (an empty or
+    underflowed tail bucket), NaN or +inf refused."""
+    v = np.asarray(values, np.float32)
+    if v.shape[0] == length - p:
+        v = np.concatenate([np.full(p, np.nan, np.float32), v])
+    if v.shape != (length,):
+        raise StoreError(f"{where}: {what} has shape {v.shape}, expected ({length},) or ({length - p},)")
+    v = v.copy()
+    v[:p] = np.nan
+    bad = np.flatnonzero(np.isnan(v[p:]) | (v[p:] == np.inf))
+    if bad.size:
+        raise StoreError(f"{where}: {what} is {v[p + bad[0]]} at token {p + int(bad[0])} (a response token)")
+    return v
+
+
+def _normalize_sample(s: dict, where: str, k: int = 0) -> dict:
     tokens = np.asarray(s["tokens"])
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise StoreError(f"{where}: tokens must be a 1-D integer array, got {tokens.dtype}{list(tokens.shape)}")
@@ -110,7 +145,7 @@ def _normalize_sample(s: dict, where: str) -> dict:
     pi = int(s["prompt_index"])
     if pi < 0:
         raise StoreError(f"{where}: prompt_index {pi} < 0")
-    return {
+    out = {
         "tokens": tokens.astype(np.int32),
         "behavior_logprobs": np.full(n, np.nan, np.float32)  # None: no behaviour policy (imported SFT data)
         if s["behavior_logprobs"] is None
@@ -120,6 +155,12 @@ def _normalize_sample(s: dict, where: str) -> dict:
         "prompt_index": pi,
         "answer": json.dumps(s.get("answer"), ensure_ascii=False).encode("utf-8"),
     }
+    if k:  # the store records the rollout policy's top-k: every sample brings it
+        if s.get("behavior_topk_ids") is None or s.get("behavior_topk_logprobs") is None:
+            raise StoreError(f"{where}: the store has behavior_topk={k}; the sample has no behavior_topk_ids/_logprobs")
+        ids, lps = _topk_rows(s["behavior_topk_ids"], s["behavior_topk_logprobs"], n, p, k, "behavior_topk", where)
+        out |= {"behavior_topk_ids": ids, "behavior_topk_logprobs": lps}
+    return out
 
 
 class RolloutWriter:
@@ -134,7 +175,8 @@ class RolloutWriter:
         lock: FileLock | None = None,
     ):
         self.spec, self.path, self._manifest, self._lock = spec, describe(spec), manifest, lock
-        self.topk = manifest["topk"]
+        self.topk, self.behavior_topk = manifest["topk"], behavior_topk(manifest)
+        self.topk_tail = bool(manifest.get("topk_tail"))
         n, tc = manifest["committed"], manifest["teacher_committed"]
         layout = manifest["layout"]
         self.flush_tokens = flush_tokens or layout["chunk_tokens"] * layout["shard_chunks"]
@@ -145,7 +187,8 @@ class RolloutWriter:
         check_metadata(self.path, *args)  # never append to a store that is already inconsistent
         ends = {k: manifest["committed_tokens"] for k in TOKEN_ARRAYS} | {k: n for k in SAMPLE_ARRAYS}
         ends |= {k: n + 1 for k in OFFSET_ARRAYS} | {"answers": answer_bytes}
-        ends |= {k: teacher_tokens for k in arrays if k in TEACHER_ARRAYS or k in TOPK_ARRAYS}
+        ends |= {k: teacher_tokens for k in arrays if teacher_array(k)}
+        ends |= {k: manifest["committed_tokens"] for k in arrays if k.startswith("behavior_topk_")}
         self._cols = {k: _Column(arrays[k], e) for k, e in ends.items()}
         self._pending: list[dict] = []
         self._pending_teacher: list[tuple] = []
@@ -158,6 +201,8 @@ class RolloutWriter:
         manifest: dict,
         topk: int = 0,
         *,
+        behavior_topk: int = 0,
+        topk_tail: bool = False,
         chunk_tokens: int = 1 << 14,
         chunk_samples: int = 1 << 12,
         shard_chunks: int = 64,
@@ -170,13 +215,16 @@ class RolloutWriter:
         A local store is built in a hidden directory beside ``path`` and renamed into place with its first
         (empty) commit, under its writer lock: ``path`` is either absent or a whole store, never half made. An
         existing directory that is not empty is refused before anything is written. ``overwrite`` (non-local
-        stores only) replaces a store. Flushes every ``flush_tokens`` appended tokens (default: one shard)."""
+        stores only) replaces a store. Flushes every ``flush_tokens`` appended tokens (default: one shard).
+        ``topk``: width of the teacher's own top-k columns, with their tail column when ``topk_tail``;
+        ``behavior_topk``: K of the rollout policy's top-k columns (and of the teacher's scores of them)."""
         spec = kvstore_spec(path)
         check_user_keys(manifest, describe(spec))
         layout = {"chunk_tokens": chunk_tokens, "chunk_samples": chunk_samples, "shard_chunks": shard_chunks}
         layout["zstd_level"] = zstd_level
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         full = {**manifest, "format": FORMAT, "schema_version": SCHEMA_VERSION, "topk": topk, "layout": layout}
+        full.update(behavior_topk=behavior_topk, topk_tail=bool(topk) and topk_tail)
         full.update(committed=0, committed_tokens=0, teacher_committed=0, created_at=now)
         if local_dir(spec) is not None:
             return cls._create_local(spec, full, flush_tokens, overwrite)
@@ -292,15 +340,26 @@ class RolloutWriter:
         optional answer); flushes whenever a shard's worth of tokens is buffered."""
         base = self.committed + len(self._pending)
         for j, s in enumerate(samples):
-            self._pending.append(_normalize_sample(s, f"{self.path}: appended sample {base + j}"))
+            self._pending.append(_normalize_sample(s, f"{self.path}: appended sample {base + j}", self.behavior_topk))
         if sum(len(s["tokens"]) for s in self._pending) >= self.flush_tokens:
             self.flush()
 
-    def write_teacher(self, start: int, per_sample_logprobs: Sequence, topk: tuple | None = None) -> None:
+    def write_teacher(
+        self,
+        start: int,
+        per_sample_logprobs: Sequence,
+        topk: tuple | None = None,
+        *,
+        topk_tail: Sequence | None = None,
+        behavior: tuple | None = None,
+    ) -> None:
         """Buffer teacher log-probs of committed samples start, start+1, ... (start must be ``teacher_end``).
 
         per_sample_logprobs[i]: [L_i] or [L_i - prompt_length_i] f32, entry j = log p_T(tokens[j] | tokens[:j]).
-        topk: (ids, logprobs) with ids[i] / logprobs[i] of shape [L_i or response, k], required iff topk > 0."""
+        topk: (ids, logprobs) with ids[i] / logprobs[i] of shape [L_i or response, k], required iff topk > 0.
+        topk_tail: [L_i or response] log(1 - sum_k p_T(ids_k)) per sample, required iff the store has ``topk_tail``.
+        behavior: (logprobs, tail): log p_T at the sample's behavior_topk_ids [L_i or response, K] and the tail
+        [L_i or response], required iff behavior_topk > 0. A tail may be -inf (an empty tail bucket), never NaN."""
         n = len(per_sample_logprobs)
         if start != self.teacher_end or start + n > self.committed:
             raise StoreError(
@@ -309,6 +368,13 @@ class RolloutWriter:
             )
         if (topk is None) != (self.topk == 0):
             raise StoreError(f"{self.path}: store has topk={self.topk}; topk columns must be given iff topk > 0")
+        if (topk_tail is None) != (not self.topk_tail):
+            raise StoreError(f"{self.path}: store has topk_tail={self.topk_tail}; topk_tail must be given iff it is")
+        if (behavior is None) != (self.behavior_topk == 0):
+            raise StoreError(
+                f"{self.path}: store has behavior_topk={self.behavior_topk}; the teacher's scores of the behaviour "
+                "top-k must be given iff behavior_topk > 0"
+            )
         offsets = self._cols["sample_offsets"].arr[start : start + n + 1].read().result()
         plens = self._cols["prompt_lengths"].arr[start : start + n].read().result()
         for i in range(n):
@@ -319,13 +385,16 @@ class RolloutWriter:
             )
             row = [_full_length(per_sample_logprobs[i], length, p, "teacher_logprobs", where)]
             if topk is not None:
-                ids = np.array(topk[0][i], np.int32)  # a copy: prompt rows are overwritten below
-                if len(ids) == length - p:
-                    ids = np.concatenate([np.full((p, *ids.shape[1:]), -1, ids.dtype), ids])
-                if ids.shape != (length, self.topk):
-                    raise StoreError(f"{where}: teacher_topk_ids shape {ids.shape} != {(length, self.topk)}")
-                ids[:p] = -1
-                row += [ids, _full_length(topk[1][i], length, p, "teacher_topk_logprobs", where)]
+                row += _topk_rows(topk[0][i], topk[1][i], length, p, self.topk, "teacher_topk", where, self.topk_tail)
+            if topk_tail is not None:
+                row.append(_tail(topk_tail[i], length, p, "teacher_topk_tail", where))
+            if behavior is not None:
+                lps = _full_length(behavior[0][i], length, p, "teacher_behavior_topk_logprobs", where)
+                if lps.shape != (length, self.behavior_topk):
+                    raise StoreError(
+                        f"{where}: teacher_behavior_topk_logprobs shape {lps.shape} != {(length, self.behavior_topk)}"
+                    )
+                row += [lps, _tail(behavior[1][i], length, p, "teacher_behavior_topk_tail", where)]
             self._pending_teacher.append(tuple(row))
         if sum(len(r[0]) for r in self._pending_teacher) >= self.flush_tokens:
             self.flush()
@@ -376,12 +445,16 @@ class RolloutWriter:
             "answer_offsets": c["answers"].end + np.cumsum(alens),
             "answers": np.frombuffer(b"".join(s["answer"] for s in p), np.uint8),
         }
+        if self.behavior_topk:
+            data |= {k: np.concatenate([s[k] for s in p]) for k in ("behavior_topk_ids", "behavior_topk_logprobs")}
         return [c[k].write(v) for k, v in data.items()]
 
     def _write_teacher_rows(self) -> list:
         if not self._pending_teacher:
             return []
         names = ["teacher_logprobs", *(["teacher_topk_ids", "teacher_topk_logprobs"] if self.topk else [])]
+        names += ["teacher_topk_tail"] if self.topk_tail else []
+        names += ["teacher_behavior_topk_logprobs", "teacher_behavior_topk_tail"] if self.behavior_topk else []
         cols = zip(*self._pending_teacher)
         return [self._cols[k].write(np.concatenate(v)) for k, v in zip(names, cols)]
 
@@ -433,9 +506,12 @@ def check_new_store_dir(path: str) -> None:
 
 def _create_arrays(spec: dict, full: dict) -> dict[str, ts.TensorStore]:
     """The empty arrays of a new store, then its first (empty) commit."""
+    k, kb = full["topk"], full["behavior_topk"]
     arrays = {
-        name: open_array(spec, name, create_meta=array_metadata(name, dtype, fill, full["layout"], full["topk"]))
-        for name, (dtype, fill) in array_names(full["topk"]).items()
+        name: open_array(
+            spec, name, create_meta=array_metadata(name, dtype, fill, full["layout"], array_width(name, k, kb))
+        )
+        for name, (dtype, fill) in array_names(k, kb, full["topk_tail"]).items()
     }
     for name in OFFSET_ARRAYS:
         arrays[name] = arrays[name].resize(exclusive_max=[1], resize_metadata_only=True).result()

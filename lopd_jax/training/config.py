@@ -515,6 +515,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         data = dataclasses.replace(data, require_teacher=True)
     if mode.stored_teacher and cfg.loss.old_policy == "behavior":
         data = dataclasses.replace(data, require_behavior=True)
+    if cfg.loss.topk_columns:  # a topk_* objective: the loader reads the store's top-k columns of that source
+        data = dataclasses.replace(data, topk_columns=cfg.loss.topk_columns, topk=cfg.loss.topk)
     return dataclasses.replace(cfg, data=data)
 
 
@@ -532,6 +534,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, why in modes.get(cfg.mode).requires:
         if not values.get(key):
             raise _KeyError(key, f"required in mode {cfg.mode!r}: {why}")
+    if cfg.loss.objective != "sampled_token" and not modes.get(cfg.mode).stored_teacher:
+        raise _KeyError(
+            "loss.objective", f"{cfg.loss.objective} reads the teacher's stored top-k scores: mode lightning_opd only"
+        )
     known = flatten(to_dict(cfg))
     for i, key in enumerate(cfg.resume_may_change):
         if key not in known and not any(k.startswith(key + ".") for k in known):

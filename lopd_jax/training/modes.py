@@ -2,8 +2,8 @@
 which config keys it needs. Code asks the mode (``mode.reads_store``), never compares its name.
 
     sft            cross entropy on a store of answers (SFT data)                    store   no teacher
-    lightning_opd  the OPD objective on fixed rollouts with stored teacher log-probs  store   stored teacher
-    opd            the OPD objective on samples of the current student, scored live  online  live teacher
+    lightning_opd  loss.objective on fixed rollouts with stored teacher log-probs   store   stored teacher
+    opd            loss.objective on samples of the current student, scored live    online  live teacher
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ModeName = Literal["sft", "lightning_opd", "opd"]
 @dataclasses.dataclass(frozen=True)
 class Mode:
     name: str
-    loss: Callable  # losses.sft_loss | losses.opd_loss: (params, batch, cfg=, loss_cfg=) -> (loss, metrics)
+    loss: Callable  # losses.sft_loss | losses.objective_loss (loss.objective): (params, batch, cfg=, loss_cfg=)
     data: Literal["store", "online"]  # the RolloutStore at data.store | prompts sampled by the student every step
     teacher: Literal["none", "stored", "live"]  # no teacher | log-probs in the store | a model in the process
     requires: tuple[tuple[str, str], ...]  # (dotted config key, why) that must be set in this mode
@@ -52,10 +52,12 @@ MODES: dict[str, Mode] = {
     m.name: m
     for m in (
         Mode("sft", losses.sft_loss, "store", "none", (("data.store", "the RolloutStore to train on"),)),
-        Mode("lightning_opd", losses.opd_loss, "store", "stored", (("data.store", "the RolloutStore to train on"),)),
+        Mode(
+            "lightning_opd", losses.objective_loss, "store", "stored", (("data.store", "the RolloutStore to train on"),)
+        ),
         Mode(
             "opd",
-            losses.opd_loss,
+            losses.objective_loss,
             "online",
             "live",
             (("model.teacher", "the live teacher"), ("data.prompts", "the prompts sampled online")),

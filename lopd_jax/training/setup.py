@@ -233,6 +233,8 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
             f"{cfg.train.seq_len}: positions up to {used - 1} exceed the model's max_position_embeddings "
             f"{setup.model_cfg.max_position_embeddings}; lower train.seq_len to at most that"
         )
+    if modes.get(cfg.mode).stored_teacher and cfg.loss.objective != "sampled_token":
+        _check_topk_columns(cfg, store, m, setup.model_cfg.vocab_size)
     top, sample, content = _scan_tokens(store)
     if top >= setup.model_cfg.vocab_size:
         raise StoreError(
@@ -242,6 +244,33 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
     setup.store, setup.manifest = store, m
     setup.store_identity = store_identity(m, content, len(store))
     _check_store_tokenizer(store.path, m, setup.tokenizer_dir)
+
+
+def _check_topk_columns(cfg: TrainConfig, store, m: dict, vocab_size: int) -> None:
+    """A topk_* objective needs the store's top-k columns of its source, of width loss.topk <= the vocabulary."""
+    k, obj = cfg.loss.topk, cfg.loss.objective
+    if k > vocab_size:
+        raise ConfigError(f"loss.topk {k} > the model's vocabulary ({vocab_size} ids)")
+    if obj == "topk_reverse_kl":
+        have, key = getattr(store, "behavior_topk", 0), "behavior_topk"
+        make = (
+            f"sample the rollouts with precompute.rollouts --record-topk {k}, then score them with "
+            "precompute.teacher_logprobs --engine jax"
+        )
+        missing = "behavior_topk_ids"  # with it, the teacher pass always writes teacher_behavior_topk_*
+    else:
+        have, key = store.topk, "topk"
+        make = f"score the rollouts with precompute.teacher_logprobs --top-k {k} --engine jax (--out a new store)"
+        missing = "teacher_topk_ids" if not have else "teacher_topk_tail"
+        if have and not m.get("topk_tail"):  # a top-k store made before the tail column existed
+            raise StoreError(
+                f"data.store: {store.path} has teacher_topk_ids but no teacher_topk_tail column, which loss.objective "
+                f"{obj} needs: {make}"
+            )
+    if not have:
+        raise StoreError(f"data.store: {store.path} has no {missing} column, which loss.objective {obj} needs: {make}")
+    if have != k:
+        raise StoreError(f"data.store: {store.path} has {key} {have}, but loss.topk is {k}; set loss.topk: {have}")
 
 
 def _check_store_tokenizer(store_path: str, manifest: dict, tok_dir: str) -> None:

@@ -31,8 +31,10 @@ from lopd_jax.training import modes
 if TYPE_CHECKING:
     from lopd_jax.training.config import TrainConfig
 
-# The Batch contract's dtypes (docs/design.md): token ids int32, masks and log-probs float32.
-BATCH_DTYPES = {f.name: jnp.int32 for f in dataclasses.fields(Batch)}
+# The Batch contract's dtypes (docs/design.md): token ids int32, masks and log-probs float32; the optional top-k fields
+# (None by default) only for a topk_* loss.objective.
+TOPK_FIELDS = ("topk_ids", "topk_teacher_logprobs", "topk_teacher_tail")
+BATCH_DTYPES = {f.name: jnp.int32 for f in dataclasses.fields(Batch) if f.name not in TOPK_FIELDS}
 BATCH_DTYPES.update(loss_mask=jnp.float32, teacher_logprobs=jnp.float32, behavior_logprobs=jnp.float32)
 
 
@@ -63,15 +65,18 @@ class TrainStep:
     state_shardings: update.TrainState
     batch_sharding: NamedSharding
     optimizer: optax.GradientTransformation
+    topk: int = 0  # K of a topk_* loss.objective: the batch carries its [B, T, K] fields
 
     def abstract_batch(self, batch_size: int, seq_len: int) -> Batch:
-        """A [batch_size, seq_len] Batch of ShapeDtypeStructs on the batch sharding."""
-        return Batch(
-            **{
-                k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=self.batch_sharding)
-                for k, dt in BATCH_DTYPES.items()
-            }
-        )
+        """A [batch_size, seq_len] Batch of ShapeDtypeStructs on the batch sharding (with the top-k fields
+        [batch_size, seq_len, K] when the step's objective reads them)."""
+        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding)  # noqa: E731
+        fields = {k: spec((batch_size, seq_len), dt) for k, dt in BATCH_DTYPES.items()}
+        if self.topk:
+            fields["topk_ids"] = spec((batch_size, seq_len, self.topk), jnp.int32)
+            fields["topk_teacher_logprobs"] = spec((batch_size, seq_len, self.topk), jnp.float32)
+            fields["topk_teacher_tail"] = spec((batch_size, seq_len), jnp.float32)
+        return Batch(**fields)
 
     def lower(self, batch_size: int, seq_len: int) -> jax.stages.Lowered:
         """The step lowered on abstract shapes (``.as_text()`` is its StableHLO; ``.compile()`` XLA's program)."""
@@ -84,7 +89,7 @@ class TrainStep:
 
 
 def loss_fn(mode: str, model_cfg: qwen3.Qwen3Config, loss_cfg: losses.LossConfig) -> update.LossFn:
-    """The loss of ``mode``: SFT cross entropy, or the (Lightning / online) OPD objective."""
+    """The loss of ``mode``: SFT cross entropy, or the (Lightning / online) OPD objective of ``loss.objective``."""
     return functools.partial(modes.get(mode).loss, cfg=model_cfg, loss_cfg=loss_cfg)
 
 
@@ -129,4 +134,4 @@ def build(
         state_shardings=state_sh,
         batch_sharding=batch_sh,
     )
-    return TrainStep(abstract, step, state_sh, batch_sh, opt)
+    return TrainStep(abstract, step, state_sh, batch_sh, opt, topk=loss.topk if mode != "sft" else 0)

@@ -37,11 +37,17 @@ CPU_BATCH_TOKENS = 4096
 
 class Scored(NamedTuple):
     """One sample's scores: ``logprobs`` [L] f32 (NaN at 0); with top-k, ``topk_ids`` [L, k] int32 (-1 at 0)
-    and ``topk_logprobs`` [L, k] f32 (NaN at 0), ranked by probability."""
+    and ``topk_logprobs`` [L, k] f32 (NaN at 0), ranked by probability, and ``topk_tail`` [L] f32 = log(1 - their
+    mass); with given ids (``score(..., ids=...)``), ``ids_logprobs`` [L, K] f32 = log p at them and ``ids_tail``
+    [L] f32 = log(1 - their mass). Tails come from the full logits in log space (``losses.bucket_logprobs``): -inf
+    only for an empty tail bucket (the ids cover the vocabulary), NaN at 0 only."""
 
     logprobs: np.ndarray
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
+    topk_tail: np.ndarray | None = None
+    ids_logprobs: np.ndarray | None = None
+    ids_tail: np.ndarray | None = None
 
 
 def bucket_length(length: int, minimum: int = MIN_BUCKET) -> int:
@@ -83,53 +89,73 @@ def _round_rows(n: int, multiple: int) -> int:
 # --------------------------------------------------------------------------- jitted scoring
 
 
-def _chunk_scores(w_DV, h_BCD, tgt_BC, dtype, k: int):
-    """log p(tgt) [B, C] and the top-k (values [B, C, k], ids [B, C, k]) of one chunk of positions."""
+def _chunk_scores(w_DV, h_BCD, tgt_BC, ids_BCK, dtype, k: int):
+    """One chunk of positions: log p(tgt) [B, C]; with k > 0 the top-k (values [B, C, k], ids [B, C, k]) and its
+    tail [B, C]; with ``ids_BCK`` (else None) log p at those ids [B, C, K] and their tail [B, C]."""
     logits_BCV = jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), w_DV.astype(dtype), preferred_element_type=jnp.float32)
     logp_BCV = logits_BCV - jax.nn.logsumexp(logits_BCV, axis=-1, keepdims=True)
     lp_BC = jnp.take_along_axis(logp_BCV, tgt_BC[..., None], axis=-1)[..., 0]
-    top_v, top_i = jax.lax.top_k(logp_BCV, k)
-    return lp_BC, top_v, top_i.astype(jnp.int32)
+    top = (None, None, None)
+    if k:
+        top_v, top_i = jax.lax.top_k(logp_BCV, k)
+        top = (top_v, top_i.astype(jnp.int32), losses.bucket_logprobs(logits_BCV, top_i)[1])
+    given = (None, None) if ids_BCK is None else losses.bucket_logprobs(logits_BCV, ids_BCK)
+    return (lp_BC, *top, *given)
 
 
-def _topk_scores(params: Params, h_BTD: jax.Array, tgt_BT: jax.Array, cfg: Qwen3Config, k: int, chunk: int):
+def _topk_scores(params: Params, h_BTD, tgt_BT, ids_BTK, cfg: Qwen3Config, k: int, chunk: int):
     """Chunked over T with lax.scan: only one [B, chunk, V] logits block is alive at a time."""
     B, T, D = h_BTD.shape
     J = T // chunk  # bucket lengths are multiples of the chunk (see _chunk_len)
     h_JBCD = h_BTD.reshape(B, J, chunk, D).swapaxes(0, 1)
     tgt_JBC = tgt_BT.reshape(B, J, chunk).swapaxes(0, 1)
+    ids_JBCK = None if ids_BTK is None else ids_BTK.reshape(B, J, chunk, -1).swapaxes(0, 1)
     w_DV = qwen3.lm_head_weight(params, cfg)
     dtype = jnp.dtype(cfg.dtype)
-    _, (lp, tv, ti) = jax.lax.scan(lambda c, xs: (c, _chunk_scores(w_DV, *xs, dtype, k)), None, (h_JBCD, tgt_JBC))
-    merge = lambda x: x.swapaxes(0, 1).reshape(B, T, *x.shape[3:])  # noqa: E731
-    return merge(lp), merge(tv), merge(ti)
+    xs = (h_JBCD, tgt_JBC, ids_JBCK)
+    _, outs = jax.lax.scan(lambda c, x: (c, _chunk_scores(w_DV, *x, dtype, k)), None, xs)
+    merge = lambda x: None if x is None else x.swapaxes(0, 1).reshape(B, T, *x.shape[3:])  # noqa: E731
+    return tuple(merge(x) for x in outs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk"))
-def score_batch(params: Params, tokens_BT: jax.Array, *, cfg: Qwen3Config, k: int, chunk: int):
+def score_batch(params: Params, tokens_BT: jax.Array, ids_BTK: jax.Array | None = None, *, cfg: Qwen3Config,
+                k: int, chunk: int):  # fmt: skip
     """Next-token scores of a right-padded batch. tokens [B, T] int32 ->
 
-    lp [B, T] f32 with lp[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1]) (the last column is padding), and,
-    when k > 0, top-k log-probs [B, T, k] f32 and ids [B, T, k] int32 of p(. | tokens[b, :t + 1])."""
+    (lp, top-k log-probs, top-k ids, top-k tail, log p at ids, their tail): lp [B, T] f32 with lp[b, t] =
+    log p(tokens[b, t + 1] | tokens[b, :t + 1]) (the last column is padding); when k > 0, the top-k log-probs
+    [B, T, k] f32, ids [B, T, k] int32 and tail [B, T] of p(. | tokens[b, :t + 1]); with ``ids_BTK`` [B, T, K]
+    (ids of the next token's distribution at each position), log p at them [B, T, K] and their tail [B, T].
+    What is not asked for is None."""
     h_BTD = qwen3.forward(params, tokens_BT, cfg=cfg, return_hidden=True)
     tgt_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
-    if k == 0:
-        return losses.token_logprobs(params, h_BTD, tgt_BT, cfg=cfg, chunk_size=chunk), None, None
-    return _topk_scores(params, h_BTD, tgt_BT, cfg, k, chunk)
+    if k == 0 and ids_BTK is None:
+        return losses.token_logprobs(params, h_BTD, tgt_BT, cfg=cfg, chunk_size=chunk), None, None, None, None, None
+    return _topk_scores(params, h_BTD, tgt_BT, ids_BTK, cfg, k, chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk"))
-def score_batch_aligned(params: Params, tokens_BT: jax.Array, *, cfg: Qwen3Config, k: int, chunk: int):
+def score_batch_aligned(params: Params, tokens_BT: jax.Array, ids_BTK: jax.Array | None = None, *,
+                        cfg: Qwen3Config, k: int, chunk: int):  # fmt: skip
     """``score_batch`` in the store's alignment: column j scores tokens[b, j] (NaN, or id -1, in column 0), so the
-    host only slices each row's first L entries instead of shifting every sample."""
+    host only slices each row's first L entries instead of shifting every sample. ``ids_BTK`` is in the store's
+    alignment too (row j: ids of token j's distribution)."""
 
     def shift(x, fill):
-        return jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+        return None if x is None else jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
 
-    lp, tv, ti = score_batch(params, tokens_BT, cfg=cfg, k=k, chunk=chunk)
-    if k == 0:
-        return shift(lp, jnp.nan), None, None
-    return shift(lp, jnp.nan), shift(tv, jnp.nan), shift(ti, -1)
+    if ids_BTK is not None:  # to next-token positions: position t predicts token t + 1
+        ids_BTK = jnp.concatenate([ids_BTK[:, 1:], jnp.full_like(ids_BTK[:, :1], -1)], axis=1)
+    lp, tv, ti, tt, il, it = score_batch(params, tokens_BT, ids_BTK, cfg=cfg, k=k, chunk=chunk)
+    return (
+        shift(lp, jnp.nan),
+        shift(tv, jnp.nan),
+        shift(ti, -1),
+        shift(tt, jnp.nan),
+        shift(il, jnp.nan),
+        shift(it, jnp.nan),
+    )
 
 
 def _chunk_len(bucket: int, rows: int, logit_tokens: int) -> int:
@@ -175,9 +201,17 @@ class JaxEngine:
         CPU_BATCH_TOKENS), the request itself on an accelerator."""
         return requested if self.max_batch_tokens is None else min(requested, self.max_batch_tokens)
 
-    def score(self, samples: Sequence[np.ndarray], topk: int = 0, batch_tokens: int = 16384) -> list[Scored]:
+    def score(
+        self,
+        samples: Sequence[np.ndarray],
+        topk: int = 0,
+        batch_tokens: int = 16384,
+        ids: Sequence[np.ndarray] | None = None,
+    ) -> list[Scored]:
         """Score token sequences [L_i] under this model; returns one ``Scored`` per sample, in input order.
-        ``batch_tokens``: padded tokens per batch, at most (``self.batch_tokens`` caps it on CPU).
+        ``batch_tokens``: padded tokens per batch, at most (``self.batch_tokens`` caps it on CPU). ``ids``: per
+        sample [L_i, K] int ids in the store's alignment (row j: ids of token j's distribution, -1 = none) whose
+        log-probs and tail are wanted (the rollout policy's recorded top-k).
 
         Pipelined: batch i + 1 is padded and dispatched (asynchronously) before batch i's results are read back,
         so the host's padding, copies and unpacking overlap the device's forward (neutral on CPU, where that host
@@ -185,10 +219,13 @@ class JaxEngine:
         lengths = [len(s) for s in samples]
         if min(lengths, default=2) < 2:
             raise ValueError("JaxEngine.score: every sample needs at least 2 tokens (a prompt and a response)")
+        if ids is not None and any(np.shape(x)[0] != n for x, n in zip(ids, lengths, strict=True)):
+            raise ValueError("JaxEngine.score: ids[i] must have one row per token of sample i")
         out: list[Scored | None] = [None] * len(samples)
         pending = None
         for rows, bucket, idx in plan_batches(lengths, self.batch_tokens(batch_tokens), self.rows_multiple):
-            launched = (idx, self._dispatch([samples[i] for i in idx], rows, bucket, topk))
+            batch_ids = None if ids is None else [ids[i] for i in idx]
+            launched = (idx, self._dispatch([samples[i] for i in idx], rows, bucket, topk, batch_ids))
             if pending is not None:
                 self._collect(*pending, lengths, out)
             pending = launched
@@ -196,24 +233,28 @@ class JaxEngine:
             self._collect(*pending, lengths, out)
         return out  # type: ignore[return-value]
 
-    def _dispatch(self, seqs: list[np.ndarray], rows: int, bucket: int, topk: int) -> tuple:
+    def _dispatch(self, seqs: list[np.ndarray], rows: int, bucket: int, topk: int, ids: list | None) -> tuple:
         """Pad one batch and launch its scoring; returns the (not yet ready) device results."""
         tokens = np.zeros((rows, bucket), np.int32)
         for r, s in enumerate(seqs):
             tokens[r, : len(s)] = s
         tokens_dev = jax.device_put(tokens, sharding.batch_sharding(self.mesh, 2))
+        ids_dev = None
+        if ids is not None:
+            ids_pad = np.full((rows, bucket, np.shape(ids[0])[1]), -1, np.int32)
+            for r, x in enumerate(ids):
+                ids_pad[r, : len(x)] = x
+            ids_dev = jax.device_put(ids_pad, sharding.batch_sharding(self.mesh, 3))
         chunk = _chunk_len(bucket, rows, self.logit_tokens)
-        return score_batch_aligned(self.params, tokens_dev, cfg=self.score_cfg, k=topk, chunk=chunk)
+        return score_batch_aligned(self.params, tokens_dev, ids_dev, cfg=self.score_cfg, k=topk, chunk=chunk)
 
     @staticmethod
     def _collect(idx: list[int], results: tuple, lengths: list[int], out: list) -> None:
         """Read one batch back and store each sample's first L entries (copies: no sample keeps the batch alive)."""
-        lp, tv, ti = (None if x is None else np.asarray(x) for x in results)
+        lp, tv, ti, tt, il, it = (None if x is None else np.asarray(x) for x in results)
         for r, i in enumerate(idx):
             n = lengths[i]
-            out[i] = (
-                Scored(lp[r, :n].copy()) if tv is None else Scored(lp[r, :n].copy(), ti[r, :n].copy(), tv[r, :n].copy())
-            )
+            out[i] = Scored(*(None if x is None else x[r, :n].copy() for x in (lp, ti, tv, tt, il, it)))
 
     def generate(
         self,

@@ -9,14 +9,14 @@ source of 0.11.0, 0.11.2, 0.12, 0.14, 0.17, 0.20, 0.24, 0.25, 0.26, 0.27, 0.28, 
 refuses any other version at start-up, before a store is written.
 
 * rollouts: ``LLM.generate([TokensPrompt(prompt_token_ids=...)], [SamplingParams(n, temperature, top_p, top_k,
-  max_tokens, seed, logprobs=0, stop_token_ids, detokenize=False)], use_tqdm=False)``, one SamplingParams per
-  prompt (its seed). ``CompletionOutput.logprobs`` is a list (one per generated token) of dicts token_id -> Logprob
-  holding at least the sampled token; ``finish_reason`` is "stop" or "length"; ``token_ids`` end with the stop token
-  when it stopped on one. The default ``logprobs_mode`` ("raw_logprobs", v1/sample/sampler.py) reports log-probs of
-  the unmodified model (temperature 1, before top-p/top-k). vLLM 0.11.0 (v1/core/sched/utils.py ``check_stop``)
-  tests the length cap before the stop tokens, so a stop token that is exactly the max_tokens-th is labelled
-  "length"; 0.11.1+ test stop tokens first. ``completion_to_row`` labels it "stop" on every version, as the JAX
-  engine does.
+  max_tokens, seed, logprobs=0, stop_token_ids, detokenize=False)], use_tqdm=False)``, one SamplingParams per prompt
+  (its seed); ``logprobs=K`` with ``--record-topk K`` (``max_logprobs`` raised above 20; see ``topk_record`` for what
+  each dict then holds). ``CompletionOutput.logprobs`` is a list (one per generated token) of dicts token_id ->
+  Logprob holding at least the sampled token; ``finish_reason`` is "stop" or "length"; ``token_ids`` end with the stop
+  token when it stopped on one. The default ``logprobs_mode`` ("raw_logprobs", v1/sample/sampler.py) reports log-probs
+  of the unmodified model (temperature 1, before top-p/top-k). vLLM 0.11.0 (v1/core/sched/utils.py ``check_stop``)
+  tests the length cap before the stop tokens, so a stop token that is exactly the max_tokens-th is labelled "length";
+  0.11.1+ test stop tokens first. ``completion_to_row`` labels it "stop" on every version, as the JAX engine does.
 * scoring: ``SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)``. ``RequestOutput.prompt_logprobs``
   is a list as long as the prompt whose entry 0 is None (the first token has no context) and whose entry j is a dict
   token_id -> Logprob of log p(. | tokens[:j]) holding the actual token tokens[j] (any rank) plus the k top-ranked
@@ -198,14 +198,15 @@ def generate_rollouts(
     seed: int = 0,
     stop_token_ids: Sequence[int] = (),
     answers: Sequence[Any] | None = None,
+    record_topk: int = 0,
 ) -> list[dict]:
     """Sample ``n`` completions per tokenized prompt in one ``generate`` call (pass thousands: vLLM batches them
     continuously); each prompt's SamplingParams carries ``request_seed(seed, index)``, so its samples do not depend
-    on the window it is in. ``top_k`` 0 = off. Returns store rows (see ``completion_to_row``), n per prompt in
-    order."""
+    on the window it is in. ``top_k`` 0 = off. ``record_topk`` K > 0 asks for ``logprobs=K`` and stores the top-K
+    of each token's raw distribution. Returns store rows (see ``completion_to_row``), n per prompt in order."""
     from vllm import SamplingParams, TokensPrompt
 
-    common = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, logprobs=0)
+    common = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, logprobs=record_topk)
     common.update(stop_token_ids=list(stop_token_ids), detokenize=False)
     params = [SamplingParams(seed=request_seed(seed, int(i)), **common) for i in prompt_indices]
     requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
@@ -214,8 +215,27 @@ def generate_rollouts(
     for j, out in enumerate(outputs):
         answer = None if answers is None else answers[j]
         for c in sorted(out.outputs, key=lambda c: c.index):
-            rows.append(completion_to_row(c, prompts[j], int(prompt_indices[j]), answer, stop_token_ids))
+            row = completion_to_row(c, prompts[j], int(prompt_indices[j]), answer, stop_token_ids, record_topk)
+            rows.append(row)
     return rows
+
+
+def topk_record(info: dict, k: int) -> dict:
+    """What a rollout store's behaviour top-k columns hold when vLLM sampled it, for the manifest: K, the
+    ``logprobs_mode`` the engine ran with (read back from it, ``ran_with``) and what each token's dict held.
+
+    Read in vLLM 0.11.0's source: ``Sampler.forward`` (v1/sample/sampler.py) computes the returned log-probs as
+    ``log_softmax`` of the original logits, before allowed-ids / bad-words / logits processors / penalties /
+    temperature / top-k / top-p, when ``logprobs_mode`` is "raw_logprobs" (ModelConfig's default), and
+    ``gather_logprobs`` takes ``torch.topk`` of them over the whole vocabulary plus the sampled id; the output
+    processor gives the top-K ranks 1..K. So the stored ids are the raw model's top-K, like the JAX engine's. A
+    "processed_*" mode gives the top-K of the processed distribution instead, "raw_logits" logits: both refused."""
+    mode = info.get("logprobs_mode")
+    if mode != "raw_logprobs":
+        raise PrecomputeError(
+            f"vllm ran with logprobs_mode {mode!r}: --record-topk stores the raw policy's top-k (raw_logprobs)"
+        )
+    return {"k": k, "distribution": mode, "entries_per_token": "K top-ranked + the sampled token; K kept"}
 
 
 def score_sequences(llm: Any, sequences: Sequence[Sequence[int]], k: int = 0) -> list[dict]:
@@ -254,6 +274,16 @@ def prompt_logprobs_to_rows(prompt_token_ids: Sequence[int], prompt_logprobs: Se
     return {"logprobs": logprobs, "topk_ids": topk_ids, "topk_logprobs": topk_lps}
 
 
+def topk_tail(topk_logprobs: np.ndarray) -> np.ndarray:
+    """log(1 - sum_k p_k) per row of [T, k] top-k log-probs, in float64; -inf where the sum rounds to >= 1 (the tail
+    is below what k fp32 log-probs resolve), NaN only where the row is NaN (token 0). vLLM returns no logits, so
+    this is the best available; the JAX engine computes the tail from the full logits instead."""
+    mass = np.exp(np.asarray(topk_logprobs, np.float64)).sum(-1)
+    with np.errstate(divide="ignore"):
+        tail = np.where(mass < 1.0, np.log1p(-np.minimum(mass, 1.0)), -np.inf)
+    return np.where(np.isnan(mass), np.nan, tail).astype(np.float32)
+
+
 def _rank(lp: Any) -> float:
     return float("inf") if lp.rank is None else lp.rank
 
@@ -264,11 +294,14 @@ def completion_to_row(
     prompt_index: int,
     answer: Any = None,
     stop_token_ids: Sequence[int] = (),
+    record_topk: int = 0,
 ) -> dict:
     """vLLM ``CompletionOutput`` (token_ids, logprobs, finish_reason) -> a store row for ``RolloutWriter.append``:
     tokens [P + R] int32 (prompt + the exact generated ids), prompt_length, finish_reason ("stop" whenever the last
     id is a stop token, whatever vLLM said), behavior_logprobs
-    [R] f32 (log-prob of each sampled token), prompt_index, answer."""
+    [R] f32 (log-prob of each sampled token), prompt_index, answer; with ``record_topk`` K, behavior_topk_ids [R, K]
+    int32 / behavior_topk_logprobs [R, K] f32: the K top-ranked entries of each token's dict (ranks 1..K; the
+    sampled token's own entry counts only when it is one of them)."""
     ids = [int(t) for t in completion.token_ids]
     where = f"prompt {prompt_index}, completion {completion.index}"
     if completion.finish_reason not in FINISH_REASONS:
@@ -286,7 +319,7 @@ def completion_to_row(
         if tok not in entry:
             raise ValueError(f"{where}: logprobs[{j}] lacks the sampled token {tok}")
         lps[j] = entry[tok].logprob
-    return {
+    row = {
         "tokens": np.asarray([*prompt_token_ids, *ids], np.int32),
         "prompt_length": len(prompt_token_ids),
         "finish_reason": finish,
@@ -294,3 +327,22 @@ def completion_to_row(
         "prompt_index": prompt_index,
         "answer": answer,
     }
+    if record_topk:
+        top_ids, top_lps = np.empty((len(ids), record_topk), np.int32), np.empty((len(ids), record_topk), np.float32)
+        for j, entry in enumerate(completion.logprobs):
+            top_ids[j], top_lps[j] = _top_ranked(entry, record_topk, f"{where}: logprobs[{j}]")
+        row |= {"behavior_topk_ids": top_ids, "behavior_topk_logprobs": top_lps}
+    return row
+
+
+def _top_ranked(entry: Mapping, k: int, where: str) -> tuple[list[int], list[float]]:
+    """The k entries of ranks 1..k of one vLLM logprobs dict (token id -> Logprob), by rank.
+
+    vLLM (v1/engine/logprobs.py ``_make_logprob_dict``) gives the top-k ids ranks 1..k and the sampled id its own
+    rank (the count of larger log-probs + 1): a sampled id outside the top-k tied with the k-th one also has rank
+    k, so ties are broken by log-prob, then id, and every rank 1..k must be present."""
+    ranked = [(t, lp) for t, lp in entry.items() if lp.rank is not None and 1 <= lp.rank <= k]
+    ranked.sort(key=lambda kv: (kv[1].rank, -kv[1].logprob, kv[0]))
+    if sorted({lp.rank for _, lp in ranked}) != list(range(1, k + 1)):
+        raise ValueError(f"{where}: expected ranks 1..{k}, got {sorted(lp.rank for lp in entry.values())}")
+    return [int(t) for t, _ in ranked[:k]], [float(lp.logprob) for _, lp in ranked[:k]]

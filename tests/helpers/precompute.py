@@ -12,9 +12,10 @@ import transformers
 from helpers.models import TINY_TOKENS, tiny_arch
 from lopd_jax.demo import synthetic
 from lopd_jax.store import RolloutStore
-from precompute import common
+from precompute import common, rollouts
 
 REPO = Path(__file__).resolve().parents[2]
+MAX_NEW = 8  # the rollouts tests' --max-new-tokens
 
 
 def build_model(path: Path, seed: int, eos_bias: float = 0.0) -> transformers.Qwen3ForCausalLM:
@@ -74,3 +75,8 @@ def teacher_cli(env, store: Path, *extra: str) -> subprocess.CompletedProcess:
     env_vars = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "precompute.teacher_logprobs", *argv]
     return subprocess.run(cmd, cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=300)
+
+
+def run_rollouts(env, out: str, *extra: str) -> int:
+    argv = ["--policy", str(env["policy"]), "--prompts", str(env["prompts"]), "--out", str(env["root"] / out)]
+    return rollouts.main(argv + ["--max-new-tokens", str(MAX_NEW), "--max-prompt-len", "64", *extra])

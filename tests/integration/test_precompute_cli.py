@@ -12,7 +12,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers.precompute import assert_same_store, build_model, killed_subprocess
+from helpers.precompute import MAX_NEW, assert_same_store, build_model, killed_subprocess, run_rollouts
 
 from lopd_jax.data import prompts
 from lopd_jax.store import RolloutStore, provenance
@@ -20,7 +20,6 @@ from precompute import import_jsonl, rollouts, teacher_logprobs
 from precompute.validate import validate
 
 VOCAB = 128
-MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +38,6 @@ def env(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"root": root, "policy": policy, "teacher": teacher, "other": other, "prompts": prompts, **models}
-
-
-def run_rollouts(env, out: str, *extra: str) -> int:
-    argv = ["--policy", str(env["policy"]), "--prompts", str(env["prompts"]), "--out", str(env["root"] / out)]
-    return rollouts.main(argv + ["--max-new-tokens", str(MAX_NEW), "--max-prompt-len", "64", *extra])
 
 
 SAMPLED = ("--temperature", "1.0", "--top-p", "0.95", "--n", "2", "--batch-size", "2")

@@ -93,7 +93,8 @@ def test_epoch_packs_every_response_token_once_with_its_logprob_and_position():
     got, it = batches(FakeStore(samples), cfg())
     seen = collections.Counter()
     for b in got:
-        assert all(np.asarray(f).shape == (4, 32) for f in vars(b).values())
+        assert all(np.asarray(f).shape == (4, 32) for f in vars(b).values() if f is not None)  # top-k fields: None
+        assert b.topk_ids is None  # no topk_* objective: the optional top-k fields stay empty
         for r, s, sl in segments(b):
             inputs, targets = b.inputs[r, sl], b.targets[r, sl]
             i = int(inputs[0]) // 1000  # the sample this segment came from

@@ -7,7 +7,7 @@ whose CPU fp32 ``vector_norm`` sums into plain fp32 accumulators (pytorch/pytorc
 elements) and reads the tied 32,000 x 512 embedding gradient's norm 4.3e-4 low.
 
 A float64 comparison needs float64 everywhere on both sides. transformers' Qwen3 keeps fp32 casts in a float64
-model (RMSNorm statistics, RoPE angles and cos/sin), so the reference lifts them (``_float64_reference``); ours
+model (RMSNorm statistics, RoPE angles and cos/sin), so the reference lifts them (``float64_reference``); ours
 computes RoPE and the sample_mean weights in the stat dtype (float64 under x64). With any one of these in fp32 the
 sides differ by 1e-11 to 2e-7 (loss, norm or a tensor), so 1e-10 catches it; the measured float64 agreement is
 4e-16 (loss), 0 (norm) and 4e-14 (worst tensor).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +33,12 @@ from helpers.models import tiny_arch
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from helpers.reference import as_dtype, float64_reference, hf_named  # noqa: E402
+
 from benchmarks.vs_torch import torch_opd_loss  # noqa: E402
 from lopd_jax import losses, update  # noqa: E402
 from lopd_jax.data.batch import Batch  # noqa: E402
-from lopd_jax.models import hf, qwen3  # noqa: E402
+from lopd_jax.models import qwen3  # noqa: E402
 
 CFG = qwen3.Qwen3Config(**tiny_arch(vocab_size=4000, hidden_size=64, intermediate_size=128, head_dim=16))
 CFG = dataclasses.replace(CFG, tie_word_embeddings=True)
@@ -91,33 +92,6 @@ def _torch_batch(rows: list[list[dict]]) -> dict:
     return out
 
 
-def _rms_norm64(self, x):
-    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
-def _rope64(self, x, position_ids):
-    dim, theta = self.config.head_dim, self.config.rope_parameters["rope_theta"]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    angles = position_ids[..., None].to(torch.float64) * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-
-
-def _float64_reference(model):
-    """transformers' Qwen3 with its fp32 casts lifted (RMSNorm statistics, RoPE), on these instances only: the same
-    formulas in float64. Fails loudly if transformers renames the modules (no silent fp32 reference)."""
-    from transformers.models.qwen3 import modeling_qwen3 as mq
-
-    lifted = {mq.Qwen3RMSNorm: _rms_norm64, mq.Qwen3RotaryEmbedding: _rope64}
-    seen = set()
-    for m in model.modules():
-        if type(m) in lifted:
-            m.forward = types.MethodType(lifted[type(m)], m)
-            seen.add(type(m))
-    assert seen == set(lifted), f"transformers' Qwen3 modules changed: lifted only {seen}"
-    return model
-
-
 @pytest.fixture(scope="module")
 def sides(tmp_path_factory):
     """(params fp32, jax batch, torch float64 loss, torch float64 grads by HF name)."""
@@ -128,25 +102,10 @@ def sides(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa")
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: one gradient, both contributions
     rows = _sequences()
-    loss = torch_opd_loss(_float64_reference(model.train()), _torch_batch(rows), losses.LossConfig())
+    loss = torch_opd_loss(float64_reference(model.train()), _torch_batch(rows), losses.LossConfig())
     loss.backward()
     grads = {n: p.grad.numpy() for n, p in model.named_parameters()}
     return params, _jax_batch(rows), float(loss.detach()), grads
-
-
-def _hf_named(tree, cfg) -> dict[str, np.ndarray]:
-    """Our grads (or params) pytree as transformers' tensors, by name (the checkpoint mapping of models.hf)."""
-    out = {}
-    for group, name, _ in hf._leaves(cfg):
-        leaf = np.asarray(tree[group][name] if group else tree[name])
-        depth, rule = hf._stack_depth(group, name), hf._RULES[group, name]
-        for idx in np.ndindex(*leaf.shape[:depth]):
-            out[hf._hf_key(cfg, group, name, idx)] = np.asarray(rule.to_hf(leaf[idx], cfg))
-    return out
-
-
-def _as(batch: Batch, dtype) -> Batch:
-    return jax.tree.map(lambda x: x.astype(dtype) if x.dtype.kind == "f" else x, batch)
 
 
 def _jax_float64(params, batch: Batch):
@@ -154,10 +113,10 @@ def _jax_float64(params, batch: Batch):
     with jax.enable_x64(True):
         cfg64 = dataclasses.replace(CFG, dtype="float64", param_dtype="float64")
         p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-        new, metrics = _trainer_step(p64, _as(batch, np.float64), cfg64)
+        new, metrics = _trainer_step(p64, as_dtype(batch, np.float64), cfg64)
         grads = jax.tree.map(lambda a, b: a - np.asarray(b), p64, new.params)  # SGD(lr=1): the gradient
         assert grads["embed"].dtype == np.float64
-        return float(metrics["train/loss"]), _hf_named(grads, CFG), float(metrics["train/grad_norm"])
+        return float(metrics["train/loss"]), hf_named(grads, CFG), float(metrics["train/grad_norm"])
 
 
 def _trainer_step(params, batch: Batch, cfg):
@@ -188,7 +147,7 @@ def test_fp32_grad_norm_is_within_1e6_of_the_float64_truth(sides):
     float64 truth's to 1e-6 (measured 3e-9 and 2e-8 here, 9e-8 and 2e-7 at the 35M shape), 10x inside the
     issue's 1e-5."""
     params, batch, t_loss, t_grads = sides
-    _, metrics = _trainer_step(params, _as(batch, np.float32), CFG)
+    _, metrics = _trainer_step(params, as_dtype(batch, np.float32), CFG)
     assert metrics["train/grad_norm"].dtype == jnp.float32
     assert abs(float(metrics["train/grad_norm"]) / _norm(t_grads) - 1) < 1e-6
     assert abs(float(metrics["train/loss"]) / t_loss - 1) < 1e-6

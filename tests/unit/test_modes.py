@@ -13,7 +13,7 @@ from lopd_jax.training.config import ConfigError, TrainConfig, build
 
 def test_each_mode_declares_its_objective_data_and_teacher():
     sft, lightning, opd = (modes.get(n) for n in ("sft", "lightning_opd", "opd"))
-    assert (sft.loss, lightning.loss, opd.loss) == (losses.sft_loss, losses.opd_loss, losses.opd_loss)
+    assert (sft.loss, lightning.loss, opd.loss) == (losses.sft_loss, losses.objective_loss, losses.objective_loss)
     assert sft.reads_store and lightning.reads_store and not opd.reads_store and opd.samples_online
     assert lightning.stored_teacher and not sft.stored_teacher and not opd.stored_teacher
     assert opd.live_teacher and not lightning.live_teacher and sft.trains_on_answers

@@ -168,3 +168,16 @@ def test_a_baseline_must_name_another_method():
     bad = {"report": {"methods": [{"name": "A", "eval": "a", "baseline": "nope"}]}}
     with pytest.raises(ValueError, match=r"report.methods\[0\]: baseline 'nope'"):
         report.method_specs(bad, RECORDS)
+
+
+def test_spread_is_the_coefficient_of_variation_of_a_logged_metric(tmp_path):
+    norms = {0: [1.0, 3.0], 1: [2.0, 2.0, 2.0], 2: [5.0]}  # CV 0.5, 0, NaN (a single record)
+    for s, xs in norms.items():
+        (tmp_path / f"lopd-seed{s}").mkdir()
+        lines = [{"step": i + 1, "train/grad_norm": x} for i, x in enumerate(xs)]
+        (tmp_path / f"lopd-seed{s}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config = {"report": {"methods": [{"name": "L", "eval": "lopd", "spread": "train/grad_norm"}]}}
+    (lightning,) = report.aggregate(RECORDS, report.method_specs(config, RECORDS), tmp_path, "eval/pass@1")
+    assert lightning.spreads[:2] == [0.5, 0.0] and np.isnan(lightning.spreads[2])
+    table = report.method_table([lightning], "eval/pass@1")
+    assert "grad spread (CV)" in table.splitlines()[0]

@@ -159,6 +159,7 @@ class FakeLLM:
         return RequestOutput(str(i), None, ids, None, outs[::-1], True)  # out of order: adapter sorts by index
 
     def _completion(self, c, ids, sp, rng):
+        mc = self.llm_engine.model_config
         V, max_tokens, stops = len(self.table), sp.kwargs["max_tokens"], sp.kwargs.get("stop_token_ids") or []
         gen = [int(t) for t in rng.integers(0, V, max_tokens)]
         if self.eos_at_last:
@@ -170,7 +171,10 @@ class FakeLLM:
             if len(gen) == max_tokens and self.version == "0.11.0":  # check_stop tests the length cap first
                 finish = "length"
         prev = [ids[-1], *gen[:-1]]
-        logprobs = [vllm_entry(self.table[p % V], t, 0, rng) for p, t in zip(prev, gen)]
+        k = sp.kwargs.get("logprobs") or 0  # the sampled token plus the top-k of the raw distribution (V1)
+        if k > mc.max_logprobs:
+            raise ValueError(f"Requested sample logprobs of {k}, which is greater than max allowed: {mc.max_logprobs}")
+        logprobs = [vllm_entry(self.table[p % V], t, k, rng) for p, t in zip(prev, gen)]
         return CompletionOutput(c, "", gen, None, logprobs, finish, None)
 
 
@@ -407,3 +411,53 @@ def test_rollouts_feed_vllm_one_window_and_match_smaller_windows(fake_vllm, tmp_
     assert m["teacher_engine"]["head_dtype"] == "float32" and m["teacher_engine"]["dtype"] == "bfloat16"
     assert m["teacher_engine"]["max_logprobs"] == 24 and m["teacher_engine"]["enable_prefix_caching"] is False
     assert m["teacher_args"] == {"engine": "vllm", "dtype": "auto", "top_k": 24, "head_fp32": True}
+
+
+# ------------------------------------------------------------------------------------------------ behaviour top-k
+
+
+def test_completion_to_row_records_the_top_k_by_rank():
+    """logprobs=K dicts (the sampled token with its own rank + ranks 1..K, shuffled) -> the K top-ranked ids and
+    log-probs of each token's distribution, whether the sampled token is among them or not."""
+    lp, tokens = logits_and_tokens(8, seed=1)
+    ids = tokens[:6]
+    ids[1], ids[4] = int(lp[1].argmax()), int(lp[4].argsort(descending=True)[2])  # sampled inside the top-3
+    row = ve.completion_to_row(completion(ids, lp, finish="length", k=3), [1, 2], 0, record_topk=3)
+    vals, top = torch.topk(lp[:6], 3)
+    np.testing.assert_array_equal(row["behavior_topk_ids"], top.numpy())
+    np.testing.assert_array_equal(row["behavior_topk_logprobs"], vals.numpy().astype(np.float32))
+    inside = [int(t) in top[j].tolist() for j, t in enumerate(ids)]
+    assert any(inside) and not all(inside)  # both kinds of dict (K and K + 1 entries) occur
+    with pytest.raises(ValueError, match="expected ranks 1..4"):  # a dict without the top-4
+        ve.completion_to_row(completion(ids, lp, finish="length", k=3), [1, 2], 0, record_topk=4)
+
+
+def test_topk_record_accepts_only_the_raw_distribution():
+    assert ve.topk_record({"logprobs_mode": "raw_logprobs"}, 8)["distribution"] == "raw_logprobs"
+    with pytest.raises(PrecomputeError, match="processed_logprobs"):
+        ve.topk_record({"logprobs_mode": "processed_logprobs"}, 8)
+
+
+def test_vllm_rollouts_record_top_k_and_scoring_them_needs_jax(fake_vllm, tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Add: {i}+{i}", "answer": str(2 * i)}) + "\n" for i in range(3)))
+    argv = ["--policy", str(model), "--prompts", str(prompts), "--engine", "vllm", "--max-new-tokens", "5"]
+    assert rollouts.main([*argv, "--out", str(tmp_path / "r"), "--record-topk", "24"]) == 0
+    (llm,) = fake_vllm.instances
+    assert llm.calls[0][1][0].kwargs["logprobs"] == 24 and llm.kwargs["max_logprobs"] == 24  # above vLLM's 20
+    store = RolloutStore.open(tmp_path / "r")
+    assert store.behavior_topk == 24
+    assert store.manifest["engine"]["behavior_topk"] == ve.topk_record({"logprobs_mode": "raw_logprobs"}, 24)
+    for s in store.samples(range(len(store))):
+        p = s["prompt_length"]
+        prev = torch.tensor(s["tokens"][p - 1 : -1]) % len(llm.table)
+        vals, ids = torch.topk(llm.table[prev], 24)
+        np.testing.assert_array_equal(s["behavior_topk_ids"][p:], ids.numpy())
+        np.testing.assert_array_equal(s["behavior_topk_logprobs"][p:], vals.numpy().astype(np.float32))
+    out = tmp_path / "scored"
+    targs = ["--teacher", str(model), "--store", str(tmp_path / "r"), "--out", str(out), "--engine", "vllm"]
+    capsys.readouterr()  # the rollouts' progress output
+    assert teacher_logprobs.main(targs) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--engine jax" in err[0] and not out.exists() and len(fake_vllm.instances) == 1
