@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from helpers.qwen3 import CASES, hf_model, random_tokens, torch_logits
 
 from lopd_jax.models import qwen3
@@ -142,11 +141,14 @@ def test_init_params_follow_param_specs():
             assert abs(p.std() - 0.05) < 0.01 and abs(p.mean()) < 0.01
     assert "lm_head" in params and qwen3.lm_head_weight(params, cfg) is params["lm_head"]
     assert qwen3.param_count(cfg) == sum(p.size for p in jax.tree.leaves(params))
-    # the NNX module carries each spec's logical axes as sharding metadata
-    module = nnx.eval_shape(lambda: qwen3._Qwen3Params(cfg, nnx.Rngs(params=0)))
-    pspecs = nnx.get_partition_spec(nnx.state(module))["tree"]
-    assert tuple(pspecs["moe"]["gate"].get_value()) == ("layers", "expert", "embed", "mlp")
-    assert tuple(pspecs["embed"].get_value()) == ("vocab", "embed")
+    # The draws: the i-th "normal" leaf in declaration order from fold_in(key, i) (embed is the first), so leaves of
+    # one shape never share values; the logical axes the shardings derive from are the specs'.
+    want = 0.05 * jax.random.normal(jax.random.fold_in(jax.random.key(0), 0), specs["embed"].shape)
+    np.testing.assert_array_equal(np.asarray(qwen3.init_params(cfg, jax.random.key(0))["embed"]), np.asarray(want))
+    gate, up = np.asarray(params["moe"]["gate"]), np.asarray(params["moe"]["up"])
+    assert gate.shape == up.shape and not np.array_equal(gate, up)
+    assert specs["moe"]["gate"].axes == ("layers", "expert", "expert_embed", "mlp")
+    assert specs["embed"].axes == ("vocab", "embed")
 
 
 def test_remat_and_unscanned_layers_give_same_values_and_grads(tmp_root):
