@@ -32,9 +32,11 @@ import yaml
 
 from lopd_jax.batch import DataConfig
 from lopd_jax.checkpoint import CheckpointConfig
+from lopd_jax.drift import DriftConfig
 from lopd_jax.losses import LossConfig
 from lopd_jax.models.qwen3_specs import Attention, DecodeAttention, Matmuls, Qwen3Config, Remat
 from lopd_jax.prompts import PromptConfig
+from lopd_jax.refresh import RefreshConfig
 from lopd_jax.sampling import SamplingConfig
 from lopd_jax.sharding import MeshConfig
 from lopd_jax.update import OptimizerConfig
@@ -133,6 +135,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     plan: PlanConfig = PlanConfig()  # --plan only: the per-device memory budget
+    drift: DriftConfig = DriftConfig()  # the direct KL(pi_student || pi_ref) estimate at each evaluation
+    refresh: RefreshConfig = RefreshConfig()  # lightning_opd: resample the rollouts when the student drifts
     allow_teacher_inconsistency: bool = False  # run lightning_opd despite a teacher mismatch (ablations only)
     resume: bool = False  # continue from the latest checkpoint in checkpoint.directory
     # Dotted keys (e.g. train.steps) that a resume may change; any other difference from the run's config.yaml is

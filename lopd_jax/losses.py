@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lopd_jax.batch import Batch
+from lopd_jax.drift import importance_ess
 from lopd_jax.models import qwen3
 from lopd_jax.schema import check_choices
 
@@ -215,6 +216,7 @@ def behavior_kl_metrics(logp: jax.Array, behavior_logp: jax.Array, mask: jax.Arr
         "opd/iw_mean": _masked_mean(w, mask),
         "opd/iw_std": _masked_std(w, mask),
         "opd/iw_max": jnp.max(jnp.where(mask > 0, w, 0.0)),
+        "opd/iw_ess": importance_ess(log_w, mask),
     }
 
 

@@ -38,7 +38,7 @@ import yaml
 from jax.sharding import NamedSharding
 
 from lopd_jax import config as config_lib
-from lopd_jax import distributed, provenance, sharding, update
+from lopd_jax import distributed, drift, provenance, refresh, sharding, update
 from lopd_jax import step as step_lib
 from lopd_jax.checkpoint import Checkpointer
 from lopd_jax.config import ConfigError, TrainConfig
@@ -172,6 +172,7 @@ class Run:
     logger: Logger
     evaluator: Any
     start: int
+    refresh: refresh.Controller | None = None  # a generation of a refreshed run (lopd_jax.refresh)
 
 
 def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
@@ -233,7 +234,9 @@ def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
     abstract = built.abstract_state
     data_iter = make_iterator(cfg.data) if cfg.mode != "opd" else None
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint)
-    restored = ckpt.restore_latest(abstract, data_iter) if cfg.resume else None
+    # A refreshed generation's first step reads a new store: its iterator starts fresh, not at the saved position.
+    continues = refresh.check_resume_step(cfg, ckpt.latest_step())
+    restored = ckpt.restore_latest(abstract, data_iter if continues else None) if cfg.resume else None
     if restored is not None:
         state, start_step = restored
     else:
@@ -246,7 +249,11 @@ def start(cfg: TrainConfig, setup: Setup, run_dir: Path) -> Run:
         writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, header=header)
     logger = Logger(cfg, writer, _progress_bar(cfg, setup, start_step), time.perf_counter())
     source = _batch_source(cfg, setup, data_iter)
-    return Run(state, built.step, data_iter, source, ckpt, logger, _evaluator(cfg, setup), start_step)
+    sh = sharding.batch_sharding(setup.mesh, 2, setup.rules)
+    ref_kl = drift.build_ref_kl(cfg, setup, lambda: load_params(cfg, setup), lambda b: place_global(b, sh))
+    evaluator = drift.with_ref_kl(_evaluator(cfg, setup), ref_kl)
+    ctl = refresh.controller(cfg, start_step)
+    return Run(state, built.step, data_iter, source, ckpt, logger, evaluator, start_step, ctl)
 
 
 def _eval_due(cfg: TrainConfig, step: int) -> bool:
@@ -257,9 +264,12 @@ def _eval_due(cfg: TrainConfig, step: int) -> bool:
 def train_loop(cfg: TrainConfig, run: Run) -> dict:
     """Runs steps ``run.start .. train.steps``; returns the last eval metrics (empty without eval)."""
     state, last_eval = run.state, {}
-    for i in range(run.start, cfg.train.steps):
+    stopped = run.refresh is not None and run.refresh.stopped  # resumed at a generation's pinned stop step
+    for i in range(run.start, cfg.train.steps if not stopped else run.start):
         step = i + 1
         batch, stats = run.next_batch(i, state)
+        if run.refresh is not None:
+            stats.update(run.refresh.stats())
         t0 = time.perf_counter()
         state, metrics = run.step_fn(state, batch)
         if cfg.mode == "opd":  # the next step samples from the new params anyway: time the update alone
@@ -271,10 +281,13 @@ def train_loop(cfg: TrainConfig, run: Run) -> dict:
             run.logger.flush()
             last_eval = run.evaluator(state.params, step)
             run.logger.write_extra(step, last_eval)
-        if final or run.ckpt.should_save(step):
+        stop = run.refresh is not None and run.refresh.should_stop(step, metrics)  # pinned before the save
+        if final or stop or run.ckpt.should_save(step):
             run.logger.flush()  # every metric up to this step is on disk before the checkpoint is
-            run.ckpt.save(step, state, run.data_iter, force=final)
+            run.ckpt.save(step, state, run.data_iter, force=final or stop)
             run.logger.last_time = time.perf_counter()  # the next step's time excludes the save
+        if stop:
+            break
     run.logger.flush()
     run.ckpt.wait_until_finished()
     run.state = state
@@ -324,25 +337,25 @@ def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
     return fields
 
 
-def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path) -> Path:
-    """``run_dir/hf``: safetensors + config, the tokenizer files, ``lopd_provenance.json``.
+def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path, *, out: Path | None = None) -> Path:
+    """``run_dir/hf`` (or ``out``): safetensors + config, the tokenizer files, ``lopd_provenance.json``.
 
     Written to ``run_dir/.hf.tmp-PID`` and renamed into place, so a kill mid-export leaves the previous ``hf/``
     (or none), never a half-written one; a previous ``hf/`` is moved aside first and removed once the new one is in
     place (a kill between the two renames leaves it as ``.hf.old-PID``)."""
-    out = run_dir / "hf"
+    out = run_dir / "hf" if out is None else out
     params = _host_params(params)
     if jax.process_index() != 0:
         return out
-    for stale in run_dir.glob(".hf.tmp-*"):  # a killed export's leftovers: never a user's file
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed export's leftovers: never a user's file
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = run_dir / f".hf.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     hf.save_hf(str(tmp), setup.model_cfg, params)
     for name in TOKENIZER_FILES:
         if (Path(setup.tokenizer_dir) / name).is_file():
             shutil.copy2(Path(setup.tokenizer_dir) / name, tmp / name)
     provenance.write_provenance(tmp, weights=provenance.fingerprint_weights(tmp), **_lineage(cfg, setup))
-    old = run_dir / f".hf.old-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -430,7 +443,15 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path) -> dict:
             run.logger.writer.close()
         if run.logger.bar is not None:
             run.logger.bar.close()
+    ctl = run.refresh
+    if ctl is not None and ctl.stopped:  # a refresh: this generation's student samples the next one
+        ctl.finish(ctl.pinned, lambda out: export(cfg, setup, run.state.params, run_dir, out=out))
+        if jax.process_index() == 0 and cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
+            plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
+        return {**run.logger.last, **last_eval}
     export(cfg, setup, run.state.params, run_dir)
+    if ctl is not None:
+        ctl.finish(cfg.train.steps, None)
     if jax.process_index() == 0:
         if last_eval:
             _write_atomic(run_dir / "eval.json", json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
@@ -480,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         if config_lib.is_pipeline(raw):
             return _run_pipeline(raw, args.config, args.overrides)
         cfg = config_lib.load_config(args.config, args.overrides)
+        if cfg.refresh.active and cfg.refresh.generation is None and not args.plan:
+            final = refresh.run_loop(cfg, args.config, args.overrides)  # the generations, each a subprocess
+            print("done: " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)), flush=True)
+            return 0
         if args.target and not args.plan:
             raise ConfigError(f"--target {args.target} needs --plan (it only compiles; nothing runs there)")
         if args.plan:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from lopd_jax import config as config_lib
-from lopd_jax import distributed, prompts, provenance, sharding
+from lopd_jax import distributed, drift, prompts, provenance, refresh, sharding
 from lopd_jax.batch import DataError
 from lopd_jax.checkpoint import CheckpointCorruptError
 from lopd_jax.config import ConfigError, TrainConfig
@@ -235,7 +235,8 @@ def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
     allow = cfg.allow_teacher_inconsistency
     for warning in (
         provenance.check_teacher_consistency(setup.manifest, setup.init_provenance, allow),
-        provenance.check_rollout_policy(setup.manifest, setup.init_fingerprint, allow),
+        # pi_ref for the first generation; a refreshed generation's rollouts come from the exported student
+        provenance.check_rollout_policy(setup.manifest, refresh.rollout_policy(cfg, setup.init_fingerprint), allow),
     ):
         if warning:
             setup.warnings.append(warning)
@@ -488,6 +489,7 @@ def prepare(cfg: TrainConfig) -> Setup:
         _check_prompts(cfg, setup)
     if cfg.eval.prompts:
         _check_eval_set(cfg, setup)
+    drift.check(cfg)
     if cfg.mode == "opd" or cfg.eval.prompts:
         _check_stop_ids(cfg, setup)
     return setup
