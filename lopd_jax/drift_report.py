@@ -1,0 +1,183 @@
+"""The drift trade-off of a pipeline run (configs/demo_drift.yaml): accuracy against the teacher's cost, drift curves.
+
+``python -m lopd_jax.drift_report --run-dir runs/demo --out DIR --method lightning_long --method opd_long ...``
+reads, for every seed instance ``<method>-seed<s>`` of each method, its ``eval.json``, its ``metrics.jsonl`` and
+(refreshed runs) ``refresh/generations.json``, and writes ``drift_report.json``, ``drift_report.txt``,
+``accuracy_vs_teacher_tokens.png`` and ``drift_curves.png`` to DIR.
+
+The teacher's cost, counted the same way for every method:
+
+* tokens: response tokens the teacher scored. Offline: every response token of generation 0's store (the
+  ``--gen0-teacher`` stage of the seed) plus those of each refreshed generation; online OPD: the response tokens of
+  every step's batch (``data/tokens`` summed over the log, which needs ``train.log_every: 1``).
+* seconds: offline, the wall-clock of each scoring stage (model load and compile included); online, the teacher's
+  forward inside the training loop (``time/teacher_s``; the teacher is loaded once, before the first step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lopd_jax.metrics import read_metrics
+
+CURVE_KEYS = ("drift/kl_ref_k3", "opd/kl_behavior_k3", "opd/iw_ess", "opd/clip_frac")
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _response_tokens(store_path: Path) -> int:
+    from lopd_jax.store import RolloutStore
+
+    store = RolloutStore.open(str(store_path))
+    return int((store.lengths - store.prompt_lengths).sum())
+
+
+def seed_result(run_dir: Path, method: str, seed: str, gen0_teacher: str) -> dict | None:
+    """One seed instance's accuracy, teacher cost and curves; None while it has not finished."""
+    d = run_dir / f"{method}-seed{seed}"
+    ev = _json(d / "eval.json")
+    if ev is None or not (d / "metrics.jsonl").exists():
+        return None
+    records = read_metrics(d / "metrics.jsonl")
+    out = {"method": method, "seed": int(seed), "pass@1": ev.get("eval/pass@1"), "steps": records[-1]["step"]}
+    if records[0].get("mode") == "opd":
+        out["teacher_tokens"] = float(sum(r.get("data/tokens", 0.0) for r in records))
+        out["teacher_s"] = float(sum(r.get("time/teacher_s", 0.0) for r in records))
+        out["refreshes"] = None
+    else:
+        g0 = run_dir / f"{gen0_teacher}-seed{seed}"
+        out["teacher_tokens"] = float(_response_tokens(g0 / "store"))
+        out["teacher_s"] = float((_json(g0 / "stage.json") or {}).get("seconds", math.nan))
+        gens = _json(d / "refresh" / "generations.json") or []
+        out["refreshes"] = max(len(gens) - 1, 0)
+        out["refresh_steps"] = [g["first_step"] for g in gens[1:]]
+        out["teacher_tokens"] += float(sum(g.get("teacher_tokens", 0) for g in gens))
+        out["teacher_s"] += float(sum(g.get("teacher_s", 0.0) for g in gens))
+    out["curves"] = {
+        k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), float) and math.isfinite(r[k])]
+        for k in CURVE_KEYS
+    }
+    return out
+
+
+def _seeds(run_dir: Path, method: str) -> list[str]:
+    return sorted(p.name.rsplit("-seed", 1)[1] for p in run_dir.glob(f"{method}-seed*") if p.is_dir())
+
+
+def summarize(results: list[dict], methods: list[str]) -> list[dict]:
+    rows = []
+    for m in methods:
+        rs = [r for r in results if r["method"] == m]
+        if not rs:
+            rows.append({"method": m, "n": 0})
+            continue
+        acc = np.array([r["pass@1"] for r in rs], float) * 100
+        kl = [r["curves"]["drift/kl_ref_k3"][-1][1] for r in rs if r["curves"]["drift/kl_ref_k3"]]
+        rows.append({
+            "method": m,
+            "n": len(rs),
+            "pass@1": float(acc.mean()),
+            "pass@1_std": float(acc.std()),
+            "per_seed": [round(float(a), 1) for a in acc],
+            "teacher_tokens": float(np.mean([r["teacher_tokens"] for r in rs])),
+            "teacher_s": float(np.mean([r["teacher_s"] for r in rs])),
+            "refreshes": [r["refreshes"] for r in rs],
+            "final_kl_ref_k3": float(np.mean(kl)) if kl else None,
+        })  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'method':<16} {'n':>2} {'pass@1 %':>13} {'per seed':>20} {'teacher tok':>12} {'teacher s':>10} "
+    head += f"{'refreshes':>10} {'KL(s||ref) end':>15}"
+    lines = [head]
+    for r in rows:
+        if not r["n"]:
+            lines.append(f"{r['method']:<16}  0   (no finished seed)")
+            continue
+        kl = "-" if r["final_kl_ref_k3"] is None else f"{r['final_kl_ref_k3']:.3f}"
+        refreshes = "-" if r["refreshes"][0] is None else "/".join(map(str, r["refreshes"]))
+        lines.append(
+            f"{r['method']:<16} {r['n']:>2} {r['pass@1']:>6.1f} +- {r['pass@1_std']:<4.1f} "
+            f"{'/'.join(map(str, r['per_seed'])):>20} {r['teacher_tokens']:>12.0f} {r['teacher_s']:>10.1f} "
+            f"{refreshes:>10} {kl:>15}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, r in enumerate(x for x in rows if x["n"]):
+        pts = [(s["teacher_tokens"], 100 * s["pass@1"]) for s in results if s["method"] == r["method"]]
+        ax.scatter(*zip(*pts), color=f"C{i}", alpha=0.35, s=14)
+        ax.errorbar(r["teacher_tokens"], r["pass@1"], yerr=r["pass@1_std"], fmt="o", color=f"C{i}", label=r["method"])
+    ax.set_xscale("log")
+    ax.set_xlabel("teacher-scored tokens")
+    ax.set_ylabel("held-out pass@1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_teacher_tokens.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(4.2 * len(CURVE_KEYS), 3.4), squeeze=False)
+    names = [r["method"] for r in rows if r["n"]]
+    first_seed = {m: min(x["seed"] for x in results if x["method"] == m) for m in names}
+    for ax, key in zip(axes[0], CURVE_KEYS):
+        for s in results:
+            if s["curves"][key]:
+                color = f"C{names.index(s['method'])}"
+                label = s["method"] if s["seed"] == first_seed[s["method"]] else None
+                ax.plot(*zip(*s["curves"][key]), color=color, alpha=0.7, lw=1, label=label)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "drift_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lopd_jax.drift_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", action="append", required=True, help="a stage name (its foreach seeds are read)")
+    p.add_argument("--gen0-teacher", required=True, help="the stage that scored generation 0 (per seed)")
+    args = p.parse_args(argv)
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for m in args.method:
+        for seed in _seeds(run_dir, m):
+            r = seed_result(run_dir, m, seed, args.gen0_teacher)
+            if r is not None:
+                results.append(r)
+    rows = summarize(results, args.method)
+    text = table(rows)
+    print(text, flush=True)
+    (out / "drift_report.txt").write_text(text + "\n")
+    (out / "drift_report.json").write_text(json.dumps({"methods": rows, "seeds": results}, indent=1))
+    if results:
+        plot(results, rows, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
