@@ -46,24 +46,33 @@ def _response_tokens(store_path: Path) -> int:
 def seed_result(run_dir: Path, method: str, seed: str, gen0_teacher: str) -> dict | None:
     """One seed instance's accuracy, teacher cost and curves; None while it has not finished."""
     d = run_dir / f"{method}-seed{seed}"
-    ev = _json(d / "eval.json")
-    if ev is None or not (d / "metrics.jsonl").exists():
+    ev = _json(d / "eval.json")  # None while the run has not finished: its evaluations so far are reported
+    if not (d / "metrics.jsonl").exists():
         return None
     records = read_metrics(d / "metrics.jsonl")
-    out = {"method": method, "seed": int(seed), "pass@1": ev.get("eval/pass@1"), "steps": records[-1]["step"]}
+    out = {"method": method, "seed": int(seed), "pass@1": None if ev is None else ev.get("eval/pass@1")}
+    out["steps"] = records[-1]["step"]
+    out["evals"] = [(r["step"], r["eval/pass@1"]) for r in records if "eval/pass@1" in r]
+    out["cost_at"] = {}  # eval step -> (teacher tokens, teacher s) spent by then
     if records[0].get("mode") == "opd":
-        out["teacher_tokens"] = float(sum(r.get("data/tokens", 0.0) for r in records))
-        out["teacher_s"] = float(sum(r.get("time/teacher_s", 0.0) for r in records))
+        for step, _ in out["evals"]:
+            upto = [r for r in records if r["step"] <= step]
+            out["cost_at"][step] = (sum(r.get("data/tokens", 0.0) for r in upto),
+                                    sum(r.get("time/teacher_s", 0.0) for r in upto))  # fmt: skip
         out["refreshes"] = None
     else:
         g0 = run_dir / f"{gen0_teacher}-seed{seed}"
-        out["teacher_tokens"] = float(_response_tokens(g0 / "store"))
-        out["teacher_s"] = float((_json(g0 / "stage.json") or {}).get("seconds", math.nan))
+        tokens0 = float(_response_tokens(g0 / "store"))
+        seconds0 = float((_json(g0 / "stage.json") or {}).get("seconds", math.nan))
         gens = _json(d / "refresh" / "generations.json") or []
         out["refreshes"] = max(len(gens) - 1, 0)
         out["refresh_steps"] = [g["first_step"] for g in gens[1:]]
-        out["teacher_tokens"] += float(sum(g.get("teacher_tokens", 0) for g in gens))
-        out["teacher_s"] += float(sum(g.get("teacher_s", 0.0) for g in gens))
+        for step, _ in out["evals"]:
+            done = [g for g in gens if g["generation"] > 0 and g["first_step"] < step]
+            out["cost_at"][step] = (tokens0 + sum(g.get("teacher_tokens", 0) for g in done),
+                                    seconds0 + sum(g.get("teacher_s", 0.0) for g in done))  # fmt: skip
+    last = out["evals"][-1][0] if out["evals"] else None
+    out["teacher_tokens"], out["teacher_s"] = out["cost_at"].get(last, (math.nan, math.nan))
     out["curves"] = {
         k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), float) and math.isfinite(r[k])]
         for k in CURVE_KEYS
@@ -75,43 +84,55 @@ def _seeds(run_dir: Path, method: str) -> list[str]:
     return sorted(p.name.rsplit("-seed", 1)[1] for p in run_dir.glob(f"{method}-seed*") if p.is_dir())
 
 
-def summarize(results: list[dict], methods: list[str]) -> list[dict]:
+def common_step(results: list[dict]) -> int | None:
+    """The last evaluation step every seed of every method has reached (runs that are still going included)."""
+    steps = [r["evals"][-1][0] for r in results if r["evals"]]
+    return min(steps) if steps and all(r["evals"] for r in results) else None
+
+
+def summarize(results: list[dict], methods: list[str], step: int) -> list[dict]:
+    """Per method, at evaluation step ``step``: pass@1 (mean, std, per seed), teacher cost spent by then,
+    refreshes, and KL(student || pi_ref) at that step."""
     rows = []
     for m in methods:
         rs = [r for r in results if r["method"] == m]
         if not rs:
             rows.append({"method": m, "n": 0})
             continue
-        acc = np.array([r["pass@1"] for r in rs], float) * 100
-        kl = [r["curves"]["drift/kl_ref_k3"][-1][1] for r in rs if r["curves"]["drift/kl_ref_k3"]]
+        acc = np.array([dict(r["evals"])[step] for r in rs], float) * 100
+        kl = [dict(r["curves"]["drift/kl_ref_k3"]).get(step) for r in rs]
+        kl = [x for x in kl if x is not None]
         rows.append({
             "method": m,
             "n": len(rs),
+            "step": step,
             "pass@1": float(acc.mean()),
             "pass@1_std": float(acc.std()),
             "per_seed": [round(float(a), 1) for a in acc],
-            "teacher_tokens": float(np.mean([r["teacher_tokens"] for r in rs])),
-            "teacher_s": float(np.mean([r["teacher_s"] for r in rs])),
-            "refreshes": [r["refreshes"] for r in rs],
-            "final_kl_ref_k3": float(np.mean(kl)) if kl else None,
+            "teacher_tokens": float(np.mean([r["cost_at"][step][0] for r in rs])),
+            "teacher_s": float(np.mean([r["cost_at"][step][1] for r in rs])),
+            "refreshes": [None if r["refreshes"] is None else sum(x < step for x in r["refresh_steps"]) for r in rs],
+            "kl_ref_k3": float(np.mean(kl)) if kl else None,
+            "finished": [r["pass@1"] is not None for r in rs],
         })  # fmt: skip
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'method':<16} {'n':>2} {'pass@1 %':>13} {'per seed':>20} {'teacher tok':>12} {'teacher s':>10} "
-    head += f"{'refreshes':>10} {'KL(s||ref) end':>15}"
-    lines = [head]
+    step = next((r["step"] for r in rows if r["n"]), None)
+    head = f"{'method':<16} {'n':>2} {'pass@1 %':>13} {'per seed':>18} {'teacher tok':>12} {'teacher s':>10} "
+    head += f"{'refreshes':>10} {'KL(s||ref) k3':>14}"
+    lines = [f"at optimizer step {step} (evaluated by every seed of every method)", head]
     for r in rows:
         if not r["n"]:
-            lines.append(f"{r['method']:<16}  0   (no finished seed)")
+            lines.append(f"{r['method']:<16}  0   (no seed has an evaluation yet)")
             continue
-        kl = "-" if r["final_kl_ref_k3"] is None else f"{r['final_kl_ref_k3']:.3f}"
+        kl = "-" if r["kl_ref_k3"] is None else f"{r['kl_ref_k3']:.3f}"
         refreshes = "-" if r["refreshes"][0] is None else "/".join(map(str, r["refreshes"]))
         lines.append(
             f"{r['method']:<16} {r['n']:>2} {r['pass@1']:>6.1f} +- {r['pass@1_std']:<4.1f} "
-            f"{'/'.join(map(str, r['per_seed'])):>20} {r['teacher_tokens']:>12.0f} {r['teacher_s']:>10.1f} "
-            f"{refreshes:>10} {kl:>15}"
+            f"{'/'.join(map(str, r['per_seed'])):>18} {r['teacher_tokens']:>12.0f} {r['teacher_s']:>10.1f} "
+            f"{refreshes:>10} {kl:>14}"
         )
     return "\n".join(lines)
 
@@ -124,12 +145,16 @@ def plot(results: list[dict], rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for i, r in enumerate(x for x in rows if x["n"]):
-        pts = [(s["teacher_tokens"], 100 * s["pass@1"]) for s in results if s["method"] == r["method"]]
+        pts = [
+            (s["cost_at"][r["step"]][0], 100 * dict(s["evals"])[r["step"]])
+            for s in results
+            if s["method"] == r["method"]
+        ]
         ax.scatter(*zip(*pts), color=f"C{i}", alpha=0.35, s=14)
         ax.errorbar(r["teacher_tokens"], r["pass@1"], yerr=r["pass@1_std"], fmt="o", color=f"C{i}", label=r["method"])
     ax.set_xscale("log")
     ax.set_xlabel("teacher-scored tokens")
-    ax.set_ylabel("held-out pass@1 (%)")
+    ax.set_ylabel(f"held-out pass@1 (%) at step {rows[0].get('step')}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -169,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             r = seed_result(run_dir, m, seed, args.gen0_teacher)
             if r is not None:
                 results.append(r)
-    rows = summarize(results, args.method)
+    step = common_step(results)
+    if step is None:
+        print("no evaluation yet in any run", flush=True)
+        return 0
+    rows = summarize(results, args.method, step)
     text = table(rows)
     print(text, flush=True)
     (out / "drift_report.txt").write_text(text + "\n")

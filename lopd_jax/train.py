@@ -450,13 +450,13 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path) -> dict:
             plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
         return {**run.logger.last, **last_eval}
     export(cfg, setup, run.state.params, run_dir)
-    if ctl is not None:
-        ctl.finish(cfg.train.steps, None)
     if jax.process_index() == 0:
         if last_eval:
             _write_atomic(run_dir / "eval.json", json.dumps({"step": cfg.train.steps, **last_eval}, indent=1))
         if cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
+    if ctl is not None:
+        ctl.finish(cfg.train.steps, None)  # last: the loop reads a finished generation's outputs after it
     return {**run.logger.last, **last_eval}
 
 
