@@ -43,6 +43,21 @@ def _response_tokens(store_path: Path) -> int:
     return int((store.lengths - store.prompt_lengths).sum())
 
 
+def refreshed_generations(rdir: Path) -> list[dict]:
+    """Generations g >= 1 whose scoring stage has completed, read from the stages themselves (so a run still
+    going counts every refresh it has paid for): first step (the previous stop), teacher tokens and seconds."""
+    gens = []
+    for stop in sorted(rdir.glob("stop-gen*.json"), key=lambda p: int(p.stem.removeprefix("stop-gen"))):
+        g = int(stop.stem.removeprefix("stop-gen")) + 1
+        stage = _json(rdir / f"gen{g}_teacher" / "stage.json")
+        if stage is None:
+            continue
+        tokens = _response_tokens(rdir / f"gen{g}_teacher" / "store")
+        gens.append({"generation": g, "first_step": _json(stop)["step"], "teacher_tokens": tokens,
+                     "teacher_s": stage["seconds"]})  # fmt: skip
+    return gens
+
+
 def seed_result(run_dir: Path, method: str, seed: str, gen0_teacher: str) -> dict | None:
     """One seed instance's accuracy, teacher cost and curves; None while it has not finished."""
     d = run_dir / f"{method}-seed{seed}"
@@ -64,13 +79,13 @@ def seed_result(run_dir: Path, method: str, seed: str, gen0_teacher: str) -> dic
         g0 = run_dir / f"{gen0_teacher}-seed{seed}"
         tokens0 = float(_response_tokens(g0 / "store"))
         seconds0 = float((_json(g0 / "stage.json") or {}).get("seconds", math.nan))
-        gens = _json(d / "refresh" / "generations.json") or []
-        out["refreshes"] = max(len(gens) - 1, 0)
-        out["refresh_steps"] = [g["first_step"] for g in gens[1:]]
+        gens = refreshed_generations(d / "refresh")
+        out["refreshes"] = len(gens)
+        out["refresh_steps"] = [g["first_step"] for g in gens]
         for step, _ in out["evals"]:
-            done = [g for g in gens if g["generation"] > 0 and g["first_step"] < step]
-            out["cost_at"][step] = (tokens0 + sum(g.get("teacher_tokens", 0) for g in done),
-                                    seconds0 + sum(g.get("teacher_s", 0.0) for g in done))  # fmt: skip
+            done = [g for g in gens if g["first_step"] < step]
+            out["cost_at"][step] = (tokens0 + sum(g["teacher_tokens"] for g in done),
+                                    seconds0 + sum(g["teacher_s"] for g in done))  # fmt: skip
     last = out["evals"][-1][0] if out["evals"] else None
     out["teacher_tokens"], out["teacher_s"] = out["cost_at"].get(last, (math.nan, math.nan))
     out["curves"] = {

@@ -393,8 +393,9 @@ def _record_generation(rdir: Path, g: int, store: str, records: list[dict]) -> N
     rec["teacher_s"] = teacher["seconds"] if teacher else 0.0
     rollouts = by_name.get(stage_name(g, "rollouts"))
     rec["rollout_s"] = rollouts["seconds"] if rollouts else 0.0
+    rec["first_step"] = generation_start(rdir, g)
     segment = _read_json(rdir / stage_name(g, "train") / SEGMENT_FILE) or {}
-    rec |= {k: segment[k] for k in ("first_step", "last_step", "reason", "export_s") if k in segment}
+    rec |= {k: segment[k] for k in ("last_step", "reason", "export_s") if k in segment}
     gens = [x for x in (_read_json(rdir / GENERATIONS_FILE) or []) if x["generation"] != g]
     _write_json(rdir / GENERATIONS_FILE, sorted([*gens, rec], key=lambda x: x["generation"]))
 
@@ -427,9 +428,10 @@ def run_loop(cfg: Any, config_path: str, overrides: list[str]) -> dict:
             break
         g += 1
         stages += _refresh_stages(cfg, g, n_prompts)
-        _run_stages(pipeline, stages, rdir)
+        records = _run_stages(pipeline, stages, rdir)
         placeholder = f"{{{stage_name(g, 'teacher')}}}/store"
         store = str(rdir.absolute() / stage_name(g, "teacher") / "store")
+        _record_generation(rdir, g, store, records)  # its teacher cost counts from now; its steps once trained
     final = _read_json(run_dir / "eval.json") or {}
     return {k: v for k, v in final.items() if k != "step"}
 
