@@ -346,7 +346,19 @@ def behavior_kl_metrics(logp: jax.Array, behavior_logp: jax.Array, mask: jax.Arr
         "opd/iw_mean": _masked_mean(w, mask),
         "opd/iw_std": _masked_std(w, mask),
         "opd/iw_max": jnp.max(jnp.where(mask > 0, w, 0.0)),
+        "opd/iw_ess": importance_ess(log_w, mask),
     }
+
+
+def importance_ess(log_w: jax.Array, mask: jax.Array) -> jax.Array:
+    """Normalised effective sample size (sum w)^2 / (N sum w^2) of w = exp(log_w) over the N tokens where
+    mask > 0; shapes [B, T]. Computed in log space (w^2 overflows fp32 once log w > 44); 1.0 for an empty mask."""
+    on = mask > 0
+    lse1 = jax.nn.logsumexp(jnp.where(on, log_w, -jnp.inf))
+    lse2 = jax.nn.logsumexp(jnp.where(on, 2.0 * log_w, -jnp.inf))
+    n = jnp.sum(on.astype(jnp.float32))
+    ess = jnp.exp(2.0 * lse1 - lse2 - jnp.log(jnp.maximum(n, 1.0)))
+    return jnp.where(n > 0, ess, 1.0)
 
 
 def opd_loss(

@@ -13,7 +13,7 @@ the mode's loss; ``--plan`` and the benchmarks compile the same step):
 
 Everything is validated before the run directory is created (``train_setup.validated``): a bad config, store,
 provenance or vocabulary exits with status 2 and one ``error: ...`` line, and writes nothing. A config listing
-``stages`` is a pipeline (``lopd_jax.demo.pipeline``); ``--plan`` hands the resolved config to
+``stages`` is a pipeline (``lopd_jax.training.pipeline``); ``--plan`` hands the resolved config to
 ``lopd_jax.plan.planner``.
 
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` + ``tensorboard/``, ``checkpoints/``
@@ -47,7 +47,7 @@ from lopd_jax.parallel import distributed, sharding
 from lopd_jax.store import provenance
 from lopd_jax.store.lock import FileLock
 from lopd_jax.training import config as config_lib
-from lopd_jax.training import modes
+from lopd_jax.training import drift, modes, refresh
 from lopd_jax.training import step as step_lib
 from lopd_jax.training.checkpoint import Checkpointer
 from lopd_jax.training.config import ConfigError, TrainConfig
@@ -181,6 +181,7 @@ class Run:
     evaluator: Any
     start: int
     guard: Any = None  # (what) -> None; raises when the run directory's lock was lost (store_lock.FileLock.verify)
+    refresh: refresh.Controller | None = None  # a generation of a refreshed run (lopd_jax.training.refresh)
 
 
 def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
@@ -242,7 +243,9 @@ def start(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> Run:
     abstract = built.abstract_state
     data_iter = make_iterator(cfg.data) if modes.get(cfg.mode).reads_store else None
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint)
-    restored = ckpt.restore_latest(abstract, data_iter) if cfg.resume else None
+    # A refreshed generation's first step reads a new store: its iterator starts fresh, not at the saved position.
+    continues = refresh.check_resume_step(cfg, ckpt.latest_step())
+    restored = ckpt.restore_latest(abstract, data_iter if continues else None) if cfg.resume else None
     if restored is not None:
         state, start_step = restored
     else:
@@ -255,7 +258,11 @@ def start(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> Run:
         writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, header=header)
     logger = Logger(cfg, writer, _progress_bar(cfg, setup, start_step), time.perf_counter(), guard)
     source = _batch_source(cfg, setup, data_iter)
-    return Run(state, built.step, data_iter, source, ckpt, logger, _evaluator(cfg, setup), start_step, guard)
+    sh = sharding.batch_sharding(setup.mesh, 2, setup.rules)
+    ref_kl = drift.build_ref_kl(cfg, setup, lambda: load_params(cfg, setup), lambda b: place_global(b, sh))
+    evaluator = drift.with_ref_kl(_evaluator(cfg, setup), ref_kl)
+    ctl = refresh.controller(cfg, start_step)
+    return Run(state, built.step, data_iter, source, ckpt, logger, evaluator, start_step, guard, ctl)
 
 
 def _eval_due(cfg: TrainConfig, step: int) -> bool:
@@ -266,9 +273,12 @@ def _eval_due(cfg: TrainConfig, step: int) -> bool:
 def train_loop(cfg: TrainConfig, run: Run) -> dict:
     """Runs steps ``run.start .. train.steps``; returns the last eval metrics (empty without eval)."""
     state, last_eval = run.state, {}
-    for i in range(run.start, cfg.train.steps):
+    stopped = run.refresh is not None and run.refresh.stopped  # resumed at a generation's pinned stop step
+    for i in range(run.start, cfg.train.steps if not stopped else run.start):
         step = i + 1
         batch, stats = run.next_batch(i, state)
+        if run.refresh is not None:
+            stats.update(run.refresh.stats())
         t0 = time.perf_counter()
         state, metrics = run.step_fn(state, batch)
         if modes.get(cfg.mode).samples_online:  # the next step samples from the new params: time the update alone
@@ -280,11 +290,14 @@ def train_loop(cfg: TrainConfig, run: Run) -> dict:
             run.logger.flush()
             last_eval = run.evaluator(state.params, step)
             run.logger.write_extra(step, last_eval)
-        if final or run.ckpt.should_save(step):
+        stop = run.refresh is not None and run.refresh.should_stop(step, metrics)  # pinned before the save
+        if final or stop or run.ckpt.should_save(step):
             run.logger.flush()  # every metric up to this step is on disk before the checkpoint is
             run.logger.guard(f"save the checkpoint of step {step}")
-            run.ckpt.save(step, state, run.data_iter, force=final)
+            run.ckpt.save(step, state, run.data_iter, force=final or stop)
             run.logger.last_time = time.perf_counter()  # the next step's time excludes the save
+        if stop:
+            break
     run.logger.flush()
     run.ckpt.wait_until_finished()
     run.state = state
@@ -336,27 +349,27 @@ def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
     return fields
 
 
-def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path, guard=None) -> Path:
-    """``run_dir/hf``: safetensors + config, the tokenizer files, ``lopd_provenance.json``.
+def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path, guard=None, *, out: Path | None = None) -> Path:
+    """``run_dir/hf`` (or ``out``): safetensors + config, the tokenizer files, ``lopd_provenance.json``.
 
     Written to ``run_dir/.hf.tmp-PID`` and renamed into place, so a kill mid-export leaves the previous ``hf/``
     (or none), never a half-written one; a previous ``hf/`` is moved aside first and removed once the new one is in
     place (a kill between the two renames leaves it as ``.hf.old-PID``)."""
-    out = run_dir / "hf"
+    out = run_dir / "hf" if out is None else out
     params = _host_params(params)
     if jax.process_index() != 0:
         return out
-    for stale in run_dir.glob(".hf.tmp-*"):  # a killed export's leftovers: never a user's file
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed export's leftovers: never a user's file
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = run_dir / f".hf.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     hf.save_hf(str(tmp), setup.model_cfg, params)
     for name in TOKENIZER_FILES:
         if (Path(setup.tokenizer_dir) / name).is_file():
             shutil.copy2(Path(setup.tokenizer_dir) / name, tmp / name)
     provenance.write_provenance(tmp, weights=provenance.fingerprint_weights(tmp), **_lineage(cfg, setup))
-    old = run_dir / f".hf.old-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     if guard is not None:
-        guard("publish hf/")
+        guard(f"publish {out.name}/")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -440,6 +453,12 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> dict:
             run.logger.writer.close()
         if run.logger.bar is not None:
             run.logger.bar.close()
+    ctl = run.refresh
+    if ctl is not None and ctl.stopped:  # a refresh: this generation's student samples the next one
+        ctl.finish(ctl.pinned, lambda out: export(cfg, setup, run.state.params, run_dir, guard, out=out))
+        if jax.process_index() == 0 and cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
+            plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
+        return {**run.logger.last, **last_eval}
     export(cfg, setup, run.state.params, run_dir, guard)
     if jax.process_index() == 0:
         if last_eval:
@@ -447,11 +466,13 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> dict:
             write_atomic(run_dir / "eval.json", json.dumps(record, indent=1))
         if cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
+    if ctl is not None:
+        ctl.finish(cfg.train.steps, None)  # last: the loop reads a finished generation's outputs after it
     return {**run.logger.last, **last_eval}
 
 
 def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
-    from lopd_jax.demo import pipeline
+    from lopd_jax.training import pipeline
 
     if overrides:
         raise ConfigError(f"{path}: a pipeline config takes no key=value overrides (edit its stages)")
@@ -492,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         if config_lib.is_pipeline(raw):
             return _run_pipeline(raw, args.config, args.overrides)
         cfg = config_lib.load_config(args.config, args.overrides)
+        if cfg.refresh.active and cfg.refresh.generation is None and not args.plan:
+            final = refresh.run_loop(cfg, args.config, args.overrides, validated)  # the generations, each a subprocess
+            print("done: " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)), flush=True)
+            return 0
         if args.target and not args.plan:
             raise ConfigError(f"--target {args.target} needs --plan (it only compiles; nothing runs there)")
         if args.plan:

@@ -1,6 +1,6 @@
 """The report of a multi-stage run (the demo): a printed table and PNG plots from the pipeline's stage records.
 
-``lopd_jax.demo.pipeline.run_pipeline`` returns one record per stage (``name``, ``group``, ``loop`` values,
+``lopd_jax.training.pipeline.run_pipeline`` returns one record per stage (``name``, ``group``, ``loop`` values,
 ``seconds``, ``cached``, ``result``: the stage's result JSON, e.g. a training run's ``eval.json``). The config's
 optional ``report`` section says which stages are the methods being compared::
 

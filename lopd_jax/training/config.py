@@ -13,7 +13,7 @@ Each module owns the dataclass of its own settings (docs/internals.md); ``TrainC
 overrides (each value parsed by ``yaml.safe_load`` too), and builds the dataclass tree field by field from the
 type hints. An unknown key or a value of the wrong type raises ``ConfigError`` naming the dotted key and where it
 came from (the file or the command line). A file whose top level lists ``stages`` is a pipeline, not a training
-config: callers check ``is_pipeline(read_yaml(path))`` and hand it to ``lopd_jax.demo.pipeline``.
+config: callers check ``is_pipeline(read_yaml(path))`` and hand it to ``lopd_jax.training.pipeline``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lopd_jax.config.errors import ConfigError
 from lopd_jax.data.batch import DataConfig
 from lopd_jax.data.prompts import PromptConfig
 from lopd_jax.inference.sampling import SamplingConfig
@@ -38,13 +39,10 @@ from lopd_jax.models.qwen3_specs import Attention, Qwen3Config
 from lopd_jax.parallel.sharding import MeshConfig
 from lopd_jax.training import modes
 from lopd_jax.training.checkpoint import CheckpointConfig
+from lopd_jax.training.drift import DriftConfig
 from lopd_jax.training.modes import ModeName
+from lopd_jax.training.refresh import RefreshConfig
 from lopd_jax.update import OptimizerConfig
-
-
-class ConfigError(ValueError):
-    """A bad config; the message names the file (or command-line override) and the dotted key."""
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sections owned here (the others are imported from their modules above)
@@ -163,6 +161,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     plan: PlanConfig = PlanConfig()  # --plan only: the per-device memory budget
+    drift: DriftConfig = DriftConfig()  # the direct KL(pi_student || pi_ref) estimate at each evaluation
+    refresh: RefreshConfig = RefreshConfig()  # lightning_opd: resample the rollouts when the student drifts
     allow_teacher_inconsistency: bool = False  # run lightning_opd despite a teacher mismatch (ablations only)
     resume: bool = False  # continue from the latest checkpoint in checkpoint.directory
     # Dotted keys (e.g. train.steps) that a resume may change; any other difference from the run's config.yaml is
@@ -340,7 +340,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def is_pipeline(raw: Mapping[str, Any]) -> bool:
-    """Whether a config file lists ``stages`` (run by lopd_jax.demo.pipeline) instead of describing one run."""
+    """Whether a config file lists ``stages`` (run by lopd_jax.training.pipeline) instead of describing one run."""
     return "stages" in raw
 
 
@@ -397,7 +397,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     """
     raw = read_yaml(path)
     if is_pipeline(raw):
-        raise ConfigError(f"{path}: lists 'stages': it is a pipeline config (run it with lopd_jax.demo.pipeline)")
+        raise ConfigError(f"{path}: lists 'stages': it is a pipeline config (run it with lopd_jax.training.pipeline)")
     raw, origin = apply_overrides(raw, overrides)
     try:
         cfg = from_dict(TrainConfig, raw)

@@ -14,6 +14,8 @@ PANELS = (
     ("teacher - student log-prob gap", ("opd/teacher_student_gap",)),
     ("KL to the behaviour policy", ("opd/kl_behavior_k1", "opd/kl_behavior_k3", "opd/kl_behavior_rev_k3")),
     ("importance weights", ("opd/iw_mean", "opd/iw_std", "opd/iw_max")),
+    ("importance-weight ESS, clipped fraction", ("opd/iw_ess", "opd/clip_frac")),
+    ("KL(student || pi_ref), fresh samples (nats / seq)", ("drift/kl_ref_k1", "drift/kl_ref_k3")),
     ("held-out accuracy", ("eval/pass@1", "eval/avg@k")),
     ("grad norm", ("train/grad_norm",)),
 )

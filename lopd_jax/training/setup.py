@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import yaml
 
+from lopd_jax.config.errors import TrainError
 from lopd_jax.data import prompts
 from lopd_jax.data.batch import DataError
 from lopd_jax.data.prompts import PromptError
@@ -25,15 +26,11 @@ from lopd_jax.store import RolloutStore, StoreError, provenance
 from lopd_jax.store.lock import FileLock, LockError
 from lopd_jax.store.provenance import ProvenanceError
 from lopd_jax.training import config as config_lib
-from lopd_jax.training import modes
+from lopd_jax.training import drift, modes, refresh
 from lopd_jax.training.checkpoint import CheckpointCorruptError, CheckpointWriteError
 from lopd_jax.training.config import ConfigError, TrainConfig
 
 SCRATCH = "scratch"  # model.init value: random weights of model.config
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or continue (bad inputs, a non-finite loss); the message names the cause."""
 
 
 # Errors that mean "bad input": reported as one line with exit status 2, never as a traceback.
@@ -324,7 +321,8 @@ def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
     allow = cfg.allow_teacher_inconsistency
     for warning in (
         provenance.check_teacher_consistency(setup.manifest, setup.init_provenance, allow),
-        provenance.check_rollout_policy(setup.manifest, setup.init_fingerprint, allow),
+        # pi_ref for the first generation; a refreshed generation's rollouts come from the exported student
+        provenance.check_rollout_policy(setup.manifest, refresh.rollout_policy(cfg, setup.init_fingerprint), allow),
     ):
         if warning:
             setup.warnings.append(warning)
@@ -582,6 +580,7 @@ def _prepare(cfg: TrainConfig) -> Setup:
         _check_prompts(cfg, setup)
     if cfg.eval.prompts:
         _check_eval_set(cfg, setup)
+    drift.check(cfg)
     if mode.samples_online or cfg.eval.prompts:
         _check_stop_ids(cfg, setup)
     return setup

@@ -14,6 +14,7 @@ from transformers import Qwen3Config as HFQwen3Config
 from transformers import Qwen3ForCausalLM
 
 from helpers.models import TINY_TOKENS, tiny_arch
+from lopd_jax import train
 from lopd_jax.demo import synthetic
 from lopd_jax.store import RolloutStore
 
@@ -79,3 +80,12 @@ def train_env(extra: dict | None = None) -> dict:
     full.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     full.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
     return full
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def reproducible(records: list[dict]) -> list[dict]:
+    """Metric records without their timings (what a resumed run must reproduce exactly)."""
+    return [{k: v for k, v in r.items() if not k.startswith(train.TIMING_PREFIXES)} for r in records]

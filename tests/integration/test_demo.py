@@ -139,7 +139,7 @@ def test_second_run_is_fully_cached(demo):
 def test_the_compare_config_extends_the_demo_stage_for_stage():
     """demo_compare shares run_dir with the demo and repeats each demo stage's command: the demo's stages are
     reused from the cache (a differing command would rerun, and clear, the demo's stage)."""
-    from lopd_jax.demo.pipeline import expand_stages
+    from lopd_jax.training.pipeline import expand_stages
 
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     compare = yaml.safe_load((ROOT / "configs" / "demo_compare.yaml").read_text())

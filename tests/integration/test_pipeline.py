@@ -1,10 +1,10 @@
-"""Stage expansion, placeholder resolution and input-keyed caching of lopd_jax.demo.pipeline."""
+"""Stage expansion, placeholder resolution and input-keyed caching of lopd_jax.training.pipeline."""
 
 import json
 
 import pytest
 
-from lopd_jax.demo.pipeline import PipelineError, expand_stages, run_pipeline
+from lopd_jax.training.pipeline import PipelineError, expand_stages, run_pipeline
 
 WRITE = 'python -c "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"'
 

@@ -19,7 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers.runs import ROOT, run_config, token_logprobs, train_cli, train_env, write_config, write_store
+from helpers.runs import (
+    ROOT,
+    ok,
+    reproducible,
+    run_config,
+    token_logprobs,
+    train_cli,
+    train_env,
+    write_config,
+    write_store,
+)
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
@@ -51,10 +61,6 @@ def _kill_when(cfg_path: Path, marker: Path, timeout: float = 600) -> subprocess
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
-def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 _fwd = jax.jit(qwen3.forward, static_argnames=("cfg",))
 
 
@@ -76,10 +82,6 @@ def _restored_params(ckpt_dir: Path, step: int) -> dict:
     return jax.tree.map(np.asarray, state["params"])
 
 
-def _reproducible(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith(train.TIMING_PREFIXES)} for r in records]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # sft (from scratch), export, kill + resume
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def sft_run(world, tmp_path_factory):
                "tokenizer": str(world["root"] / "tok")}  # fmt: skip
     cfg = run_config(world, run_dir, model=scratch)
     proc = train_cli(write_config(cfg, run_dir.parent / "sft.yaml"))
-    _ok(proc)
+    ok(proc)
     return cfg, run_dir
 
 
@@ -122,14 +124,14 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(world, sft_run, tmp_
     killed = _kill_when(path, run_dir / "checkpoints" / "2")
     assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill: {killed.stderr[-2000:]}"
     assert (run_dir / "checkpoints" / "2").is_dir() and not (run_dir / "hf").exists()
-    _ok(train_cli(path, "resume=true"))
+    ok(train_cli(path, "resume=true"))
     want, got = load_file(ref_dir / "hf" / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     ref, res = read_metrics(ref_dir / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in res] == [1, 2, 3, 4]
-    assert _reproducible(res) == _reproducible(ref)
+    assert reproducible(res) == reproducible(ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def _lightning(world, run_dir: Path, store: str, steps: int = 3, **extra) -> dic
 
 def test_lightning_opd_runs_from_the_consistent_sft_checkpoint(world, tmp_path):
     run_dir = tmp_path / "run"
-    _ok(train_cli(write_config(_lightning(world, run_dir, "opd"), tmp_path / "c.yaml")))
+    ok(train_cli(write_config(_lightning(world, run_dir, "opd"), tmp_path / "c.yaml")))
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len(records) == 3 and all("teacher_inconsistency" not in r for r in records)
     first = records[0]
@@ -173,7 +175,7 @@ def test_lightning_opd_with_allow_teacher_inconsistency_says_so_on_every_record(
     cfg = _lightning(world, run_dir, "wrong_teacher", steps=2, allow_teacher_inconsistency=True)
     cfg["logging"]["progress"] = True
     proc = train_cli(write_config(cfg, tmp_path / "c.yaml"))
-    _ok(proc)
+    ok(proc)
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len(records) == 2
     for r in records:
@@ -226,7 +228,7 @@ def test_online_opd_runs_with_sampler_teacher_and_eval(world, tmp_path):
         eval=dict(prompts=str(world["prompts"]["eval"]), k=2, grading="exact", max_new_tokens=24, **same_sampler),
         optimizer={"lr": 1e-3},
     )
-    _ok(train_cli(write_config(cfg, tmp_path / "c.yaml")))
+    ok(train_cli(write_config(cfg, tmp_path / "c.yaml")))
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     for key in ("time/sample_s", "time/teacher_s", "time/update_s", "opd/teacher_student_gap"):
