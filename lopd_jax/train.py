@@ -88,14 +88,14 @@ def _param_shardings(setup: Setup) -> Any:
     return qwen3.param_shardings(setup.model_cfg, setup.mesh, setup.rules)
 
 
-def load_params(cfg: TrainConfig, setup: Setup) -> Any:
+def load_params(run_cfg: TrainConfig, setup: Setup) -> Any:
     """The init params on their shardings: the HF checkpoint, or random weights (seed ``train.seed``)."""
     shardings = _param_shardings(setup)
-    if cfg.model.init == SCRATCH:
+    if run_cfg.model.init == SCRATCH:
         init = jax.jit(qwen3.init_params, static_argnums=0, out_shardings=shardings)
-        return init(setup.model_cfg, jax.random.key(cfg.train.seed))
+        return init(setup.model_cfg, jax.random.key(run_cfg.train.seed))
     dtype = qwen3.dtype_of(setup.model_cfg.param_dtype)
-    return hf.load_hf(cfg.model.init, dtype=dtype, shardings=shardings)[1]
+    return hf.load_hf(run_cfg.model.init, dtype=dtype, shardings=shardings)[1]
 
 
 def place_local(batch: Batch, sh: NamedSharding, global_rows: int) -> Batch:
@@ -116,8 +116,8 @@ def place_global(batch: Batch, sh: NamedSharding) -> Batch:
 class Logger:
     """Holds the newest step's device metrics and writes the previous ones, so dispatch stays asynchronous."""
 
-    def __init__(self, cfg: TrainConfig, writer: MetricsWriter | None, bar, start_time: float, guard=None):
-        self.cfg, self.writer, self.bar, self.guard = cfg, writer, bar, guard or (lambda what: None)
+    def __init__(self, run_cfg: TrainConfig, writer: MetricsWriter | None, bar, start_time: float, guard=None):
+        self.cfg, self.writer, self.bar, self.guard = run_cfg, writer, bar, guard or (lambda what: None)
         self.pending: tuple[int, dict, dict] | None = None
         self.last_time, self.last = start_time, {}
 
@@ -154,13 +154,13 @@ class Logger:
             self.writer.write(step, metrics)
 
 
-def _progress_bar(cfg: TrainConfig, setup: Setup, start: int):
-    if not cfg.logging.progress or jax.process_index() != 0:
+def _progress_bar(run_cfg: TrainConfig, setup: Setup, start: int):
+    if not run_cfg.logging.progress or jax.process_index() != 0:
         return None
     from tqdm import tqdm
 
-    desc = cfg.mode + (" [TEACHER INCONSISTENCY ALLOWED]" if setup.warnings else "")
-    return tqdm(total=cfg.train.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    desc = run_cfg.mode + (" [TEACHER INCONSISTENCY ALLOWED]" if setup.warnings else "")
+    return tqdm(total=run_cfg.train.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,109 +184,109 @@ class Run:
     refresh: refresh.Controller | None = None  # a generation of a refreshed run (lopd_jax.training.refresh)
 
 
-def _batch_source(cfg: TrainConfig, setup: Setup, data_iter):
+def _batch_source(run_cfg: TrainConfig, setup: Setup, data_iter):
     """(step, state) -> (device Batch, host stats) for the mode: the store iterator or online sampling."""
     sh = sharding.batch_sharding(setup.mesh, 2, setup.rules)
-    if modes.get(cfg.mode).reads_store:
+    if modes.get(run_cfg.mode).reads_store:
 
         def from_store(step: int, state) -> tuple[Batch, dict]:
             t0 = time.perf_counter()
             host = next(data_iter)
             stats = {**data_iter.metrics, "time/data_s": time.perf_counter() - t0}
             stats["_tokens"] = float((host.segment_ids > 0).sum()) * jax.process_count()
-            return place_local(host, sh, cfg.train.batch_size), stats
+            return place_local(host, sh, run_cfg.train.batch_size), stats
 
         return from_store
     from lopd_jax.training import online_opd
 
-    tparams = hf.load_hf(cfg.model.teacher, mesh=setup.mesh)
+    tparams = hf.load_hf(run_cfg.model.teacher, mesh=setup.mesh)
     tcfg = dataclasses.replace(tparams[0], dtype=setup.model_cfg.dtype)
-    scfg = online_opd.sampler_config(cfg.sampling, setup.stop_ids)
+    scfg = online_opd.sampler_config(run_cfg.sampling, setup.stop_ids)
     online = online_opd.OnlineOPD(
         prompts=setup.prompts,
         model_cfg=setup.model_cfg,
         teacher_cfg=tcfg,
         teacher_params=tparams[1],
         sampling_cfg=scfg,
-        batch_size=cfg.train.batch_size,
-        seq_len=cfg.train.seq_len,
-        max_response_len=cfg.data.max_response_len,
-        seed=cfg.data.seed,
-        shuffle=cfg.data.shuffle,
-        chunk_size=cfg.loss.logprob_chunk_size,
+        batch_size=run_cfg.train.batch_size,
+        seq_len=run_cfg.train.seq_len,
+        max_response_len=run_cfg.data.max_response_len,
+        seed=run_cfg.data.seed,
+        shuffle=run_cfg.data.shuffle,
+        chunk_size=run_cfg.loss.logprob_chunk_size,
         mesh=setup.mesh,
         place=lambda b: place_global(b, sh),
     )
     return lambda step, state: online.next_batch(step, state.params)
 
 
-def _evaluator(cfg: TrainConfig, setup: Setup):
-    if not cfg.eval.prompts:
+def _evaluator(run_cfg: TrainConfig, setup: Setup):
+    if not run_cfg.eval.prompts:
         return None
     from lopd_jax.inference import evaluation
 
     return evaluation.Evaluator(
-        cfg.eval,
+        run_cfg.eval,
         setup.tokenizer,
         setup.model_cfg,
         mesh=setup.mesh,
-        seed=cfg.train.seed,
-        batch_size=cfg.train.batch_size,
+        seed=run_cfg.train.seed,
+        batch_size=run_cfg.train.batch_size,
         stop_ids=setup.stop_ids,
-        prompt_cfg=cfg.prompt,
+        prompt_cfg=run_cfg.prompt,
     )
 
 
-def start(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> Run:
+def start(run_cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> Run:
     """Builds the state (restored when resuming), the step, the batches, the checkpointer and the logger."""
-    built = step_lib.build(setup, **step_lib.settings(cfg))  # the one step builder: --plan compiles the same
+    built = step_lib.build(setup, **step_lib.settings(run_cfg))  # the one step builder: --plan compiles the same
     abstract = built.abstract_state
-    data_iter = make_iterator(cfg.data) if modes.get(cfg.mode).reads_store else None
-    ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint)
+    data_iter = make_iterator(run_cfg.data) if modes.get(run_cfg.mode).reads_store else None
+    ckpt = Checkpointer(checkpoint_dir(run_cfg), run_cfg.checkpoint)
     # A refreshed generation's first step reads a new store: its iterator starts fresh, not at the saved position.
-    continues = refresh.check_resume_step(cfg, ckpt.latest_step())
-    restored = ckpt.restore_latest(abstract, data_iter if continues else None) if cfg.resume else None
+    continues = refresh.check_resume_step(run_cfg, ckpt.latest_step())
+    restored = ckpt.restore_latest(abstract, data_iter if continues else None) if run_cfg.resume else None
     if restored is not None:
         state, start_step = restored
     else:
-        state, start_step = built.init_state(load_params(cfg, setup), cfg.train.seed), 0
+        state, start_step = built.init_state(load_params(run_cfg, setup), run_cfg.train.seed), 0
     writer = None
     if jax.process_index() == 0:
-        header = {"mode": cfg.mode}
+        header = {"mode": run_cfg.mode}
         if setup.warnings:
             header["teacher_inconsistency"] = " | ".join(setup.warnings)
-        writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, header=header)
-    logger = Logger(cfg, writer, _progress_bar(cfg, setup, start_step), time.perf_counter(), guard)
-    source = _batch_source(cfg, setup, data_iter)
+        writer = MetricsWriter(run_dir, tensorboard=run_cfg.logging.tensorboard, header=header)
+    logger = Logger(run_cfg, writer, _progress_bar(run_cfg, setup, start_step), time.perf_counter(), guard)
+    source = _batch_source(run_cfg, setup, data_iter)
     sh = sharding.batch_sharding(setup.mesh, 2, setup.rules)
-    ref_kl = drift.build_ref_kl(cfg, setup, lambda: load_params(cfg, setup), lambda b: place_global(b, sh))
-    evaluator = drift.with_ref_kl(_evaluator(cfg, setup), ref_kl)
-    ctl = refresh.controller(cfg, start_step)
+    ref_kl = drift.build_ref_kl(run_cfg, setup, lambda: load_params(run_cfg, setup), lambda b: place_global(b, sh))
+    evaluator = drift.with_ref_kl(_evaluator(run_cfg, setup), ref_kl)
+    ctl = refresh.controller(run_cfg, start_step)
     return Run(state, built.step, data_iter, source, ckpt, logger, evaluator, start_step, guard, ctl)
 
 
-def _eval_due(cfg: TrainConfig, step: int) -> bool:
-    every = cfg.train.eval_every
-    return step == cfg.train.steps or (every > 0 and step % every == 0)
+def _eval_due(run_cfg: TrainConfig, step: int) -> bool:
+    every = run_cfg.train.eval_every
+    return step == run_cfg.train.steps or (every > 0 and step % every == 0)
 
 
-def train_loop(cfg: TrainConfig, run: Run) -> dict:
+def train_loop(run_cfg: TrainConfig, run: Run) -> dict:
     """Runs steps ``run.start .. train.steps``; returns the last eval metrics (empty without eval)."""
     state, last_eval = run.state, {}
     stopped = run.refresh is not None and run.refresh.stopped  # resumed at a generation's pinned stop step
-    for i in range(run.start, cfg.train.steps if not stopped else run.start):
+    for i in range(run.start, run_cfg.train.steps if not stopped else run.start):
         step = i + 1
         batch, stats = run.next_batch(i, state)
         if run.refresh is not None:
             stats.update(run.refresh.stats())
         t0 = time.perf_counter()
         state, metrics = run.step_fn(state, batch)
-        if modes.get(cfg.mode).samples_online:  # the next step samples from the new params: time the update alone
+        if modes.get(run_cfg.mode).samples_online:  # the next step samples from the new params: time the update alone
             jax.block_until_ready(metrics)
             stats["time/update_s"] = time.perf_counter() - t0
         run.logger.push(step, metrics, stats)
-        final = step == cfg.train.steps
-        if run.evaluator is not None and _eval_due(cfg, step):
+        final = step == run_cfg.train.steps
+        if run.evaluator is not None and _eval_due(run_cfg, step):
             run.logger.flush()
             last_eval = run.evaluator(state.params, step)
             run.logger.write_extra(step, last_eval)
@@ -321,15 +321,15 @@ def _host_params(params: Any) -> Any:
     return multihost_utils.process_allgather(params, tiled=True)
 
 
-def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
+def _lineage(run_cfg: TrainConfig, setup: Setup) -> dict:
     """Provenance fields of the exported model (docs/design.md "Provenance")."""
     m = setup.manifest
     fields: dict[str, Any] = {
-        "training_mode": cfg.mode,
-        "init": cfg.model.init,
+        "training_mode": run_cfg.mode,
+        "init": run_cfg.model.init,
         "init_weights": setup.init_fingerprint,
     }
-    mode = modes.get(cfg.mode)
+    mode = modes.get(run_cfg.mode)
     if mode.trains_on_answers:
         # The answers' teacher; SFT data without the field was generated by its rollout policy.
         fields["sft_teacher"] = m.get("sft_teacher") or m.get("policy")
@@ -340,16 +340,18 @@ def _lineage(cfg: TrainConfig, setup: Setup) -> dict:
         fields["store"]["tokenizer"] = m.get("tokenizer")
         fields["store"]["identity"] = setup.store_identity
     if mode.live_teacher:
-        fields["opd_teacher"] = provenance.fingerprint_weights(cfg.model.teacher)
+        fields["opd_teacher"] = provenance.fingerprint_weights(run_cfg.model.teacher)
     if setup.warnings:
         fields["teacher_inconsistency"] = setup.warnings
-    fields["config"] = config_lib.config_fingerprint(cfg)
+    fields["config"] = config_lib.config_fingerprint(run_cfg)
     if setup.resume_changes:
         fields["resumed_with_changes"] = setup.resume_changes
     return fields
 
 
-def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path, guard=None, *, out: Path | None = None) -> Path:
+def export(
+    run_cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path, guard=None, *, out: Path | None = None
+) -> Path:
     """``run_dir/hf`` (or ``out``): safetensors + config, the tokenizer files, ``lopd_provenance.json``.
 
     Written to ``run_dir/.hf.tmp-PID`` and renamed into place, so a kill mid-export leaves the previous ``hf/``
@@ -366,7 +368,7 @@ def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path, guard=Non
     for name in TOKENIZER_FILES:
         if (Path(setup.tokenizer_dir) / name).is_file():
             shutil.copy2(Path(setup.tokenizer_dir) / name, tmp / name)
-    provenance.write_provenance(tmp, weights=provenance.fingerprint_weights(tmp), **_lineage(cfg, setup))
+    provenance.write_provenance(tmp, weights=provenance.fingerprint_weights(tmp), **_lineage(run_cfg, setup))
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if guard is not None:
         guard(f"publish {out.name}/")
@@ -382,15 +384,15 @@ def export(cfg: TrainConfig, setup: Setup, params: Any, run_dir: Path, guard=Non
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _record_config(cfg: TrainConfig, setup: Setup, run_dir: Path) -> None:
+def _record_config(run_cfg: TrainConfig, setup: Setup, run_dir: Path) -> None:
     """Saves the resolved config: ``config.yaml`` (for people) and ``CONFIG_RECORD`` with its fingerprint beside
     the checkpoints (what ``resume`` compares). A resume never replaces them (allowed changes,
     ``resume_may_change``, go to ``config.resume-N.yaml``); a fresh run (validated: no checkpoints, no metrics)
     keeps a differing ``config.yaml`` it finds as ``config.prev-N.yaml`` rather than overwrite it."""
-    text = yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False)
+    text = yaml.safe_dump(config_lib.to_dict(run_cfg), sort_keys=False)
     yaml_file = run_dir / "config.yaml"
     if yaml_file.exists() and yaml_file.read_text(encoding="utf-8", errors="replace") != text:
-        if cfg.resume:
+        if run_cfg.resume:
             if setup.resume_changes:
                 write_atomic(_next_free(run_dir, "config.resume-{}.yaml"), text)
         else:
@@ -399,10 +401,10 @@ def _record_config(cfg: TrainConfig, setup: Setup, run_dir: Path) -> None:
             print(f"note: {yaml_file} held another config; kept as {kept}", file=sys.stderr, flush=True)
     if not yaml_file.exists():
         write_atomic(yaml_file, text)
-    record = checkpoint_dir(cfg) / CONFIG_RECORD
-    if not (cfg.resume and record.exists()):
+    record = checkpoint_dir(run_cfg) / CONFIG_RECORD
+    if not (run_cfg.resume and record.exists()):
         record.parent.mkdir(parents=True, exist_ok=True)
-        body = {"fingerprint": config_lib.config_fingerprint(cfg), "config": config_lib.to_dict(cfg)}
+        body = {"fingerprint": config_lib.config_fingerprint(run_cfg), "config": config_lib.to_dict(run_cfg)}
         if setup.store_identity is not None:  # what a resume checks the store at data.store against
             body["store"] = setup.store_identity
         write_atomic(record, json.dumps(body, indent=1))
@@ -415,36 +417,36 @@ def _next_free(run_dir: Path, pattern: str) -> Path:
     return run_dir / pattern.format(n)
 
 
-def _open_run_dir(cfg: TrainConfig, setup: Setup) -> FileLock | None:
+def _open_run_dir(run_cfg: TrainConfig, setup: Setup) -> FileLock | None:
     """Locks the run directory (process 0; None elsewhere) and records the config; errors as TrainError."""
-    run_dir = Path(cfg.logging.run_dir)
+    run_dir = Path(run_cfg.logging.run_dir)
     if jax.process_index() != 0:
         return None
     lock = acquire_run_lock(run_dir)
     try:
-        _record_config(cfg, setup, run_dir)
+        _record_config(run_cfg, setup, run_dir)
     except OSError as e:
         release_run_lock(lock)
         raise TrainError(f"logging.run_dir: cannot write to {run_dir}: {e}") from None
     return lock
 
 
-def train(cfg: TrainConfig, setup: Setup) -> dict:
+def train(run_cfg: TrainConfig, setup: Setup) -> dict:
     """Runs a validated config end to end, holding the run directory's lock; returns the final metrics."""
-    lock = _open_run_dir(cfg, setup)
+    lock = _open_run_dir(run_cfg, setup)
     try:
-        return _train(cfg, setup, Path(cfg.logging.run_dir), lock.verify if lock is not None else None)
+        return _train(run_cfg, setup, Path(run_cfg.logging.run_dir), lock.verify if lock is not None else None)
     finally:
         if lock is not None:
             release_run_lock(lock)
 
 
-def _train(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> dict:
+def _train(run_cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> dict:
     for warning in setup.warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    run = start(cfg, setup, run_dir, guard)
+    run = start(run_cfg, setup, run_dir, guard)
     try:
-        last_eval = train_loop(cfg, run)
+        last_eval = train_loop(run_cfg, run)
     finally:
         run.ckpt.close()
         if run.data_iter is not None:
@@ -455,19 +457,19 @@ def _train(cfg: TrainConfig, setup: Setup, run_dir: Path, guard=None) -> dict:
             run.logger.bar.close()
     ctl = run.refresh
     if ctl is not None and ctl.stopped:  # a refresh: this generation's student samples the next one
-        ctl.finish(ctl.pinned, lambda out: export(cfg, setup, run.state.params, run_dir, guard, out=out))
-        if jax.process_index() == 0 and cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
-            plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
+        ctl.finish(ctl.pinned, lambda out: export(run_cfg, setup, run.state.params, run_dir, guard, out=out))
+        if jax.process_index() == 0 and run_cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
+            plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{run_cfg.mode}: {run_dir.name}")
         return {**run.logger.last, **last_eval}
-    export(cfg, setup, run.state.params, run_dir, guard)
+    export(run_cfg, setup, run.state.params, run_dir, guard)
     if jax.process_index() == 0:
         if last_eval:
-            record = {"step": cfg.train.steps, **last_eval, "per_prompt": run.evaluator.per_prompt}
+            record = {"step": run_cfg.train.steps, **last_eval, "per_prompt": run.evaluator.per_prompt}
             write_atomic(run_dir / "eval.json", json.dumps(record, indent=1))
-        if cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
-            plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{cfg.mode}: {run_dir.name}")
+        if run_cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
+            plot_metrics(run_dir / "metrics.jsonl", run_dir, title=f"{run_cfg.mode}: {run_dir.name}")
     if ctl is not None:
-        ctl.finish(cfg.train.steps, None)  # last: the loop reads a finished generation's outputs after it
+        ctl.finish(run_cfg.train.steps, None)  # last: the loop reads a finished generation's outputs after it
     return {**run.logger.last, **last_eval}
 
 
@@ -486,12 +488,12 @@ def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
     return 0
 
 
-def _plan(cfg: TrainConfig, target: str | None = None) -> int:
+def _plan(run_cfg: TrainConfig, target: str | None = None) -> int:
     from lopd_jax.plan import planner as plan
     from lopd_jax.plan import targets
 
     try:
-        return plan.main(cfg, target)
+        return plan.main(run_cfg, target)
     except targets.TargetError as e:
         raise ConfigError(str(e)) from None
 

@@ -143,16 +143,16 @@ def memory_figures(compiled: Any) -> dict[str, int]:
 TEACHER_DTYPE = "float32"  # what lopd_jax.train loads the live teacher as (hf.load_hf's default dtype)
 
 
-def teacher_bytes(cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[str, int]:
+def teacher_bytes(run_cfg: TrainConfig, mesh: Mesh, rules: sharding.Rules) -> dict[str, int]:
     """Mode opd keeps the live teacher resident (TEACHER_DTYPE, student's mesh): its per-device weight bytes."""
     from lopd_jax.training import modes
     from lopd_jax.training import setup as train_setup
 
-    if not modes.get(cfg.mode).live_teacher or not cfg.model.teacher:
+    if not modes.get(run_cfg.mode).live_teacher or not run_cfg.model.teacher:
         return {}
 
-    knobs = train_setup.runtime_knobs(cfg.model, attention="xla", param_dtype=TEACHER_DTYPE)
-    tcfg = train_setup.architecture(cfg.model.teacher, **knobs)
+    knobs = train_setup.runtime_knobs(run_cfg.model, attention="xla", param_dtype=TEACHER_DTYPE)
+    tcfg = train_setup.architecture(run_cfg.model.teacher, **knobs)
     return {"teacher_weights": _device_bytes(sharding.abstract_arrays(qwen3.param_specs(tcfg), mesh, rules))}
 
 
@@ -196,8 +196,8 @@ class PlannedStep:
     target: targets.Target | None
     notes: tuple[str, ...]
 
-    def lower(self, cfg: TrainConfig) -> jax.stages.Lowered:
-        return self.built.lower(cfg.train.batch_size, cfg.train.seq_len)
+    def lower(self, run_cfg: TrainConfig) -> jax.stages.Lowered:
+        return self.built.lower(run_cfg.train.batch_size, run_cfg.train.seq_len)
 
 
 def _accelerator_forms(m: Any) -> dict[str, Any]:
@@ -207,7 +207,7 @@ def _accelerator_forms(m: Any) -> dict[str, Any]:
     return {k: v for k, v in forms.items() if getattr(m, k) == "auto"}
 
 
-def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, list[str]]:
+def planned_model(run_cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, list[str]]:
     """(the model config the plan compiles on ``platform``, notes where it differs from what the config says).
 
     The attention is ``planned_attention``'s; on XLA:CPU an MoE model runs ``moe_impl="scan"`` (XLA:CPU expands
@@ -216,9 +216,9 @@ def planned_model(cfg: TrainConfig, platform: str) -> tuple[qwen3.Qwen3Config, l
         setup as train_setup,  # not at module level: benchmarks import this module where grain is absent
     )
 
-    attention, note = planned_attention(cfg.model.attention, platform)
+    attention, note = planned_attention(run_cfg.model.attention, platform)
     notes = [note] if note else []
-    model_cfg = train_setup.model_config(cfg, attention=attention, **_accelerator_forms(cfg.model))
+    model_cfg = train_setup.model_config(run_cfg, attention=attention, **_accelerator_forms(run_cfg.model))
     if model_cfg.num_experts and platform != "cpu":  # on CPU the scan below stands in for any implementation
         try:
             grouped_matmul.resolve_moe_impl(model_cfg.moe_impl, platform)
@@ -251,30 +251,32 @@ def moe_layout(model_cfg: qwen3.Qwen3Config, mesh: Mesh, platform: str, num_toke
     return where
 
 
-def planned_step(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> PlannedStep:
-    """``cfg``'s update step as the trainer builds it (``step.build``) over ``devices`` (default: this machine's,
+def planned_step(
+    run_cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None
+) -> PlannedStep:
+    """``run_cfg``'s update step as the trainer builds it (``step.build``) over ``devices`` (default: this machine's,
     or ``target``'s topology) with ``planned_model``'s config."""
     tgt = targets.get_target(target) if target else None
     if tgt is not None:
         devices = targets.topology_devices(tgt)
     platform = tgt.platform if tgt else jax.default_backend()
-    model_cfg, notes = planned_model(cfg, platform)
-    setup = step_lib.StepSetup(model_cfg, sharding.make_mesh(cfg.mesh, devices), cfg.mesh.logical_rules())
-    return PlannedStep(setup, step_lib.build(setup, **step_lib.settings(cfg)), platform, tgt, tuple(notes))
+    model_cfg, notes = planned_model(run_cfg, platform)
+    setup = step_lib.StepSetup(model_cfg, sharding.make_mesh(run_cfg.mesh, devices), run_cfg.mesh.logical_rules())
+    return PlannedStep(setup, step_lib.build(setup, **step_lib.settings(run_cfg)), platform, tgt, tuple(notes))
 
 
-def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> Plan:
-    """Compile ``cfg``'s update step on abstract sharded shapes and collect the figures (see module doc).
+def make_plan(run_cfg: TrainConfig, devices: list[jax.Device] | None = None, target: str | None = None) -> Plan:
+    """Compile ``run_cfg``'s update step on abstract sharded shapes and collect the figures (see module doc).
 
     ``target`` (a ``targets.TARGETS`` name) compiles with that accelerator's XLA over its topology's devices.
     """
-    planned = planned_step(cfg, devices, target)
+    planned = planned_step(run_cfg, devices, target)
     platform, tgt, model_cfg, mesh = planned.platform, planned.target, planned.setup.model_cfg, planned.setup.mesh
     state, notes = planned.built.abstract_state, list(planned.notes)
     t0 = time.perf_counter()
-    compiled = planned.lower(cfg).compile(compiler_options=_FAST_CPU_COMPILE if platform == "cpu" else None)
+    compiled = planned.lower(run_cfg).compile(compiler_options=_FAST_CPU_COMPILE if platform == "cpu" else None)
     seconds = time.perf_counter() - t0
-    micro_tokens = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len
+    micro_tokens = run_cfg.train.batch_size // run_cfg.train.grad_accum * run_cfg.train.seq_len
     if platform == "cpu":
         notes.append("figures from XLA:CPU buffer assignment; a GPU compile fuses differently (run --plan there)")
         if model_cfg.num_experts and sharding.expert_layout(mesh.abstract_mesh, model_cfg.num_experts, micro_tokens):
@@ -283,25 +285,25 @@ def make_plan(cfg: TrainConfig, devices: list[jax.Device] | None = None, target:
                 "the ragged all-to-all GPUs and TPUs run), so memory and collective bytes overstate the run; "
                 "--target h100 / tpu-* compiles the real dispatch"
             )
-    budget = cfg.plan.device_memory_gb * GB
+    budget = run_cfg.plan.device_memory_gb * GB
     roofline = None
     if tgt is not None:
         budget = tgt.chip.hbm_bytes
         notes.append(f"figures from XLA:{platform.upper()} ({tgt.topology}); budget = the chip's HBM, not plan.*")
-        t = cfg.train
+        t = run_cfg.train
         state_bytes = _device_bytes(state.params) + _device_bytes(state.opt_state)
         roofline = targets.estimate(
             model_cfg, t.batch_size, t.seq_len, t.grad_accum, tgt.num_chips, tgt.chip, state_bytes
         )
     return Plan(
-        model=cfg.model.init,
+        model=run_cfg.model.init,
         mesh=dict(mesh.shape),
         params_total=presets.param_count(model_cfg),
         params_active=presets.active_param_count(model_cfg),
         largest=largest_tensors(state.params),
         state_bytes={"params": _device_bytes(state.params), "optimizer": _device_bytes(state.opt_state)},
         memory=memory_figures(compiled),
-        extra_bytes=teacher_bytes(cfg, mesh, planned.setup.rules),
+        extra_bytes=teacher_bytes(run_cfg, mesh, planned.setup.rules),
         budget_bytes=int(budget),
         compile_seconds=seconds,
         notes=notes,
@@ -319,15 +321,15 @@ def _gb(n: int) -> str:
     return f"{n / GB:8.2f} GB"
 
 
-def format_plan(plan: Plan, cfg: TrainConfig) -> str:
+def format_plan(plan: Plan, run_cfg: TrainConfig) -> str:
     """The human-readable plan (what ``main`` prints)."""
-    t = cfg.train
+    t = run_cfg.train
     where = f"target={plan.target.name} ({plan.target.topology}) " if plan.target else ""
     lines = [
-        f"plan: {where}mode={cfg.mode} model={plan.model} mesh={plan.mesh} devices={math.prod(plan.mesh.values())}",
+        f"plan: {where}mode={run_cfg.mode} model={plan.model} mesh={plan.mesh} devices={math.prod(plan.mesh.values())}",
         f"  batch {t.batch_size} rows x {t.seq_len} tokens, grad_accum {t.grad_accum} "
-        f"(micro-batch {t.batch_size // t.grad_accum} rows), remat={cfg.model.remat}, "
-        f"dtype={cfg.model.dtype}, param_dtype={cfg.model.param_dtype}, attention={plan.attention}",
+        f"(micro-batch {t.batch_size // t.grad_accum} rows), remat={run_cfg.model.remat}, "
+        f"dtype={run_cfg.model.dtype}, param_dtype={run_cfg.model.param_dtype}, attention={plan.attention}",
         f"parameters: total {plan.params_total:,} ({plan.params_total / 1e9:.3f} B)",
     ]
     if plan.params_active != plan.params_total:
@@ -360,7 +362,7 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     lines.append(
         f"total per device: {plan.total_bytes / GB:.2f} GB of {plan.budget_bytes / GB:.0f} GB budget: {verdict}"
     )
-    lines += format_topk_store_cost(cfg)
+    lines += format_topk_store_cost(run_cfg)
     if plan.roofline is not None:
         lines += format_roofline(plan.roofline, plan.target)
     lines.append(f"compile: {plan.compile_seconds:.1f} s")
@@ -380,18 +382,18 @@ def format_collectives(c: collectives.CollectiveBytes) -> list[str]:
     return lines
 
 
-def format_topk_store_cost(cfg: TrainConfig) -> list[str]:
+def format_topk_store_cost(run_cfg: TrainConfig) -> list[str]:
     """The store bytes a topk_* objective reads: its top-k set's bytes per token (``topk_bytes_per_token``) x the
     tokens of one step (batch rows x seq_len); [] for the sampled-token objective."""
     from lopd_jax.store.layout import topk_bytes_per_token
 
-    source, k = cfg.loss.topk_columns, cfg.loss.topk
+    source, k = run_cfg.loss.topk_columns, run_cfg.loss.topk
     if not source:
         return []
     per_token = topk_bytes_per_token(k, source)
-    tokens = cfg.train.batch_size * cfg.train.seq_len
+    tokens = run_cfg.train.batch_size * run_cfg.train.seq_len
     return [
-        f"store: loss.objective {cfg.loss.objective} reads the {source} top-{k} set: {per_token} bytes per token "
+        f"store: loss.objective {run_cfg.loss.objective} reads the {source} top-{k} set: {per_token} bytes per token "
         f"(uncompressed) x {tokens:,} tokens per step = {per_token * tokens / 2**20:.1f} MiB per step"
     ]
 
@@ -408,14 +410,14 @@ def format_roofline(r: targets.Roofline, tgt: targets.Target) -> list[str]:
     ]
 
 
-def run(cfg: TrainConfig, target: str | None = None) -> Plan:
-    """Make, print and return the plan of ``cfg`` (for ``target`` when given)."""
-    plan = make_plan(cfg, target=target)
-    print(format_plan(plan, cfg), flush=True)
+def run(run_cfg: TrainConfig, target: str | None = None) -> Plan:
+    """Make, print and return the plan of ``run_cfg`` (for ``target`` when given)."""
+    plan = make_plan(run_cfg, target=target)
+    print(format_plan(plan, run_cfg), flush=True)
     return plan
 
 
-def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
+def check_inputs(run_cfg: TrainConfig, target: str | None = None) -> None:
     """The plan's inputs, checked before anything compiles: an unknown preset, an unreadable config.json, a mesh
     the devices cannot form or a batch that does not split over it is a ConfigError naming the key (one line,
     exit 2), not a traceback from deep inside tracing. With a target the mesh is built over the target's devices
@@ -424,31 +426,31 @@ def check_inputs(cfg: TrainConfig, target: str | None = None) -> None:
     from lopd_jax.training.config import ConfigError
 
     try:
-        model_cfg = train_setup.model_config(cfg)  # ConfigError naming model.init / model.config itself
+        model_cfg = train_setup.model_config(run_cfg)  # ConfigError naming model.init / model.config itself
     except ConfigError:
         raise
     except (ValueError, OSError, KeyError, TypeError) as e:  # an unreadable or unsupported config.json
         raise ConfigError(f"model.init: {e}") from None
     devices = targets.topology_devices(targets.get_target(target)) if target is not None else jax.devices()
-    train_setup.check_expert_axis(cfg.mesh, model_cfg, len(devices))
+    train_setup.check_expert_axis(run_cfg.mesh, model_cfg, len(devices))
     if target is not None:
-        _check_target_mesh(cfg, targets.get_target(target))  # '' or an unknown name: TargetError naming it
+        _check_target_mesh(run_cfg, targets.get_target(target))  # '' or an unknown name: TargetError naming it
         return
-    mesh = sharding.make_mesh(cfg.mesh)
-    shards = sharding.batch_shard_count(mesh, cfg.mesh.logical_rules())
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if cfg.train.batch_size % shards or micro % shards:
+    mesh = sharding.make_mesh(run_cfg.mesh)
+    shards = sharding.batch_shard_count(mesh, run_cfg.mesh.logical_rules())
+    micro = run_cfg.train.batch_size // run_cfg.train.grad_accum
+    if run_cfg.train.batch_size % shards or micro % shards:
         raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} rows in micro-batches of {micro} do not split over the "
+            f"train.batch_size: {run_cfg.train.batch_size} rows in micro-batches of {micro} do not split over the "
             f"{shards} batch shards of the mesh"
         )
 
 
-def _check_target_mesh(cfg: TrainConfig, tgt: targets.Target) -> None:
+def _check_target_mesh(run_cfg: TrainConfig, tgt: targets.Target) -> None:
     """The config's mesh can be laid over the target's chips (checked before its compiler is loaded)."""
     from lopd_jax.training.config import ConfigError
 
-    m = cfg.mesh
+    m = run_cfg.mesh
     try:
         m.axis_sizes(tgt.num_chips)
     except ValueError as e:
@@ -460,9 +462,9 @@ def _check_target_mesh(cfg: TrainConfig, tgt: targets.Target) -> None:
         ) from None
 
 
-def main(cfg: TrainConfig, target: str | None = None) -> int:
-    """``--plan [--target NAME]``: print the plan of ``cfg`` (see module doc); exit status 0 (the plan says
+def main(run_cfg: TrainConfig, target: str | None = None) -> int:
+    """``--plan [--target NAME]``: print the plan of ``run_cfg`` (see module doc); exit status 0 (the plan says
     whether it fits)."""
-    check_inputs(cfg, target)
-    run(cfg, target)
+    check_inputs(run_cfg, target)
+    run(run_cfg, target)
     return 0

@@ -502,47 +502,48 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
                 raise _KeyError(f"mesh.{name}", f"must be -1 (all remaining devices) or >= 1, got {getattr(cfg, name)}")
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
+def resolve(run_cfg: TrainConfig) -> TrainConfig:
     """Fills derived fields (see ``load_config``); raises _KeyError when explicit values contradict them."""
-    data = cfg.data
+    data = run_cfg.data
     for name in ("batch_size", "seq_len"):
-        want, got = getattr(cfg.train, name), getattr(data, name)
+        want, got = getattr(run_cfg.train, name), getattr(data, name)
         if got and got != want:
             raise _KeyError(f"data.{name}", f"{got} contradicts train.{name} = {want}; set it in train only")
         data = dataclasses.replace(data, **{name: want})
-    mode = modes.get(cfg.mode)
+    mode = modes.get(run_cfg.mode)
     if mode.stored_teacher:
         data = dataclasses.replace(data, require_teacher=True)
-    if mode.stored_teacher and cfg.loss.old_policy == "behavior":
+    if mode.stored_teacher and run_cfg.loss.old_policy == "behavior":
         data = dataclasses.replace(data, require_behavior=True)
-    if cfg.loss.topk_columns:  # a topk_* objective: the loader reads the store's top-k columns of that source
-        data = dataclasses.replace(data, topk_columns=cfg.loss.topk_columns, topk=cfg.loss.topk)
-    return dataclasses.replace(cfg, data=data)
+    if run_cfg.loss.topk_columns:  # a topk_* objective: the loader reads the store's top-k columns of that source
+        data = dataclasses.replace(data, topk_columns=run_cfg.loss.topk_columns, topk=run_cfg.loss.topk)
+    return dataclasses.replace(run_cfg, data=data)
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
+def validate(run_cfg: TrainConfig) -> TrainConfig:
     """Cross-section checks that no single section can make; raises _KeyError naming the key."""
-    t = cfg.train
+    t = run_cfg.train
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
         if getattr(t, name) < 1:
             raise _KeyError(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
     if t.batch_size % t.grad_accum:
         raise _KeyError("train.grad_accum", f"{t.grad_accum} does not divide train.batch_size {t.batch_size}")
-    if not cfg.model.init:
+    if not run_cfg.model.init:
         raise _KeyError("model.init", "required: an HF checkpoint directory or a preset name")
-    values = flatten(to_dict(cfg))
-    for key, why in modes.get(cfg.mode).requires:
+    values = flatten(to_dict(run_cfg))
+    for key, why in modes.get(run_cfg.mode).requires:
         if not values.get(key):
-            raise _KeyError(key, f"required in mode {cfg.mode!r}: {why}")
-    if cfg.loss.objective != "sampled_token" and not modes.get(cfg.mode).stored_teacher:
+            raise _KeyError(key, f"required in mode {run_cfg.mode!r}: {why}")
+    if run_cfg.loss.objective != "sampled_token" and not modes.get(run_cfg.mode).stored_teacher:
         raise _KeyError(
-            "loss.objective", f"{cfg.loss.objective} reads the teacher's stored top-k scores: mode lightning_opd only"
+            "loss.objective",
+            f"{run_cfg.loss.objective} reads the teacher's stored top-k scores: mode lightning_opd only",
         )
-    known = flatten(to_dict(cfg))
-    for i, key in enumerate(cfg.resume_may_change):
+    known = flatten(to_dict(run_cfg))
+    for i, key in enumerate(run_cfg.resume_may_change):
         if key not in known and not any(k.startswith(key + ".") for k in known):
             raise _KeyError(f"resume_may_change[{i}]", f"{key!r} is not a config key")
-    return cfg
+    return run_cfg
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -556,7 +557,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_fingerprint(cfg: TrainConfig) -> str:
+def config_fingerprint(run_cfg: TrainConfig) -> str:
     """sha256 of the resolved config's canonical JSON; saved with the run, exported with its provenance."""
-    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(to_dict(run_cfg), sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -97,11 +97,11 @@ def architecture(init: str, **knobs: Any) -> qwen3.Qwen3Config:
         ) from None
 
 
-def model_config(cfg: TrainConfig, **overrides: Any) -> qwen3.Qwen3Config:
+def model_config(run_cfg: TrainConfig, **overrides: Any) -> qwen3.Qwen3Config:
     """The student's Qwen3Config with the config's runtime knobs (and ``overrides``): ``model.config`` (file or
     dir) for scratch, else ``model.init``'s config.json, or a preset's architecture (``--plan`` only; ``validated``
     refuses to train one). The one resolution the trainer, ``--plan`` and the lowering tests share."""
-    m = cfg.model
+    m = run_cfg.model
     knobs = runtime_knobs(m, **overrides)
     if m.init == SCRATCH:
         if not m.config:
@@ -125,9 +125,9 @@ def _check_moe_impl(model_cfg: qwen3.Qwen3Config, mesh: Any) -> None:
         raise ConfigError(f"model.moe_impl: {e}") from None
 
 
-def _check_not_preset(cfg: TrainConfig) -> None:
+def _check_not_preset(run_cfg: TrainConfig) -> None:
     """A preset names an architecture without weights: ``--plan`` compiles it, training cannot start from it."""
-    m = cfg.model
+    m = run_cfg.model
     if m.init != SCRATCH and not (Path(m.init) / hf.CONFIG_FILE).is_file():
         raise ConfigError(
             f"model.init: {m.init!r} is a preset (an architecture, no weights), which only --plan takes; train from "
@@ -135,8 +135,8 @@ def _check_not_preset(cfg: TrainConfig) -> None:
         )
 
 
-def _tokenizer_dir(cfg: TrainConfig) -> str:
-    tok_dir = cfg.model.tokenizer or (cfg.model.init if cfg.model.init != SCRATCH else None)
+def _tokenizer_dir(run_cfg: TrainConfig) -> str:
+    tok_dir = run_cfg.model.tokenizer or (run_cfg.model.init if run_cfg.model.init != SCRATCH else None)
     if not tok_dir:
         raise ConfigError("model.tokenizer: required when model.init is 'scratch'")
     if not Path(tok_dir).is_dir():
@@ -193,9 +193,9 @@ def store_identity(manifest: dict, content: str, samples: int) -> dict:
     return {"manifest": "sha256:" + digest, "content": content, "samples": samples}
 
 
-def _check_store(cfg: TrainConfig, setup: Setup) -> None:
+def _check_store(run_cfg: TrainConfig, setup: Setup) -> None:
     try:
-        store = RolloutStore.open(cfg.data.store)  # a store, or a sharded dataset (lopd_jax.store.dataset)
+        store = RolloutStore.open(run_cfg.data.store)  # a store, or a sharded dataset (lopd_jax.store.dataset)
     except StoreError as e:
         raise StoreError(f"data.store: {e}") from None
     if (problem := store.incomplete()) is not None:  # a dataset's shard still being written
@@ -203,14 +203,14 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
     m = store.manifest
     if len(store) == 0:
         raise StoreError(f"data.store: {store.path} has no committed samples")
-    mode = modes.get(cfg.mode)
+    mode = modes.get(run_cfg.mode)
     if mode.stored_teacher and (m.get("teacher") is None or store.teacher_committed < len(store)):
         raise StoreError(
             f"data.store: {store.path} has no teacher columns for every sample (teacher_committed "
             f"{store.teacher_committed} of {len(store)}, teacher {m.get('teacher')}): mode lightning_opd needs "
             "teacher log-probs; run precompute.teacher_logprobs on it"
         )
-    if mode.stored_teacher and cfg.loss.old_policy == "behavior" and m.get("behavior_logprobs") == "none":
+    if mode.stored_teacher and run_cfg.loss.old_policy == "behavior" and m.get("behavior_logprobs") == "none":
         raise StoreError(
             f"data.store: {store.path} has no behaviour log-probs (manifest behavior_logprobs: none), but "
             "loss.old_policy: behavior takes the PPO ratio against them; use rollouts with recorded log-probs "
@@ -222,16 +222,16 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
             f"data.store: {store.path} is shard {m['shard'].get('index')} of {m['shard']['count']} of the dataset "
             f"{parent}; training on it alone would use part of the data: set data.store: {parent}"
         )
-    used = min(int(store.lengths.max()), cfg.train.seq_len)  # positions restart per packed sample
+    used = min(int(store.lengths.max()), run_cfg.train.seq_len)  # positions restart per packed sample
     if used > setup.model_cfg.max_position_embeddings:
         i = int(np.argmax(store.lengths))
         raise StoreError(
             f"data.store: {store.path} sample {i} has {int(store.lengths[i])} tokens and train.seq_len is "
-            f"{cfg.train.seq_len}: positions up to {used - 1} exceed the model's max_position_embeddings "
+            f"{run_cfg.train.seq_len}: positions up to {used - 1} exceed the model's max_position_embeddings "
             f"{setup.model_cfg.max_position_embeddings}; lower train.seq_len to at most that"
         )
-    if modes.get(cfg.mode).stored_teacher and cfg.loss.objective != "sampled_token":
-        _check_topk_columns(cfg, store, m, setup.model_cfg.vocab_size)
+    if modes.get(run_cfg.mode).stored_teacher and run_cfg.loss.objective != "sampled_token":
+        _check_topk_columns(run_cfg, store, m, setup.model_cfg.vocab_size)
     top, sample, content = _scan_tokens(store)
     if top >= setup.model_cfg.vocab_size:
         raise StoreError(
@@ -243,9 +243,9 @@ def _check_store(cfg: TrainConfig, setup: Setup) -> None:
     _check_store_tokenizer(store.path, m, setup.tokenizer_dir)
 
 
-def _check_topk_columns(cfg: TrainConfig, store, m: dict, vocab_size: int) -> None:
+def _check_topk_columns(run_cfg: TrainConfig, store, m: dict, vocab_size: int) -> None:
     """A topk_* objective needs the store's top-k columns of its source, of width loss.topk <= the vocabulary."""
-    k, obj = cfg.loss.topk, cfg.loss.objective
+    k, obj = run_cfg.loss.topk, run_cfg.loss.objective
     if k > vocab_size:
         raise ConfigError(f"loss.topk {k} > the model's vocabulary ({vocab_size} ids)")
     if obj == "topk_reverse_kl":
@@ -290,46 +290,46 @@ def _check_store_tokenizer(store_path: str, manifest: dict, tok_dir: str) -> Non
         )
 
 
-def _check_resume_store(cfg: TrainConfig, setup: Setup) -> None:
+def _check_resume_store(run_cfg: TrainConfig, setup: Setup) -> None:
     """resume=true continues on the data the run trained on: the store at data.store must have the identity the
     run recorded (``store_identity``), unless ``data.store`` is in resume_may_change."""
-    saved = saved_store_identity(cfg)
+    saved = saved_store_identity(run_cfg)
     now = setup.store_identity
-    if saved is None or now is None or any(a in ("data", "data.store") for a in cfg.resume_may_change):
+    if saved is None or now is None or any(a in ("data", "data.store") for a in run_cfg.resume_may_change):
         return
     differ = [k for k in ("manifest", "content", "samples") if saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: saved {saved.get(k)}, now {now.get(k)}" for k in differ)
         raise ConfigError(
-            f"resume: data.store {cfg.data.store} is not the data this run trained on ({shown}); its iterator "
+            f"resume: data.store {run_cfg.data.store} is not the data this run trained on ({shown}); its iterator "
             "position would index other samples: restore that store, start a new run_dir, or list data.store in "
             "resume_may_change"
         )
 
 
-def saved_store_identity(cfg: TrainConfig) -> dict | None:
+def saved_store_identity(run_cfg: TrainConfig) -> dict | None:
     """The store identity recorded beside the checkpoints (``CONFIG_RECORD``), or None."""
     try:
-        record = json.loads((checkpoint_dir(cfg) / CONFIG_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((checkpoint_dir(run_cfg) / CONFIG_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # no record (a fresh run dir), or unreadable: ``saved_config`` reports that
     return record.get("store") if isinstance(record, dict) and isinstance(record.get("store"), dict) else None
 
 
-def _check_teacher_consistency(cfg: TrainConfig, setup: Setup) -> None:
+def _check_teacher_consistency(run_cfg: TrainConfig, setup: Setup) -> None:
     """Lightning OPD's rules (docs/design.md "Provenance"): raise ProvenanceError, or collect the allowed warnings."""
-    allow = cfg.allow_teacher_inconsistency
+    allow = run_cfg.allow_teacher_inconsistency
     for warning in (
         provenance.check_teacher_consistency(setup.manifest, setup.init_provenance, allow),
         # pi_ref for the first generation; a refreshed generation's rollouts come from the exported student
-        provenance.check_rollout_policy(setup.manifest, refresh.rollout_policy(cfg, setup.init_fingerprint), allow),
+        provenance.check_rollout_policy(setup.manifest, refresh.rollout_policy(run_cfg, setup.init_fingerprint), allow),
     ):
         if warning:
             setup.warnings.append(warning)
 
 
-def _check_teacher_model(cfg: TrainConfig, setup: Setup) -> None:
-    teacher = cfg.model.teacher
+def _check_teacher_model(run_cfg: TrainConfig, setup: Setup) -> None:
+    teacher = run_cfg.model.teacher
     if not (Path(teacher) / hf.CONFIG_FILE).is_file():
         raise ConfigError(f"model.teacher: {teacher} is not an HF checkpoint directory")
     tcfg = hf.load_config(teacher)
@@ -355,36 +355,38 @@ def _check_weights(path: str, model_cfg: qwen3.Qwen3Config, key: str) -> None:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def _generation_dir(cfg: TrainConfig, setup: Setup) -> str:
+def _generation_dir(run_cfg: TrainConfig, setup: Setup) -> str:
     """The directory whose generation_config.json / config.json names the student's eos ids (``prompts.stop_ids``):
     the init checkpoint, or the tokenizer's directory for a student trained from scratch."""
-    return cfg.model.init if cfg.model.init != SCRATCH else setup.tokenizer_dir
+    return run_cfg.model.init if run_cfg.model.init != SCRATCH else setup.tokenizer_dir
 
 
-def _check_prompts(cfg: TrainConfig, setup: Setup) -> None:
+def _check_prompts(run_cfg: TrainConfig, setup: Setup) -> None:
     """Online OPD's prompts, encoded with ``lopd_jax.data.prompts`` (the precompute rollouts' encoder)."""
     try:
-        rows = prompts.read_prompts(cfg.data.prompts, prompt_key=cfg.data.prompt_key)
-        setup.prompts = prompts.encode_prompts(setup.tokenizer, rows, cfg.prompt)
+        rows = prompts.read_prompts(run_cfg.data.prompts, prompt_key=run_cfg.data.prompt_key)
+        setup.prompts = prompts.encode_prompts(setup.tokenizer, rows, run_cfg.prompt)
     except (OSError, ValueError) as e:  # PromptError, or the chat template's own error
         raise ConfigError(f"data.prompts: {e}") from None
 
 
-def _check_stop_ids(cfg: TrainConfig, setup: Setup) -> None:
+def _check_stop_ids(run_cfg: TrainConfig, setup: Setup) -> None:
     """Where online OPD and evaluation stop sampling: ``prompts.stop_ids`` plus ``sampling.stop_token_ids``."""
     try:
-        setup.stop_ids = prompts.stop_ids(_generation_dir(cfg, setup), setup.tokenizer, cfg.sampling.stop_token_ids)
+        setup.stop_ids = prompts.stop_ids(
+            _generation_dir(run_cfg, setup), setup.tokenizer, run_cfg.sampling.stop_token_ids
+        )
     except PromptError as e:
         raise ConfigError(f"model.init: {e}") from None
 
 
-def _check_eval_set(cfg: TrainConfig, setup: Setup) -> None:
+def _check_eval_set(run_cfg: TrainConfig, setup: Setup) -> None:
     from lopd_jax.inference import evaluation
 
     try:
-        rows = evaluation.load_eval_set(cfg.eval.prompts, cfg.eval.prompt_key, cfg.eval.answer_key)
-        rows = rows[: cfg.eval.num_prompts] if cfg.eval.num_prompts > 0 else rows
-        prompts.encode_prompts(setup.tokenizer, rows, cfg.prompt)  # a row the tokenizer cannot encode fails now
+        rows = evaluation.load_eval_set(run_cfg.eval.prompts, run_cfg.eval.prompt_key, run_cfg.eval.answer_key)
+        rows = rows[: run_cfg.eval.num_prompts] if run_cfg.eval.num_prompts > 0 else rows
+        prompts.encode_prompts(setup.tokenizer, rows, run_cfg.prompt)  # a row the tokenizer cannot encode fails now
     except (OSError, ValueError) as e:  # PromptError, or the chat template's own error
         raise ConfigError(f"eval.prompts: {e}") from None
 
@@ -400,22 +402,22 @@ def check_expert_axis(mesh_cfg: sharding.MeshConfig, model_cfg: qwen3.Qwen3Confi
         raise ConfigError(f"mesh.expert: {why}")
 
 
-def _check_shapes(cfg: TrainConfig, setup: Setup) -> None:
+def _check_shapes(run_cfg: TrainConfig, setup: Setup) -> None:
     shards = sharding.batch_shard_count(setup.mesh, setup.rules)
-    if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
+    if run_cfg.train.batch_size % shards or run_cfg.train.batch_size % jax.process_count():
         raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} must be a multiple of the batch shards ({shards}) and of the "
-            f"JAX processes ({jax.process_count()})"
+            f"train.batch_size: {run_cfg.train.batch_size} must be a multiple of the batch shards ({shards}) and "
+            f"of the JAX processes ({jax.process_count()})"
         )
-    if (cfg.train.batch_size // cfg.train.grad_accum) % shards:
+    if (run_cfg.train.batch_size // run_cfg.train.grad_accum) % shards:
         raise ConfigError(
-            f"train.grad_accum: micro-batches of {cfg.train.batch_size // cfg.train.grad_accum} rows do not split "
-            f"over the {shards} batch shards"
+            f"train.grad_accum: micro-batches of {run_cfg.train.batch_size // run_cfg.train.grad_accum} rows do "
+            f"not split over the {shards} batch shards"
         )
 
 
-def checkpoint_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.checkpoint.directory or Path(cfg.logging.run_dir) / "checkpoints")
+def checkpoint_dir(run_cfg: TrainConfig) -> Path:
+    return Path(run_cfg.checkpoint.directory or Path(run_cfg.logging.run_dir) / "checkpoints")
 
 
 CONFIG_RECORD = "lopd_config.json"  # in the checkpoint directory: the resolved config the checkpoints belong to
@@ -431,11 +433,11 @@ RESUME_FREE = (
 )
 
 
-def saved_config(cfg: TrainConfig) -> tuple[dict, Path] | None:
+def saved_config(run_cfg: TrainConfig) -> tuple[dict, Path] | None:
     """The config the run being resumed was started with: ``CONFIG_RECORD`` beside its checkpoints, else (runs
     from before the record) its ``config.yaml``; None when neither exists."""
 
-    record, yaml_file = checkpoint_dir(cfg) / CONFIG_RECORD, Path(cfg.logging.run_dir) / "config.yaml"
+    record, yaml_file = checkpoint_dir(run_cfg) / CONFIG_RECORD, Path(run_cfg.logging.run_dir) / "config.yaml"
     where = record if record.is_file() else yaml_file if yaml_file.is_file() else None
     if where is None:
         return None
@@ -450,18 +452,18 @@ def saved_config(cfg: TrainConfig) -> tuple[dict, Path] | None:
     return saved, where
 
 
-def _check_resume_config(cfg: TrainConfig, setup: Setup) -> None:
+def _check_resume_config(run_cfg: TrainConfig, setup: Setup) -> None:
     """resume=true continues the run that was saved, not another one: refuse any difference outside
     ``resume_may_change`` (and RESUME_FREE), naming every differing key; remember the allowed ones."""
-    found = saved_config(cfg)
+    found = saved_config(run_cfg)
     if found is None:
         return
     saved, where = config_lib.flatten(found[0]), found[1]
-    now = config_lib.flatten(config_lib.to_dict(cfg))
-    allowed = (*RESUME_FREE, *cfg.resume_may_change)
+    now = config_lib.flatten(config_lib.to_dict(run_cfg))
+    allowed = (*RESUME_FREE, *run_cfg.resume_may_change)
     # A key the saved config lacks (added to the schema after the run started, e.g. the prompt section) that is
     # at its default now computes what the run computed then: not a difference.
-    defaults = config_lib.flatten(config_lib.to_dict(TrainConfig(mode=cfg.mode, model=cfg.model)))
+    defaults = config_lib.flatten(config_lib.to_dict(TrainConfig(mode=run_cfg.mode, model=run_cfg.model)))
     differ = sorted(
         k
         for k in set(saved) | set(now)
@@ -478,10 +480,10 @@ def _check_resume_config(cfg: TrainConfig, setup: Setup) -> None:
     setup.resume_changes = {k: [saved.get(k), now.get(k)] for k in differ if k not in RESUME_FREE}
 
 
-def _check_run_dir(cfg: TrainConfig) -> None:
+def _check_run_dir(run_cfg: TrainConfig) -> None:
     """A fresh run never mixes with an old one (orbax would silently skip saving steps that already exist)."""
-    run_dir, ckpt = Path(cfg.logging.run_dir), checkpoint_dir(cfg)
-    if cfg.resume:
+    run_dir, ckpt = Path(run_cfg.logging.run_dir), checkpoint_dir(run_cfg)
+    if run_cfg.resume:
         _check_resumable(run_dir, ckpt)
         return
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists():
@@ -528,9 +530,12 @@ def release_run_lock(lock: FileLock) -> None:
     lock.release()
 
 
-def _check_writable(cfg: TrainConfig) -> None:
+def _check_writable(run_cfg: TrainConfig) -> None:
     """The run directory (or its nearest existing parent) is writable, checked before anything is computed."""
-    for where, key in ((Path(cfg.logging.run_dir), "logging.run_dir"), (checkpoint_dir(cfg), "checkpoint.directory")):
+    for where, key in (
+        (Path(run_cfg.logging.run_dir), "logging.run_dir"),
+        (checkpoint_dir(run_cfg), "checkpoint.directory"),
+    ):
         probe = where.absolute()
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
@@ -538,60 +543,60 @@ def _check_writable(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: {where} cannot be created or written ({probe} is not a writable directory)")
 
 
-def _prepare(cfg: TrainConfig) -> Setup:
+def _prepare(run_cfg: TrainConfig) -> Setup:
     """Validates the whole run (config, mesh, model, tokenizer, store, provenance) without writing anything."""
-    model_cfg = model_config(cfg)
-    _check_not_preset(cfg)
+    model_cfg = model_config(run_cfg)
+    _check_not_preset(run_cfg)
     try:
-        mesh = sharding.make_mesh(cfg.mesh)
+        mesh = sharding.make_mesh(run_cfg.mesh)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
-    check_expert_axis(cfg.mesh, model_cfg, mesh.size)
-    tok_dir = _tokenizer_dir(cfg)
-    setup = Setup(model_cfg, mesh, cfg.mesh.logical_rules(), tok_dir)
+    check_expert_axis(run_cfg.mesh, model_cfg, mesh.size)
+    tok_dir = _tokenizer_dir(run_cfg)
+    setup = Setup(model_cfg, mesh, run_cfg.mesh.logical_rules(), tok_dir)
     n_tokens = tokenizer_size(tok_dir)
     if n_tokens > model_cfg.vocab_size:
         raise ConfigError(
             f"vocab size mismatch: the tokenizer in {tok_dir} has {n_tokens} tokens, the model's vocab_size "
             f"is {model_cfg.vocab_size}"
         )
-    _check_shapes(cfg, setup)
+    _check_shapes(run_cfg, setup)
     _check_moe_impl(model_cfg, mesh)
-    _check_writable(cfg)
-    _check_run_dir(cfg)
-    if cfg.resume:
-        _check_resume_config(cfg, setup)
-    if cfg.model.init != SCRATCH:
-        _check_weights(cfg.model.init, model_cfg, "model.init")
-        setup.init_fingerprint = provenance.fingerprint_weights(cfg.model.init)
-        setup.init_provenance = provenance.read_provenance(cfg.model.init)
-    mode = modes.get(cfg.mode)
+    _check_writable(run_cfg)
+    _check_run_dir(run_cfg)
+    if run_cfg.resume:
+        _check_resume_config(run_cfg, setup)
+    if run_cfg.model.init != SCRATCH:
+        _check_weights(run_cfg.model.init, model_cfg, "model.init")
+        setup.init_fingerprint = provenance.fingerprint_weights(run_cfg.model.init)
+        setup.init_provenance = provenance.read_provenance(run_cfg.model.init)
+    mode = modes.get(run_cfg.mode)
     if mode.reads_store:
-        _check_store(cfg, setup)
-        if cfg.resume:
-            _check_resume_store(cfg, setup)
+        _check_store(run_cfg, setup)
+        if run_cfg.resume:
+            _check_resume_store(run_cfg, setup)
     if mode.stored_teacher:
         if setup.init_fingerprint is None:
             raise ConfigError("model.init: lightning_opd starts from the SFT checkpoint, not from scratch")
-        _check_teacher_consistency(cfg, setup)
+        _check_teacher_consistency(run_cfg, setup)
     if mode.live_teacher:
-        _check_teacher_model(cfg, setup)
+        _check_teacher_model(run_cfg, setup)
     if mode.samples_online:
-        _check_prompts(cfg, setup)
-    if cfg.eval.prompts:
-        _check_eval_set(cfg, setup)
-    drift.check(cfg)
-    if mode.samples_online or cfg.eval.prompts:
-        _check_stop_ids(cfg, setup)
+        _check_prompts(run_cfg, setup)
+    if run_cfg.eval.prompts:
+        _check_eval_set(run_cfg, setup)
+    drift.check(run_cfg)
+    if mode.samples_online or run_cfg.eval.prompts:
+        _check_stop_ids(run_cfg, setup)
     return setup
 
 
-def validated(cfg: TrainConfig) -> Setup:
+def validated(run_cfg: TrainConfig) -> Setup:
     """The one entry point: validates the whole run (``_prepare``), with any other ValueError / OSError (an
     unsupported config.json, an unreadable file) turned
     into a ConfigError, so that every invalid input ends as one ``error:`` line."""
     try:
-        return _prepare(cfg)
+        return _prepare(run_cfg)
     except USER_ERRORS:
         raise
     except (ValueError, OSError) as e:

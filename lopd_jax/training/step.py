@@ -102,11 +102,15 @@ def abstract_state(setup: HasStepSetup, optimizer: optax.GradientTransformation,
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
-def settings(cfg: TrainConfig) -> dict[str, Any]:
+def settings(run_cfg: TrainConfig) -> dict[str, Any]:
     """The sections of a run's config that ``build`` takes, as keyword arguments: what the trainer runs is what
-    ``--plan`` compiles (both call ``build(setup, **settings(cfg))``)."""
+    ``--plan`` compiles (both call ``build(setup, **settings(run_cfg))``)."""
     return dict(
-        mode=cfg.mode, optimizer=cfg.optimizer, loss=cfg.loss, grad_accum=cfg.train.grad_accum, seed=cfg.train.seed
+        mode=run_cfg.mode,
+        optimizer=run_cfg.optimizer,
+        loss=run_cfg.loss,
+        grad_accum=run_cfg.train.grad_accum,
+        seed=run_cfg.train.seed,
     )
 
 
