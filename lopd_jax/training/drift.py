@@ -163,29 +163,29 @@ def with_ref_kl(evaluator: Callable | None, ref_kl: RefKL | None) -> Callable | 
     return both
 
 
-def check(cfg: Any) -> None:
+def check(run_cfg: Any) -> None:
     """The config can run the direct estimate: it needs pi_ref's weights and held-out prompts (ConfigError)."""
 
-    if cfg.drift.ref_kl_prompts == 0:
+    if run_cfg.drift.ref_kl_prompts == 0:
         return
-    if not cfg.eval.prompts:
+    if not run_cfg.eval.prompts:
         raise ConfigError("drift.ref_kl_prompts: needs eval.prompts (the held-out prompts it samples)")
-    if cfg.model.init in ("", "scratch"):
+    if run_cfg.model.init in ("", "scratch"):
         raise ConfigError(
             "drift.ref_kl_prompts: needs model.init to be a checkpoint (pi_ref); this run starts from scratch"
         )
 
 
-def build_ref_kl(cfg: Any, setup: Any, load_ref: Callable[[], Any], place: Callable | None) -> RefKL | None:
+def build_ref_kl(run_cfg: Any, setup: Any, load_ref: Callable[[], Any], place: Callable | None) -> RefKL | None:
     """The run's ``RefKL`` (None when ``drift.ref_kl_prompts`` is 0): the first prompts of ``eval.prompts``
     encoded like the evaluation's, pi_ref's params from ``load_ref()``."""
-    d = cfg.drift
+    d = run_cfg.drift
     if d.ref_kl_prompts == 0:
         return None
 
-    rows = evaluation.load_eval_set(cfg.eval.prompts)[: d.ref_kl_prompts]
-    encoded = prompts_lib.encode_prompts(setup.tokenizer, rows, cfg.prompt)
-    max_new = d.ref_kl_max_new_tokens or cfg.eval.max_new_tokens
+    rows = evaluation.load_eval_set(run_cfg.eval.prompts)[: d.ref_kl_prompts]
+    encoded = prompts_lib.encode_prompts(setup.tokenizer, rows, run_cfg.prompt)
+    max_new = d.ref_kl_max_new_tokens or run_cfg.eval.max_new_tokens
     return RefKL(
         ref_params=load_ref(),
         model_cfg=setup.model_cfg,
@@ -193,10 +193,10 @@ def build_ref_kl(cfg: Any, setup: Any, load_ref: Callable[[], Any], place: Calla
         samples=d.ref_kl_samples,
         max_new_tokens=max_new,
         stop_ids=setup.stop_ids,
-        seed=cfg.train.seed,
+        seed=run_cfg.train.seed,
         mesh=setup.mesh,
-        batch_size=cfg.train.batch_size,
+        batch_size=run_cfg.train.batch_size,
         seq_len=max(len(p) for p in encoded) + max_new,
         place=place,
-        chunk_size=cfg.loss.logprob_chunk_size,
+        chunk_size=run_cfg.loss.logprob_chunk_size,
     )

@@ -113,8 +113,8 @@ class RefreshConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def refresh_dir(cfg: Any) -> Path:
-    return Path(cfg.logging.run_dir) / REFRESH_DIR
+def refresh_dir(run_cfg: Any) -> Path:
+    return Path(run_cfg.logging.run_dir) / REFRESH_DIR
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -159,15 +159,15 @@ def policy_dir(rdir: Path, generation: int) -> Path:
     return rdir / stage_name(generation, "train") / POLICY_DIR
 
 
-def rollout_policy(cfg: Any, init_fingerprint: str | None) -> str | None:
+def rollout_policy(run_cfg: Any, init_fingerprint: str | None) -> str | None:
     """The weights fingerprint the store of this invocation's generation must have been sampled from: the init
     checkpoint (pi_ref) for generation 0 and runs without refresh, else the student exported at the previous
     generation's stop step, which is also the checkpoint this invocation resumes from (``check_resume_step``)."""
-    g = cfg.refresh.generation
+    g = run_cfg.refresh.generation
     if not g:
         return init_fingerprint
 
-    export = policy_dir(refresh_dir(cfg), g - 1)
+    export = policy_dir(refresh_dir(run_cfg), g - 1)
     try:
         return provenance.fingerprint_weights(export)
     except (OSError, provenance.ProvenanceError) as e:
@@ -188,10 +188,10 @@ class Controller:
     ``window`` steps; a resume inside a generation refills the window from metrics.jsonl (train.log_every 1).
     """
 
-    def __init__(self, cfg: Any, start_step: int):
-        self.cfg, self.rcfg = cfg, cfg.refresh
+    def __init__(self, run_cfg: Any, start_step: int):
+        self.cfg, self.rcfg = run_cfg, run_cfg.refresh
         self.g = self.rcfg.generation
-        self.rdir = refresh_dir(cfg)
+        self.rdir = refresh_dir(run_cfg)
         self.gen_start = generation_start(self.rdir, self.g)
         self.pinned = stop_step(self.rdir, self.g)
         self.trigger = self.rcfg.trigger()
@@ -247,20 +247,20 @@ class Controller:
         _write_json(out / SEGMENT_FILE, rec)
 
 
-def controller(cfg: Any, start_step: int) -> Controller | None:
-    if cfg.refresh.generation is None:
+def controller(run_cfg: Any, start_step: int) -> Controller | None:
+    if run_cfg.refresh.generation is None:
         return None
-    return Controller(cfg, start_step)
+    return Controller(run_cfg, start_step)
 
 
-def check_resume_step(cfg: Any, latest: int | None) -> bool:
+def check_resume_step(run_cfg: Any, latest: int | None) -> bool:
     """For the trainer of generation g >= 1: the checkpoint it resumes must be at or after the previous stop
     (the weights that sampled this generation); returns whether the data iterator state continues (False at
     the generation's first step: the checkpoint's iterator walked the previous generation's store)."""
-    g = cfg.refresh.generation
+    g = run_cfg.refresh.generation
     if not g:
         return True
-    start = generation_start(refresh_dir(cfg), g)
+    start = generation_start(refresh_dir(run_cfg), g)
     if latest is None or latest < start:
         raise TrainError(
             f"refresh.generation {g}: its rollouts come from the student at step {start}, but the latest checkpoint "
@@ -274,49 +274,49 @@ def check_resume_step(cfg: Any, latest: int | None) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def prompt_pool(cfg: Any) -> str | None:
-    return cfg.refresh.prompts_file or cfg.data.prompts
+def prompt_pool(run_cfg: Any) -> str | None:
+    return run_cfg.refresh.prompts_file or run_cfg.data.prompts
 
 
-def prompts_per_refresh(cfg: Any, pool_size: int) -> int:
-    n = cfg.refresh.prompts
+def prompts_per_refresh(run_cfg: Any, pool_size: int) -> int:
+    n = run_cfg.refresh.prompts
     return max(1, round(n * pool_size)) if isinstance(n, float) else n
 
 
-def check(cfg: Any, setup: Any) -> int:
+def check(run_cfg: Any, setup: Any) -> int:
     """Refuses a refresh the run cannot do, before anything is written (ConfigError / ProvenanceError naming the
     key); returns the size of the prompt pool."""
 
-    r = cfg.refresh
-    if cfg.mode != "lightning_opd":
-        raise ConfigError(f"refresh: mode {cfg.mode!r} has no rollouts to refresh (only lightning_opd does)")
+    r = run_cfg.refresh
+    if run_cfg.mode != "lightning_opd":
+        raise ConfigError(f"refresh: mode {run_cfg.mode!r} has no rollouts to refresh (only lightning_opd does)")
     if r.trigger() is not None:
         name = r.when.split()[0]
         if setup.manifest.get("behavior_logprobs") == "none":
             raise ConfigError(
                 f"refresh.when: {name} is computed from the rollouts' behaviour log-probs, but data.store "
-                f"{cfg.data.store} has none (manifest behavior_logprobs: none)"
+                f"{run_cfg.data.store} has none (manifest behavior_logprobs: none)"
             )
-        if name == "clip_frac" and cfg.loss.old_policy != "behavior":
+        if name == "clip_frac" and run_cfg.loss.old_policy != "behavior":
             raise ConfigError("refresh.when: clip_frac is always 0 with loss.old_policy: current (ratio 1)")
-        if cfg.train.log_every != 1:
+        if run_cfg.train.log_every != 1:
             raise ConfigError(
                 f"refresh.when: needs train.log_every: 1 (a resume refills its window from the log), "
-                f"got {cfg.train.log_every}"
+                f"got {run_cfg.train.log_every}"
             )
     if not r.teacher:
         raise ConfigError("refresh.teacher: required (the teacher that scores the refreshed rollouts)")
     if not (Path(r.teacher) / hf.CONFIG_FILE).is_file():
         raise ConfigError(f"refresh.teacher: {r.teacher} is not an HF checkpoint directory")
     teacher = provenance.fingerprint_weights(r.teacher)
-    if not cfg.allow_teacher_inconsistency:
+    if not run_cfg.allow_teacher_inconsistency:
         sft_teacher = setup.init_provenance.get("sft_teacher")
         if teacher != sft_teacher:
             raise provenance.ProvenanceError(
                 f"refresh.teacher: {r.teacher} is teacher {teacher}, but the init checkpoint was SFT'd on answers of "
                 f"teacher {sft_teacher}; refreshed rollouts would be scored by another teacher"
             )
-    pool = prompt_pool(cfg)
+    pool = prompt_pool(run_cfg)
     if not pool:
         raise ConfigError("refresh.prompts_file: required (or data.prompts): the prompts refreshed rollouts answer")
     try:
@@ -325,14 +325,14 @@ def check(cfg: Any, setup: Any) -> int:
         raise ConfigError(f"refresh.prompts_file: {e}") from None
     if size == 0:
         raise ConfigError(f"refresh.prompts_file: {pool} has no prompts left to sample")
-    n = prompts_per_refresh(cfg, size)
+    n = prompts_per_refresh(run_cfg, size)
     if n > size:
         raise ConfigError(f"refresh.prompts: {n} prompts per refresh, but {pool} holds only {size}")
     return size
 
 
-def _trainer_cmd(cfg: Any, config_path: str, overrides: list[str], g: int, store: str) -> str:
-    may_change = sorted({*cfg.resume_may_change, "data.store", "refresh.generation"})
+def _trainer_cmd(run_cfg: Any, config_path: str, overrides: list[str], g: int, store: str) -> str:
+    may_change = sorted({*run_cfg.resume_may_change, "data.store", "refresh.generation"})
     argv = ["python", "-m", "lopd_jax.train", "--config", config_path, *overrides]
     argv += [
         f"data.store={store}",
@@ -343,24 +343,24 @@ def _trainer_cmd(cfg: Any, config_path: str, overrides: list[str], g: int, store
     return shlex.join(argv)
 
 
-def _sampling_flags(cfg: Any, g: int) -> list[str]:
-    s = cfg.sampling
+def _sampling_flags(run_cfg: Any, g: int) -> list[str]:
+    s = run_cfg.sampling
     flags = ["--temperature", str(s.temperature), "--top-p", str(s.top_p), "--top-k", str(s.top_k)]
     return flags + ["--max-new-tokens", str(s.max_new_tokens), "--seed", str(s.seed + g)]
 
 
-def _refresh_stages(cfg: Any, g: int, n_prompts: int) -> list:
+def _refresh_stages(run_cfg: Any, g: int, n_prompts: int) -> list:
     """The three stages that make generation g >= 1 from the student exported at generation g - 1's stop."""
 
-    r = cfg.refresh
+    r = run_cfg.refresh
     prompts = shlex.join(
-        ["python", "-m", "lopd_jax.training.refresh", "prompts", "--pool", prompt_pool(cfg), "--generation", str(g),
+        ["python", "-m", "lopd_jax.training.refresh", "prompts", "--pool", prompt_pool(run_cfg), "--generation", str(g),
          "--count", str(n_prompts), "--out", "{out}/prompts.jsonl"]
     )  # fmt: skip
     rollouts = shlex.join(
         ["python", "-m", "precompute.rollouts", "--policy", f"{{{stage_name(g - 1, 'train')}}}/{POLICY_DIR}",
          "--prompts", f"{{{stage_name(g, 'prompts')}}}/prompts.jsonl", "--out", "{out}/store",
-         *_sampling_flags(cfg, g)]
+         *_sampling_flags(run_cfg, g)]
     )  # fmt: skip
     teacher = shlex.join(
         ["python", "-m", "precompute.teacher_logprobs", "--teacher", r.teacher,
@@ -398,22 +398,22 @@ def _record_generation(rdir: Path, g: int, store: str, records: list[dict]) -> N
     _write_json(rdir / GENERATIONS_FILE, sorted([*gens, rec], key=lambda x: x["generation"]))
 
 
-def run_loop(cfg: Any, config_path: str, overrides: list[str], validated: Callable[[Any], Any]) -> dict:
+def run_loop(run_cfg: Any, config_path: str, overrides: list[str], validated: Callable[[Any], Any]) -> dict:
     """Runs the generations of a refreshed lightning_opd run (module docstring); returns the final metrics."""
 
-    gen0 = dataclasses.replace(cfg, refresh=dataclasses.replace(cfg.refresh, generation=0))
+    gen0 = dataclasses.replace(run_cfg, refresh=dataclasses.replace(run_cfg.refresh, generation=0))
     setup = validated(gen0)  # the trainer's own checks on generation 0, before anything is written
-    pool_size = check(cfg, setup)
-    n_prompts = prompts_per_refresh(cfg, pool_size)
-    run_dir, rdir = Path(cfg.logging.run_dir), refresh_dir(cfg)
-    if not cfg.resume and (rdir.exists() or (run_dir / "metrics.jsonl").exists()):
+    pool_size = check(run_cfg, setup)
+    n_prompts = prompts_per_refresh(run_cfg, pool_size)
+    run_dir, rdir = Path(run_cfg.logging.run_dir), refresh_dir(run_cfg)
+    if not run_cfg.resume and (rdir.exists() or (run_dir / "metrics.jsonl").exists()):
         raise ConfigError(f"logging.run_dir: {run_dir} already holds a run; set resume: true or pick a new run_dir")
     rdir.mkdir(parents=True, exist_ok=True)
     stages, g = [], 0
-    store = placeholder = str(Path(cfg.data.store).absolute())  # the path, and how a stage command names it
+    store = placeholder = str(Path(run_cfg.data.store).absolute())  # the path, and how a stage command names it
     while True:
         stages.append(pipeline.Stage(stage_name(g, "train"), stage_name(g, "train"),
-                                     _trainer_cmd(cfg, config_path, overrides, g, placeholder)))  # fmt: skip
+                                     _trainer_cmd(run_cfg, config_path, overrides, g, placeholder)))  # fmt: skip
         records = _run_stages(pipeline, stages, rdir)
         _record_generation(rdir, g, store, records)
         segment = _read_json(rdir / stage_name(g, "train") / SEGMENT_FILE)
@@ -422,7 +422,7 @@ def run_loop(cfg: Any, config_path: str, overrides: list[str], validated: Callab
         if segment["reason"] == "finished":
             break
         g += 1
-        stages += _refresh_stages(cfg, g, n_prompts)
+        stages += _refresh_stages(run_cfg, g, n_prompts)
         records = _run_stages(pipeline, stages, rdir)
         placeholder = f"{{{stage_name(g, 'teacher')}}}/store"
         store = str(rdir.absolute() / stage_name(g, "teacher") / "store")
