@@ -36,7 +36,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import common, report
+from benchmarks import common
+from lopd_jax.atomic import write_atomic
 from lopd_jax.models import qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 
@@ -425,8 +426,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cpu_shards{'_tiny' if args.tiny else ''}.json"
-    report._atomic_write(path, json.dumps(doc, indent=1, default=float) + "\n")
-    report._atomic_write(path.with_suffix(".md"), markdown(doc))
+    write_atomic(path, json.dumps(doc, indent=1, default=float) + "\n")
+    write_atomic(path.with_suffix(".md"), markdown(doc))
     print(f"[shards_bench] wrote {path} and {path.with_suffix('.md')}", flush=True)
     return path
 

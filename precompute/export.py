@@ -51,6 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The rollout policy's top-K (recorded with the samples) and the teacher's scores of those ids.
+BEHAVIOR_TOPK_COLUMNS = (
+    "behavior_topk_ids",
+    "behavior_topk_logprobs",
+    "teacher_behavior_topk_logprobs",
+    "teacher_behavior_topk_tail",
+)
+
+
 def schema(topk: int, text: bool, manifest: dict):
     import pyarrow as pa
 
@@ -60,6 +69,10 @@ def schema(topk: int, text: bool, manifest: dict):
               ("tokens", i32), ("behavior_logprobs", f32), ("teacher_logprobs", f32), ("advantage", f32)]  # fmt: skip
     if topk:
         fields += [("teacher_topk_ids", pa.list_(i32)), ("teacher_topk_logprobs", pa.list_(f32))]
+    if manifest.get("topk_tail"):
+        fields += [("teacher_topk_tail", f32)]
+    if manifest.get("behavior_topk"):  # [L, K] columns flattened per sample (import reshapes them)
+        fields += [(name, i32 if name.endswith("_ids") else f32) for name in BEHAVIOR_TOPK_COLUMNS]
     if text:
         fields += [("prompt_text", pa.string()), ("response_text", pa.string())]
     return pa.schema(fields, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True).encode("utf-8")})
@@ -85,6 +98,9 @@ def row(i: int, s: dict, topk: int, tokenizer: Any) -> dict:
             "teacher_topk_ids": list(s["teacher_topk_ids"]),
             "teacher_topk_logprobs": list(s["teacher_topk_logprobs"]),
         }
+    for name in ("teacher_topk_tail", *BEHAVIOR_TOPK_COLUMNS):  # the columns a store has, as it has them
+        if name in s and s[name] is not None:
+            out[name] = np.asarray(s[name]).reshape(-1).tolist()  # [L] or [L, K] flattened (import reshapes)
     if tokenizer is not None:
         out["prompt_text"] = tokenizer.decode(s["tokens"][:p].tolist(), skip_special_tokens=False)
         out["response_text"] = tokenizer.decode(s["tokens"][p:].tolist(), skip_special_tokens=False)

@@ -23,7 +23,7 @@ import numpy as np
 from lopd_jax.store import RESERVED_KEYS, RolloutStore
 from precompute import common
 from precompute.common import PrecomputeError
-from precompute.export import MANIFEST_KEY
+from precompute.export import BEHAVIOR_TOPK_COLUMNS, MANIFEST_KEY
 
 COLUMNS = ["index", "prompt_index", "prompt_length", "finish_reason", "answer_json", "scored", "tokens",
            "behavior_logprobs", "teacher_logprobs"]  # fmt: skip
@@ -76,18 +76,24 @@ def _manifest(path: str, text: str | None) -> dict:
 
 def _columns(path: str, names: list[str], manifest: dict) -> list[str]:
     want = COLUMNS + (TOPK_COLUMNS if manifest["topk"] else [])
+    want += ["teacher_topk_tail"] if manifest.get("topk_tail") else []
+    want += list(BEHAVIOR_TOPK_COLUMNS) if manifest.get("behavior_topk") else []
     missing = [c for c in want if c not in names]
     if missing:
         raise PrecomputeError(f"{path}: no column {missing[0]!r} (not a precompute.export output); columns: {names}")
     return want
 
 
-def _sample(r: dict) -> dict:
+def _sample(r: dict, behavior_topk: int) -> dict:
     p = r["prompt_length"]
     behavior = np.asarray(r["behavior_logprobs"], np.float32)
-    return {"tokens": np.asarray(r["tokens"], np.int32), "prompt_length": p, "finish_reason": r["finish_reason"],
-            "behavior_logprobs": None if np.isnan(behavior[p:]).all() else behavior,  # no behaviour policy
-            "prompt_index": r["prompt_index"], "answer": json.loads(r["answer_json"])}  # fmt: skip
+    s = {"tokens": np.asarray(r["tokens"], np.int32), "prompt_length": p, "finish_reason": r["finish_reason"],
+         "behavior_logprobs": None if np.isnan(behavior[p:]).all() else behavior,  # no behaviour policy
+         "prompt_index": r["prompt_index"], "answer": json.loads(r["answer_json"])}  # fmt: skip
+    if behavior_topk:
+        s["behavior_topk_ids"] = np.asarray(r["behavior_topk_ids"], np.int32).reshape(-1, behavior_topk)
+        s["behavior_topk_logprobs"] = np.asarray(r["behavior_topk_logprobs"], np.float32).reshape(-1, behavior_topk)
+    return s
 
 
 def check_order(path: str, manifest: dict, blocks: Iterator[list[dict]]) -> None:
@@ -113,6 +119,17 @@ def teacher_columns(rows: list[dict], topk: int) -> tuple[list, tuple | None]:
     return lps, (ids, [np.asarray(r["teacher_topk_logprobs"], np.float32).reshape(-1, topk) for r in rows])
 
 
+def teacher_extras(rows: list[dict], manifest: dict) -> dict:
+    """``write_teacher``'s keyword columns the store has: its own top-k tail, its scores of the behaviour top-k."""
+    out: dict = {}
+    if manifest.get("topk_tail"):
+        out["topk_tail"] = [np.asarray(r["teacher_topk_tail"], np.float32) for r in rows]
+    if k := manifest.get("behavior_topk"):
+        lps = [np.asarray(r["teacher_behavior_topk_logprobs"], np.float32).reshape(-1, k) for r in rows]
+        out["behavior"] = (lps, [np.asarray(r["teacher_behavior_topk_tail"], np.float32) for r in rows])
+    return out
+
+
 def run(args: argparse.Namespace) -> str:
     manifest, _ = open_export(args.export, args.block)
     check_order(args.export, manifest, open_export(args.export, args.block, ["index", "scored"])[1])
@@ -135,14 +152,17 @@ def write_store(args: argparse.Namespace, manifest: dict, out: str) -> str:
     fields = {k: v for k, v in manifest.items() if k not in RESERVED_KEYS and k not in ("created_at", "updated_at")}
     fields["imported_from"] = os.path.abspath(args.export)
     topk = manifest["topk"]
-    writer = RolloutStore.create(out, fields, topk=topk, flush_tokens=common.NO_AUTO_FLUSH, **manifest["layout"])
+    extra = {"behavior_topk": manifest.get("behavior_topk", 0), "topk_tail": bool(manifest.get("topk_tail"))}
+    writer = RolloutStore.create(
+        out, fields, topk=topk, flush_tokens=common.NO_AUTO_FLUSH, **extra, **manifest["layout"]
+    )
     progress = common.Progress(manifest.get("committed", 0), 0, "import")
     for rows in open_export(args.export, args.block)[1]:
-        writer.append([_sample(r) for r in rows])
+        writer.append([_sample(r, extra["behavior_topk"]) for r in rows])
         writer.flush()
         scored = [r for r in rows if r["scored"]]  # a prefix of the block (check_order)
         if scored:
-            writer.write_teacher(writer.teacher_end, *teacher_columns(scored, topk))
+            writer.write_teacher(writer.teacher_end, *teacher_columns(scored, topk), **teacher_extras(scored, manifest))
             writer.flush()
         progress.update(len(rows), sum(len(r["tokens"]) for r in rows))
     writer.close()

@@ -431,11 +431,12 @@ def check_inputs(run_cfg: TrainConfig, target: str | None = None) -> None:
         raise
     except (ValueError, OSError, KeyError, TypeError) as e:  # an unreadable or unsupported config.json
         raise ConfigError(f"model.init: {e}") from None
-    devices = targets.topology_devices(targets.get_target(target)) if target is not None else jax.devices()
-    train_setup.check_expert_axis(run_cfg.mesh, model_cfg, len(devices))
     if target is not None:
-        _check_target_mesh(run_cfg, targets.get_target(target))  # '' or an unknown name: TargetError naming it
+        tgt = targets.get_target(target)  # '' or an unknown name: TargetError naming it
+        _check_target_mesh(run_cfg, tgt)  # the mesh against the target's devices first: its message names both
+        train_setup.check_expert_axis(run_cfg.mesh, model_cfg, tgt.num_chips)
         return
+    train_setup.check_expert_axis(run_cfg.mesh, model_cfg, len(jax.devices()))
     mesh = sharding.make_mesh(run_cfg.mesh)
     shards = sharding.batch_shard_count(mesh, run_cfg.mesh.logical_rules())
     micro = run_cfg.train.batch_size // run_cfg.train.grad_accum

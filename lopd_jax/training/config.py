@@ -455,6 +455,17 @@ RANGES: dict[str, tuple] = {
     "checkpoint.every_steps": _AT_LEAST_0,
     "checkpoint.keep": _AT_LEAST_0,
     "plan.device_memory_gb": _POSITIVE,
+    "data.topk": _AT_LEAST_0,
+    "loss.topk": _AT_LEAST_0,
+    "loss.sampled_token_weight": _UNIT,
+    "sampling.record_topk": _AT_LEAST_0,
+    "drift.ref_kl_prompts": _AT_LEAST_0,
+    "drift.ref_kl_samples": _AT_LEAST_1,
+    "drift.ref_kl_max_new_tokens": _AT_LEAST_0,
+    "refresh.every_steps": _AT_LEAST_0,
+    "refresh.window": _AT_LEAST_1,
+    "refresh.prompts": _POSITIVE,  # a fraction (<= 1.0) of the pool or a count
+    "refresh.generation": _AT_LEAST_0,
 }
 
 

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import operator
-import os
 import re
 import shlex
 import sys
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lopd_jax.atomic import write_atomic
 from lopd_jax.config.errors import ConfigError, TrainError
 from lopd_jax.data import prompts
 from lopd_jax.models import hf
@@ -118,9 +118,7 @@ def refresh_dir(run_cfg: Any) -> Path:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def _read_json(path: Path) -> Any:
@@ -320,7 +318,7 @@ def check(run_cfg: Any, setup: Any) -> int:
     if not pool:
         raise ConfigError("refresh.prompts_file: required (or data.prompts): the prompts refreshed rollouts answer")
     try:
-        size = len(prompts.read_objects(pool))
+        size = len(prompts.read_records(pool).records)
     except (OSError, ValueError) as e:
         raise ConfigError(f"refresh.prompts_file: {e}") from None
     if size == 0:
@@ -462,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:
-        pool = [row for _, row in prompts.read_objects(args.pool)]
+        pool = [
+            {k: v for k, v in row.items() if k not in ("line", "row")}
+            for _, row in prompts.read_records(args.pool).records
+        ]
     except (OSError, ValueError) as e:
         print(f"error: --pool: {e}", file=sys.stderr)
         return 2
@@ -470,10 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: need a non-empty --pool, --count >= 1 and --generation >= 1 ({args.pool})", file=sys.stderr)
         return 2
     rows = select_prompts(pool, args.generation, args.count)
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     return 0
 
 

@@ -364,6 +364,7 @@ def test_resume_over_replaced_data_is_refused(world, tmp_path, capsys):
     for s in other:
         s.pop("teacher_logprobs")
     manifest = {k: v for k, v in src.manifest.items() if k in ("policy", "tokenizer", "sft_teacher")}
+    manifest["rollouts"] = "another run"  # a field of its own: the manifest differs even within the same second
     shutil.rmtree(store)
     write_store(store, other, manifest)
     err = _main_fails(capsys, write_config({**cfg, "resume": True}, tmp_path / "r.yaml"))

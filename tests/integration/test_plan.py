@@ -54,7 +54,10 @@ def _pipeline_set_paths(raw: dict) -> list[str]:
 def test_paper_configs_use_the_reference_settings(size):
     for mode in ("sft", "lightning_opd", "opd"):
         cfg = config_lib.load_config(os.path.join(ROOT, "configs", f"qwen3_{size}_{mode}.yaml"))
-        assert cfg.model.init in PUBLISHED and cfg.mesh.axis_sizes(8) == (1, 8, 1, 1)
+        # The 30B-A3B SFT and Lightning OPD configs are expert parallel over the node (docs/plans.md: the compiled
+        # plan fits 8 x H100 that way, FSDP alone does not); the online baseline and the dense models are FSDP.
+        expert = size == "30b_a3b" and mode != "opd"
+        assert cfg.model.init in PUBLISHED and cfg.mesh.axis_sizes(8) == ((1, 1, 1, 8) if expert else (1, 8, 1, 1))
         assert (cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat) == ("bfloat16", "float32", "full")
         o = cfg.optimizer
         assert (o.b1, o.b2, o.weight_decay, o.grad_clip) == (0.9, 0.98, 0.1, 1.0)
