@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lopd_jax.data.prompts import PromptError
 
-# Test hook (documented, used by tests/test_precompute_cli.py): when set to N, a tool SIGKILLs itself right
+# Test hook (documented, used by tests/integration/test_precompute_cli.py): when set to N, a tool SIGKILLs itself right
 # after its N-th commit, so a test can kill it at a deterministic point and check that a rerun resumes exactly.
 KILL_ENV = "LOPD_TEST_KILL_AFTER_BATCHES"
 NO_AUTO_FLUSH = 1 << 62  # the tools commit at batch boundaries only, so a resumed run re-cuts the same batches

@@ -66,7 +66,7 @@ def moe_block(
     tok, w = layout.token_spec, layout.weight_spec
     # check_vma=False: Pallas kernels (moe_impl=triton) declare outputs without a varying-axes type. The
     # transpose then psums the weights' cotangents over every axis their spec leaves out, which is the sum a
-    # replicated input needs (tests/test_expert_parallel.py checks the gradients against one device).
+    # replicated input needs (tests/integration/test_expert_parallel.py checks the gradients against one device).
     smap = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w, w, w), out_specs=tok, check_vma=False)
     return smap(x_XD, weights_XR, experts_XR, gate_EDF, up_EDF, down_EFD)
 
