@@ -484,7 +484,10 @@ def _check_run_dir(run_cfg: TrainConfig) -> None:
     """A fresh run never mixes with an old one (orbax would silently skip saving steps that already exist)."""
     run_dir, ckpt = Path(run_cfg.logging.run_dir), checkpoint_dir(run_cfg)
     if run_cfg.resume:
-        _check_resumable(run_dir, ckpt)
+        # A generation of the refresh loop (refresh.generation set by the loop) killed before its first checkpoint
+        # restarts from its start: the loop resumes its own generations, and read_metrics keeps the later rows.
+        if run_cfg.refresh.generation is None:
+            _check_resumable(run_dir, ckpt)
         return
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "hf").exists():
         raise ConfigError(f"logging.run_dir: {run_dir} already holds a run; set resume: true or pick a new run_dir")

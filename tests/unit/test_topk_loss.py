@@ -265,7 +265,7 @@ def test_the_step_lowers_with_the_top_k_batch_and_plan_prints_its_store_cost():
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
     setup = step_lib.StepSetup(CFG, mesh, sharding.DEFAULT_RULES)
     loss_cfg = losses.LossConfig(objective="topk_reverse_kl", topk=4)
-    built = step_lib.make(setup, mode="lightning_opd", optimizer=update.OptimizerConfig(), loss=loss_cfg)
+    built = step_lib.build(setup, mode="lightning_opd", optimizer=update.OptimizerConfig(), loss=loss_cfg)
     batch = built.abstract_batch(2, 8)
     assert batch.topk_ids.shape == (2, 8, 4) and batch.topk_teacher_tail.shape == (2, 8)
     assert "stablehlo" in built.lower(2, 8).as_text()  # the step traces and lowers with the top-k loss
