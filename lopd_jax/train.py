@@ -52,17 +52,8 @@ from lopd_jax.training import step as step_lib
 from lopd_jax.training.checkpoint import Checkpointer
 from lopd_jax.training.config import ConfigError, TrainConfig
 from lopd_jax.training.metrics import MetricsWriter, plot_metrics
-from lopd_jax.training.setup import (
-    CONFIG_RECORD,
-    SCRATCH,
-    USER_ERRORS,
-    Setup,
-    TrainError,
-    acquire_run_lock,
-    checkpoint_dir,
-    release_run_lock,
-    validated,
-)
+from lopd_jax.training.run_dir import CONFIG_RECORD, acquire_run_lock, checkpoint_dir, release_run_lock
+from lopd_jax.training.setup import SCRATCH, USER_ERRORS, Setup, TrainError, validated
 
 TOKENIZER_FILES = (
     "tokenizer.json",

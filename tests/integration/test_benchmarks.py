@@ -130,8 +130,8 @@ def test_cpu_suite_tiny(tmp_path):
     vt = res["vs_torch"]
     # Same weights, same batch, both fp32: the first step's loss and gradient norm must agree.
     assert vt["agreement"]["jax_loss"] == pytest.approx(vt["agreement"]["torch_loss"], rel=1e-5, abs=1e-6)
-    # The issue's 1e-5 holds against torch's gradients summed in float64 (clip_grad_norm_'s own fp32 figure reads
-    # low on large tensors: tests/test_gradnorm_vs_torch.py); fp32 on both sides stays ~1e-7 from the truth.
+    # 1e-5 holds against torch's gradients summed in float64 (clip_grad_norm_'s own fp32 figure reads low on large
+    # tensors: tests/unit/test_gradnorm_vs_torch.py); fp32 on both sides stays ~1e-7 from the truth.
     assert vt["agreement"]["jax_grad_norm"] == pytest.approx(vt["agreement"]["torch_grad_norm_f64"], rel=1e-5)
     assert vt["agreement"]["jax_grad_norm"] == pytest.approx(vt["agreement"]["torch_grad_norm"], rel=1e-4)
     pre = res["precompute"]

@@ -1,7 +1,7 @@
 """Multi-process readiness: two CPU processes over loopback form one 8-device mesh and take the same sharded
 update step as one process with 8 devices. Also the launch detection of ``lopd_jax.parallel.distributed``.
 
-Run as a script (``python tests/test_distributed.py worker``) this file is the worker of one process.
+Run as a script (``python tests/integration/test_distributed.py worker``) this file is the worker of one process.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from lopd_jax.store import RolloutStore, StoreError
 from lopd_jax.store import lock as store_lock
 from lopd_jax.store.lock import LOCK_FILE, FileLock, LockError, LockLost
 from lopd_jax.training import config as config_lib
+from lopd_jax.training import run_dir as run_dir_lib
 from lopd_jax.training import setup as train_setup
 from precompute import import_jsonl, rollouts, shards, teacher_logprobs
 from precompute.common import PrecomputeError
@@ -111,11 +112,11 @@ def test_a_filesystem_without_flock_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_second_trainer_after_the_run_lock_was_deleted_stops_the_first(tmp_path):
-    first = train_setup.acquire_run_lock(tmp_path)
+    first = run_dir_lib.acquire_run_lock(tmp_path)
     with pytest.raises(train_setup.TrainError, match="another trainer holds this run directory: pid"):
-        train_setup.acquire_run_lock(tmp_path)
-    (tmp_path / train_setup.LOCK_FILE).unlink()
-    second = train_setup.acquire_run_lock(tmp_path)
+        run_dir_lib.acquire_run_lock(tmp_path)
+    (tmp_path / run_dir_lib.LOCK_FILE).unlink()
+    second = run_dir_lib.acquire_run_lock(tmp_path)
     second.verify()
     with pytest.raises(LockLost, match="deleted or replaced"):
         first.verify("save the checkpoint of step 4")

@@ -23,6 +23,7 @@ from lopd_jax.data.batch import LOGPROB_MAX, DataError, shift_sample
 from lopd_jax.models import hf, qwen3
 from lopd_jax.store import provenance
 from lopd_jax.training import config as config_lib
+from lopd_jax.training import run_dir as run_dir_lib
 from lopd_jax.training import setup as train_setup
 from lopd_jax.training.checkpoint import CheckpointConfig, Checkpointer
 
@@ -238,7 +239,7 @@ def test_resume_with_changed_config_is_refused_naming_every_key(world, tmp_path,
         assert key in err, err
     assert "saved 0.003, now 0.01" in err and "resume_may_change" in err
     assert (run_dir / "config.yaml").read_text() == before
-    record = json.loads((run_dir / "checkpoints" / train_setup.CONFIG_RECORD).read_text())
+    record = json.loads((run_dir / "checkpoints" / run_dir_lib.CONFIG_RECORD).read_text())
     assert record["fingerprint"].startswith("sha256:") and record["config"]["optimizer"]["lr"] == 0.003
 
 
@@ -259,7 +260,7 @@ def test_resume_over_an_unreadable_saved_config_is_one_line_naming_it(world, tmp
     """A run from before the config record has only config.yaml; broken YAML or a file that is not a mapping is one
     line naming that file, and the file is left as it is."""
     cfg, run_dir = _started_run(world, tmp_path)
-    (run_dir / "checkpoints" / train_setup.CONFIG_RECORD).unlink()
+    (run_dir / "checkpoints" / run_dir_lib.CONFIG_RECORD).unlink()
     path = write_config({**cfg, "resume": True}, tmp_path / "r.yaml")
     for text, want in (("a: [1,\n", "cannot read the saved config"), ("- 1\n- 2\n", "is not a mapping")):
         (run_dir / "config.yaml").write_text(text)
@@ -272,7 +273,7 @@ def test_resume_of_a_run_saved_before_a_section_existed(world, tmp_path, capsys)
     """A saved config without the (later) prompt section resumes when the section is at its defaults, and is
     refused, naming the key, when it is not."""
     cfg, run_dir = _started_run(world, tmp_path)
-    record_path = run_dir / "checkpoints" / train_setup.CONFIG_RECORD
+    record_path = run_dir / "checkpoints" / run_dir_lib.CONFIG_RECORD
     record = json.loads(record_path.read_text())
     assert record["config"].pop("prompt") == {"chat_template": True, "enable_thinking": None}
     record_path.write_text(json.dumps(record))
@@ -425,8 +426,8 @@ def test_config_sizes_that_disagree_with_the_weights_name_file_and_tensor(world,
 _HOLD_RUN_LOCK = """
 import sys, time
 from pathlib import Path
-from lopd_jax.training import setup as train_setup
-lock = train_setup.acquire_run_lock(Path(sys.argv[1]))
+from lopd_jax.training import run_dir as run_dir_lib
+lock = run_dir_lib.acquire_run_lock(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(120)
 """
@@ -438,7 +439,7 @@ def test_second_trainer_on_a_locked_run_dir_refuses_naming_the_holder(world, tmp
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN_LOCK, str(run_dir)], stdout=subprocess.PIPE, env=env)
     try:
         assert holder.stdout.readline().strip() == b"held"
-        lock = run_dir / train_setup.LOCK_FILE
+        lock = run_dir / run_dir_lib.LOCK_FILE
         before = lock.read_text()
         cfg = run_config(world, run_dir, resume=True)
         err = _main_fails(capsys, write_config(cfg, tmp_path / "c.yaml"))
@@ -455,16 +456,16 @@ def test_the_lock_of_a_dead_trainer_is_taken_over_and_released(tmp_path, capsys)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for host, pid in ((socket.gethostname(), dead.pid), ("elsewhere", 1)):
-        (tmp_path / train_setup.LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid}))
-        lock = train_setup.acquire_run_lock(tmp_path)
-        assert json.loads((tmp_path / train_setup.LOCK_FILE).read_text())["pid"] == os.getpid()
+        (tmp_path / run_dir_lib.LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid}))
+        lock = run_dir_lib.acquire_run_lock(tmp_path)
+        assert json.loads((tmp_path / run_dir_lib.LOCK_FILE).read_text())["pid"] == os.getpid()
         assert f"took over the trainer lock of pid {pid} on host {host}" in capsys.readouterr().err
         with pytest.raises(
             train_setup.TrainError, match=f"another trainer holds this run directory: pid {os.getpid()}"
         ):
-            train_setup.acquire_run_lock(tmp_path)  # held: even this very process cannot take it twice
-        train_setup.release_run_lock(lock)
-        assert (tmp_path / train_setup.LOCK_FILE).read_text() == ""  # released: emptied, never deleted
+            run_dir_lib.acquire_run_lock(tmp_path)  # held: even this very process cannot take it twice
+        run_dir_lib.release_run_lock(lock)
+        assert (tmp_path / run_dir_lib.LOCK_FILE).read_text() == ""  # released: emptied, never deleted
 
 
 # ----------------------------------------------------------------------------------------------------------------

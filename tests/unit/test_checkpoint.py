@@ -68,6 +68,7 @@ def abstract(state):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+@pytest.mark.slow
 def test_round_trip_sharded_state_and_data_iterator(tmp_path):
     state, it = make_state(5), data_iter()
     for _ in range(3):

@@ -62,6 +62,7 @@ def test_sequence_kl_terms_float64():
     np.testing.assert_allclose(k3, [r[0] - 1 + 0.5 + r[1] - 1 - 0.3, r[2] - 1 + 0.3 + r[3] - 1 + 8.7])
 
 
+@pytest.mark.slow
 def test_direct_ref_kl_matches_exact_enumeration():
     """KL(pi_s || pi_ref) over every response of 3 tokens from a 6-token vocabulary (216 sequences), exactly, vs
     the estimate from 2000 student samples: within 4.5 standard errors (the estimate is a mean of i.i.d. terms)."""

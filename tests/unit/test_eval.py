@@ -84,6 +84,7 @@ def test_hmmt_latex_answers_equal_when_written_differently():
             assert not ev.grade(f"so \\boxed{{{form}}}", reference), (reference, form)
 
 
+@pytest.mark.slow
 def test_every_hmmt_and_math500_answer_round_trips():
     rows = ev.load_eval_set(EVAL_DIR / "hmmt25.jsonl") + ev.load_eval_set(EVAL_DIR / "math500.jsonl")
     assert len(rows) == 530

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("lopd_jax", "precompute", "benchmarks")
 BLOCKED = ("torch", "vllm")
@@ -76,12 +78,14 @@ def run_child(tmp: Path, blocked: tuple[str, ...], modules: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_every_module_imports_without_torch_and_vllm(tmp_path):
     result = run_child(tmp_path, BLOCKED, module_names())
     assert not result["failed"], "\n".join(f"{k}:\n{v}" for k, v in result["failed"].items())
     assert not result["leaked"], result["leaked"]
 
 
+@pytest.mark.slow
 def test_the_filtered_site_hides_torch_and_keeps_the_rest(tmp_path):
     """The check above would pass vacuously if torch stayed importable, and fail for nothing if jax went too."""
     result = run_child(tmp_path, BLOCKED, ["torch", "jax", "transformers"])

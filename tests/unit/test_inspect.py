@@ -1,7 +1,7 @@
 """precompute.inspect on hand-written stores whose log-probs are known: the printed table, the HTML page (token
 spans, colours, tooltips with the teacher's top-k), the PNGs, a store under writing, a dataset of shards.
 
-The demo store's page in a real browser (headless chromium) is checked in tests/test_ingest_demo.py.
+The demo store's page in a real browser (headless chromium) is checked in tests/integration/test_ingest_demo.py.
 """
 
 import html.parser

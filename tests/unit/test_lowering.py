@@ -72,7 +72,7 @@ def train_config(tmp_path, kind: str, attention: str, fsdp: int = 8, moe_impl: s
         f"model.attention={attention}",
         f"model.moe_impl={moe_impl}",
         f"mesh.fsdp={fsdp}",
-        "mesh.expert=1",  # FSDP lowering (the 30B config itself is expert parallel: tests/test_expert_parallel.py)
+        "mesh.expert=1",  # FSDP lowering (the 30B config itself is expert parallel: test_expert_parallel.py)
         f"train.batch_size={B}",
         f"train.seq_len={T}",
         "train.grad_accum=2",
@@ -296,7 +296,7 @@ def test_forward_lowers_for_the_target(tmp_path, monkeypatch, kind, platform, at
     assert grouped_gemms(lowered, platform) == (3 if kind == "moe" else 0)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", pytest.param("moe", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("platform,attention", TARGETS)
 def test_update_step_lowers_for_the_target(tmp_path, monkeypatch, kind, platform, attention):
     # XLA attention on the paper's 8-way fsdp mesh; cuDNN unsharded (see the module doc).
@@ -325,6 +325,7 @@ def dense_expert_operands(lowered: jax.stages.Lowered, cfg) -> set[tuple[int, ..
     return shapes & dense
 
 
+@pytest.mark.slow
 def test_moe_update_step_for_cuda_has_no_dense_expert_operand(tmp_path, monkeypatch):
     cfg = train_config(tmp_path, "moe", "xla", fsdp=1)
     step, abstract, _ = trainer_step(cfg)

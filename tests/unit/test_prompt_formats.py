@@ -2,7 +2,7 @@
 save_to_disk directories, verl's layout, column keys, the hash of the bytes read, and one-line refusals.
 
 The end-to-end check that the demo's prompt sets give the same stores in every format is in
-tests/test_ingest_demo.py.
+tests/integration/test_ingest_demo.py.
 """
 
 import hashlib
@@ -184,6 +184,7 @@ def test_directory_hash_covers_names_and_bytes_and_a_pipe_is_read_once(tmp_path)
     assert got.sha256 == sha256_bytes(data) and content(got.rows) == ROWS
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_is_one_line(tmp_path):
     """``org/name`` that is no local path is a hub dataset; offline (as here) it fails in one line, exit 2."""
     tok = tmp_path / "tok"

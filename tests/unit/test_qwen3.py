@@ -89,7 +89,7 @@ _cached = jax.jit(qwen3.forward_cached, static_argnames=("cfg", "return_hidden")
 
 # "auto" on CPU: the unrolled stack, in-place cache writes, multiply-reduce decode attention
 @pytest.mark.parametrize("scan", [True, "auto"])
-@pytest.mark.parametrize("case", ["dense_untied_gqa", "moe_mlp_only_layers"])
+@pytest.mark.parametrize("case", ["dense_untied_gqa", pytest.param("moe_mlp_only_layers", marks=pytest.mark.slow)])
 def test_kv_cache_prefill_and_decode_match_full_forward(case, scan, tmp_root):
     model, cfg, params = hf_model(case, tmp_root)
     cfg = dataclasses.replace(cfg, scan_layers=scan, decode_attention="dot" if scan is True else "auto")
@@ -122,6 +122,7 @@ def test_kv_cache_prefill_and_decode_match_full_forward(case, scan, tmp_root):
     np.testing.assert_allclose(logits[0], torch_logits(model, np.array(seqs[0])[None])[0, -2:], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_init_params_follow_param_specs():
     cfg = qwen3.Qwen3Config(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -151,6 +152,7 @@ def test_init_params_follow_param_specs():
     assert specs["embed"].axes == ("vocab", "embed")
 
 
+@pytest.mark.slow
 def test_remat_and_unscanned_layers_give_same_values_and_grads(tmp_root):
     _, cfg, params = hf_model("moe_no_norm_sparse_step", tmp_root)
     tokens = random_tokens((2, 6))

@@ -131,6 +131,7 @@ def _init(cfg):
     return jax.tree.map(make, qwen3.param_specs(cfg), is_leaf=sharding.is_param_spec)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _forward_available(), reason="qwen3.forward / init_params not written yet")
 @pytest.mark.parametrize(
     "cfg,mesh_cfg",

@@ -1,7 +1,7 @@
 """Splash attention (the TPU Pallas kernel) in interpret mode on CPU against the XLA attention.
 
 Packed rows with padding, GQA, a length that is not a multiple of the kernel's 128-token block (the padded tail),
-forward and gradients, under full remat; tolerances as tests/test_qwen3.py's parity tests (fp32).
+forward and gradients, under full remat; tolerances as tests/unit/test_qwen3.py's parity tests (fp32).
 """
 
 import dataclasses
@@ -50,6 +50,7 @@ def _loss(params, tokens, cfg):
     return jnp.mean(jnp.where(jnp.asarray(SEGMENTS)[..., None] > 0, logits, 0.0) ** 2)
 
 
+@pytest.mark.slow
 def test_model_with_splash_matches_xla_logits_and_grads():
     cfg = _cfg()
     params = qwen3.init_params(cfg, jax.random.key(0))
@@ -76,6 +77,7 @@ def test_auto_attention_resolves_per_backend():
         _cfg(attention="flash")
 
 
+@pytest.mark.slow
 def test_splash_under_a_mesh_runs_per_device_and_matches():
     """The update step traces under its mesh: splash then shard_maps rows over the batch axes (8 fake devices)."""
     from lopd_jax.parallel import sharding

@@ -101,6 +101,7 @@ def _logits(cfg, params, tokens, seg):
     return qwen3.forward(params, tokens, cfg=cfg, segment_ids=seg)
 
 
+@pytest.mark.slow
 def test_blockwise_attention_and_moe_scan_equal_what_they_stand_in_for(packed, monkeypatch):
     cfg, params, tokens, seg = packed
     monkeypatch.setattr(qwen3, "ATTN_BLOCK", 8)  # 4 blocks of queries (T = 32)

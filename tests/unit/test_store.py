@@ -182,6 +182,7 @@ w.close()
 """
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     samples = append_rows(make_samples(400, seed=5))
     with RolloutStore.create(tmp_path / "a", {}, flush_tokens=200, **LAYOUT) as w:

@@ -131,8 +131,8 @@ def _trainer_step(params, batch: Batch, cfg, loss_cfg):
 @pytest.mark.parametrize(
     "objective,k,normalization",
     [
-        ("topk_reverse_kl", V, "token_mean"),  # K = V: the exact full-vocabulary KL
-        ("topk_forward_kl", V, "token_mean"),
+        pytest.param("topk_reverse_kl", V, "token_mean", marks=pytest.mark.slow),  # K = V: the exact full KL
+        pytest.param("topk_forward_kl", V, "token_mean", marks=pytest.mark.slow),
         ("topk_reverse_kl", 5, "sample_mean"),  # K < V: the bucketed KL by hand
         ("topk_forward_kl", 5, "token_mean"),
     ],
@@ -159,6 +159,7 @@ def test_topk_objective_equals_the_float64_reference(model_and_params, objective
     assert max(errs.values()) < 1e-10, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
 
 
+@pytest.mark.slow
 def test_bucket_kl_is_zero_at_equality_and_positive_elsewhere():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(0, 3, (64, V)), jnp.float32)
@@ -276,6 +277,7 @@ def test_the_step_lowers_with_the_top_k_batch_and_plan_prints_its_store_cost():
     assert plan.format_topk_store_cost(plain) == []
 
 
+@pytest.mark.slow
 def test_sampled_token_weight_mixes_the_kl_with_the_sampled_token_loss(model_and_params):
     _, params = model_and_params
     batch = as_dtype(_batch(_sequences(4, seed=3), 4), np.float32)

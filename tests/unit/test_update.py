@@ -106,6 +106,7 @@ def test_schedules_follow_their_formulas():
 # ---------------------------------------------------------------------------------------------- the step
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch():
     """4 micro-batches of 2 rows == one batch of 8 under sample_mean, whose denominator (sequences) differs
     between micro-batches (rows i and i + 4: 5, 4, 4 and 3 sequences). SGD(lr=1) makes the param delta the
@@ -142,6 +143,7 @@ def test_grad_accumulation_equals_one_big_batch():
     assert float(big_m["train/grad_norm"]) > 0
 
 
+@pytest.mark.slow
 def test_step_on_8_device_mesh_equals_one_device():
     """fsdp=4 x tensor=2, with grad_accum=2, vs a single device without accumulation: same params after 3 steps."""
     assert jax.device_count() == 8

@@ -106,6 +106,7 @@ def test_nan_teacher_logprob_on_response_token(tmp_path):
     assert r.returncode == 1 and "sample 7: teacher_logprobs is NaN at response token" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_manifest_and_ok(tmp_path):
     build(tmp_path / "s", n=5, teacher=5, topk=0)
     ok = cli(tmp_path / "s", "--require-teacher")
