@@ -193,6 +193,7 @@ def test_missing_tensor_is_named(hf_dir, tmp_path):
         qwen3.load_hf(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_streamed_load_peak_host_memory(tmp_path, monkeypatch):
     """Loading a checkpoint of many shard files stages about one leaf at a time, never the whole model.
 

@@ -200,6 +200,7 @@ def test_bad_runtime_fields_are_named():
         qwen3.Qwen3Config(**{**base, "num_key_value_heads": 3})
 
 
+@pytest.mark.slow
 def test_auto_forms_resolve_per_platform(tmp_root):
     """The defaults are "auto": on CPU the layers unroll and the 2-D weights' matmuls (MLP, lm_head) run as 2-D
     dots, whose backward needs no transposes of the activations; the 3-D attention projections stay einsums and

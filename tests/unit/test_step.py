@@ -114,6 +114,7 @@ def test_blockwise_attention_and_moe_scan_equal_what_they_stand_in_for(packed, m
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ablated_attention_is_not_attention(packed):
     cfg, params, tokens, seg = packed
     ablated = _logits(dataclasses.replace(cfg, attention="ablated"), params, tokens, seg)

@@ -228,6 +228,7 @@ def _opd_loss_before_objectives(params, batch, *, cfg, loss_cfg, old_logprobs=No
     return loss, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loss_kw",
     [{}, {"old_policy": "behavior", "tis_cap": 2.0, "normalization": "token_mean", "compute_entropy": True}],
