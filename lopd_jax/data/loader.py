@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from lopd_jax.data.batch import Batch, DataConfig, DataError, rows_to_batch, shift_sample
+from lopd_jax.store import RolloutStore
 
 __all__ = ["Batch", "DataConfig", "DataError", "DataIterator", "make_dataset", "make_iterator", "shift_sample"]
 
@@ -162,7 +163,5 @@ def make_iterator(
     if process_count is None:
         process_count = jax.process_count()
     if store is None:
-        from lopd_jax.store import RolloutStore  # imported here: only the trainer needs the on-disk store
-
         store = RolloutStore.open(cfg.store)
     return iter(make_dataset(cfg, store, process_index, process_count))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lopd_jax.store import RolloutStore
 from lopd_jax.training.metrics import read_metrics
 
 CURVE_KEYS = ("drift/kl_ref_k3", "opd/kl_behavior_k3", "opd/iw_ess", "opd/clip_frac")
@@ -37,8 +38,6 @@ def _json(path: Path):
 
 
 def _response_tokens(store_path: Path) -> int:
-    from lopd_jax.store import RolloutStore
-
     store = RolloutStore.open(str(store_path))
     return int((store.lengths - store.prompt_lengths).sum())
 

@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from lopd_jax.training.metrics import read_metrics
+
 DEFAULT_METRIC = "eval/pass@1"
 
 
@@ -150,8 +152,6 @@ def _metric_sum(run_dir: Path, stage: str, key: str) -> float:
     path = run_dir / stage / "metrics.jsonl"
     if not path.exists():
         return 0.0
-    from lopd_jax.training.metrics import read_metrics
-
     return float(sum(r.get(key, 0.0) for r in read_metrics(path) if isinstance(r.get(key), (int, float))))
 
 
@@ -161,8 +161,6 @@ def metric_cv(run_dir: Path, stage: str, key: str) -> float:
     path = run_dir / stage / "metrics.jsonl"
     if not path.exists():
         return math.nan
-    from lopd_jax.training.metrics import read_metrics
-
     xs = np.asarray([r[key] for r in read_metrics(path) if isinstance(r.get(key), (int, float))], float)
     return float(xs.std() / xs.mean()) if len(xs) > 1 and xs.mean() != 0 else math.nan
 

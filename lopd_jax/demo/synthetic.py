@@ -26,7 +26,9 @@ the `tokenizers` library and saved as a transformers tokenizer with a Qwen-style
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,8 +241,6 @@ def grade_response(response: str, answer: str) -> bool:
 
 
 def _parse_args(argv: list[str] | None):
-    import argparse
-
     p = argparse.ArgumentParser(
         prog="python -m lopd_jax.demo.synthetic",
         description="Write the column-addition task: DIR/tokenizer/ (transformers tokenizer with chat template) and "
@@ -271,8 +271,6 @@ def _difficulty_from_args(args) -> Difficulty:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; exit status 2 with one `error:` line for bad arguments."""
-    import sys
-
     args = _parse_args(argv)
     try:
         difficulty = _difficulty_from_args(args)

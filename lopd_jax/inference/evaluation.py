@@ -19,11 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import jax
 import numpy as np
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from tqdm import tqdm
 
 from lopd_jax.data import prompts
 from lopd_jax.data.prompts import PromptError
+from lopd_jax.inference import sampling
 
 GradeKind = Literal["math", "exact"]
 
@@ -238,8 +241,6 @@ class Evaluator:
         stop_ids: Sequence[int],
         prompt_cfg: prompts.PromptConfig,
     ):
-        from lopd_jax.inference import sampling
-
         rows = load_eval_set(eval_cfg.prompts, eval_cfg.prompt_key, eval_cfg.answer_key)
         rows = rows[: eval_cfg.num_prompts] if eval_cfg.num_prompts > 0 else rows
         self.cfg, self.tokenizer, self.model_cfg, self.mesh = eval_cfg, tokenizer, model_cfg, mesh
@@ -257,11 +258,6 @@ class Evaluator:
 
     def __call__(self, params: Any, step: int) -> dict[str, float]:
         """eval/pass@1, eval/avg@k (+ its std), eval/pass@k of ``params``; the key depends only on the step."""
-        import jax
-        from tqdm import tqdm
-
-        from lopd_jax.inference import sampling
-
         n, k = len(self.prompts), self.cfg.k
         t0 = time.perf_counter()
         if jax.process_index() == 0:  # a line a newcomer can read while sampling runs (tqdm.write: bar-safe)

@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lopd_jax.parallel import sharding
+
 
 def _cudnn_rows(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(
@@ -100,8 +102,6 @@ def per_device(kernel, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q_BTNH, k_BSKH, v_BSKH, rows)
-    from lopd_jax.parallel import sharding
-
     logical = ("batch", None, "kv_heads", None)
     spec = sharding.logical_to_spec(logical, sharding.mesh_rules(mesh), shape=k_BSKH.shape, mesh=mesh)
     heads = spec[2] if q_BTNH.shape[2] % math.prod(mesh.shape[a] for a in sharding._as_tuple(spec[2])) == 0 else None

@@ -12,6 +12,8 @@ import dataclasses
 import functools
 from typing import Any, Literal
 
+import jax
+
 from lopd_jax.config.schema import check_choices
 from lopd_jax.parallel.sharding import ParamSpec as _ParamSpec
 
@@ -103,8 +105,6 @@ class Qwen3Config:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         check_choices(self)
         if self.attention == "auto":
-            import jax  # here only: the declaration needs no backend unless "auto" asks which one this is
-
             object.__setattr__(self, "attention", default_attention(jax.default_backend()))
         if self.scan_layers not in (True, False, "auto"):
             raise ValueError(f"Qwen3Config.scan_layers must be true, false or 'auto', got {self.scan_layers!r}")

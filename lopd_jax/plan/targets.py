@@ -18,6 +18,8 @@ import math
 import os
 from typing import Any
 
+from lopd_jax.models import presets
+
 TB = 1e12
 
 
@@ -244,8 +246,6 @@ def recompute_flops_per_token(cfg: Any, seq_len: int) -> float:
     L, N, H = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
     attention = 2.0 * L * N * H * seq_len
     if cfg.remat == "full":
-        from lopd_jax.models import presets
-
         lm_head = cfg.vocab_size * cfg.hidden_size
         return 2.0 * (presets.matmul_params(cfg) - lm_head) + attention
     return attention if cfg.remat == "dots" else 0.0
@@ -261,8 +261,6 @@ def hbm_bytes_per_chip(cfg: Any, rows: int, seq_len: int, grad_accum: int, num_c
     backward twice as wide); the fp32 logits of the chunked log-prob are written and read forward and backward;
     once per step the optimizer reads and writes the sharded state and reads the gradients.
     """
-    from lopd_jax.models import presets
-
     D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     act = 2 if cfg.dtype in ("bfloat16", "float16") else 4
     mlp = cfg.num_experts_per_tok * cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
@@ -302,8 +300,6 @@ def estimate(
     bytes from ``hbm_bytes_per_chip``. Perfect overlap of compute and memory is assumed: an estimate, not a bound
     a real step reaches.
     """
-    from lopd_jax.models import presets
-
     tokens_per_chip = rows * seq_len / num_chips
     model = presets.train_flops_per_token(cfg, seq_len) * tokens_per_chip
     hardware = model + recompute_flops_per_token(cfg, seq_len) * tokens_per_chip

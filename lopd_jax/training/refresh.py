@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from lopd_jax.atomic import write_atomic
 from lopd_jax.config.errors import ConfigError, TrainError
 from lopd_jax.data import prompts
@@ -219,8 +221,6 @@ class Controller:
             return self.stopped
         fire = self.rcfg.every_steps > 0 and step - self.gen_start >= self.rcfg.every_steps
         if self.trigger is not None:
-            import jax
-
             key, op, threshold = self.trigger
             self.values.append(float(jax.device_get(metrics[key])))
             mean = sum(self.values) / len(self.values)

@@ -19,6 +19,7 @@ from lopd_jax.config.errors import TrainError
 from lopd_jax.data import prompts
 from lopd_jax.data.batch import DataError
 from lopd_jax.data.prompts import PromptError
+from lopd_jax.inference import evaluation
 from lopd_jax.models import grouped_matmul, hf, presets, qwen3
 from lopd_jax.parallel import distributed, sharding
 from lopd_jax.store import RolloutStore, StoreError, provenance
@@ -346,8 +347,6 @@ def _check_stop_ids(run_cfg: TrainConfig, setup: Setup) -> None:
 
 
 def _check_eval_set(run_cfg: TrainConfig, setup: Setup) -> None:
-    from lopd_jax.inference import evaluation
-
     try:
         rows = evaluation.load_eval_set(run_cfg.eval.prompts, run_cfg.eval.prompt_key, run_cfg.eval.answer_key)
         rows = rows[: run_cfg.eval.num_prompts] if run_cfg.eval.num_prompts > 0 else rows
