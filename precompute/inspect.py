@@ -21,11 +21,11 @@ import html
 import io
 import os
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from lopd_jax.atomic import write_atomic
 from precompute import common, store_view
 from precompute.common import PrecomputeError
 
@@ -265,10 +265,7 @@ def write_files(directory: str, files: dict[str, bytes]) -> None:
     """Each file written beside its final name and renamed into place: a crash leaves no half-written page."""
     os.makedirs(directory, exist_ok=True)
     for name, data in files.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(directory, name))
+        write_atomic(os.path.join(directory, name), data)
 
 
 def run(args: argparse.Namespace) -> str:
