@@ -36,7 +36,7 @@ from lopd_jax.plan.targets import PEAKS
 
 # Peak dense bf16 FLOP/s and HBM bandwidth per device kind: lopd_jax.plan.targets.PEAKS (sources cited there), the one
 # table that --plan --target's roofline and the benchmarks' MFU both read.
-#: (substring, peak FLOP/s): the FLOP column of PEAKS, as before.
+#: (substring, peak FLOP/s): the FLOP column of PEAKS.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = tuple((k, f) for k, f, _ in PEAKS)
 
 

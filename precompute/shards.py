@@ -13,7 +13,7 @@ flags or by the environment it was started in. Sources, first match wins:
      because each shard is an independent single-process computation on this host's devices.
 
 Sources 2-4 that are all set must name the same shard (an error naming both otherwise). Otherwise the job is one
-shard (index 0 of 1), and the tools write a plain store exactly as before.
+shard (index 0 of 1), and the tools write a plain store (no ``shard`` entry in its manifest).
 """
 
 from __future__ import annotations
