@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from lopd_jax.atomic import write_atomic
 from lopd_jax.models import presets, qwen3
 from lopd_jax.models.qwen3 import Qwen3Config
 
@@ -117,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        write_atomic(args.out, text + "\n")
     return 0
 
 
