@@ -59,7 +59,7 @@ class Sizes:
     scoring: tuple[Any, int, int]  # (teacher cfg, sequences, rounds)
     lightning: tuple[Any, Any, int, int, int, int, int]  # (student, teacher, B, T, max_new, steps, rounds)
     torch_35m: tuple[Any, int, int, int, int] | None = None  # like torch, at the 35M shape (cpu only)
-    # (cfg, batch sizes, prompt, new, rounds, opt-in forms also timed)
+    # (cfg, batch sizes, prompt, new, rounds, other forms also timed)
     sampling: tuple[Any, tuple[int, ...], int, int, int, dict] | None = None
 
 
@@ -70,7 +70,7 @@ CPU = Sizes(
     scoring=(common.DEMO_TEACHER, 256, 3),
     lightning=(common.DEMO_STUDENT, common.DEMO_TEACHER, 32, 96, 40, 5, 2),
     torch_35m=(common.CPU_35M, 4, 256, 3, 2),
-    sampling=(common.DEMO_STUDENT, (1, 32, 256), 16, 40, 3, common.OPT_IN_FORMS),
+    sampling=(common.DEMO_STUDENT, (1, 32, 256), 16, 40, 3, common.OTHER_FORMS),
 )
 # Test-sized: the train step, the torch comparison and Lightning share one update-step shape (one compile).
 TINY = Sizes(
@@ -79,7 +79,7 @@ TINY = Sizes(
     torch=(common.TINY, 4, 64, 2, 1),
     scoring=(common.TINY_TEACHER, 16, 1),
     lightning=(common.TINY, common.TINY_TEACHER, 4, 64, 8, 2, 1),
-    sampling=(common.TINY, (1, 4), 8, 4, 1, common.OPT_IN_FORMS),
+    sampling=(common.TINY, (1, 4), 8, 4, 1, common.OTHER_FORMS),
 )
 
 

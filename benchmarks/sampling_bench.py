@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     res = bench_sampling(
-        common.DEMO_STUDENT, tuple(args.batches), args.prompt, args.new, args.rounds, common.OPT_IN_FORMS
+        common.DEMO_STUDENT, tuple(args.batches), args.prompt, args.new, args.rounds, common.OTHER_FORMS
     )
     for r in res["rows"]:
         print(

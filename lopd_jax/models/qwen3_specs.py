@@ -76,9 +76,9 @@ class Qwen3Config:
     attention: AttentionImpl = "xla"
     moe_impl: MoeImpl = "auto"
     # How the layers and matmuls are written. "auto" (the default) resolves at trace time from the
-    # compile platform, so ``--plan --target`` sees the accelerator's forms. The "auto" forms keep the einsum +
-    # scan arithmetic on CPU (the demo's weights and accuracies are bit-identical); the opt-in ones change the
-    # last bits, which a from-scratch run compounds until its accuracies move.
+    # compile platform, so ``--plan --target`` sees the accelerator's forms. The layers' and matmuls' "auto" forms
+    # keep the einsum + scan arithmetic on CPU (bit-identical training steps); "flat" attention projections and
+    # the CPU's decode attention change the last bits.
     # True: lax.scan over the stacked layers (one compiled body: fast compiles, the accelerators' choice); False:
     # unrolled. "auto" = unrolled when compiling for CPU, where the scan's stacking of per-layer residuals and the
     # fixed layouts at the loop boundary cost ~25% of the update step (benchmarks/results/cpu_profile.txt).
@@ -92,9 +92,10 @@ class Qwen3Config:
     # weight gradients' last bits change, no measurable gain); einsum elsewhere.
     matmuls: Matmuls = "auto"
     # A one-token cached decode step's attention: "dot" (attention_xla's einsums) or "reduce" (broadcast multiply-
-    # reduce fusions; XLA:CPU runs the dots' B*K matrix-vector products one small GEMM at a time). Opt-in: the
-    # sampled log-probs' last bits change. "auto" = "reduce" when compiling for CPU, else "dot".
-    decode_attention: DecodeAttention = "dot"
+    # reduce fusions; XLA:CPU runs the dots' B*K matrix-vector products one small GEMM at a time). "auto" (the
+    # default) = "reduce" when compiling for CPU (faster sampling; the sampled log-probs' last bits differ from
+    # "dot"), else "dot".
+    decode_attention: DecodeAttention = "auto"
     # Run Pallas kernels (splash, moe_impl="triton") in interpret mode: CPU tests of the TPU / GPU kernels.
     pallas_interpret: bool = False
 

@@ -48,14 +48,13 @@ def test_fields_are_typed_and_resolved(tmp_path):
 
 
 def test_model_forms_are_trainer_keys(tmp_path):
-    """The defaults are "auto" for the forms that keep the arithmetic (layers, matmuls) and "dot" for the decode
-    attention (reduce changes the last bits); every form can be forced by key."""
+    """The forms default to "auto" (resolved per compile platform); every form can be forced by key."""
     c = load_config(write(tmp_path, BASE))
-    assert (c.model.scan_layers, c.model.matmuls, c.model.decode_attention) == ("auto", "auto", "dot")
+    assert (c.model.scan_layers, c.model.matmuls, c.model.decode_attention) == ("auto", "auto", "auto")
     c = load_config(
-        write(tmp_path, BASE), ["model.scan_layers=auto", "model.matmuls=flat", "model.decode_attention=auto"]
+        write(tmp_path, BASE), ["model.scan_layers=auto", "model.matmuls=flat", "model.decode_attention=dot"]
     )
-    assert (c.model.scan_layers, c.model.matmuls, c.model.decode_attention) == ("auto", "flat", "auto")
+    assert (c.model.scan_layers, c.model.matmuls, c.model.decode_attention) == ("auto", "flat", "dot")
     assert load_config(write(tmp_path, BASE), ["model.scan_layers=false"]).model.scan_layers is False
 
 

@@ -203,14 +203,14 @@ def test_bad_runtime_fields_are_named():
 @pytest.mark.slow
 def test_auto_forms_resolve_per_platform(tmp_root):
     """The defaults are "auto": on CPU the layers unroll and the 2-D weights' matmuls (MLP, lm_head) run as 2-D
-    dots, whose backward needs no transposes of the activations; the 3-D attention projections stay einsums and
-    the one-token decode attention stays "dot" unless asked for (those forms change the last bits)."""
+    dots, whose backward needs no transposes of the activations, and the one-token decode attention runs as
+    multiply-reduce fusions; the 3-D attention projections stay einsums unless asked for (no gain, other bits)."""
     _, cfg, params = hf_model("dense_untied_gqa", tmp_root)
-    assert (cfg.scan_layers, cfg.matmuls, cfg.decode_attention) == ("auto", "auto", "dot")
-    assert not qwen3.scan_layers(cfg) and not qwen3.reduce_decode_attention(cfg)
+    assert (cfg.scan_layers, cfg.matmuls, cfg.decode_attention) == ("auto", "auto", "auto")
+    assert not qwen3.scan_layers(cfg) and qwen3.reduce_decode_attention(cfg)
     assert qwen3.flat_matmuls(cfg, weight_ndim=2) and not qwen3.flat_matmuls(cfg, weight_ndim=3)
-    forced = dataclasses.replace(cfg, matmuls="flat", decode_attention="auto")
-    assert qwen3.flat_matmuls(forced, weight_ndim=3) and qwen3.reduce_decode_attention(forced)
+    forced = dataclasses.replace(cfg, matmuls="flat", decode_attention="dot")
+    assert qwen3.flat_matmuls(forced, weight_ndim=3) and not qwen3.reduce_decode_attention(forced)
     accel = dataclasses.replace(cfg, scan_layers=True, matmuls="einsum")  # what "auto" resolves to on GPU / TPU
     assert qwen3.scan_layers(accel) and not qwen3.flat_matmuls(accel)
     tokens = random_tokens((2, 6))
