@@ -12,6 +12,7 @@ import glob
 import math
 import os
 import re
+import shlex
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,32 @@ def test_every_config_loads(path):
     overrides = [f"{key}=set-by-the-pipeline" for key in _pipeline_set_paths(raw)] if fragment else []
     cfg = config_lib.load_config(path, overrides)
     assert cfg.train.batch_size % cfg.train.grad_accum == 0
+
+
+PIPELINES = [p for p in CONFIGS if config_lib.is_pipeline(config_lib.read_yaml(p))]
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_pipeline_training_stage_loads(path):
+    """Each stage that runs the trainer names a stage config and overrides that load into a valid TrainConfig
+    (keys, values, cross-section checks), the pipeline's placeholders standing in for paths."""
+    from lopd_jax.training import pipeline
+
+    stages = pipeline.expand_stages(config_lib.read_yaml(path)["stages"], path)
+    commands = []
+    for stage in stages:
+        cmd = stage.cmd
+        for name, value in stage.loop:  # foreach values, as the pipeline fills them
+            cmd = cmd.replace("{" + name + "}", str(value))
+        commands.append(shlex.split(cmd))
+    trainer = [c for c in commands if c[:3] == ["python", "-m", "lopd_jax.train"]]
+    assert trainer, path
+    for argv in trainer:
+        i = argv.index("--config")
+        config, overrides = argv[i + 1], argv[i + 2 :]
+        filled = [re.sub(r"\{[a-z_]+\}", "placeholder", o) for o in overrides]
+        cfg = config_lib.load_config(os.path.join(ROOT, config), filled)
+        assert cfg.train.batch_size % cfg.train.grad_accum == 0
 
 
 def _pipeline_set_paths(raw: dict) -> list[str]:
