@@ -45,6 +45,11 @@ class OptimizerConfig:
 
     def __post_init__(self):
         check_choices(self, "optimizer")
+        if self.schedule == "cosine" and self.warmup_steps > 0:
+            raise ValueError(
+                f"optimizer.warmup_steps ({self.warmup_steps}) does nothing with schedule 'cosine' (it starts at lr); "
+                "use schedule 'warmup_cosine' for a warmup"
+            )
         if self.schedule != "constant" and self.total_steps <= max(self.warmup_steps, 0):
             raise ValueError(
                 f"optimizer.total_steps ({self.total_steps}) must exceed optimizer.warmup_steps "

@@ -101,6 +101,7 @@ def test_overrides(tmp_path):
         ("mesh: {rules: [[embed]]}", "mesh.rules[0]", "expected 2 items"),
         ("optimizer: {lr: fast}", "optimizer.lr", "expected float"),
         ("optimizer: {schedule: cosine}", "optimizer", "total_steps"),  # the section's own validation
+        ("optimizer: {schedule: cosine, total_steps: 9, warmup_steps: 2}", "optimizer", "warmup_cosine"),
         ("data: {batch_size: 3}", "data.batch_size", "contradicts train.batch_size"),
         ("train: {batch_size: 6, grad_accum: 4}", "train.grad_accum", "does not divide"),
     ],
