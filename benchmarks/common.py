@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,20 @@ from lopd_jax.plan.targets import PEAKS
 # table that --plan --target's roofline and the benchmarks' MFU both read.
 #: (substring, peak FLOP/s): the FLOP column of PEAKS.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = tuple((k, f) for k, f, _ in PEAKS)
+
+
+def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` made if absent and checked writable before any measurement runs; else one ``error:`` line, exit 2."""
+    d = Path(path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        why = None if os.access(d, os.W_OK) else "not writable"
+    except OSError as e:
+        why = f"cannot create it ({e.strerror or e})"
+    if why:
+        print(f"error: {flag} {d}: {why}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return d
 
 
 def device_peak_bandwidth(device: Any) -> float | None:

@@ -268,6 +268,7 @@ def machine_fields(check: dict | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    common.writable_dir(args.out)  # before hours of measurements, not after
     check = json.loads(Path(args.attention_check).read_text()) if args.attention_check else None
     machine = machine_fields(check)
     if args.suite == "cpu":

@@ -220,6 +220,20 @@ def test_gpu_script_tiny_without_torch_grain_vllm(tmp_path):
     assert "transformers skipped" in md and "qwen3-4b (tiny stand-in)" in md
 
 
+def test_cpu_suite_refuses_an_unwritable_out_before_measuring(tmp_path):
+    """--out that cannot hold the results is refused in one line, exit 2, before any section runs."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--suite", "cpu", "--tiny", "--out", str(blocker / "results")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    want = f"error: --out {blocker / 'results'}: cannot create it (Not a directory)"
+    assert proc.stderr.strip().splitlines() == [want]
+    assert "[benchmarks]" not in proc.stdout and blocker.read_text() == "kept"
+
+
 def test_gpu_script_without_gpu_refuses_in_one_line(tmp_path):
     proc = subprocess.run(
         ["bash", "benchmarks/gpu.sh", "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True,
