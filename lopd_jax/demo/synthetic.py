@@ -140,15 +140,18 @@ def make_problem(rng: np.random.Generator, difficulty: Difficulty | str = "mediu
     }
 
 
-def _unique_problems(rng: np.random.Generator, n: int, difficulty: Difficulty | str, order: str) -> list[dict]:
-    problems, seen = [], set()
+def _draw_unique(rng, n, difficulty, order, seen: set, accept=None) -> list[dict]:
+    """``n`` problems with prompts not in ``seen`` (added to it) that ``accept`` keeps; a problem it rejects is
+    drawn all the same (and seen), so it lands in no set."""
+    problems = []
     for _ in range(100 * n + 1000):  # bounded: a tiny difficulty may not have n distinct problems
         if len(problems) == n:
             return problems
         p = make_problem(rng, difficulty, order)
         if p["prompt"] not in seen:
             seen.add(p["prompt"])
-            problems.append(p)
+            if accept is None or accept(p):
+                problems.append(p)
     raise ValueError(f"difficulty {difficulty} has fewer than {n} distinct problems; raise it or ask fewer")
 
 
@@ -168,27 +171,34 @@ def write_prompt_sets(
     n_teacher: int = 0,
     difficulty: Difficulty | str = "medium",
     order: str = "forward",
+    sft_without_digit: str | None = None,
 ) -> dict[str, Path]:
     """Write disjoint prompt sets (no prompt appears in two sets) as JSONL files in `out_dir`.
 
     Files: `sft.jsonl` (prompt, answer, completion), `opd.jsonl` and `eval.jsonl` (prompt, answer), and,
     when n_teacher > 0, `teacher.jsonl` (prompt, answer, completion) to train the teacher on problems its
     SFT answers will not be asked about. `completion` is the worked solution in `order` (see worked_solution).
-    Deterministic in `seed`; the prompts do not depend on `order`.
+    `sft_without_digit`: the SFT prompts are only problems whose operands never contain that digit (a gap in
+    the student's data that the OPD and held-out prompts, drawn from the whole task, cover); the problems it
+    skips land in no set. Deterministic in `seed`; the prompts do not depend on `order`.
     Returns {set name: path}.
     """
     sizes = {"teacher": n_teacher, "sft": n_sft, "opd": n_opd, "eval": n_eval}
     if any(n < 0 for n in sizes.values()) or min(n_sft, n_opd, n_eval) == 0:
         raise ValueError(f"write_prompt_sets: set sizes must be positive (n_teacher >= 0), got {sizes}")
-    problems = _unique_problems(np.random.default_rng(seed), sum(sizes.values()), difficulty, order)
+    if sft_without_digit is not None and not (len(sft_without_digit) == 1 and sft_without_digit.isdigit()):
+        raise ValueError(f"sft_without_digit (--sft-without-digit) must be one digit 0-9, got {sft_without_digit!r}")
+    rng, seen = np.random.default_rng(seed), set()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, start = {}, 0
+    paths = {}
     for name, n in sizes.items():
         if n == 0:
             continue
-        chunk = problems[start : start + n]
-        start += n
+        accept = None
+        if name == "sft" and sft_without_digit is not None:
+            accept = lambda p: sft_without_digit not in p["prompt"][len(PROMPT_PREFIX) :]  # noqa: E731
+        chunk = _draw_unique(rng, n, difficulty, order, seen, accept)
         with_completion = name in ("teacher", "sft")
         rows = [
             {"prompt": p["prompt"], "answer": p["answer"]} | ({"completion": p["solution"]} if with_completion else {})
@@ -259,6 +269,12 @@ def _parse_args(argv: list[str] | None):
     p.add_argument(
         "--order", choices=ORDERS, default="forward", help="order of each column's terms in the worked solutions"
     )
+    p.add_argument(
+        "--sft-without-digit",
+        default=None,
+        help="SFT prompts only among problems whose operands never contain this digit (the OPD and held-out "
+        "prompts cover the whole task): a gap in the student's data that only distillation can close",
+    )
     return p.parse_args(argv)
 
 
@@ -283,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             n_teacher=args.n_teacher,
             difficulty=difficulty,
             order=args.order,
+            sft_without_digit=args.sft_without_digit,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

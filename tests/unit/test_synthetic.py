@@ -133,6 +133,33 @@ def test_prompt_sets_are_disjoint_deterministic_and_well_formed(tmp_path):
     assert "teacher" not in other_seed and _read(other_seed["eval"]) != sets["eval"]
 
 
+def test_sft_without_digit_leaves_a_gap_only_in_the_sft_set(tmp_path):
+    """No SFT operand contains the digit; the other sets keep the task's own share of it; without the option the
+    sets are the ones drawn before it existed (the same problems, in order)."""
+    diff = syn.Difficulty(5, 5, 1, 1, chain=True)
+    kw = dict(seed=3, n_sft=400, n_opd=300, n_eval=300, n_teacher=200, difficulty=diff)
+    gap = {k: _read(v) for k, v in syn.write_prompt_sets(tmp_path / "g", sft_without_digit="9", **kw).items()}
+    assert all(9 not in _operands(r["prompt"]) for r in gap["sft"])
+    with_nine = [any(9 in _operands(r["prompt"]) for r in rows) for rows in (gap["opd"], gap["eval"])]
+    assert all(with_nine)  # 1 - 0.9^5 = 41% of the task has a 9: the OPD and held-out sets are not filtered
+    assert 0.3 < np.mean([9 in _operands(r["prompt"]) for r in gap["eval"]]) < 0.52
+    prompts = [r["prompt"] for rows in gap.values() for r in rows]
+    assert len(set(prompts)) == len(prompts)
+    plain = {k: _read(v) for k, v in syn.write_prompt_sets(tmp_path / "p", **kw).items()}
+    assert plain["teacher"] == gap["teacher"]  # drawn before the SFT set: unaffected
+    assert any(9 in _operands(r["prompt"]) for r in plain["sft"])
+    rng, n = np.random.default_rng(3), sum(len(v) for v in plain.values())
+    drawn, seen = [], set()
+    while len(drawn) < n:  # the plain sets are the generator's first n distinct problems, set after set
+        q = syn.make_problem(rng, diff)
+        if q["prompt"] not in seen:
+            seen.add(q["prompt"])
+            drawn.append(q["prompt"])
+    assert [r["prompt"] for k in ("teacher", "sft", "opd", "eval") for r in plain[k]] == drawn
+    with pytest.raises(ValueError, match="one digit"):
+        syn.write_prompt_sets(tmp_path / "x", sft_without_digit="12", **kw)
+
+
 def test_prompt_sets_reject_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         syn.write_prompt_sets(tmp_path, seed=0, n_sft=0, n_opd=1, n_eval=1)
