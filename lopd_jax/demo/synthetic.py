@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,14 @@ def make_problem(rng: np.random.Generator, difficulty: Difficulty | str = "mediu
     }
 
 
-def _draw_unique(rng, n, difficulty, order, seen: set, accept=None) -> list[dict]:
+def _draw_unique(
+    rng: np.random.Generator,
+    n: int,
+    difficulty: Difficulty | str,
+    order: str,
+    seen: set[str],
+    accept: Callable[[dict], bool] | None = None,
+) -> list[dict]:
     """``n`` problems with prompts not in ``seen`` (added to it) that ``accept`` keeps; a problem it rejects is
     drawn all the same (and seen), so it lands in no set."""
     problems = []
@@ -153,6 +161,11 @@ def _draw_unique(rng, n, difficulty, order, seen: set, accept=None) -> list[dict
             if accept is None or accept(p):
                 problems.append(p)
     raise ValueError(f"difficulty {difficulty} has fewer than {n} distinct problems; raise it or ask fewer")
+
+
+def _without_digit(digit: str) -> Callable[[dict], bool]:
+    """Keeps a problem whose operands never contain ``digit``."""
+    return lambda p: digit not in p["prompt"][len(PROMPT_PREFIX) :]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -195,9 +208,7 @@ def write_prompt_sets(
     for name, n in sizes.items():
         if n == 0:
             continue
-        accept = None
-        if name == "sft" and sft_without_digit is not None:
-            accept = lambda p: sft_without_digit not in p["prompt"][len(PROMPT_PREFIX) :]  # noqa: E731
+        accept = _without_digit(sft_without_digit) if name == "sft" and sft_without_digit is not None else None
         chunk = _draw_unique(rng, n, difficulty, order, seen, accept)
         with_completion = name in ("teacher", "sft")
         rows = [

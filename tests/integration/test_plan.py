@@ -50,23 +50,22 @@ PIPELINES = [p for p in CONFIGS if config_lib.is_pipeline(config_lib.read_yaml(p
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_pipeline_training_stage_loads(path):
     """Each stage that runs the trainer names a stage config and overrides that load into a valid TrainConfig
-    (keys, values, cross-section checks), the pipeline's placeholders standing in for paths."""
+    (keys, values, cross-section checks), with the placeholders filled as the pipeline fills them."""
     from lopd_jax.training import pipeline
 
     stages = pipeline.expand_stages(config_lib.read_yaml(path)["stages"], path)
+    runner = pipeline.Pipeline(stages, "/nonexistent-run-dir")  # resolves placeholders only; nothing runs
     commands = []
     for stage in stages:
-        cmd = stage.cmd
-        for name, value in stage.loop:  # foreach values, as the pipeline fills them
-            cmd = cmd.replace("{" + name + "}", str(value))
+        cmd, _ = runner.resolve(stage)  # the pipeline's own filling: foreach values, stage paths, order checks
+        runner.keys[stage.name] = "resolved"
         commands.append(shlex.split(cmd))
     trainer = [c for c in commands if c[:3] == ["python", "-m", "lopd_jax.train"]]
     assert trainer, path
     for argv in trainer:
         i = argv.index("--config")
         config, overrides = argv[i + 1], argv[i + 2 :]
-        filled = [re.sub(r"\{[a-z_]+\}", "placeholder", o) for o in overrides]
-        cfg = config_lib.load_config(os.path.join(ROOT, config), filled)
+        cfg = config_lib.load_config(os.path.join(ROOT, config), overrides)
         assert cfg.train.batch_size % cfg.train.grad_accum == 0
 
 
