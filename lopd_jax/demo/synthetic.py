@@ -160,12 +160,24 @@ def _draw_unique(
             seen.add(p["prompt"])
             if accept is None or accept(p):
                 problems.append(p)
-    raise ValueError(f"difficulty {difficulty} has fewer than {n} distinct problems; raise it or ask fewer")
+    kept = "" if accept is None else " that the SFT filter keeps"
+    raise ValueError(f"difficulty {difficulty} has fewer than {n} distinct problems{kept}; raise it or ask fewer")
 
 
 def _without_digit(digit: str) -> Callable[[dict], bool]:
     """Keeps a problem whose operands never contain ``digit``."""
     return lambda p: digit not in p["prompt"][len(PROMPT_PREFIX) :]
+
+
+def _answer_below(cap: int, below: bool = True) -> Callable[[dict], bool]:
+    """Keeps a problem whose answer is below ``cap`` (``below=False``: at or above it)."""
+    return lambda p: (int(p["answer"]) < cap) == below
+
+
+def _both(*filters: Callable[[dict], bool] | None) -> Callable[[dict], bool] | None:
+    """Keeps a problem that every given filter keeps (None when none is given)."""
+    chosen = [f for f in filters if f is not None]
+    return None if not chosen else lambda p: all(f(p) for f in chosen)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -185,6 +197,8 @@ def write_prompt_sets(
     difficulty: Difficulty | str = "medium",
     order: str = "forward",
     sft_without_digit: str | None = None,
+    sft_answer_cap: int | None = None,
+    sft_over_cap: int = 0,
 ) -> dict[str, Path]:
     """Write disjoint prompt sets (no prompt appears in two sets) as JSONL files in `out_dir`.
 
@@ -193,7 +207,10 @@ def write_prompt_sets(
     SFT answers will not be asked about. `completion` is the worked solution in `order` (see worked_solution).
     `sft_without_digit`: the SFT prompts are only problems whose operands never contain that digit (a gap in
     the student's data that the OPD and held-out prompts, drawn from the whole task, cover); the problems it
-    skips land in no set. Deterministic in `seed`; the prompts do not depend on `order`.
+    skips land in no set. `sft_answer_cap`: likewise, only problems whose answer is below it, except `sft_over_cap`
+    of them drawn among the problems at or above it (shuffled in among the rest): the student meets that part of the
+    task a handful of times, too few to learn it, often enough that its own samples sometimes start it right.
+    Deterministic in `seed`; the prompts do not depend on `order`.
     Returns {set name: path}.
     """
     sizes = {"teacher": n_teacher, "sft": n_sft, "opd": n_opd, "eval": n_eval}
@@ -201,6 +218,12 @@ def write_prompt_sets(
         raise ValueError(f"write_prompt_sets: set sizes must be positive (n_teacher >= 0), got {sizes}")
     if sft_without_digit is not None and not (len(sft_without_digit) == 1 and sft_without_digit.isdigit()):
         raise ValueError(f"sft_without_digit (--sft-without-digit) must be one digit 0-9, got {sft_without_digit!r}")
+    if sft_answer_cap is not None and sft_answer_cap < 1:
+        raise ValueError(f"sft_answer_cap (--sft-answer-cap) must be a positive sum, got {sft_answer_cap}")
+    if not 0 <= sft_over_cap <= n_sft or (sft_over_cap and sft_answer_cap is None):
+        raise ValueError(
+            f"sft_over_cap (--sft-over-cap) must be 0..n_sft ({n_sft}) and needs sft_answer_cap, got {sft_over_cap}"
+        )
     rng, seen = np.random.default_rng(seed), set()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,8 +231,16 @@ def write_prompt_sets(
     for name, n in sizes.items():
         if n == 0:
             continue
-        accept = _without_digit(sft_without_digit) if name == "sft" and sft_without_digit is not None else None
-        chunk = _draw_unique(rng, n, difficulty, order, seen, accept)
+        if name == "sft" and (sft_without_digit is not None or sft_answer_cap is not None):
+            digit = None if sft_without_digit is None else _without_digit(sft_without_digit)
+            cap = None if sft_answer_cap is None else _answer_below(sft_answer_cap)
+            chunk = _draw_unique(rng, n - sft_over_cap, difficulty, order, seen, _both(digit, cap))
+            if sft_over_cap:
+                over = _both(digit, _answer_below(sft_answer_cap, below=False))
+                chunk += _draw_unique(rng, sft_over_cap, difficulty, order, seen, over)
+                chunk = [chunk[i] for i in rng.permutation(len(chunk))]
+        else:
+            chunk = _draw_unique(rng, n, difficulty, order, seen)
         with_completion = name in ("teacher", "sft")
         rows = [
             {"prompt": p["prompt"], "answer": p["answer"]} | ({"completion": p["solution"]} if with_completion else {})
@@ -286,6 +317,19 @@ def _parse_args(argv: list[str] | None):
         help="SFT prompts only among problems whose operands never contain this digit (the OPD and held-out "
         "prompts cover the whole task): a gap in the student's data that only distillation can close",
     )
+    p.add_argument(
+        "--sft-answer-cap",
+        type=int,
+        default=None,
+        help="SFT prompts only among problems whose answer is below this sum (the OPD and held-out prompts cover the "
+        "whole task)",
+    )
+    p.add_argument(
+        "--sft-over-cap",
+        type=int,
+        default=0,
+        help="except this many SFT prompts drawn among the problems whose answer is at or above --sft-answer-cap",
+    )
     return p.parse_args(argv)
 
 
@@ -311,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             difficulty=difficulty,
             order=args.order,
             sft_without_digit=args.sft_without_digit,
+            sft_answer_cap=args.sft_answer_cap,
+            sft_over_cap=args.sft_over_cap,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -160,6 +160,45 @@ def test_sft_without_digit_leaves_a_gap_only_in_the_sft_set(tmp_path):
         syn.write_prompt_sets(tmp_path / "x", sft_without_digit="12", **kw)
 
 
+def test_sft_answer_cap_keeps_all_but_a_few_sft_answers_below_it(tmp_path):
+    """Every SFT answer is below the cap except exactly `sft_over_cap` of them, spread through the set; the other
+    sets keep the task's share of large sums; the draw is deterministic and the sets stay disjoint."""
+    diff = syn.Difficulty(5, 5, 1, 1, chain=True)
+    kw = dict(seed=5, n_sft=600, n_opd=300, n_eval=400, n_teacher=100, difficulty=diff)
+    paths = syn.write_prompt_sets(tmp_path / "c", sft_answer_cap=30, sft_over_cap=6, **kw)
+    sets = {k: _read(v) for k, v in paths.items()}
+    over = [i for i, r in enumerate(sets["sft"]) if int(r["answer"]) >= 30]
+    assert len(sets["sft"]) == 600 and len(over) == 6
+    assert over[-1] - over[0] > 300  # shuffled in, not appended at the end
+    assert all(r["answer"] == str(sum(_operands(r["prompt"]))) for r in sets["sft"])
+    assert 0.08 < np.mean([int(r["answer"]) >= 30 for r in sets["eval"]]) < 0.21  # the task's own 14%
+    prompts = [r["prompt"] for rows in sets.values() for r in rows]
+    assert len(set(prompts)) == len(prompts)
+    again = syn.write_prompt_sets(tmp_path / "d", sft_answer_cap=30, sft_over_cap=6, **kw)
+    assert all(paths[k].read_bytes() == again[k].read_bytes() for k in paths)
+    none_over = _read(syn.write_prompt_sets(tmp_path / "e", sft_answer_cap=30, **kw)["sft"])
+    assert all(int(r["answer"]) < 30 for r in none_over)
+    both = _read(syn.write_prompt_sets(tmp_path / "f", sft_without_digit="9", sft_answer_cap=30, **kw)["sft"])
+    assert all(int(r["answer"]) < 30 and 9 not in _operands(r["prompt"]) for r in both)
+    for bad, match in (
+        (dict(sft_over_cap=3), "needs sft_answer_cap"),
+        (dict(sft_answer_cap=30, sft_over_cap=601), "0..n_sft"),
+        (dict(sft_answer_cap=0), "positive"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            syn.write_prompt_sets(tmp_path / "x", **bad, **kw)
+    with pytest.raises(ValueError, match="that the SFT filter keeps"):  # no sum of five digits reaches 46
+        syn.write_prompt_sets(tmp_path / "y", sft_answer_cap=46, sft_over_cap=1, **kw)
+
+
+def test_synthetic_cli_refuses_a_bad_cap_in_one_line(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--n-sft", "4", "--n-opd", "2", "--n-eval", "2", "--sft-over-cap", "2"]
+    assert syn.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: sft_over_cap (--sft-over-cap)")
+    assert not (tmp_path / "sft.jsonl").exists()
+
+
 def test_prompt_sets_reject_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         syn.write_prompt_sets(tmp_path, seed=0, n_sft=0, n_opd=1, n_eval=1)
