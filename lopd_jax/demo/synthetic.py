@@ -225,9 +225,7 @@ def write_prompt_sets(
             f"sft_over_cap (--sft-over-cap) must be 0..n_sft ({n_sft}) and needs sft_answer_cap, got {sft_over_cap}"
         )
     rng, seen = np.random.default_rng(seed), set()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    chunks = {}  # every set drawn before any file is written: a set that cannot be drawn leaves nothing behind
     for name, n in sizes.items():
         if n == 0:
             continue
@@ -241,6 +239,11 @@ def write_prompt_sets(
                 chunk = [chunk[i] for i in rng.permutation(len(chunk))]
         else:
             chunk = _draw_unique(rng, n, difficulty, order, seen)
+        chunks[name] = chunk
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, chunk in chunks.items():
         with_completion = name in ("teacher", "sft")
         rows = [
             {"prompt": p["prompt"], "answer": p["answer"]} | ({"completion": p["solution"]} if with_completion else {})

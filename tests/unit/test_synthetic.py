@@ -189,6 +189,7 @@ def test_sft_answer_cap_keeps_all_but_a_few_sft_answers_below_it(tmp_path):
             syn.write_prompt_sets(tmp_path / "x", **bad, **kw)
     with pytest.raises(ValueError, match="that the SFT filter keeps"):  # no sum of five digits reaches 46
         syn.write_prompt_sets(tmp_path / "y", sft_answer_cap=46, sft_over_cap=1, **kw)
+    assert not (tmp_path / "y").exists()  # the teacher set, drawn first, was not written either
 
 
 def test_synthetic_cli_refuses_a_bad_cap_in_one_line(tmp_path, capsys):
