@@ -37,6 +37,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from lopd_jax.atomic import write_atomic
 from lopd_jax.inference.evaluation import grade
 
 # Special tokens first so their ids never move: <|endoftext|>=0 (also pad, as in Qwen), <|im_start|>=1,
@@ -181,9 +182,7 @@ def _both(*filters: Callable[[dict], bool] | None) -> Callable[[dict], bool] | N
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def write_prompt_sets(
@@ -224,22 +223,21 @@ def write_prompt_sets(
         raise ValueError(
             f"sft_over_cap (--sft-over-cap) must be 0..n_sft ({n_sft}) and needs sft_answer_cap, got {sft_over_cap}"
         )
+    digit = None if sft_without_digit is None else _without_digit(sft_without_digit)
+    sft_keep = _both(digit, None if sft_answer_cap is None else _answer_below(sft_answer_cap))
     rng, seen = np.random.default_rng(seed), set()
     chunks = {}  # every set drawn before any file is written: a set that cannot be drawn leaves nothing behind
     for name, n in sizes.items():
         if n == 0:
             continue
-        if name == "sft" and (sft_without_digit is not None or sft_answer_cap is not None):
-            digit = None if sft_without_digit is None else _without_digit(sft_without_digit)
-            cap = None if sft_answer_cap is None else _answer_below(sft_answer_cap)
-            chunk = _draw_unique(rng, n - sft_over_cap, difficulty, order, seen, _both(digit, cap))
-            if sft_over_cap:
-                over = _both(digit, _answer_below(sft_answer_cap, below=False))
-                chunk += _draw_unique(rng, sft_over_cap, difficulty, order, seen, over)
-                chunk = [chunk[i] for i in rng.permutation(len(chunk))]
-        else:
-            chunk = _draw_unique(rng, n, difficulty, order, seen)
-        chunks[name] = chunk
+        if name != "sft":
+            chunks[name] = _draw_unique(rng, n, difficulty, order, seen)
+            continue
+        chunks[name] = _draw_unique(rng, n - sft_over_cap, difficulty, order, seen, sft_keep)
+        if sft_over_cap:
+            over = _both(digit, _answer_below(sft_answer_cap, below=False))
+            sft = chunks[name] + _draw_unique(rng, sft_over_cap, difficulty, order, seen, over)
+            chunks[name] = [sft[i] for i in rng.permutation(len(sft))]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -361,10 +359,13 @@ def main(argv: list[str] | None = None) -> int:
             sft_answer_cap=args.sft_answer_cap,
             sft_over_cap=args.sft_over_cap,
         )
+        build_tokenizer(Path(args.out) / "tokenizer")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    build_tokenizer(Path(args.out) / "tokenizer")
+    except OSError as e:  # an --out that cannot be written (read-only, a file in the way, a full disk)
+        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     counts = ", ".join(f"{name} {len(path.read_text().splitlines())}" for name, path in paths.items())
     print(f"synthetic task ({difficulty}) in {args.out}: {counts}; tokenizer in {Path(args.out) / 'tokenizer'}")
     return 0

@@ -200,6 +200,16 @@ def test_synthetic_cli_refuses_a_bad_cap_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "sft.jsonl").exists()
 
 
+def test_synthetic_cli_refuses_an_unwritable_out_in_one_line(tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a user's file")  # a file where the task directory should go (a read-only path fails alike)
+    args = ["--out", str(blocker), "--n-sft", "4", "--n-opd", "2", "--n-eval", "2"]
+    assert syn.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {blocker}")
+    assert blocker.read_text() == "a user's file"
+
+
 def test_prompt_sets_reject_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         syn.write_prompt_sets(tmp_path, seed=0, n_sft=0, n_opd=1, n_eval=1)
