@@ -170,6 +170,28 @@ def _without_digit(digit: str) -> Callable[[dict], bool]:
     return lambda p: digit not in p["prompt"][len(PROMPT_PREFIX) :]
 
 
+def addition_steps(solution: str) -> list[tuple[int, int]]:
+    """Every one-digit addition a worked solution performs, as (running sum, term) pairs in its order: `8+1=9+0=9`
+    gives (8, 1), (9, 0); a line stated at once (`7+5+2=14`) gives the same steps as its chain (7, 5), (12, 2)."""
+    steps = []
+    for line in solution.splitlines():
+        if line.startswith(ANSWER_MARKER):
+            continue
+        for part in line.split("=")[:-1]:  # "12+2" of "7+5=12+2=14": a sum stated so far, then the terms added to it
+            terms = [int(t) for t in part.split("+")]
+            running = terms[0]
+            for t in terms[1:]:
+                steps.append((running, t))
+                running += t
+    return steps
+
+
+def _without_step_sum(total: int) -> Callable[[dict], bool]:
+    """Keeps a problem whose worked solution never adds a term to a running sum whose last digit makes ``total``
+    with it (``total`` 7: no 3+4, 12+5 or 17+0; 8+9=17 has a carry and stays)."""
+    return lambda p: all(running % 10 + t != total for running, t in addition_steps(p["solution"]))
+
+
 def _answer_below(cap: int, below: bool = True) -> Callable[[dict], bool]:
     """Keeps a problem whose answer is below ``cap`` (``below=False``: at or above it)."""
     return lambda p: (int(p["answer"]) < cap) == below
@@ -196,6 +218,7 @@ def write_prompt_sets(
     difficulty: Difficulty | str = "medium",
     order: str = "forward",
     sft_without_digit: str | None = None,
+    sft_without_step_sum: int | None = None,
     sft_answer_cap: int | None = None,
     sft_over_cap: int = 0,
 ) -> dict[str, Path]:
@@ -206,9 +229,12 @@ def write_prompt_sets(
     SFT answers will not be asked about. `completion` is the worked solution in `order` (see worked_solution).
     `sft_without_digit`: the SFT prompts are only problems whose operands never contain that digit (a gap in
     the student's data that the OPD and held-out prompts, drawn from the whole task, cover); the problems it
-    skips land in no set. `sft_answer_cap`: likewise, only problems whose answer is below it, except `sft_over_cap`
-    of them drawn among the problems at or above it (shuffled in among the rest): the student meets that part of the
-    task a handful of times, too few to learn it, often enough that its own samples sometimes start it right.
+    skips land in no set. `sft_without_step_sum`: likewise, only problems whose worked solution never takes a step
+    whose running sum's last digit and the added term make that sum (see `addition_steps`): with 7, the student never
+    sees one addition fact (3+4, 12+5, 17+0, ...), while every state before and after it is in its data.
+    `sft_answer_cap`: likewise, only problems whose answer is below it, except `sft_over_cap` of them drawn among the
+    problems at or above it (shuffled in among the rest): the student meets that part of the task a handful of times,
+    too few to learn it, often enough that its own samples sometimes start it right.
     Deterministic in `seed`; the prompts do not depend on `order`.
     Returns {set name: path}.
     """
@@ -217,14 +243,22 @@ def write_prompt_sets(
         raise ValueError(f"write_prompt_sets: set sizes must be positive (n_teacher >= 0), got {sizes}")
     if sft_without_digit is not None and not (len(sft_without_digit) == 1 and sft_without_digit.isdigit()):
         raise ValueError(f"sft_without_digit (--sft-without-digit) must be one digit 0-9, got {sft_without_digit!r}")
+    if sft_without_step_sum is not None and not 0 <= sft_without_step_sum <= 18:
+        raise ValueError(
+            "sft_without_step_sum (--sft-without-step-sum) must be a sum of two digits 0-18, "
+            f"got {sft_without_step_sum}"
+        )
     if sft_answer_cap is not None and sft_answer_cap < 1:
         raise ValueError(f"sft_answer_cap (--sft-answer-cap) must be a positive sum, got {sft_answer_cap}")
     if not 0 <= sft_over_cap <= n_sft or (sft_over_cap and sft_answer_cap is None):
         raise ValueError(
             f"sft_over_cap (--sft-over-cap) must be 0..n_sft ({n_sft}) and needs sft_answer_cap, got {sft_over_cap}"
         )
-    digit = None if sft_without_digit is None else _without_digit(sft_without_digit)
-    sft_keep = _both(digit, None if sft_answer_cap is None else _answer_below(sft_answer_cap))
+    hole = _both(  # the SFT filters other than the cap, which the over-cap draw keeps too
+        None if sft_without_digit is None else _without_digit(sft_without_digit),
+        None if sft_without_step_sum is None else _without_step_sum(sft_without_step_sum),
+    )
+    sft_keep = _both(hole, None if sft_answer_cap is None else _answer_below(sft_answer_cap))
     rng, seen = np.random.default_rng(seed), set()
     chunks = {}  # every set drawn before any file is written: a set that cannot be drawn leaves nothing behind
     for name, n in sizes.items():
@@ -235,7 +269,7 @@ def write_prompt_sets(
             continue
         chunks[name] = _draw_unique(rng, n - sft_over_cap, difficulty, order, seen, sft_keep)
         if sft_over_cap:
-            over = _both(digit, _answer_below(sft_answer_cap, below=False))
+            over = _both(hole, _answer_below(sft_answer_cap, below=False))
             sft = chunks[name] + _draw_unique(rng, sft_over_cap, difficulty, order, seen, over)
             chunks[name] = [sft[i] for i in rng.permutation(len(sft))]
     out_dir = Path(out_dir)
@@ -319,6 +353,14 @@ def _parse_args(argv: list[str] | None):
         "prompts cover the whole task): a gap in the student's data that only distillation can close",
     )
     p.add_argument(
+        "--sft-without-step-sum",
+        type=int,
+        default=None,
+        help="SFT prompts only among problems whose worked solution never adds a digit to a running sum whose last "
+        "digit makes this sum with it (7: no 3+4, 12+5 or 17+0; 8+9=17 stays): one addition fact the student never "
+        "sees, in states its data covers",
+    )
+    p.add_argument(
         "--sft-answer-cap",
         type=int,
         default=None,
@@ -356,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             difficulty=difficulty,
             order=args.order,
             sft_without_digit=args.sft_without_digit,
+            sft_without_step_sum=args.sft_without_step_sum,
             sft_answer_cap=args.sft_answer_cap,
             sft_over_cap=args.sft_over_cap,
         )

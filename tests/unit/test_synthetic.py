@@ -160,6 +160,61 @@ def test_sft_without_digit_leaves_a_gap_only_in_the_sft_set(tmp_path):
         syn.write_prompt_sets(tmp_path / "x", sft_without_digit="12", **kw)
 
 
+def test_addition_steps_reads_every_one_digit_addition_of_a_worked_solution():
+    """The steps of the chain form are the ones it writes; the stated-at-once form and the reverse order give the
+    steps their own lines imply; the answer line adds nothing."""
+    assert syn.addition_steps("8+1=9+0=9+8=17+0=17\n#### 17") == [(8, 1), (9, 0), (9, 8), (17, 0)]
+    chain, flat = (syn.worked_solution([37, 485, 92, 106], chain=c) for c in (True, False))
+    assert syn.addition_steps(chain) == syn.addition_steps(flat)
+    assert syn.addition_steps(chain) == [
+        (7, 5),
+        (12, 2),
+        (14, 6),
+        (3, 8),
+        (11, 9),
+        (20, 0),
+        (20, 2),
+        (0, 4),
+        (4, 0),
+        (4, 1),
+        (5, 2),
+    ]  # units, tens (+ carry 2), hundreds (+ carry 2)
+    assert syn.addition_steps(syn.worked_solution([3, 4, 5], chain=True, order="reverse")) == [(5, 4), (9, 3)]
+
+
+def test_sft_without_step_sum_leaves_one_addition_fact_out_of_the_sft_set(tmp_path):
+    """No SFT solution adds a digit to a running sum whose last digit makes 7 with it (3+4, 12+5, 17+0), while carry
+    steps ending in 7 (8+9=17) stay; the other sets keep the task's share of the fact; composes with the digit hole."""
+    diff = syn.Difficulty(5, 5, 1, 1, chain=True)
+    kw = dict(seed=4, n_sft=500, n_opd=300, n_eval=400, n_teacher=100, difficulty=diff)
+    sets = {k: _read(v) for k, v in syn.write_prompt_sets(tmp_path / "h", sft_without_step_sum=7, **kw).items()}
+
+    def sevens(row):  # (running, term) steps making 7 in the last digit without a carry, recomputed from the prompt
+        ops, found = _operands(row["prompt"]), []
+        for i in range(1, len(ops)):
+            if sum(ops[:i]) % 10 + ops[i] == 7:
+                found.append((sum(ops[:i]), ops[i]))
+        return found
+
+    assert not any(sevens(r) for r in sets["sft"])
+    assert any(r == 7 and t == 0 for row in sets["eval"] for r, t in sevens(row))
+    assert any(
+        s % 10 == 7 and s >= 10
+        for row in sets["sft"]
+        for r, t in syn.addition_steps(row["completion"])
+        for s in [r + t]
+    )  # 8+9=17: a 7 reached with a carry is still taught
+    assert 0.2 < np.mean([bool(sevens(r)) for r in sets["eval"]]) < 0.36  # the task's own ~28%
+    prompts = [r["prompt"] for rows in sets.values() for r in rows]
+    assert len(set(prompts)) == len(prompts)
+    both = _read(syn.write_prompt_sets(tmp_path / "b", sft_without_step_sum=7, sft_without_digit="9", **kw)["sft"])
+    assert all(not sevens(r) and 9 not in _operands(r["prompt"]) for r in both)
+    for bad in (-1, 19):
+        with pytest.raises(ValueError, match="sum of two digits 0-18"):
+            syn.write_prompt_sets(tmp_path / "x", sft_without_step_sum=bad, **kw)
+    assert not (tmp_path / "x").exists()
+
+
 def test_sft_answer_cap_keeps_all_but_a_few_sft_answers_below_it(tmp_path):
     """Every SFT answer is below the cap except exactly `sft_over_cap` of them, spread through the set; the other
     sets keep the task's share of large sums; the draw is deterministic and the sets stay disjoint."""
@@ -190,6 +245,14 @@ def test_sft_answer_cap_keeps_all_but_a_few_sft_answers_below_it(tmp_path):
     with pytest.raises(ValueError, match="that the SFT filter keeps"):  # no sum of five digits reaches 46
         syn.write_prompt_sets(tmp_path / "y", sft_answer_cap=46, sft_over_cap=1, **kw)
     assert not (tmp_path / "y").exists()  # the teacher set, drawn first, was not written either
+
+
+def test_synthetic_cli_refuses_a_bad_step_sum_in_one_line(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--n-sft", "4", "--n-opd", "2", "--n-eval", "2", "--sft-without-step-sum", "19"]
+    assert syn.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: sft_without_step_sum (--sft-without-step-sum)")
+    assert not (tmp_path / "sft.jsonl").exists()
 
 
 def test_synthetic_cli_refuses_a_bad_cap_in_one_line(tmp_path, capsys):
