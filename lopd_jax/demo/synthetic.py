@@ -186,10 +186,10 @@ def addition_steps(solution: str) -> list[tuple[int, int]]:
     return steps
 
 
-def _without_step_sum(total: int) -> Callable[[dict], bool]:
-    """Keeps a problem whose worked solution never adds a term to a running sum whose last digit makes ``total``
-    with it (``total`` 7: no 3+4, 12+5 or 17+0; 8+9=17 has a carry and stays)."""
-    return lambda p: all(running % 10 + t != total for running, t in addition_steps(p["solution"]))
+def _without_sum_digit(digit: int) -> Callable[[dict], bool]:
+    """Keeps a problem whose worked solution never reaches a sum ending in ``digit`` (7: no 3+4=7, 12+5=17 or
+    8+9=17); the operands themselves may contain it."""
+    return lambda p: all((running + t) % 10 != digit for running, t in addition_steps(p["solution"]))
 
 
 def _answer_below(cap: int, below: bool = True) -> Callable[[dict], bool]:
@@ -218,7 +218,7 @@ def write_prompt_sets(
     difficulty: Difficulty | str = "medium",
     order: str = "forward",
     sft_without_digit: str | None = None,
-    sft_without_step_sum: int | None = None,
+    sft_without_sum_digit: int | None = None,
     sft_answer_cap: int | None = None,
     sft_over_cap: int = 0,
 ) -> dict[str, Path]:
@@ -229,9 +229,9 @@ def write_prompt_sets(
     SFT answers will not be asked about. `completion` is the worked solution in `order` (see worked_solution).
     `sft_without_digit`: the SFT prompts are only problems whose operands never contain that digit (a gap in
     the student's data that the OPD and held-out prompts, drawn from the whole task, cover); the problems it
-    skips land in no set. `sft_without_step_sum`: likewise, only problems whose worked solution never takes a step
-    whose running sum's last digit and the added term make that sum (see `addition_steps`): with 7, the student never
-    sees one addition fact (3+4, 12+5, 17+0, ...), while every state before and after it is in its data.
+    skips land in no set. `sft_without_sum_digit`: likewise, only problems whose worked solution never reaches a sum
+    ending in that digit (see `addition_steps`): with 7, the student never writes a 7 as a sum (3+4=7, 8+9=17,
+    12+5=17), while it reads 7s in the prompts and every other step of the task is in its data.
     `sft_answer_cap`: likewise, only problems whose answer is below it, except `sft_over_cap` of them drawn among the
     problems at or above it (shuffled in among the rest): the student meets that part of the task a handful of times,
     too few to learn it, often enough that its own samples sometimes start it right.
@@ -243,10 +243,9 @@ def write_prompt_sets(
         raise ValueError(f"write_prompt_sets: set sizes must be positive (n_teacher >= 0), got {sizes}")
     if sft_without_digit is not None and not (len(sft_without_digit) == 1 and sft_without_digit.isdigit()):
         raise ValueError(f"sft_without_digit (--sft-without-digit) must be one digit 0-9, got {sft_without_digit!r}")
-    if sft_without_step_sum is not None and not 0 <= sft_without_step_sum <= 18:
+    if sft_without_sum_digit is not None and not 0 <= sft_without_sum_digit <= 9:
         raise ValueError(
-            "sft_without_step_sum (--sft-without-step-sum) must be a sum of two digits 0-18, "
-            f"got {sft_without_step_sum}"
+            f"sft_without_sum_digit (--sft-without-sum-digit) must be a digit 0-9, got {sft_without_sum_digit}"
         )
     if sft_answer_cap is not None and sft_answer_cap < 1:
         raise ValueError(f"sft_answer_cap (--sft-answer-cap) must be a positive sum, got {sft_answer_cap}")
@@ -256,7 +255,7 @@ def write_prompt_sets(
         )
     hole = _both(  # the SFT filters other than the cap, which the over-cap draw keeps too
         None if sft_without_digit is None else _without_digit(sft_without_digit),
-        None if sft_without_step_sum is None else _without_step_sum(sft_without_step_sum),
+        None if sft_without_sum_digit is None else _without_sum_digit(sft_without_sum_digit),
     )
     sft_keep = _both(hole, None if sft_answer_cap is None else _answer_below(sft_answer_cap))
     rng, seen = np.random.default_rng(seed), set()
@@ -353,12 +352,12 @@ def _parse_args(argv: list[str] | None):
         "prompts cover the whole task): a gap in the student's data that only distillation can close",
     )
     p.add_argument(
-        "--sft-without-step-sum",
+        "--sft-without-sum-digit",
         type=int,
         default=None,
-        help="SFT prompts only among problems whose worked solution never adds a digit to a running sum whose last "
-        "digit makes this sum with it (7: no 3+4, 12+5 or 17+0; 8+9=17 stays): one addition fact the student never "
-        "sees, in states its data covers",
+        help="SFT prompts only among problems whose worked solution never reaches a sum ending in this digit (7: no "
+        "3+4=7, 8+9=17 or 12+5=17; the OPD and held-out prompts cover the whole task): a result the student never "
+        "writes, in a task whose other steps it knows",
     )
     p.add_argument(
         "--sft-answer-cap",
@@ -398,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             difficulty=difficulty,
             order=args.order,
             sft_without_digit=args.sft_without_digit,
-            sft_without_step_sum=args.sft_without_step_sum,
+            sft_without_sum_digit=args.sft_without_sum_digit,
             sft_answer_cap=args.sft_answer_cap,
             sft_over_cap=args.sft_over_cap,
         )
