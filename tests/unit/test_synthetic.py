@@ -240,19 +240,15 @@ def test_sft_answer_cap_keeps_all_but_a_few_sft_answers_below_it(tmp_path):
     assert not (tmp_path / "y").exists()  # the teacher set, drawn first, was not written either
 
 
-def test_synthetic_cli_refuses_a_bad_sum_digit_in_one_line(tmp_path, capsys):
-    args = ["--out", str(tmp_path), "--n-sft", "4", "--n-opd", "2", "--n-eval", "2", "--sft-without-sum-digit", "12"]
+@pytest.mark.parametrize(
+    "flag, value, named",
+    [("--sft-without-sum-digit", "12", "sft_without_sum_digit"), ("--sft-over-cap", "2", "sft_over_cap")],
+)
+def test_synthetic_cli_refuses_a_bad_sft_filter_in_one_line(tmp_path, capsys, flag, value, named):
+    args = ["--out", str(tmp_path), "--n-sft", "4", "--n-opd", "2", "--n-eval", "2", flag, value]
     assert syn.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: sft_without_sum_digit (--sft-without-sum-digit)")
-    assert not (tmp_path / "sft.jsonl").exists()
-
-
-def test_synthetic_cli_refuses_a_bad_cap_in_one_line(tmp_path, capsys):
-    args = ["--out", str(tmp_path), "--n-sft", "4", "--n-opd", "2", "--n-eval", "2", "--sft-over-cap", "2"]
-    assert syn.main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: sft_over_cap (--sft-over-cap)")
+    assert len(err) == 1 and err[0].startswith(f"error: {named} ({flag})")
     assert not (tmp_path / "sft.jsonl").exists()
 
 
