@@ -372,6 +372,9 @@ def _parse_args(argv: list[str] | None):
         default=0,
         help="except this many SFT prompts drawn among the problems whose answer is at or above --sft-answer-cap",
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a task already in --out (without it, one is never touched)"
+    )
     return p.parse_args(argv)
 
 
@@ -387,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         difficulty = _difficulty_from_args(args)
+        out = Path(args.out)
+        taken = [f"{n}.jsonl" for n in ("teacher", "sft", "opd", "eval") if (out / f"{n}.jsonl").exists()]
+        taken += ["tokenizer/"] if (out / "tokenizer").exists() else []
+        if taken and not args.overwrite:
+            raise ValueError(f"--out {out} already holds a task ({', '.join(taken)}); pass --overwrite to replace it")
         paths = write_prompt_sets(
             args.out,
             args.seed,

@@ -262,6 +262,23 @@ def test_synthetic_cli_refuses_an_unwritable_out_in_one_line(tmp_path, capsys):
     assert blocker.read_text() == "a user's file"
 
 
+def test_synthetic_cli_never_touches_a_task_already_in_out_without_overwrite(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--n-sft", "4", "--n-opd", "2", "--n-eval", "2"]
+    assert syn.main([*args, "--seed", "0"]) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert syn.main([*args, "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and err[0].startswith(f"error: --out {tmp_path} already holds a task (")
+        and "--overwrite" in err[0]
+    )
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert syn.main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert (tmp_path / "sft.jsonl").read_bytes() != before[tmp_path / "sft.jsonl"]
+
+
 def test_prompt_sets_reject_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         syn.write_prompt_sets(tmp_path, seed=0, n_sft=0, n_opd=1, n_eval=1)
@@ -344,7 +361,7 @@ def test_cli_writes_sets_and_tokenizer(tmp_path, capsys):
     assert len(rows) == 4 and all(len(_operands(r["prompt"])) == 2 for r in rows)
     assert all(r["completion"] == syn.worked_solution(_operands(r["prompt"]), chain=True) for r in rows)
     assert AutoTokenizer.from_pretrained(tmp_path / "tokenizer").eos_token_id == 2
-    assert syn.main([*args, "--min-operands", "1"]) == 2
+    assert syn.main([*args, "--min-operands", "1", "--overwrite"]) == 2
     assert "min_operands" in capsys.readouterr().err
     # --order reverse: the same prompts and answers (same seed), completions in the other style
     rev = tmp_path / "reverse"
