@@ -18,6 +18,9 @@ Placeholders: ``{run_dir}``, ``{out}`` (this stage's directory), ``{NAME}`` (the
 A stage's cache key hashes its resolved command, the content of every file outside the run directory that its
 command names, the keys of the stages it references and the source of ``lopd_jax`` and ``precompute``. A stage
 whose directory holds a ``stage.json`` with the same key is skipped, so a second run only redoes what changed.
+
+One pipeline runs in a run directory at a time (configs may share one, as the demo and its comparison do): it holds
+an exclusive lock on ``run_dir/.lopd_pipeline.lock`` while it runs, and a second is refused, naming the holder.
 """
 
 from __future__ import annotations
@@ -37,12 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from lopd_jax.atomic import write_atomic
+from lopd_jax.store.lock import FileLock, LockError
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _STAGE_KEYS = {"name", "cmd", "group", "result", "foreach"}
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")  # one path component: never "..", "/" or absolute
 # Files the pipeline itself writes into a stage directory: only a directory holding one of them is ever cleared.
 _OWN_FILES = ("stage.json", "stage.log")
+
+
+LOCK_FILE = ".lopd_pipeline.lock"  # lopd_jax.store.lock.FileLock: flock, taken over from a dead holder, never deleted
 
 
 class PipelineError(ValueError):
@@ -258,6 +265,16 @@ def run_pipeline(raw_config: dict, source: str, *, run_dir: str | None = None, f
     """Entry point used by ``python -m lopd_jax.train`` when the config lists ``stages``."""
     stages = expand_stages(raw_config.get("stages"), source)
     run_dir = run_dir or raw_config.get("run_dir") or os.path.join("runs", Path(source).stem)
-    records = Pipeline(stages, run_dir).run(force=force)
-    write_atomic(Path(run_dir, "pipeline.json"), json.dumps(records, indent=1))
+    try:  # one pipeline per run directory: two would clear and rewrite each other's stage directories
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        lock = FileLock.acquire(Path(run_dir, LOCK_FILE), f"run_dir {run_dir}", "pipeline", "this run directory")
+    except OSError as e:
+        raise PipelineError(f"run_dir {run_dir}: cannot write to it ({e.strerror or e})") from None
+    except LockError as e:
+        raise PipelineError(str(e)) from None
+    try:
+        records = Pipeline(stages, run_dir).run(force=force)
+        write_atomic(Path(run_dir, "pipeline.json"), json.dumps(records, indent=1))
+    finally:
+        lock.release()
     return records

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from lopd_jax.training.pipeline import PipelineError, expand_stages, run_pipeline
+from lopd_jax.store.lock import FileLock
+from lopd_jax.training.pipeline import LOCK_FILE, PipelineError, expand_stages, run_pipeline
 
 WRITE = 'python -c "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"'
 
@@ -120,3 +121,25 @@ def test_missing_program_and_corrupt_files_are_one_clear_error(tmp_path):
     (tmp_path / "run2" / "e" / "stage.json").write_text("{trunc")  # a damaged marker: the stage just reruns
     stage["cmd"] = f"{WRITE} {{out}}/eval.json '{{\"acc\": 1}}'"
     assert run_pipeline({"run_dir": str(tmp_path / "run2"), "stages": [stage]}, "test.yaml")[0]["result"] == {"acc": 1}
+
+
+def test_a_second_pipeline_in_the_same_run_dir_is_refused_and_touches_nothing(tmp_path):
+    param = tmp_path / "param.yaml"
+    param.write_text("x: 1\n")
+    cfg = _config(tmp_path, param)
+    run_pipeline(cfg, "test.yaml")
+    run = tmp_path / "run"
+
+    def snapshot():
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+
+    before = snapshot()
+    param.write_text("x: 2\n")  # every stage would rerun, clearing its directory
+    other = FileLock.acquire(run / LOCK_FILE, "another run", "pipeline", "this run directory")  # as a second process
+    try:
+        with pytest.raises(PipelineError, match=r"run_dir .*/run: another pipeline holds this run directory"):
+            run_pipeline(cfg, "test.yaml")
+    finally:
+        other.release()
+    assert snapshot() == before
+    assert not any(r["cached"] for r in run_pipeline(cfg, "test.yaml"))  # free again once the holder is gone
