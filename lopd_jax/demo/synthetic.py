@@ -203,6 +203,9 @@ def _both(*filters: Callable[[dict], bool] | None) -> Callable[[dict], bool] | N
     return None if not chosen else lambda p: all(f(p) for f in chosen)
 
 
+TASK_SETS = ("teacher", "sft", "opd", "eval")  # the prompt sets a task directory holds, as <name>.jsonl
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
@@ -391,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         difficulty = _difficulty_from_args(args)
         out = Path(args.out)
-        taken = [f"{n}.jsonl" for n in ("teacher", "sft", "opd", "eval") if (out / f"{n}.jsonl").exists()]
+        taken = [f"{n}.jsonl" for n in TASK_SETS if (out / f"{n}.jsonl").exists()]
         taken += ["tokenizer/"] if (out / "tokenizer").exists() else []
         if taken and not args.overwrite:
             raise ValueError(f"--out {out} already holds a task ({', '.join(taken)}); pass --overwrite to replace it")
@@ -409,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
             sft_answer_cap=args.sft_answer_cap,
             sft_over_cap=args.sft_over_cap,
         )
-        build_tokenizer(Path(args.out) / "tokenizer")
+        build_tokenizer(out / "tokenizer")
+        for name in TASK_SETS:  # --overwrite: a set this task does not have (--n-teacher 0) must not stay behind
+            if name not in paths:
+                (out / f"{name}.jsonl").unlink(missing_ok=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

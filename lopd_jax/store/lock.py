@@ -192,6 +192,13 @@ class FileLock:
         os.write(self._fd, json.dumps(record).encode("utf-8"))
         os.fsync(self._fd)
 
+    def fileno(self) -> int:
+        """The locked descriptor, for a child process that should hold the lock as long as it runs (``pass_fds``:
+        an inherited descriptor shares the flock, which the kernel drops when the last holder closes it)."""
+        if self._fd is None:
+            raise LockError(f"{self.where}: the lock {self.path} is not held")
+        return self._fd
+
     @property
     def held(self) -> bool:
         return self._fd is not None

@@ -25,6 +25,7 @@ an exclusive lock on ``run_dir/.lopd_pipeline.lock`` while it runs, and a second
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +137,9 @@ def _read_result(stage: Stage, file: Path) -> Any:
 class Pipeline:
     """Resolves placeholders, computes cache keys and runs stages in order."""
 
-    def __init__(self, stages: list[Stage], run_dir: str | os.PathLike):
+    def __init__(self, stages: list[Stage], run_dir: str | os.PathLike, *, keep_fds: tuple[int, ...] = ()):
         self.stages = stages
+        self.keep_fds = keep_fds  # handed to every stage process: the run-directory lock lives as long as a stage
         self.run_dir = Path(run_dir)
         self.by_name = {s.name: s for s in stages}
         self.keys: dict[str, str] = {}
@@ -233,7 +236,9 @@ class Pipeline:
         t0 = time.perf_counter()
         with open(out / "stage.log", "wb") as log:
             try:
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+                proc = subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, pass_fds=self.keep_fds
+                )
             except OSError as e:
                 raise PipelineError(f"stage {stage.name!r}: cannot start {argv[0] if argv else cmd!r}: {e}") from None
             # tee raw bytes as they come, not lines: progress bars redraw with '\r' and would otherwise show
@@ -261,11 +266,16 @@ def _relay(chunk: bytes) -> None:
         buffer.flush()
 
 
-def run_pipeline(raw_config: dict, source: str, *, run_dir: str | None = None, force: bool = False) -> list[dict]:
-    """Entry point used by ``python -m lopd_jax.train`` when the config lists ``stages``."""
-    stages = expand_stages(raw_config.get("stages"), source)
-    run_dir = run_dir or raw_config.get("run_dir") or os.path.join("runs", Path(source).stem)
-    try:  # one pipeline per run directory: two would clear and rewrite each other's stage directories
+def resolve_run_dir(raw_config: dict, source: str, run_dir: str | None = None) -> str:
+    """The run directory of a stages config: ``run_dir`` given, else the config's, else runs/<config stem>."""
+    return run_dir or raw_config.get("run_dir") or os.path.join("runs", Path(source).stem)
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[FileLock]:
+    """Holds ``run_dir/LOCK_FILE`` (created with the directory) for one pipeline: two pipelines in one run
+    directory would clear and rewrite each other's stage directories. PipelineError naming the holder if taken."""
+    try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         lock = FileLock.acquire(Path(run_dir, LOCK_FILE), f"run_dir {run_dir}", "pipeline", "this run directory")
     except OSError as e:
@@ -273,8 +283,27 @@ def run_pipeline(raw_config: dict, source: str, *, run_dir: str | None = None, f
     except LockError as e:
         raise PipelineError(str(e)) from None
     try:
-        records = Pipeline(stages, run_dir).run(force=force)
-        write_atomic(Path(run_dir, "pipeline.json"), json.dumps(records, indent=1))
+        yield lock
     finally:
         lock.release()
+
+
+def run_pipeline(
+    raw_config: dict,
+    source: str,
+    *,
+    run_dir: str | None = None,
+    force: bool = False,
+    lock: FileLock | None = None,
+) -> list[dict]:
+    """Entry point used by ``python -m lopd_jax.train`` when the config lists ``stages``. ``lock``: the caller's
+    ``run_dir_lock`` (held across the run and its report); without one the run takes and releases its own. The
+    lock's descriptor is inherited by every stage process, so a stage left running by a killed pipeline keeps the
+    run directory locked until it exits."""
+    stages = expand_stages(raw_config.get("stages"), source)
+    run_dir = resolve_run_dir(raw_config, source, run_dir)
+    with contextlib.ExitStack() as stack:
+        held = lock or stack.enter_context(run_dir_lock(run_dir))
+        records = Pipeline(stages, run_dir, keep_fds=(held.fileno(),)).run(force=force)
+        write_atomic(Path(run_dir, "pipeline.json"), json.dumps(records, indent=1))
     return records

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import yaml
 
+from lopd_jax import train
 from lopd_jax.store.lock import FileLock
 from lopd_jax.training.pipeline import LOCK_FILE, PipelineError, expand_stages, run_pipeline
 
@@ -123,7 +125,7 @@ def test_missing_program_and_corrupt_files_are_one_clear_error(tmp_path):
     assert run_pipeline({"run_dir": str(tmp_path / "run2"), "stages": [stage]}, "test.yaml")[0]["result"] == {"acc": 1}
 
 
-def test_a_second_pipeline_in_the_same_run_dir_is_refused_and_touches_nothing(tmp_path):
+def test_a_second_pipeline_in_the_same_run_dir_is_refused_and_touches_nothing(tmp_path, capsys):
     param = tmp_path / "param.yaml"
     param.write_text("x: 1\n")
     cfg = _config(tmp_path, param)
@@ -136,10 +138,36 @@ def test_a_second_pipeline_in_the_same_run_dir_is_refused_and_touches_nothing(tm
     before = snapshot()
     param.write_text("x: 2\n")  # every stage would rerun, clearing its directory
     other = FileLock.acquire(run / LOCK_FILE, "another run", "pipeline", "this run directory")  # as a second process
+    holder = other.record()
     try:
         with pytest.raises(PipelineError, match=r"run_dir .*/run: another pipeline holds this run directory"):
             run_pipeline(cfg, "test.yaml")
+        cfg_file = tmp_path / "stages.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg))
+        assert train.main(["--config", str(cfg_file)]) == 2  # the CLI: one error line, exit 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: pipeline {cfg_file}: run_dir ") and "another pipeline holds" in line
+        assert other.record() == holder and other.held  # the holder's lock and record untouched
     finally:
         other.release()
     assert snapshot() == before
     assert not any(r["cached"] for r in run_pipeline(cfg, "test.yaml"))  # free again once the holder is gone
+
+
+def test_every_stage_process_holds_the_run_dir_lock(tmp_path):
+    """The lock's descriptor is inherited by each stage, so a stage left running by a killed pipeline keeps the run
+    directory locked until it exits (no second pipeline clears its directory under it)."""
+    probe = tmp_path / "probe.py"  # writes whether this process has the lock file open
+    probe.write_text(
+        "import os, sys\n"
+        "fds = []\n"
+        "for f in os.listdir('/proc/self/fd'):\n"
+        "    try:\n"
+        "        fds.append(os.readlink(os.path.join('/proc/self/fd', f)))\n"
+        "    except OSError:  # the descriptor listdir itself used\n"
+        "        pass\n"
+        "open(sys.argv[1], 'w').write(str(any(p.endswith(sys.argv[2]) for p in fds)))\n"
+    )
+    cmd = f"python {probe} {{out}}/held.txt /{LOCK_FILE}"
+    run_pipeline({"run_dir": str(tmp_path / "run"), "stages": [{"name": "a", "cmd": cmd}]}, "test.yaml")
+    assert (tmp_path / "run" / "a" / "held.txt").read_text() == "True"

@@ -277,6 +277,10 @@ def test_synthetic_cli_never_touches_a_task_already_in_out_without_overwrite(tmp
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert syn.main([*args, "--seed", "1", "--overwrite"]) == 0
     assert (tmp_path / "sft.jsonl").read_bytes() != before[tmp_path / "sft.jsonl"]
+    # a set the new task does not have is not left behind from the old one
+    assert syn.main([*args, "--n-teacher", "3", "--overwrite"]) == 0 and (tmp_path / "teacher.jsonl").exists()
+    assert syn.main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["eval.jsonl", "opd.jsonl", "sft.jsonl"]
 
 
 def test_prompt_sets_reject_bad_sizes(tmp_path):
