@@ -1,5 +1,5 @@
-"""The one exclusive lock of lopd_jax: one writer per RolloutStore (``STORE/.writer.lock``) and one trainer per run
-directory (``RUN/.lopd_train.lock``).
+"""The one exclusive lock of lopd_jax: one writer per RolloutStore (``STORE/.writer.lock``), one trainer per run
+directory (``RUN/.lopd_train.lock``) and one pipeline per stages run directory (``RUN/.lopd_pipeline.lock``).
 
 How it works. The lock file is opened (created if absent) and locked with ``flock(LOCK_EX | LOCK_NB)``; it holds
 its holder's host, pid, start time and command line (for the messages only: the kernel's lock is the truth). The
