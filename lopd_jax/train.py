@@ -471,14 +471,10 @@ def _run_pipeline(raw: dict, path: str, overrides: list[str]) -> int:
         raise ConfigError(f"{path}: a pipeline config takes no key=value overrides (edit its stages)")
     from lopd_jax.demo import report  # the table (accuracy, wall-clock per stage) and the PNG plots
 
-    run_dir = pipeline.resolve_run_dir(raw, path)
-    try:
-        with pipeline.run_dir_lock(run_dir) as lock:  # held through the report, which reads the stages' outputs
-            records = pipeline.run_pipeline(raw, path, run_dir=run_dir, lock=lock)
-            text = report.report(records, raw, path)
+    try:  # the report reads the stages' outputs: it runs under the pipeline's run-directory lock
+        pipeline.run_pipeline(raw, path, then=lambda records: print(report.report(records, raw, path), flush=True))
     except pipeline.PipelineError as e:
         raise TrainError(f"pipeline {path}: {e}") from None
-    print(text, flush=True)
     return 0
 
 

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from lopd_jax.training.metrics import read_metrics
+from lopd_jax.training.pipeline import resolve_run_dir
 
 DEFAULT_METRIC = "eval/pass@1"
 
@@ -90,7 +91,7 @@ class MethodResult:
 
 def run_dir_of(raw_config: dict, source: str) -> Path:
     """The run directory ``pipeline.run_pipeline`` uses for this config (``run_dir`` or runs/<config stem>)."""
-    return Path(raw_config.get("run_dir") or os.path.join("runs", Path(source).stem))
+    return Path(resolve_run_dir(raw_config, source))
 
 
 def method_specs(raw_config: dict, records: list[dict]) -> list[MethodSpec]:

@@ -37,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -294,16 +294,17 @@ def run_pipeline(
     *,
     run_dir: str | None = None,
     force: bool = False,
-    lock: FileLock | None = None,
+    then: Callable[[list[dict]], Any] | None = None,
 ) -> list[dict]:
-    """Entry point used by ``python -m lopd_jax.train`` when the config lists ``stages``. ``lock``: the caller's
-    ``run_dir_lock`` (held across the run and its report); without one the run takes and releases its own. The
-    lock's descriptor is inherited by every stage process, so a stage left running by a killed pipeline keeps the
-    run directory locked until it exits."""
+    """Entry point used by ``python -m lopd_jax.train`` when the config lists ``stages``. The config is checked
+    before anything is written; the run then holds ``run_dir_lock``, whose descriptor every stage process inherits
+    (a stage left running by a killed pipeline keeps the run directory locked until it exits). ``then(records)``
+    runs under the same lock (the report, which reads the stages' outputs)."""
     stages = expand_stages(raw_config.get("stages"), source)
     run_dir = resolve_run_dir(raw_config, source, run_dir)
-    with contextlib.ExitStack() as stack:
-        held = lock or stack.enter_context(run_dir_lock(run_dir))
-        records = Pipeline(stages, run_dir, keep_fds=(held.fileno(),)).run(force=force)
+    with run_dir_lock(run_dir) as lock:
+        records = Pipeline(stages, run_dir, keep_fds=(lock.fileno(),)).run(force=force)
         write_atomic(Path(run_dir, "pipeline.json"), json.dumps(records, indent=1))
+        if then is not None:
+            then(records)
     return records

@@ -171,3 +171,11 @@ def test_every_stage_process_holds_the_run_dir_lock(tmp_path):
     cmd = f"python {probe} {{out}}/held.txt /{LOCK_FILE}"
     run_pipeline({"run_dir": str(tmp_path / "run"), "stages": [{"name": "a", "cmd": cmd}]}, "test.yaml")
     assert (tmp_path / "run" / "a" / "held.txt").read_text() == "True"
+
+
+def test_a_malformed_stages_config_through_the_cli_writes_nothing(tmp_path, capsys):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": [{"name": "..", "cmd": "true"}]}))
+    assert train.main(["--config", str(cfg_file)]) == 2
+    assert "not a plain directory name" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # checked before the run directory (and its lock) is made
